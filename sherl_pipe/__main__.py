@@ -1,0 +1,3 @@
+from sherl_pipe.cli import main
+
+main()

@@ -1,0 +1,220 @@
+"""The cache: a Zarr v3 group holding per-split, per-tier activations and a manifest.
+
+Layout (a local folder):
+
+    CACHE/zarr.json                 group attributes: {"sherl_pipe": MANIFEST}
+    CACHE/<split>/h<t>              (N, T, D) float16|float32, chunks (chunk_size, T, D)
+    CACHE/<split>/input_ids         (N, T) int32, padded with the tokenizer's pad id
+    CACHE/<split>/token_type_ids    (N, T) int8, only for text pairs
+    CACHE/<split>/lengths           (N,) int32, real tokens per sample
+    CACHE/<split>/labels            (N,) int64 class ids, or float32 targets
+    CACHE/<split>/row_ids           (N,) int64, 0-based data rows of the split's source file
+    CACHE/<split>/done              (blocks,) uint8, one chunk per block: 1 once the block is written
+
+T is the split's longest sample; positions past a sample's length hold zeros, which Zarr does not
+even store when a whole chunk is zero. A block is exactly one chunk along samples, so no two
+writers ever touch the same chunk, and `done[b]` is written only after all of block b's data: a
+block whose flag is not set is redone on the next run. The manifest is written once, when the
+cache is created, and never rewritten by writers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from sherl_pipe import __version__
+from sherl_pipe.errors import SherlError
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "sherl_pipe"
+# Fields that describe how or when a cache was made, not what it holds: never matched.
+VOLATILE = {"tool_version", "created", "config"}
+VOLATILE_NESTED = {("backbone", "source")}
+FP16_MAX = 65504.0
+
+
+def tier_name(t: int) -> str:
+    return f"h{t}"
+
+
+def make_compressors(codec: str, clevel: int, dtype: str):
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        return [ZstdCodec(level=clevel)]
+    cname = codec.split("-", 1)[1]
+    return [BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)]
+
+
+def set_codec_threads(n: int) -> None:
+    import numcodecs
+    import zarr
+
+    numcodecs.blosc.set_nthreads(n)
+    zarr.config.set({"threading.max_workers": n})
+
+
+def manifest_diff(old: dict, new: dict) -> list[str]:
+    """Dotted paths of the non-volatile fields that differ, with both values."""
+    out: list[str] = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if not path and key in VOLATILE:
+                    continue
+                if (path + (key,))[-2:] in VOLATILE_NESTED or (len(path) == 2 and path[0] == "splits" and key == "source"):
+                    continue
+                walk(a.get(key), b.get(key), path + (key,))
+        elif a != b:
+            show = lambda v: (s if len(s := json.dumps(v)) <= 60 else s[:57] + "...")  # noqa: E731
+            out.append(f"{'.'.join(path)}: cache has {show(a)}, request has {show(b)}")
+
+    walk(old, new, ())
+    return out
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def remove_partials(root: Path) -> int:
+    """Delete the temporary files an interrupted write leaves behind (zarr writes KEY.<uuid>.partial)."""
+    count = 0
+    for path in root.rglob("*.partial"):
+        path.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+class Cache:
+    """Read access to a finished or partial cache."""
+
+    def __init__(self, path: str | os.PathLike):
+        import zarr
+
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise SherlError(f"cache {self.path}: not found (no zarr.json); run `sherl-pipe extract` first")
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r")
+        except Exception as exc:  # zarr raises several types for a damaged group
+            raise SherlError(f"cache {self.path}: cannot open as a Zarr group ({exc})") from None
+        manifest = self.group.attrs.get(MANIFEST_KEY)
+        if not isinstance(manifest, dict):
+            raise SherlError(f"cache {self.path}: no sherl-pipe manifest in its attributes; not a sherl-pipe cache")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise SherlError(f"cache {self.path}: format version {manifest.get('format_version')} is not "
+                             f"{FORMAT_VERSION}; re-extract it with this version of sherl-pipe")
+        self.manifest = manifest
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @property
+    def tiers(self) -> list[int]:
+        return list(self.manifest["tiers"])
+
+    def split_info(self, split: str) -> dict:
+        if split not in self.manifest["splits"]:
+            raise SherlError(f"cache {self.path}: no split '{split}' (has: {', '.join(self.splits)})")
+        return self.manifest["splits"][split]
+
+    def array(self, split: str, name: str):
+        self.split_info(split)
+        try:
+            return self.group[f"{split}/{name}"]
+        except KeyError:
+            raise SherlError(f"cache {self.path}: split '{split}' has no array '{name}'; the cache is damaged "
+                             f"or incomplete: rerun `sherl-pipe extract`") from None
+
+    def blocks_done(self, split: str) -> tuple[int, int]:
+        info = self.split_info(split)
+        try:
+            done = self.group[f"{split}/done"][:]
+        except KeyError:
+            return 0, info["blocks"]
+        return int(done.sum()), info["blocks"]
+
+    def is_complete(self, split: str | None = None) -> bool:
+        splits = [split] if split else self.splits
+        return all(self.blocks_done(s)[0] == self.blocks_done(s)[1] for s in splits)
+
+    def require_complete(self, split: str) -> None:
+        done, total = self.blocks_done(split)
+        if done != total:
+            raise SherlError(f"cache {self.path}: split '{split}' is incomplete ({done}/{total} blocks); "
+                             f"rerun `sherl-pipe extract` with the same pipeline to finish it")
+
+    def bytes_on_disk(self, split: str | None = None, name: str | None = None) -> int:
+        root = self.path / split if split else self.path
+        if name:
+            root = root / name
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+class CacheWriter:
+    """Creates (or reopens and checks) a cache and writes blocks into it."""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict, overwrite: bool = False):
+        import zarr
+
+        self.path = Path(path)
+        self.manifest = _jsonable({**manifest, "format_version": FORMAT_VERSION, "tool_version": __version__})
+        if self.path.exists() and overwrite:
+            shutil.rmtree(self.path)
+        if self.path.exists() and any(self.path.iterdir()):
+            if not (self.path / "zarr.json").is_file():
+                raise SherlError(f"cache {self.path}: exists and is not a sherl-pipe cache; choose another "
+                                 f"extract.cache path or remove the folder")
+            old = Cache(self.path).manifest
+            diffs = manifest_diff(old, self.manifest)
+            if diffs:
+                raise SherlError(f"cache {self.path}: exists with a different manifest ({'; '.join(diffs[:6])}"
+                                 f"{'; ...' if len(diffs) > 6 else ''}); use --overwrite to replace it, "
+                                 f"or choose another extract.cache path")
+            self.resumed = True
+            remove_partials(self.path)
+            self.group = zarr.open_group(str(self.path), mode="r+")
+        else:
+            self.resumed = False
+            self.group = zarr.open_group(str(self.path), mode="w", attributes={MANIFEST_KEY: self.manifest})
+
+    def create_split(self, split: str, n: int, t: int, d: int, tiers: list[int], dtype: str,
+                     compressors, chunk: int, label_dtype: str, pad_id: int, with_types: bool) -> None:
+        specs = {tier_name(tier): ((n, t, d), (chunk, t, d), dtype, 0, compressors) for tier in tiers}
+        specs["input_ids"] = ((n, t), (chunk, t), "int32", pad_id, compressors)
+        if with_types:
+            specs["token_type_ids"] = ((n, t), (chunk, t), "int8", 0, compressors)
+        specs["lengths"] = ((n,), (chunk,), "int32", 0, None)
+        specs["labels"] = ((n,), (chunk,), label_dtype, 0, None)
+        specs["row_ids"] = ((n,), (chunk,), "int64", -1, None)
+        specs["done"] = ((-(-n // chunk),), (1,), "uint8", 0, None)
+        sub = self.group.require_group(split)
+        for name, (shape, chunks, dt, fill, comp) in specs.items():
+            if name in sub:
+                arr = sub[name]
+                if arr.shape != shape or arr.chunks != chunks or str(arr.dtype) != dt:
+                    raise SherlError(f"cache {self.path}: array {split}/{name} has shape {arr.shape} dtype "
+                                     f"{arr.dtype}, expected {shape} {dt}; the cache is damaged: use --overwrite")
+                continue
+            kwargs = {"compressors": comp} if comp is not None else {"compressors": None}
+            sub.create_array(name, shape=shape, chunks=chunks, dtype=dt, fill_value=fill, **kwargs)
+
+    def pending_blocks(self, split: str) -> list[int]:
+        return [int(b) for b in np.flatnonzero(self.group[f"{split}/done"][:] == 0)]
+
+    def write_block(self, split: str, block: int, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write one block's arrays (each covering samples start..start+len), then mark it done."""
+        sub = self.group[split]
+        for name, value in arrays.items():
+            sub[name][start:start + len(value)] = value
+        sub["done"][block] = 1

@@ -1,0 +1,297 @@
+"""The pipeline file: one TOML file with a section per stage, each a frozen, strictly checked dataclass.
+
+Override order (later wins): dataclass defaults < the pipeline file < `--set section.key=value`
+< explicit command options. `load_pipeline` applies the first three; the CLI applies its explicit
+options with `with_overrides`. Stage one reads `data`, `backbone` and `extract` and ignores the
+rest, so one file drives `extract`, `train`, `evaluate` and `run`.
+
+Relative paths in a pipeline file are taken relative to the current directory, like paths given on
+the command line. `embedded:NAME` names data or a model that ships in an installed package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from sherl_pipe.errors import SherlError
+
+
+def _choice(default, *choices):
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+def _at_least(default, minimum):
+    return field(default=default, metadata={"min": minimum})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the labeled text comes from and how it is cleaned and split."""
+
+    source: str = ""  # one file, split by split_sizes ...
+    train: str = ""  # ... or one file per split
+    validation: str = ""
+    test: str = ""
+    format: str = _choice("auto", "csv", "tsv", "jsonl", "parquet")
+    encoding: str = "utf-8"
+    text_column: str = "text"
+    text_pair_column: str = ""
+    label_column: str = "label"
+    task_type: str = _choice("classification", "regression")
+    label_names: tuple[str, ...] = ()  # fixes label ids; default: sorted distinct labels
+    filter_column: str = ""
+    filter_min: float | None = None
+    filter_missing: str = _choice("drop", "keep")
+    deduplicate: bool = False
+    limit: int = _at_least(0, 0)  # rows kept per file after filtering (0: all)
+    split_sizes: tuple[float, ...] = ()  # train, validation, test: counts, or fractions < 1
+    split_seed: int = 0
+
+    def check(self) -> None:
+        files = {s: getattr(self, s) for s in ("train", "validation", "test") if getattr(self, s)}
+        if self.source and files:
+            raise SherlError("data: give either data.source (one file to split) or data.train/validation/test, not both")
+        if not self.source and not files:
+            raise SherlError("data: no input; set data.source (one file to split) or data.train (and validation/test)")
+        if self.source and len(self.split_sizes) != 3:
+            raise SherlError("data.split_sizes: with data.source give three sizes [train, validation, test]")
+        if not self.source and self.split_sizes:
+            raise SherlError("data.split_sizes: only used with data.source; remove it or use data.source")
+        if any(s < 0 for s in self.split_sizes):
+            raise SherlError(f"data.split_sizes: sizes must be >= 0, got {list(self.split_sizes)}")
+        if self.filter_min is not None and not self.filter_column:
+            raise SherlError("data.filter_min: set data.filter_column too")
+        if self.task_type == "regression" and self.label_names:
+            raise SherlError("data.label_names: only for task_type = 'classification'")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The pretrained encoder: a local Hugging Face folder or `embedded:all-MiniLM-L6-v2`."""
+
+    source: str = "embedded:all-MiniLM-L6-v2"
+    max_length: int = _at_least(128, 2)
+    attn_implementation: str = _choice("sdpa", "eager")
+    device: str = _choice("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Stage one: which tiers to cache and how to store them."""
+
+    cache: str = "sherl-cache/default"
+    late_layers: int = _at_least(1, 1)  # k: the cut is c = L - k
+    tiers: tuple[int, ...] = ()  # tiers h[t] to store; empty: all of h[0..c]; h[c] is always stored
+    dtype: str = _choice("float16", "float32")
+    codec: str = _choice("blosc-zstd", "blosc-lz4", "zstd", "none")
+    clevel: int = _at_least(3, 0)
+    chunk_size: int = _at_least(256, 1)  # samples per chunk; one write block = one chunk
+    batch_size: int = _at_least(64, 1)  # samples per forward pass
+    threads: int = _at_least(2, 1)  # torch threads
+    codec_threads: int = _at_least(1, 1)
+    splits: tuple[str, ...] = ()  # splits to extract; empty: every split the data section has
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage two: the SHERL model trained from the cache."""
+
+    run_dir: str = "sherl-runs/default"
+    mode: str = _choice("cached", "live", "full-finetune")
+    late_layers: int = _at_least(1, 1)
+    tiers: tuple[int, ...] = ()  # tiers fed to the consolidation; empty: every cached tier up to the anchor
+    late_tuning: str = _choice("frozen", "norm-bias", "lora", "full")
+    projection: str = _choice("gated-mlp", "linear-ln")
+    reduction: int = _at_least(8, 1)
+    pooling: str = _choice("auto", "cls-pooler", "cls", "mean")
+    dropout: float = _at_least(0.1, 0.0)
+    epochs: int = _at_least(3, 0)
+    max_steps: int = _at_least(0, 0)  # > 0: stop after this many optimizer steps
+    batch_size: int = _at_least(32, 1)
+    grad_accum: int = _at_least(1, 1)
+    lr: float = _at_least(0.0, 0.0)  # new modules and head; 0: 3e-3
+    lr_late: float = _at_least(0.0, 0.0)  # pretrained weights being tuned; 0: the late_tuning mode's default
+    weight_decay: float = _at_least(0.01, 0.0)  # pretrained weights only
+    warmup_ratio: float = _at_least(0.06, 0.0)
+    grad_clip: float = _at_least(1.0, 0.0)
+    lora_rank: int = _at_least(8, 1)
+    lora_alpha: float = _at_least(16.0, 0.0)
+    eval_split: str = "validation"  # "" to skip per-epoch evaluation
+    early_stopping: int = _at_least(0, 0)  # epochs without improvement before stopping; 0: never
+    buffer_chunks: int = _at_least(4, 1)  # chunks shuffled together by the loader
+    buffer_mb: int = _at_least(512, 1)
+    seed: int = 0
+    threads: int = _at_least(2, 1)
+    device: str = _choice("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    split: str = "test"
+    checkpoint: str = _choice("best", "last")
+    batch_size: int = _at_least(128, 1)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "backbone": BackboneConfig,
+    "extract": ExtractConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    extract: ExtractConfig = ExtractConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    origin: str = "<defaults>"
+
+    def to_dict(self) -> dict:
+        return {name: section_to_dict(getattr(self, name)) for name in SECTIONS}
+
+    def with_overrides(self, section: str, **values) -> "Pipeline":
+        """Explicit command options: the last word in the override order. None means 'not given'."""
+        given = {k: v for k, v in values.items() if v is not None}
+        if not given:
+            return self
+        merged = {**section_to_dict(getattr(self, section)), **given}
+        return dataclasses.replace(self, **{section: build_section(section, merged, "command option")})
+
+
+def section_to_dict(section) -> dict:
+    return {f.name: (list(v) if isinstance(v := getattr(section, f.name), tuple) else v) for f in dataclasses.fields(section)}
+
+
+def packaged_pipelines() -> list[str]:
+    root = resources.files("sherl_pipe") / "pipelines"
+    return sorted(p.name[: -len(".toml")] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_pipeline(spec: str | None, overrides: tuple[str, ...] | list[str] = ()) -> Pipeline:
+    """Read a pipeline file (a path, or the name of a packaged pipeline) and apply `--set` overrides."""
+    raw, origin = ({}, "<defaults>") if spec is None else _read_file(spec)
+    if not isinstance(raw, dict):
+        raise SherlError(f"{origin}: expected TOML tables")
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise SherlError(f"{origin}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        section, key, value = _parse_set(item)
+        raw.setdefault(section, {})[key] = value
+    sections = {}
+    for name in SECTIONS:
+        body = raw.get(name, {})
+        if not isinstance(body, dict):
+            raise SherlError(f"{origin}: [{name}] must be a table of key = value")
+        sections[name] = build_section(name, body, origin)
+    return Pipeline(**sections, origin=origin)
+
+
+def _read_file(spec: str) -> tuple[dict, str]:
+    path = Path(spec)
+    if not path.exists() and "/" not in spec and not spec.endswith(".toml"):
+        if spec in packaged_pipelines():
+            text = (resources.files("sherl_pipe") / "pipelines" / f"{spec}.toml").read_text("utf-8")
+            return _parse_toml(text, f"packaged pipeline '{spec}'"), f"packaged:{spec}"
+        raise SherlError(
+            f"pipeline '{spec}': no such file and no packaged pipeline of that name "
+            f"(packaged: {', '.join(packaged_pipelines())})"
+        )
+    if not path.is_file():
+        raise SherlError(f"pipeline file {spec}: not found; give the path of a .toml pipeline file")
+    return _parse_toml(path.read_text("utf-8"), str(path)), str(path)
+
+
+def _parse_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SherlError(f"{where}: not valid TOML ({exc})") from None
+
+
+def _parse_set(item: str) -> tuple[str, str, object]:
+    name, sep, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise SherlError(f"--set {item!r}: expected section.key=value, for example --set extract.dtype=float32")
+    if section not in SECTIONS:
+        raise SherlError(f"--set {item!r}: unknown section '{section}'; known: {sorted(SECTIONS)}")
+    try:  # a TOML value (number, bool, array, quoted string) ...
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:  # ... or else a bare string
+        value = text.strip()
+    return section, key.strip(), value
+
+
+def build_section(name: str, values: dict, origin: str):
+    cls = SECTIONS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise SherlError(f"{origin}: unknown key '{name}.{unknown[0]}'; known keys of [{name}]: {', '.join(fields)}")
+    checked = {}
+    for key, value in values.items():
+        where = f"{origin}: {name}.{key}"
+        value = _coerce(value, hints[key], where)
+        meta = fields[key].metadata
+        if "choices" in meta and value not in meta["choices"]:
+            raise SherlError(f"{where} = {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+        if "min" in meta and value < meta["min"]:
+            raise SherlError(f"{where} = {value!r} must be >= {meta['min']}")
+        checked[key] = value
+    section = cls(**checked)
+    if hasattr(section, "check"):
+        try:
+            section.check()
+        except SherlError as exc:
+            raise SherlError(f"{origin}: {exc}") from None
+    return section
+
+
+def _coerce(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):  # `float | None`
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is tuple:
+        (inner, _) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise SherlError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SherlError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SherlError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SherlError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise SherlError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint}")  # a bug in this module, not user input
+
+
+def dumps(pipeline: Pipeline) -> str:
+    """The resolved configuration as printed and saved with every output."""
+    return json.dumps(pipeline.to_dict(), indent=2, sort_keys=False)

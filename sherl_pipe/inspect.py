@@ -1,0 +1,65 @@
+"""`sherl-pipe info`: what a cache holds, how big it is and whether it is complete."""
+
+from __future__ import annotations
+
+from sherl_pipe.cache import Cache
+
+
+def _array_order(item) -> tuple:
+    name = item[0]
+    return (0, int(name[1:])) if name[1:].isdigit() else (1, name)
+
+
+def cache_report(path: str) -> dict:
+    cache = Cache(path)
+    m = cache.manifest
+    splits = {}
+    for name in cache.splits:
+        done, total = cache.blocks_done(name)
+        info = m["splits"][name]
+        arrays = {}
+        for arr_name, arr in sorted(cache.group[name].arrays(), key=_array_order):
+            arrays[arr_name] = {"shape": list(arr.shape), "chunks": list(arr.chunks), "dtype": str(arr.dtype),
+                                "bytes_on_disk": cache.bytes_on_disk(name, arr_name)}
+        tier_bytes = sum(a["bytes_on_disk"] for n, a in arrays.items() if n.startswith("h"))
+        real_fp16 = info["tokens"] * m["backbone"]["hidden_size"] * 2 * len(m["tiers"])
+        splits[name] = {**info, "blocks_done": done, "complete": done == total, "arrays": arrays,
+                        "tier_bytes_on_disk": tier_bytes,
+                        "tier_bytes_over_real_fp16": round(tier_bytes / real_fp16, 4) if real_fp16 else None}
+    return {
+        "path": str(cache.path),
+        "complete": all(s["complete"] for s in splits.values()),
+        "bytes_on_disk": cache.bytes_on_disk(),
+        "manifest": {k: v for k, v in m.items() if k != "splits"},
+        "splits": splits,
+    }
+
+
+def format_report(r: dict) -> str:
+    m = r["manifest"]
+    b = m["backbone"]
+    lines = [
+        f"cache      {r['path']}  ({'complete' if r['complete'] else 'INCOMPLETE'}, {r['bytes_on_disk'] / 2**20:.1f} MiB)",
+        f"format     v{m['format_version']} (made by sherl-pipe {m['tool_version']} on {m['created']})",
+        f"backbone   {b['source']}: {b['model_type']}, {b['num_layers']} layers, width {b['hidden_size']}, "
+        f"{b['attn_implementation']} attention",
+        f"tokenizer  {m['tokenizer']['class']} max_length {m['tokenizer']['max_length']} "
+        f"(hash {m['tokenizer']['hash'][:12]})",
+        f"cut        c = {m['cut']} (late layers {m['late_layers']}); tiers {m['tiers']}",
+        f"storage    {m['dtype']}, codec {m['codec']['name']} level {m['codec']['level']}, "
+        f"{m['chunk_size']} samples per chunk",
+        f"task       {m['task']['type']}: text '{m['task']['text_column']}'"
+        + (f" + '{m['task']['text_pair_column']}'" if m['task']['text_pair_column'] else "")
+        + f", label '{m['task']['label_column']}'"
+        + (f", classes {m['task']['label_names']}" if m['task']['label_names'] else ""),
+    ]
+    for name, s in r["splits"].items():
+        state = "complete" if s["complete"] else "INCOMPLETE"
+        lines.append(f"split {name}: {s['rows']} rows, {s['tokens']} tokens (longest {s['max_len']}), "
+                     f"{s['blocks_done']}/{s['blocks']} blocks ({state}); tiers on disk "
+                     f"{s['tier_bytes_on_disk'] / 2**20:.2f} MiB = {s['tier_bytes_over_real_fp16']}x raw fp16 of real tokens")
+        lines.append(f"  source {s['source']} (rows fingerprint {s['fingerprint'][:12]})")
+        for arr_name, a in s["arrays"].items():
+            lines.append(f"  {arr_name:<15} {str(tuple(a['shape'])):<18} {a['dtype']:<8} chunks "
+                         f"{str(tuple(a['chunks'])):<16} {a['bytes_on_disk'] / 2**20:8.2f} MiB")
+    return "\n".join(lines)
