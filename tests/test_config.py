@@ -1,0 +1,68 @@
+"""The pipeline file: strict sections, one override order, shipped pipelines load."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from sherl_pipe.config import TrainConfig, load_pipeline, packaged_pipelines
+from sherl_pipe.errors import SherlError
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "pipelines").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_pipeline_loads(path):
+    pipe = load_pipeline(str(path))
+    assert pipe.data.source or pipe.data.train
+
+
+def test_packaged_quickstart_equals_the_repo_file():
+    from importlib import resources
+
+    packaged = (resources.files("sherl_pipe") / "pipelines" / "quickstart.toml").read_text("utf-8")
+    assert packaged == (REPO / "pipelines" / "quickstart.toml").read_text("utf-8")
+    assert "quickstart" in packaged_pipelines()
+    assert load_pipeline("quickstart").to_dict() == load_pipeline(str(REPO / "pipelines" / "quickstart.toml")).to_dict()
+
+
+def test_override_order(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[data]\ntrain = "x.csv"\n[extract]\ndtype = "float32"\nchunk_size = 32\n[train]\nepochs = 5\n')
+    assert load_pipeline(None).extract.dtype == "float16"  # defaults
+    pipe = load_pipeline(str(path))  # file beats defaults
+    assert pipe.extract.dtype == "float32" and pipe.extract.chunk_size == 32 and pipe.train.epochs == 5
+    pipe = load_pipeline(str(path), ["extract.chunk_size=64", "train.tiers=[1, 2]", "data.text_column=body"])
+    assert pipe.extract.chunk_size == 64 and pipe.train.tiers == (1, 2) and pipe.data.text_column == "body"
+    pipe = pipe.with_overrides("extract", chunk_size=128, dtype=None)  # explicit options win; None = not given
+    assert pipe.extract.chunk_size == 128 and pipe.extract.dtype == "float32"
+
+
+@pytest.mark.parametrize("text, setting, message", [
+    ('[data]\ntrain = "x"\ntxt = 1\n', None, r"unknown key 'data.txt'; known keys of \[data\]"),
+    ('[datum]\n', None, r"unknown section\(s\) \['datum'\]"),
+    ('[data]\ntrain = "x"\n[extract]\ndtype = "float8"\n', None, r"extract.dtype = 'float8' is not one of"),
+    ('[data]\ntrain = "x"\n[extract]\nchunk_size = 0\n', None, r"extract.chunk_size = 0 must be >= 1"),
+    ('[data]\ntrain = "x"\n[extract]\nchunk_size = "big"\n', None, r"extract.chunk_size: expected an integer"),
+    ('[data]\ntrain = "x"\ndeduplicate = 1\n', None, r"data.deduplicate: expected true or false"),
+    ('[data]\ntrain = "x"\nsource = "y"\n', None, r"either data.source .* or data.train"),
+    ('[data]\nsource = "y"\n', None, r"data.split_sizes: with data.source give three sizes"),
+    ('[data\n', None, r"not valid TOML"),
+    ('[data]\ntrain = "x"\n', "extract.nope=1", r"unknown key 'extract.nope'"),
+    ('[data]\ntrain = "x"\n', "dtype=float32", r"--set 'dtype=float32': expected section.key=value"),
+])
+def test_bad_config_is_refused_with_the_key(tmp_path, text, setting, message):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(SherlError, match=message):
+        load_pipeline(str(path), [setting] if setting else [])
+
+
+def test_missing_pipeline_file_names_the_packaged_ones():
+    with pytest.raises(SherlError, match=r"no such file and no packaged pipeline.*quickstart"):
+        load_pipeline("nonesuch")
+    with pytest.raises(SherlError, match=r"pipeline file missing/p.toml: not found"):
+        load_pipeline("missing/p.toml")
+
+
+def test_sections_are_frozen():
+    with pytest.raises(Exception):
+        TrainConfig().epochs = 3

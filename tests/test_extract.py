@@ -1,0 +1,254 @@
+"""Stage one: the cache holds exactly what a direct forward pass gives, and never loses work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_text_file, require_minilm, require_sst2, write_pipeline, SST2
+from sherl_pipe.cache import Cache
+from sherl_pipe.config import load_pipeline
+from sherl_pipe.data import load_dataset
+from sherl_pipe.errors import SherlError
+from sherl_pipe.extract import extract
+
+
+def direct_hidden_states(folder, texts, max_length, attn="sdpa", token_type=None):
+    """The reference: the whole model's output_hidden_states on one padded batch."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, attn_implementation=attn).eval()
+    enc = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**enc, output_hidden_states=True)
+    return [h.numpy() for h in out.hidden_states], enc["attention_mask"].numpy()
+
+
+def assert_within_one_fp16_step(cached: np.ndarray, reference: np.ndarray) -> None:
+    """Stored fp16 equals the rounded fp32 reference to one fp16 step. Batch composition moves fp32
+    values by ~2e-6, more than an fp16 step near zero, so that fp32 tolerance (1e-5) is added."""
+    rounded = reference.astype(np.float16).astype(np.float32)
+    step = np.spacing(np.abs(rounded).astype(np.float16)).astype(np.float32)
+    assert np.all(np.abs(cached.astype(np.float32) - rounded) <= step + 1e-5)
+
+
+def read_split(cache_path, split):
+    cache = Cache(cache_path)
+    tiers = {t: cache.array(split, f"h{t}")[:] for t in cache.tiers}
+    return cache, tiers, cache.array(split, "lengths")[:]
+
+
+def split_texts(pipeline_file, split):
+    return load_dataset(load_pipeline(str(pipeline_file)).data).splits[split].texts
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cached_tiers_equal_direct_forward(tmp_path, backbones, text_csv, family, dtype):
+    pipe = write_pipeline(tmp_path / "p.toml", backbones[family], text_csv, tmp_path / "cache",
+                          f'dtype = "{dtype}"')
+    extract(load_pipeline(str(pipe)))
+    cache, tiers, lengths = read_split(tmp_path / "cache", "train")
+    assert cache.is_complete()
+    assert cache.tiers == [0, 1, 2]  # 3 layers, k = 1: h[0..2]
+    texts = split_texts(pipe, "train")
+    ref, mask = direct_hidden_states(backbones[family], texts, 24)
+    assert np.array_equal(mask.sum(1), lengths)
+    t_len = int(lengths.max())
+    assert tiers[0].shape == (len(texts), t_len, 32)  # time axis is the split's longest sample
+    for t, cached in tiers.items():
+        expect = ref[t][:, :t_len] * mask[:, :t_len, None]
+        got = cached.astype(np.float32)
+        if dtype == "float32":
+            np.testing.assert_allclose(got, expect, atol=1e-5, rtol=0)
+        else:
+            assert_within_one_fp16_step(cached, expect)
+        # padded positions are exactly zero
+        pad = np.arange(t_len)[None, :] >= lengths[:, None]
+        assert np.all(cached[pad] == 0)
+
+
+def test_side_arrays_and_manifest(tmp_path, bert_dir, text_csv):
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache", "tiers = [1]")
+    extract(load_pipeline(str(pipe)))
+    cache = Cache(tmp_path / "cache")
+    assert cache.tiers == [1, 2]  # the anchor h[c] is always stored
+    m = cache.manifest
+    assert set(m["backbone"]["module_hashes"]) == {"embeddings", "layer.0", "layer.1", "layer.2", "pooler"}
+    assert m["cut"] == 2 and m["dtype"] == "float16" and m["task"]["label_names"] == ["neg", "pos"]
+    ds = load_dataset(load_pipeline(str(pipe)).data)
+    for name, split in ds.splits.items():
+        info = m["splits"][name]
+        assert info["rows"] == len(split) and info["fingerprint"] == split.fingerprint()
+        assert np.array_equal(cache.array(name, "row_ids")[:], split.row_ids)
+        assert np.array_equal(cache.array(name, "labels")[:], split.labels)
+        ids = cache.array(name, "input_ids")[:]
+        lengths = cache.array(name, "lengths")[:]
+        assert ids.dtype == np.int32 and int(lengths.sum()) == info["tokens"]
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(bert_dir)
+        for i in range(0, len(split), 7):
+            expect = tok(split.texts[i], truncation=True, max_length=24)["input_ids"]
+            assert ids[i, : lengths[i]].tolist() == expect
+            assert np.all(ids[i, lengths[i]:] == tok.pad_token_id)
+
+
+def test_text_pair_token_types(tmp_path, bert_dir):
+    import csv
+
+    path = tmp_path / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "label"])
+        for i in range(20):
+            w.writerow(["good film" * (1 + i % 3), "bad plot", i % 2])
+    pipe = tmp_path / "p.toml"
+    pipe.write_text(f'[data]\ntrain = "{path}"\ntext_column = "a"\ntext_pair_column = "b"\n'
+                    f'[backbone]\nsource = "{bert_dir}"\n[extract]\ncache = "{tmp_path / "c"}"\n'
+                    f'dtype = "float32"\nchunk_size = 8\n')
+    extract(load_pipeline(str(pipe)))
+    cache = Cache(tmp_path / "c")
+    types = cache.array("train", "token_type_ids")[:]
+    assert types.max() == 1
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bert_dir)
+    model = AutoModel.from_pretrained(bert_dir).eval()
+    enc = tok(["good film"] * 1, ["bad plot"], return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**enc, output_hidden_states=True).hidden_states[2][0].numpy()
+    n = enc["input_ids"].shape[1]
+    np.testing.assert_allclose(cache.array("train", "h2")[0, :n], ref, atol=1e-5)
+
+
+def test_mismatched_manifest_is_refused_and_overwrite_replaces(tmp_path, bert_dir, text_csv):
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
+    extract(load_pipeline(str(pipe)))
+    again = extract(load_pipeline(str(pipe)))  # same request: nothing to redo
+    assert again.resumed and again.samples == 0
+    with pytest.raises(SherlError, match=r"different manifest.*dtype: cache has \"float16\", request has \"float32\""):
+        extract(load_pipeline(str(pipe), ["extract.dtype=float32"]))
+    with pytest.raises(SherlError, match=r"splits\.train\.fingerprint"):
+        extract(load_pipeline(str(pipe), ["data.split_seed=2"]))
+    redone = extract(load_pipeline(str(pipe), ["extract.dtype=float32"]), overwrite=True)
+    assert not redone.resumed and Cache(tmp_path / "cache").manifest["dtype"] == "float32"
+
+
+def test_tool_version_is_not_matched(tmp_path, bert_dir, text_csv, monkeypatch):
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
+    extract(load_pipeline(str(pipe)))
+    import sherl_pipe.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "__version__", "99.0")
+    assert extract(load_pipeline(str(pipe))).resumed
+
+
+def test_fp16_overflow_is_an_error(tmp_path, text_csv):
+    from conftest import make_backbone
+
+    folder = make_backbone(tmp_path / "big", "bert", layers=2)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    state["embeddings.LayerNorm.weight"] = state["embeddings.LayerNorm.weight"] * 1e6
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    pipe = write_pipeline(tmp_path / "p.toml", folder, text_csv, tmp_path / "cache")
+    with pytest.raises(SherlError, match=r"beyond float16's range; set extract.dtype = 'float32'"):
+        extract(load_pipeline(str(pipe)))
+    assert not Cache(tmp_path / "cache").is_complete()
+
+
+def _cache_contents(path: Path) -> dict:
+    cache = Cache(path)
+    out = {}
+    for split in cache.splits:
+        for name, arr in cache.group[split].arrays():
+            out[f"{split}/{name}"] = arr[:]
+    manifest = {k: v for k, v in cache.manifest.items() if k not in ("created", "config")}
+    return out, manifest
+
+
+def test_killed_extraction_resumes_to_an_equal_cache(tmp_path):
+    from conftest import make_backbone
+
+    folder = make_backbone(tmp_path / "slow", "bert", layers=4, hidden=128)
+    data = make_text_file(tmp_path / "d.csv", n=1200, seed=3)
+    extra = "batch_size = 4\nthreads = 1"
+    pipe = write_pipeline(tmp_path / "p.toml", folder, data, tmp_path / "killed", extra)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sherl_pipe", "extract", "-q", str(pipe)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done_dir = tmp_path / "killed" / "train" / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "extraction finished before it could be killed: " + proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = Cache(tmp_path / "killed")
+    done, total = partial.blocks_done("train")
+    assert 2 <= done < total and not partial.is_complete()
+
+    resumed = extract(load_pipeline(str(pipe)))
+    assert resumed.resumed and resumed.splits["train"].blocks_written == total - done
+    assert not list((tmp_path / "killed").rglob("*.partial"))
+    ref_pipe = write_pipeline(tmp_path / "q.toml", folder, data, tmp_path / "whole", extra)
+    extract(load_pipeline(str(ref_pipe)))
+    got, got_manifest = _cache_contents(tmp_path / "killed")
+    want, want_manifest = _cache_contents(tmp_path / "whole")
+    assert got_manifest == want_manifest
+    assert got.keys() == want.keys()
+    for key in want:
+        assert np.array_equal(got[key], want[key]), key
+
+
+def test_stray_partial_files_are_removed_on_rerun(tmp_path, bert_dir, text_csv):
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
+    extract(load_pipeline(str(pipe)))
+    stray = tmp_path / "cache" / "train" / "h0" / "c" / "0.1234.partial"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"half")
+    extract(load_pipeline(str(pipe)))
+    assert not stray.exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.text_column=txt", r"no column 'txt' \(columns: text, label, score\)"),
+    ("extract.late_layers=9", r"extract.late_layers = 9 is more than the backbone's 3 layers"),
+    ("extract.tiers=[7]", r"extract.tiers: tier 7 is outside h\[0..2\]"),
+    ("extract.splits=['dev']", r"extract.splits: split 'dev' is not in the data section"),
+])
+def test_bad_input_leaves_no_cache(tmp_path, bert_dir, text_csv, setting, message):
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
+    with pytest.raises(SherlError, match=message):
+        extract(load_pipeline(str(pipe), [setting]))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_real_minilm_on_sst2(tmp_path):
+    require_sst2()
+    require_minilm()
+    from sherl_pipe.resources import resolve_model
+
+    pipe = tmp_path / "p.toml"
+    pipe.write_text(f'[data]\ntrain = "{SST2 / "train.tsv"}"\ntext_column = "sentence"\nlimit = 300\n'
+                    f'[extract]\ncache = "{tmp_path / "c"}"\n')
+    extract(load_pipeline(str(pipe)))
+    cache, tiers, lengths = read_split(tmp_path / "c", "train")
+    texts = split_texts(pipe, "train")
+    ref, mask = direct_hidden_states(resolve_model("embedded:all-MiniLM-L6-v2"), texts, 128)
+    t_len = int(lengths.max())
+    for t, cached in tiers.items():
+        assert_within_one_fp16_step(cached, ref[t][:, :t_len] * mask[:, :t_len, None])
