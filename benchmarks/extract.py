@@ -30,7 +30,7 @@ from sherl_pipe.backbone import Backbone  # noqa: E402
 from sherl_pipe.cache import Cache  # noqa: E402
 from sherl_pipe.config import load_pipeline  # noqa: E402
 from sherl_pipe.data import load_dataset  # noqa: E402
-from sherl_pipe.extract import extract, forward_batches, tokenize  # noqa: E402
+from sherl_pipe.extract import extract, forward_batches, reorder, storage_order, tokenize  # noqa: E402
 
 IMPORT_S = time.perf_counter() - T_IMPORT
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--codec", default="blosc-zstd")
+    ap.add_argument("--clevel", type=int, default=3)
+    ap.add_argument("--time-chunk", type=int, default=16)
     args = ap.parse_args()
     if not args.data.is_file():
         sys.exit(f"benchmark skipped: {args.data} is absent (pass --data PATH to SST-2 train.tsv)")
@@ -50,7 +52,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sherl-bench-"))
     pipe_file = tmp / "p.toml"
     pipe_file.write_text(f'[data]\ntrain = "{args.data}"\ntext_column = "sentence"\nlimit = {args.rows}\n'
-                         f'[extract]\ncache = "{tmp / "cache"}"\nthreads = {args.threads}\ncodec = "{args.codec}"\n')
+                         f'[extract]\ncache = "{tmp / "cache"}"\nthreads = {args.threads}\ncodec = "{args.codec}"\nclevel = {args.clevel}\ntime_chunk = {args.time_chunk}\n')
     pipe = load_pipeline(str(pipe_file))
     cfg = pipe.extract
     torch.set_num_threads(cfg.threads)
@@ -63,6 +65,7 @@ def main() -> None:
     data_s = time.perf_counter() - t
     t = time.perf_counter()
     tok = tokenize(backbone.tokenizer, split, pipe.backbone.max_length)
+    split, tok = reorder(split, tok, storage_order(tok.lengths))
     tok_s = time.perf_counter() - t
     t = time.perf_counter()
     backbone.module_hashes()

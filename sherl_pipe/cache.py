@@ -3,7 +3,7 @@
 Layout (a local folder):
 
     CACHE/zarr.json                 group attributes: {"sherl_pipe": MANIFEST}
-    CACHE/<split>/h<t>              (N, T, D) float16|float32, chunks (chunk_size, T, D)
+    CACHE/<split>/h<t>              (N, T, D) float16|float32, chunks (chunk_size, time_chunk, D)
     CACHE/<split>/input_ids         (N, T) int32, padded with the tokenizer's pad id
     CACHE/<split>/token_type_ids    (N, T) int8, only for text pairs
     CACHE/<split>/lengths           (N,) int32, real tokens per sample
@@ -11,8 +11,10 @@ Layout (a local folder):
     CACHE/<split>/row_ids           (N,) int64, 0-based data rows of the split's source file
     CACHE/<split>/done              (blocks,) uint8, one chunk per block: 1 once the block is written
 
-T is the split's longest sample; positions past a sample's length hold zeros, which Zarr does not
-even store when a whole chunk is zero. A block is exactly one chunk along samples, so no two
+Samples are stored sorted by length (ties in data order; `row_ids` map them back), and the time
+axis T is the split's longest sample, chunked by `time_chunk` positions. Positions past a sample's
+length hold zeros, and since a block's samples have similar lengths, the time chunks past its
+longest sample are entirely zero: they are never compressed, written or read back. A block is exactly one chunk along samples, so no two
 writers ever touch the same chunk, and `done[b]` is written only after all of block b's data: a
 block whose flag is not set is redone on the next run. The manifest is written once, when the
 cache is created, and never rewritten by writers.
@@ -23,18 +25,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from sherl_pipe import __version__
-from sherl_pipe.errors import SherlError
+from sherl_pipe.errors import CacheMismatch, SherlError
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "sherl_pipe"
-# Fields that describe how or when a cache was made, not what it holds: never matched.
+# Fields that describe how or when a cache was made, not what it holds: never matched. File paths
+# are volatile too: what a path held is matched by the module hashes and the rows' fingerprints.
 VOLATILE = {"tool_version", "created", "config"}
-VOLATILE_NESTED = {("backbone", "source")}
+
+
+def is_volatile(path: tuple) -> bool:
+    return ((len(path) == 1 and path[0] in VOLATILE) or path == ("backbone", "source")
+            or (len(path) == 3 and path[0] == "splits" and path[2] == "source"))
 FP16_MAX = 65504.0
 
 
@@ -68,11 +76,8 @@ def manifest_diff(old: dict, new: dict) -> list[str]:
     def walk(a, b, path):
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
-                if not path and key in VOLATILE:
-                    continue
-                if (path + (key,))[-2:] in VOLATILE_NESTED or (len(path) == 2 and path[0] == "splits" and key == "source"):
-                    continue
-                walk(a.get(key), b.get(key), path + (key,))
+                if not is_volatile(path + (key,)):
+                    walk(a.get(key), b.get(key), path + (key,))
         elif a != b:
             show = lambda v: (s if len(s := json.dumps(v)) <= 60 else s[:57] + "...")  # noqa: E731
             out.append(f"{'.'.join(path)}: cache has {show(a)}, request has {show(b)}")
@@ -161,6 +166,43 @@ class Cache:
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
+def chunk_encoder(arr):
+    """bytes -> stored chunk bytes, built from the array's own Zarr v3 codec chain, or None.
+
+    Used for the large tier arrays: zarr's generic write path copies each chunk several times,
+    which cost as much as a quarter of the forward pass in extraction. Only the chains sherl-pipe
+    creates are handled (bytes, then at most one blosc or zstd); anything else takes zarr's path."""
+    import numcodecs
+    from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+
+    codecs = list(arr.metadata.codecs)
+    if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
+        return None
+    if codecs[0].endian is not None and codecs[0].endian.value != sys.byteorder:
+        return None
+    if len(codecs) == 1:
+        return lambda raw: raw
+    c = codecs[1]
+    if isinstance(c, BloscCodec):
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[c.shuffle.value]
+        codec = numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=shuffle, blocksize=c.blocksize,
+                                typesize=c.typesize)
+    elif isinstance(c, ZstdCodec):
+        codec = numcodecs.Zstd(level=c.level, checksum=c.checksum)
+    else:
+        return None
+    return codec.encode
+
+
+def write_file_atomically(path: Path, data) -> None:
+    """Write to PATH.<pid>.partial, then rename: a reader never sees half a chunk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 class CacheWriter:
     """Creates (or reopens and checks) a cache and writes blocks into it."""
 
@@ -178,7 +220,7 @@ class CacheWriter:
             old = Cache(self.path).manifest
             diffs = manifest_diff(old, self.manifest)
             if diffs:
-                raise SherlError(f"cache {self.path}: exists with a different manifest ({'; '.join(diffs[:6])}"
+                raise CacheMismatch(f"cache {self.path}: exists with a different manifest ({'; '.join(diffs[:6])}"
                                  f"{'; ...' if len(diffs) > 6 else ''}); use --overwrite to replace it, "
                                  f"or choose another extract.cache path")
             self.resumed = True
@@ -187,13 +229,15 @@ class CacheWriter:
         else:
             self.resumed = False
             self.group = zarr.open_group(str(self.path), mode="w", attributes={MANIFEST_KEY: self.manifest})
+        self._encoders = {}
 
-    def create_split(self, split: str, n: int, t: int, d: int, tiers: list[int], dtype: str,
-                     compressors, chunk: int, label_dtype: str, pad_id: int, with_types: bool) -> None:
-        specs = {tier_name(tier): ((n, t, d), (chunk, t, d), dtype, 0, compressors) for tier in tiers}
-        specs["input_ids"] = ((n, t), (chunk, t), "int32", pad_id, compressors)
+    def create_split(self, split: str, n: int, t: int, d: int, tiers: list[int], dtype: str, compressors,
+                     chunk: int, time_chunk: int, label_dtype: str, pad_id: int, with_types: bool) -> None:
+        tc = min(time_chunk, t)
+        specs = {tier_name(tier): ((n, t, d), (chunk, tc, d), dtype, 0, compressors) for tier in tiers}
+        specs["input_ids"] = ((n, t), (chunk, tc), "int32", pad_id, compressors)
         if with_types:
-            specs["token_type_ids"] = ((n, t), (chunk, t), "int8", 0, compressors)
+            specs["token_type_ids"] = ((n, t), (chunk, tc), "int8", 0, compressors)
         specs["lengths"] = ((n,), (chunk,), "int32", 0, None)
         specs["labels"] = ((n,), (chunk,), label_dtype, 0, None)
         specs["row_ids"] = ((n,), (chunk,), "int64", -1, None)
@@ -213,8 +257,47 @@ class CacheWriter:
         return [int(b) for b in np.flatnonzero(self.group[f"{split}/done"][:] == 0)]
 
     def write_block(self, split: str, block: int, start: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write one block's arrays (each covering samples start..start+len), then mark it done."""
+        """Write one block's arrays, then mark it done.
+
+        Each array covers samples start..start+len; 2-D and 3-D ones cover the first `width` time
+        positions, a multiple of the time chunk (or all of T): the chunks past it stay unwritten,
+        which Zarr reads back as zeros (pad ids for input_ids)."""
         sub = self.group[split]
         for name, value in arrays.items():
-            sub[name][start:start + len(value)] = value
+            arr = sub[name]
+            if (split, name) not in self._encoders:
+                self._encoders[(split, name)] = chunk_encoder(arr) if value.ndim == 3 else None
+            if encode := self._encoders[(split, name)]:
+                self._write_chunks(split, name, arr, encode, start, value)
+            elif value.ndim == 1:
+                arr[start:start + len(value)] = value
+            else:
+                arr[start:start + len(value), : value.shape[1]] = value
         sub["done"][block] = 1
+
+    def _write_chunks(self, split: str, name: str, arr, encode, start: int, value: np.ndarray) -> None:
+        """Encode and write a block's time chunks directly; they are whole chunks by construction."""
+        chunk, tc = arr.chunks[0], arr.chunks[1]
+        fill = arr.metadata.fill_value
+        i = start // chunk
+        for j in range(-(-value.shape[1] // tc)):
+            piece = value[:, j * tc:(j + 1) * tc]
+            if piece.shape[0] < chunk or piece.shape[1] < tc:  # edge chunks are stored whole, fill-padded
+                full = np.full((chunk, tc) + piece.shape[2:], fill, dtype=arr.dtype)
+                full[: piece.shape[0], : piece.shape[1]] = piece
+                piece = full
+            raw = np.ascontiguousarray(piece, dtype=arr.dtype)
+            key = arr.metadata.chunk_key_encoding.encode_chunk_key((i, j) + (0,) * (value.ndim - 2))
+            write_file_atomically(self.path / split / name / key, encode(raw))
+
+
+def manifest_fingerprint(manifest: dict) -> str:
+    """A hash of everything a cache holds (the manifest less its volatile fields)."""
+    import hashlib
+
+    def strip(d, path=()):
+        if not isinstance(d, dict):
+            return d
+        return {k: strip(v, path + (k,)) for k, v in d.items() if not is_volatile(path + (k,))}
+
+    return hashlib.sha256(json.dumps(strip(manifest), sort_keys=True).encode()).hexdigest()

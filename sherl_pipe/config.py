@@ -92,9 +92,12 @@ class ExtractConfig:
     late_layers: int = _at_least(1, 1)  # k: the cut is c = L - k
     tiers: tuple[int, ...] = ()  # tiers h[t] to store; empty: all of h[0..c]; h[c] is always stored
     dtype: str = _choice("float16", "float32")
-    codec: str = _choice("blosc-zstd", "blosc-lz4", "zstd", "none")
+    # lz4 keeps extraction within ~6% of the bare forward pass; zstd stores ~8% less but costs ~30%
+    # more time (benchmarks/extract.py). Real-valued fp16 activations barely compress either way.
+    codec: str = _choice("blosc-lz4", "blosc-zstd", "zstd", "none")
     clevel: int = _at_least(3, 0)
     chunk_size: int = _at_least(256, 1)  # samples per chunk; one write block = one chunk
+    time_chunk: int = _at_least(16, 1)  # positions per chunk along the time axis
     batch_size: int = _at_least(64, 1)  # samples per forward pass
     threads: int = _at_least(2, 1)  # torch threads
     codec_threads: int = _at_least(1, 1)
@@ -127,6 +130,7 @@ class TrainConfig:
     lora_alpha: float = _at_least(16.0, 0.0)
     eval_split: str = "validation"  # "" to skip per-epoch evaluation
     early_stopping: int = _at_least(0, 0)  # epochs without improvement before stopping; 0: never
+    save_every: int = _at_least(0, 0)  # optimizer steps between resumable checkpoints; 0: each epoch
     buffer_chunks: int = _at_least(4, 1)  # chunks shuffled together by the loader
     buffer_mb: int = _at_least(512, 1)
     seed: int = 0

@@ -8,3 +8,7 @@ its traceback.
 
 class SherlError(Exception):
     """A problem with the user's input, files or request (never a bug in sherl-pipe)."""
+
+
+class CacheMismatch(SherlError):
+    """An existing cache was made for a different request (other model, data or settings)."""

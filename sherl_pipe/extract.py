@@ -1,8 +1,9 @@
 """Stage one: run the frozen early layers once over every split and cache the tiers.
 
-The work unit is a block of `chunk_size` samples, exactly one Zarr chunk along samples. Inside a
-block, samples are sorted by length and run in forward batches trimmed to their longest member, so
-short samples do not pay for long ones. While block b+1 runs through the model, a writer thread
+Each split is stored sorted by length, so every block of `chunk_size` samples (exactly one Zarr
+chunk along samples) holds samples of similar length: its forward batches are trimmed to their
+longest member, and only the time chunks up to the block's longest sample are filled, compressed
+and written. While block b+1 runs through the model, a writer thread
 compresses and writes block b (blosc and zstd release the GIL), then sets its `done` flag.
 """
 
@@ -53,6 +54,26 @@ def tokenize(tokenizer, split: Split, max_length: int) -> Tokenized:
     return Tokenized(ids, types, np.asarray([len(x) for x in ids], dtype=np.int32))
 
 
+def storage_order(lengths: np.ndarray) -> np.ndarray:
+    """The order samples are stored in: by length, ties in data order."""
+    return np.argsort(lengths, kind="stable")
+
+
+def reorder(split: Split, tok: Tokenized, order: np.ndarray) -> tuple[Split, Tokenized]:
+    split = Split(split.name, split.source, [split.texts[i] for i in order],
+                  None if split.pairs is None else [split.pairs[i] for i in order],
+                  split.labels[order], split.row_ids[order])
+    tok = Tokenized([tok.ids[i] for i in order], None if tok.types is None else [tok.types[i] for i in order],
+                    tok.lengths[order])
+    return split, tok
+
+
+def block_width(tok: Tokenized, idx: np.ndarray, time_chunk: int) -> int:
+    """Time positions a block fills: its longest sample, rounded up to whole time chunks."""
+    longest = int(tok.lengths[idx].max())
+    return min(tok.max_len, -(-longest // time_chunk) * time_chunk)
+
+
 def resolve_tiers(requested: tuple[int, ...], cut: int) -> list[int]:
     bad = [t for t in requested if not 0 <= t <= cut]
     if bad:
@@ -87,6 +108,8 @@ def build_manifest(pipeline: Pipeline, backbone: Backbone, dataset: Dataset,
         "dtype": cfg.dtype,
         "codec": {"name": cfg.codec, "level": cfg.clevel},
         "chunk_size": cfg.chunk_size,
+        "time_chunk": cfg.time_chunk,
+        "storage_order": "length",
         "task": {"type": dataset.task_type, "text_column": data.text_column,
                  "text_pair_column": data.text_pair_column or None, "label_column": data.label_column,
                  "label_names": dataset.label_names},
@@ -228,6 +251,9 @@ def extract(pipeline: Pipeline, overwrite: bool = False, progress=None) -> Extra
     t = time.perf_counter()
     manifest = build_manifest(pipeline, backbone, dataset, tokenized, cut, tiers)
     timings["hash"] = time.perf_counter() - t
+    for name in list(dataset.splits):  # the manifest fingerprints data order; storage is by length
+        dataset.splits[name], tokenized[name] = reorder(dataset.splits[name], tokenized[name],
+                                                        storage_order(tokenized[name].lengths))
 
     t_write = time.perf_counter()  # from here on: the per-sample work, measured by the benchmark
     writer = CacheWriter(cfg.cache, manifest, overwrite=overwrite)
@@ -240,7 +266,7 @@ def extract(pipeline: Pipeline, overwrite: bool = False, progress=None) -> Extra
     for name, split in dataset.splits.items():
         tok = tokenized[name]
         writer.create_split(name, len(split), tok.max_len, backbone.config.hidden_size, tiers, cfg.dtype,
-                            compressors, cfg.chunk_size, label_dtype, pad_id, tok.types is not None)
+                            compressors, cfg.chunk_size, cfg.time_chunk, label_dtype, pad_id, tok.types is not None)
         pending = writer.pending_blocks(name)
         summary.splits[name] = SplitSummary(blocks_total=manifest["splits"][name]["blocks"])
         plan += [(name, b) for b in pending]
@@ -255,11 +281,12 @@ def extract(pipeline: Pipeline, overwrite: bool = False, progress=None) -> Extra
                 split, tok = dataset.splits[name], tokenized[name]
                 start = b * cfg.chunk_size
                 idx = np.arange(start, min(start + cfg.chunk_size, len(split)))
-                arrays = forward_block(backbone, tok, idx, tiers, tok.max_len, cfg.batch_size, cfg.dtype,
+                width = block_width(tok, idx, cfg.time_chunk)
+                arrays = forward_block(backbone, tok, idx, tiers, width, cfg.batch_size, cfg.dtype,
                                        device, f"cache {cfg.cache}, split '{name}', block {b}")
-                arrays["input_ids"] = pad_batch([tok.ids[i] for i in idx], pad_id, tok.max_len, np.int32)
+                arrays["input_ids"] = pad_batch([tok.ids[i] for i in idx], pad_id, width, np.int32)
                 if tok.types is not None:
-                    arrays["token_type_ids"] = pad_batch([tok.types[i] for i in idx], 0, tok.max_len, np.int8)
+                    arrays["token_type_ids"] = pad_batch([tok.types[i] for i in idx], 0, width, np.int8)
                 arrays["lengths"] = tok.lengths[idx]
                 arrays["labels"] = split.labels[idx]
                 arrays["row_ids"] = split.row_ids[idx]

@@ -47,8 +47,11 @@ def read_split(cache_path, split):
     return cache, tiers, cache.array(split, "lengths")[:]
 
 
-def split_texts(pipeline_file, split):
-    return load_dataset(load_pipeline(str(pipeline_file)).data).splits[split].texts
+def split_texts(pipeline_file, split, cache):
+    """The split's texts in the cache's storage order (by length), mapped through its row ids."""
+    data = load_dataset(load_pipeline(str(pipeline_file)).data).splits[split]
+    where = {int(r): i for i, r in enumerate(data.row_ids)}
+    return [data.texts[where[int(r)]] for r in cache.array(split, "row_ids")[:]]
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
@@ -60,7 +63,7 @@ def test_cached_tiers_equal_direct_forward(tmp_path, backbones, text_csv, family
     cache, tiers, lengths = read_split(tmp_path / "cache", "train")
     assert cache.is_complete()
     assert cache.tiers == [0, 1, 2]  # 3 layers, k = 1: h[0..2]
-    texts = split_texts(pipe, "train")
+    texts = split_texts(pipe, "train", cache)
     ref, mask = direct_hidden_states(backbones[family], texts, 24)
     assert np.array_equal(mask.sum(1), lengths)
     t_len = int(lengths.max())
@@ -86,19 +89,23 @@ def test_side_arrays_and_manifest(tmp_path, bert_dir, text_csv):
     assert set(m["backbone"]["module_hashes"]) == {"embeddings", "layer.0", "layer.1", "layer.2", "pooler"}
     assert m["cut"] == 2 and m["dtype"] == "float16" and m["task"]["label_names"] == ["neg", "pos"]
     ds = load_dataset(load_pipeline(str(pipe)).data)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bert_dir)
     for name, split in ds.splits.items():
         info = m["splits"][name]
         assert info["rows"] == len(split) and info["fingerprint"] == split.fingerprint()
-        assert np.array_equal(cache.array(name, "row_ids")[:], split.row_ids)
-        assert np.array_equal(cache.array(name, "labels")[:], split.labels)
-        ids = cache.array(name, "input_ids")[:]
+        rows = cache.array(name, "row_ids")[:]
         lengths = cache.array(name, "lengths")[:]
+        assert sorted(rows.tolist()) == sorted(split.row_ids.tolist())
+        assert np.all(np.diff(lengths) >= 0)  # stored by length
+        where = {int(r): i for i, r in enumerate(split.row_ids)}
+        order = np.array([where[int(r)] for r in rows])
+        assert np.array_equal(cache.array(name, "labels")[:], split.labels[order])
+        ids = cache.array(name, "input_ids")[:]
         assert ids.dtype == np.int32 and int(lengths.sum()) == info["tokens"]
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(bert_dir)
         for i in range(0, len(split), 7):
-            expect = tok(split.texts[i], truncation=True, max_length=24)["input_ids"]
+            expect = tok(split.texts[order[i]], truncation=True, max_length=24)["input_ids"]
             assert ids[i, : lengths[i]].tolist() == expect
             assert np.all(ids[i, lengths[i]:] == tok.pad_token_id)
 
@@ -128,7 +135,8 @@ def test_text_pair_token_types(tmp_path, bert_dir):
     with torch.no_grad():
         ref = model(**enc, output_hidden_states=True).hidden_states[2][0].numpy()
     n = enc["input_ids"].shape[1]
-    np.testing.assert_allclose(cache.array("train", "h2")[0, :n], ref, atol=1e-5)
+    first = int(np.flatnonzero(cache.array("train", "row_ids")[:] == 0)[0])  # data row 0 is "good film"
+    np.testing.assert_allclose(cache.array("train", "h2")[first, :n], ref, atol=1e-5)
 
 
 def test_mismatched_manifest_is_refused_and_overwrite_replaces(tmp_path, bert_dir, text_csv):
@@ -247,7 +255,7 @@ def test_real_minilm_on_sst2(tmp_path):
                     f'[extract]\ncache = "{tmp_path / "c"}"\n')
     extract(load_pipeline(str(pipe)))
     cache, tiers, lengths = read_split(tmp_path / "c", "train")
-    texts = split_texts(pipe, "train")
+    texts = split_texts(pipe, "train", cache)
     ref, mask = direct_hidden_states(resolve_model("embedded:all-MiniLM-L6-v2"), texts, 128)
     t_len = int(lengths.max())
     for t, cached in tiers.items():

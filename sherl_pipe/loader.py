@@ -1,0 +1,181 @@
+"""Batches for stage two: one seeded, chunk-aware sampler drives every source, so training from the
+cache, live training and the in-memory reference all see exactly the same batches.
+
+The sampler shuffles the order of chunks, then shuffles samples within a window of a few chunks
+(capped in MB), so a reader touches each chunk once per epoch while batches still mix chunks. The
+cache reader decodes whole chunks in a background thread, keeps only the chunks the coming batches
+need, trims every batch to its longest sample and only then converts it to float32. The trainer
+gets plain tensors and never touches Zarr.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sherl_pipe.cache import Cache, tier_name
+
+
+@dataclass
+class Batch:
+    index: np.ndarray  # positions in the split (storage order)
+    states: dict[int, torch.Tensor]  # tier -> (B, T_batch, D) float32
+    mask: torch.Tensor  # (B, T_batch) int64
+    labels: torch.Tensor
+    input_ids: torch.Tensor  # (B, T_batch) int64
+    token_type_ids: torch.Tensor | None
+
+    def to(self, device) -> "Batch":
+        if str(device) == "cpu":
+            return self
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(self.index, {k: move(v) for k, v in self.states.items()}, move(self.mask),
+                     move(self.labels), move(self.input_ids), move(self.token_type_ids))
+
+
+class ChunkSampler:
+    """The order of samples for each epoch, as batches of positions in the split."""
+
+    def __init__(self, n: int, chunk_size: int, batch_size: int, buffer_chunks: int, seed: int,
+                 shuffle: bool = True):
+        self.n, self.chunk_size, self.batch_size = n, chunk_size, batch_size
+        self.buffer_chunks, self.seed, self.shuffle = max(1, buffer_chunks), seed, shuffle
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        if not self.shuffle:
+            order = np.arange(self.n)
+        else:
+            rng = np.random.default_rng([self.seed, epoch])
+            chunks = rng.permutation(-(-self.n // self.chunk_size))
+            windows = []
+            for w in range(0, len(chunks), self.buffer_chunks):
+                idx = np.concatenate([np.arange(c * self.chunk_size, min((c + 1) * self.chunk_size, self.n))
+                                      for c in chunks[w:w + self.buffer_chunks]])
+                windows.append(rng.permutation(idx))
+            order = np.concatenate(windows)
+        return [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+
+
+def buffer_chunks_for(cache: Cache, split: str, tiers: list[int], buffer_chunks: int, buffer_mb: int) -> int:
+    """How many chunks fit the MB cap: a window's chunks are all held while it is read."""
+    info = cache.split_info(split)
+    itemsize = 2 if cache.manifest["dtype"] == "float16" else 4
+    chunk_bytes = cache.manifest["chunk_size"] * info["max_len"] * cache.manifest["backbone"]["hidden_size"] \
+        * itemsize * max(1, len(tiers))
+    return max(1, min(buffer_chunks, int(buffer_mb * 2**20 // max(chunk_bytes, 1))))
+
+
+class SplitSource:
+    """Batches of one cached split: tiers read from the cache (or preloaded), side arrays from memory."""
+
+    def __init__(self, cache: Cache, split: str, tiers: list[int], read_tiers: bool = True, preload: bool = False):
+        cache.require_complete(split)
+        self.cache, self.split, self.tiers = cache, split, list(tiers) if read_tiers else []
+        self.chunk_size = cache.manifest["chunk_size"]
+        self.time_chunk = cache.array(split, tier_name(cache.tiers[-1])).chunks[1]
+        self.lengths = cache.array(split, "lengths")[:].astype(np.int64)
+        self.labels = cache.array(split, "labels")[:]
+        self.input_ids = cache.array(split, "input_ids")[:]
+        names = [n for n, _ in cache.group[split].arrays()]
+        self.token_type_ids = cache.array(split, "token_type_ids")[:] if "token_type_ids" in names else None
+        self.n = len(self.lengths)
+        self._arrays = {t: cache.array(split, tier_name(t)) for t in self.tiers}
+        self._preloaded = {c: self._read_chunk(c) for c in range(-(-self.n // self.chunk_size))} if preload else None
+
+    def _read_chunk(self, c: int) -> dict[int, np.ndarray]:
+        s, e = c * self.chunk_size, min((c + 1) * self.chunk_size, self.n)
+        longest = int(self.lengths[s:e].max())
+        width = -(-longest // self.time_chunk) * self.time_chunk  # whole time chunks: no partial decodes
+        return {t: arr[s:e, :width] for t, arr in self._arrays.items()}
+
+    def make_batch(self, idx: np.ndarray, chunks: dict[int, dict[int, np.ndarray]]) -> Batch:
+        width = int(self.lengths[idx].max())
+        states = {}
+        which = idx // self.chunk_size
+        for t in self.tiers:
+            rows = None
+            for c in np.unique(which):
+                data = chunks[int(c)][t]
+                if rows is None:
+                    rows = np.zeros((len(idx), width, data.shape[2]), dtype=data.dtype)
+                sel = np.flatnonzero(which == c)
+                w = min(width, data.shape[1])  # a chunk holds up to its own longest sample
+                rows[sel, :w] = data[idx[sel] % self.chunk_size, :w]
+            states[t] = torch.from_numpy(rows).float()  # trimmed first, converted second
+        lengths = torch.from_numpy(self.lengths[idx])
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        labels = torch.from_numpy(self.labels[idx])
+        ids = torch.from_numpy(self.input_ids[idx, :width].astype(np.int64))
+        types = None
+        if self.token_type_ids is not None:
+            types = torch.from_numpy(self.token_type_ids[idx, :width].astype(np.int64))
+        return Batch(idx, states, mask, labels, ids, types)
+
+    def iterate(self, batches: list[np.ndarray], prefetch: int = 4):
+        """Yield a Batch for each index array, reading chunks in a background thread."""
+        if not self.tiers:
+            for idx in batches:
+                yield self.make_batch(idx, {})
+            return
+        out: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(batches, out, stop), daemon=True)
+        thread.start()
+        try:
+            for _ in range(len(batches)):
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    pass
+                thread.join(timeout=0.05)
+
+    def _produce(self, batches, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            last_use: dict[int, int] = {}
+            for b, idx in enumerate(batches):
+                for c in np.unique(idx // self.chunk_size):
+                    last_use[int(c)] = b
+            held: dict[int, dict[int, np.ndarray]] = {}
+            for b, idx in enumerate(batches):
+                if stop.is_set():
+                    return
+                for c in np.unique(idx // self.chunk_size):
+                    c = int(c)
+                    if c not in held:
+                        held[c] = self._preloaded[c] if self._preloaded is not None else self._read_chunk(c)
+                batch = self.make_batch(idx, held)
+                for c in [c for c in held if last_use[c] <= b]:
+                    del held[c]
+                out.put(batch)
+        except BaseException as exc:  # handed to the consumer
+            out.put(exc)
+
+
+class LiveStates:
+    """Runs the early layers on a batch's input_ids (no tiers read), rounded through the cache's
+    storage dtype so that live and cached training see the same values."""
+
+    def __init__(self, backbone, tiers: list[int], storage_dtype: str):
+        self.backbone, self.tiers = backbone, list(tiers)
+        self.dtype = getattr(torch, storage_dtype)
+
+    def __call__(self, batch: Batch) -> Batch:
+        with torch.inference_mode():
+            states = self.backbone.early_states(batch.input_ids, batch.mask, batch.token_type_ids,
+                                                upto=max(self.tiers))
+        batch.states = {t: states[t].to(self.dtype).float() * batch.mask[..., None] for t in self.tiers}
+        return batch

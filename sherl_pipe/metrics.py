@@ -1,0 +1,57 @@
+"""Task metrics, in plain numpy: accuracy, macro-F1 and MCC; Pearson and Spearman."""
+
+from __future__ import annotations
+
+import numpy as np
+
+PRIMARY = {"classification": "accuracy", "regression": "pearson"}
+
+
+def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> dict:
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)  # rows: gold, columns: predicted
+    np.add.at(cm, (gold, pred), 1)
+    tp = np.diag(cm).astype(np.float64)
+    pred_n, gold_n, n = cm.sum(0).astype(np.float64), cm.sum(1).astype(np.float64), cm.sum()
+    denom = pred_n + gold_n
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    # Multi-class MCC (Gorodkin's R_K): binary MCC when num_classes == 2.
+    c = tp.sum()
+    cov = c * n - (pred_n * gold_n).sum()
+    norm = np.sqrt((n * n - (pred_n ** 2).sum()) * (n * n - (gold_n ** 2).sum()))
+    return {
+        "accuracy": float(c / max(n, 1)),
+        "macro_f1": float(f1[gold_n > 0].mean()) if (gold_n > 0).any() else 0.0,
+        "mcc": float(cov / norm) if norm > 0 else 0.0,
+    }
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean rank)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict:
+    pred, gold = pred.astype(np.float64), gold.astype(np.float64)
+    return {"pearson": _pearson(pred, gold), "spearman": _pearson(_rank(pred), _rank(gold)),
+            "mse": float(((pred - gold) ** 2).mean())}
+
+
+def majority_baseline(train_labels: np.ndarray, gold: np.ndarray) -> float:
+    """Accuracy of always predicting the training split's most frequent class."""
+    return float((gold == np.bincount(train_labels).argmax()).mean())
