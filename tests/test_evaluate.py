@@ -1,0 +1,128 @@
+"""evaluate on a cached split; predict on raw text; run folders that are broken or foreign."""
+
+import csv
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_backbone, make_text_file, write_full_pipeline
+from sherl_pipe.cli import main
+from sherl_pipe.config import load_pipeline
+from sherl_pipe.errors import SherlError
+from sherl_pipe.evaluate import evaluate, predict
+from sherl_pipe.extract import extract
+from sherl_pipe.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bert_dir):
+    """A run trained on per-split files (fp16 cache), so each split has its own source file."""
+    root = tmp_path_factory.mktemp("trained")
+    files = {s: make_text_file(root / f"{s}.csv", n=n, seed=i) for i, (s, n) in
+             enumerate([("train", 160), ("validation", 40), ("test", 48)])}
+    path = root / "p.toml"
+    path.write_text(f"""
+[data]
+train = "{files['train']}"
+validation = "{files['validation']}"
+test = "{files['test']}"
+[backbone]
+source = "{bert_dir}"
+max_length = 24
+[extract]
+cache = "{root / 'cache'}"
+chunk_size = 16
+[train]
+run_dir = "{root / 'run'}"
+epochs = 3
+batch_size = 8
+threads = 1
+""")
+    pipe = load_pipeline(str(path))
+    extract(pipe)
+    train(pipe, log=lambda m: None)
+    return root, files, pipe
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_on_a_split_file_matches_evaluate(trained):
+    root, files, pipe = trained
+    result = evaluate(root / "run", "test")
+    assert result["rows"] == 48 and 0 <= result["accuracy"] <= 1 and "majority_baseline" in result
+    evaluated = read_csv(root / "run" / "predictions_test.csv")
+    assert [int(r["row"]) for r in evaluated] == list(range(48))
+    n = predict(root / "run", str(files["test"]), str(root / "pred.csv"))
+    predicted = read_csv(root / "pred.csv")
+    assert n == 48 and [r["label"] for r in predicted] == [r["label"] for r in evaluated]
+    for a, b in zip(predicted, evaluated):
+        assert abs(float(a["prob_pos"]) - float(b["prob_pos"])) < 1e-3
+    accuracy = sum(r["label"] == r["gold"] for r in evaluated) / 48
+    assert abs(accuracy - result["accuracy"]) < 1e-12
+    predict(root / "run", str(files["test"]), str(root / "pred.jsonl"))
+    lines = [json.loads(x) for x in (root / "pred.jsonl").read_text().splitlines()]
+    assert [x["label"] for x in lines] == [r["label"] for r in predicted]
+
+
+def test_broken_and_foreign_run_folders(trained, tmp_path):
+    root, files, pipe = trained
+    with pytest.raises(SherlError, match=r"run folder .*nope: not found"):
+        evaluate(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "run", broken)
+    (broken / "model.json").unlink()
+    with pytest.raises(SherlError, match=r"missing model.json; not a sherl-pipe run folder"):
+        evaluate(broken)
+    shutil.copy(root / "run" / "model.json", broken / "model.json")
+    (broken / "checkpoints" / "best.safetensors").unlink()
+    with pytest.raises(SherlError, match=r"best.safetensors: not found"):
+        evaluate(broken)
+    # a run whose cache was made from another backbone
+    other = make_backbone(tmp_path / "other", "bert", seed=9)
+    foreign_pipe = pipe.with_overrides("backbone", source=str(other)).with_overrides(
+        "extract", cache=str(tmp_path / "other-cache"))
+    extract(foreign_pipe)
+    with pytest.raises(SherlError, match=r"was trained on another cache"):
+        evaluate(root / "run", cache_path=str(tmp_path / "other-cache"))
+    with pytest.raises(SherlError, match=r"module\(s\) embeddings, layer.0, layer.1 differ"):
+        predict(root / "run", str(files["test"]), str(tmp_path / "p.csv"), backbone_source=str(other))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\ngood,pos\n,neg\n")
+    with pytest.raises(SherlError, match=r"column 'text' is empty in data rows 2"):
+        predict(root / "run", str(bad), str(tmp_path / "p.csv"))
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_cli_train_evaluate_predict(trained, tmp_path):
+    root, files, pipe = trained
+    runner = CliRunner()
+    pipe_file = root / "p.toml"
+    r = runner.invoke(main, ["train", str(pipe_file), "--run-dir", str(tmp_path / "run"), "--epochs", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "best on validation" in r.stdout
+    r = runner.invoke(main, ["train", str(pipe_file), "--run-dir", str(tmp_path / "run"), "-q"])
+    assert r.exit_code == 2 and "already exists; use --resume" in r.stderr
+    r = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--split", "validation"])
+    assert r.exit_code == 0 and "validation (40 rows" in r.stdout and "majority-class baseline" in r.stdout
+    r = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--split", "dev"])
+    assert r.exit_code == 2 and "no split 'dev'" in r.stderr
+    r = runner.invoke(main, ["predict", str(tmp_path / "run"), "--input", str(files["test"]),
+                             "--output", str(tmp_path / "o.csv")])
+    assert r.exit_code == 0 and "wrote 48 predictions" in r.stdout
+    r = runner.invoke(main, ["predict", str(tmp_path / "run"), "--input", str(tmp_path / "none.csv"),
+                             "--output", str(tmp_path / "o2.csv")])
+    assert r.exit_code == 2 and "not found" in r.stderr
+
+
+def test_cli_run_reuses_a_matching_cache(trained, tmp_path):
+    root, files, pipe = trained
+    r = CliRunner().invoke(main, ["run", str(root / "p.toml"), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+                                  "-q"])
+    assert r.exit_code == 0, r.output
+    assert "(resumed): complete" in r.stdout and "nothing to do" in r.stdout
+    assert "test (48 rows" in r.stdout

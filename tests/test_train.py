@@ -1,0 +1,188 @@
+"""Stage two: training from the cache equals training live, resumes exactly, loads no early layers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_backbone, write_full_pipeline, write_pipeline
+from sherl_pipe.cache import Cache
+from sherl_pipe.config import load_pipeline
+from sherl_pipe.errors import SherlError
+from sherl_pipe.extract import extract
+from sherl_pipe.loader import ChunkSampler
+from sherl_pipe.train import train
+
+
+def pipeline_for(tmp_path, backbone, data, cache, run, train_extra="", extract_extra='dtype = "float32"'):
+    path = write_full_pipeline(tmp_path / "p.toml", backbone, data, cache, run, extract_extra, train_extra)
+    return load_pipeline(str(path))
+
+
+def losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sampler_is_seeded_chunk_aware_and_complete():
+    s = ChunkSampler(n=96, chunk_size=16, batch_size=8, buffer_chunks=2, seed=3)
+    batches = s.batches(0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(96))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, s.batches(0)))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, s.batches(1)))
+    # each window of 2 chunks (32 samples) is consumed before the next one starts
+    order = np.concatenate(batches)
+    chunks_per_window = [set((order[w:w + 32] // 16).tolist()) for w in range(0, 96, 32)]
+    assert all(len(c) == 2 for c in chunks_per_window)
+    assert sorted(np.concatenate(ChunkSampler(100, 16, 8, 2, 3).batches(0)).tolist()) == list(range(100))
+    sequential = ChunkSampler(10, 4, 3, 1, 0, shuffle=False).batches(0)
+    assert [b.tolist() for b in sequential] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+def test_cached_and_live_training_match(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    results = {}
+    for mode in ("cached", "live"):
+        pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / mode,
+                            f'mode = "{mode}"\nmax_steps = 20\neval_split = ""\ndropout = 0.1')
+        train(pipe, log=lambda m: None)
+        results[mode] = load_file(tmp_path / mode / "checkpoints" / "last.safetensors")
+    assert results["cached"].keys() == results["live"].keys()
+    for key, value in results["cached"].items():
+        torch.testing.assert_close(value, results["live"][key], atol=1e-5, rtol=0)
+    assert (tmp_path / "cached" / "metrics.jsonl").is_file()
+    cached_loss = [r["loss"] for r in losses(tmp_path / "cached") if r["event"] == "train"]
+    live_loss = [r["loss"] for r in losses(tmp_path / "live") if r["event"] == "train"]
+    assert len(cached_loss) == 2 and np.allclose(cached_loss, live_loss, atol=1e-5, rtol=0)
+
+
+def test_the_early_network_is_never_loaded(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    late_only = tmp_path / "late-only"
+    shutil.copytree(bert_dir, late_only)
+    state = load_file(late_only / "model.safetensors")
+    kept = {k: v for k, v in state.items() if not k.startswith(("embeddings.", "encoder.layer.0.", "encoder.layer.1."))}
+    assert len(kept) < len(state)
+    save_file(kept, late_only / "model.safetensors", metadata={"format": "pt"})
+    pipe = pipeline_for(tmp_path, late_only, labeled_csv, fp32_cache, tmp_path / "run",
+                        'max_steps = 5\neval_split = "validation"\npooling = "cls-pooler"')
+    result = train(pipe, log=lambda m: None)
+    assert result.steps == 5 and result.best is not None
+    # a backbone with other weights is refused
+    other = make_backbone(tmp_path / "other", "bert", seed=7)
+    pipe = pipeline_for(tmp_path, other, labeled_csv, fp32_cache, tmp_path / "run2", "max_steps = 5")
+    with pytest.raises(SherlError, match=r"module 'layer.2' differs from the one the cache was made with"):
+        train(pipe, log=lambda m: None)
+
+
+@pytest.mark.parametrize("tuning", ["frozen", "norm-bias", "lora", "full"])
+def test_late_tuning_modes_train_what_they_say(tmp_path, bert_dir, labeled_csv, fp32_cache, tuning):
+    from sherl_pipe.backbone import read_tensors, FAMILIES
+
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                        f'late_tuning = "{tuning}"\nmax_steps = 3\neval_split = ""\nlr_late = 0.01')
+    train(pipe, log=lambda m: None)
+    after = load_file(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    before = read_tensors(bert_dir, "encoder.layer.2.", FAMILIES["bert"])
+    changed = {k for k, v in before.items()
+               if not torch.equal(after.get(f"late.0.{k}", after.get(f"late.0.{k.replace('.weight', '.base_layer.weight').replace('.bias', '.base_layer.bias')}")), v)}
+    if tuning in ("frozen", "lora"):
+        assert changed == set()
+    elif tuning == "norm-bias":
+        assert changed and all("LayerNorm" in k or k.endswith("bias") for k in changed)
+    else:
+        assert "attention.self.query.weight" in changed
+    if tuning == "lora":
+        assert any("lora_" in k for k in after)
+    assert any(k.startswith("consolidation.") for k in after)
+
+
+def test_run_folder_is_refused_unless_resume_or_overwrite(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run", "max_steps = 2")
+    train(pipe, log=lambda m: None)
+    with pytest.raises(SherlError, match=r"run folder .* already exists; use --resume .* --overwrite"):
+        train(pipe, log=lambda m: None)
+    assert train(pipe, overwrite=True, log=lambda m: None).steps == 2
+    with pytest.raises(SherlError, match=r"nothing to resume"):
+        train(pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "new", "max_steps = 2"),
+              resume=True, log=lambda m: None)
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    extra = 'epochs = 6\nsave_every = 3\neval_split = "validation"\ndropout = 0.1'
+    path = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache, tmp_path / "killed",
+                               'dtype = "float32"', extra)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sherl_pipe", "train", "-q", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = tmp_path / "killed" / "checkpoints" / "state.pt"
+    deadline = time.time() + 120
+    seen = 0
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file():
+            try:
+                seen = torch.load(state, weights_only=False)["position"]["step"]
+            except Exception:  # being replaced right now
+                pass
+            if seen >= 20:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed: " + proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    pipe = load_pipeline(str(path))
+    resumed = train(pipe, resume=True, log=lambda m: None)
+    whole = train(pipe.with_overrides("train", run_dir=str(tmp_path / "whole")), log=lambda m: None)
+    assert resumed.steps == whole.steps
+    a = load_file(tmp_path / "killed" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "whole" / "checkpoints" / "last.safetensors")
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    evals = [r for r in losses(tmp_path / "killed") if r["event"] == "epoch"]
+    assert [r["epoch"] for r in evals] == list(range(1, 7))  # no duplicated or missing records
+
+
+def test_regression_and_full_finetune(tmp_path, bert_dir):
+    import csv
+
+    data = tmp_path / "reg.csv"
+    rng = np.random.default_rng(0)
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "score"])
+        for _ in range(80):
+            n = int(rng.integers(1, 8))
+            w.writerow([" ".join(["good"] * n + ["film"]), n / 4])
+    path = tmp_path / "p.toml"
+    write_pipeline(path, bert_dir, data, tmp_path / "cache")
+    path.write_text(path.read_text().replace('split_sizes = [0.6, 0.2, 0.2]', 'split_sizes = [0.6, 0.2, 0.2]\nlabel_column = "score"\ntask_type = "regression"')
+                    + f'\n[train]\nrun_dir = "{tmp_path / "run"}"\nepochs = 3\nbatch_size = 8\nlr = 0.003\n')
+    pipe = load_pipeline(str(path))
+    extract(pipe)
+    result = train(pipe, log=lambda m: None)
+    assert set(result.best) >= {"pearson", "spearman", "mse"} and result.best["pearson"] > 0.5
+    ft = train(pipe.with_overrides("train", mode="full-finetune", run_dir=str(tmp_path / "ft"), epochs=1),
+               log=lambda m: None)
+    assert ft.steps == 6 and "pearson" in ft.best
+
+
+def test_bad_stage_two_settings(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    for extra, message in [
+        ("late_layers = 4", r"train.late_layers = 4: its anchor h\[-1\] is not in the cache"),
+        ("tiers = [5]", r"train.tiers: tier 5 is not a stored tier"),
+        ("epochs = 0", r"nothing to train"),
+    ]:
+        pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "r", extra)
+        with pytest.raises(SherlError, match=message):
+            train(pipe, overwrite=True, log=lambda m: None)
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, tmp_path / "no-cache", tmp_path / "r", "")
+    with pytest.raises(SherlError, match=r"not found \(no zarr.json\); run `sherl-pipe extract` first"):
+        train(pipe, log=lambda m: None)
