@@ -133,6 +133,7 @@ class TrainConfig:
     save_every: int = _at_least(0, 0)  # optimizer steps between resumable checkpoints; 0: each epoch
     buffer_chunks: int = _at_least(4, 1)  # chunks shuffled together by the loader
     buffer_mb: int = _at_least(512, 1)
+    preload: bool = False  # read the whole train split into memory first (small caches only)
     seed: int = 0
     threads: int = _at_least(2, 1)
     device: str = _choice("auto", "cpu", "cuda")

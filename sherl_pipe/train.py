@@ -218,7 +218,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
     groups = parameter_groups(model, lr_new, lr_pre, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr_new)
 
-    train_src = source_for(cache, "train", spec)
+    train_src = source_for(cache, "train", spec, preload=cfg.preload)
     eval_src = source_for(cache, eval_split, spec) if eval_split else None
     tiers = list(spec.tiers) + [spec.anchor] if spec.mode == "cached" else []
     sampler = ChunkSampler(train_src.n, train_src.chunk_size, cfg.batch_size,

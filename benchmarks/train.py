@@ -1,0 +1,316 @@
+"""Stage two on SST-2 with all-MiniLM-L6-v2, k = 1: speed, memory and accuracy, each method in its
+own subprocess.
+
+  speed     one training epoch from the cache against one live epoch (early layers run under
+            inference_mode on the same tokenized batches, same threads, no evaluation), for `frozen`
+            and `full` late tuning; and one cached epoch against the same batches preloaded in memory.
+  memory    each process's peak RSS; and the training state (weights, gradients, AdamW state, saved
+            activations) at batch 32 x 64 tokens, for SHERL from the cache, live SHERL and full
+            fine-tuning.
+  accuracy  test.tsv (the 872-sentence GLUE validation set): SHERL from the cache (3 seeds) and full
+            fine-tuning (2 seeds) on train.tsv with the same fixed epoch budget and the last epoch's
+            weights (no selection on dev.tsv, whose phrases mostly occur inside train.tsv), mean +- sd,
+            and a paired bootstrap 95% interval of the difference; plus one seed of each other late
+            tuning mode.
+
+Results append to a JSONL file as jobs finish, so an interrupted benchmark resumes where it stopped.
+`--quick` runs a small subset (2,000 speed rows, 4,000 training rows, 1 epoch, one seed each) in
+under 10 minutes. The last line is one JSON object.
+
+    python benchmarks/train.py            # the full benchmark (about an hour on 2 CPU cores)
+    python benchmarks/train.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+STATE_BATCH, STATE_LEN = 32, 64
+
+
+def pipeline_text(args, cache: Path, train_rows: int) -> str:
+    limit = f"limit = {train_rows}\n" if train_rows else ""
+    return (f'[data]\ntrain = "{args.data / "train.tsv"}"\ntest = "{args.data / "test.tsv"}"\n'
+            f'text_column = "sentence"\nlabel_column = "label"\n{limit}'
+            f'[extract]\ncache = "{cache}"\nthreads = {args.threads}\n'
+            f'[train]\nthreads = {args.threads}\nbatch_size = 32\neval_split = ""\n')
+
+
+def run_job(argv: list[str]) -> dict:
+    """Run this script as a job in a fresh process; its last stdout line is the JSON result."""
+    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"job {argv} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- jobs (each runs in its own process) ----------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def job_extract(pipe_file: str) -> dict:
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.extract import extract
+
+    s = extract(load_pipeline(pipe_file))
+    return {"samples": s.samples, "seconds": s.seconds}
+
+
+def job_train(pipe_file: str, overrides: list[str]) -> dict:
+    """One training run; returns its timing, peak RSS and (when asked) test predictions."""
+    import torch
+
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.evaluate import evaluate
+    from sherl_pipe.train import train
+
+    pipe = load_pipeline(pipe_file, overrides)
+    result = train(pipe, overwrite=True, log=lambda m: None)
+    out = {"seconds": result.seconds, "steps": result.steps, "samples_per_s": result.samples_per_s,
+           "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+    info = json.loads((Path(pipe.train.run_dir) / "model.json").read_text())
+    out["hyperparameters"] = {"lr_new": info["lr_new"], "lr_pretrained": info["lr_pretrained"],
+                              "trainable_parameters": info["trainable_parameters"], **pipe.to_dict()["train"]}
+    if "test" in pipe.data.test or pipe.data.test:
+        ev = evaluate(pipe.train.run_dir, "test", "last")
+        out["test_accuracy"] = ev["accuracy"]
+        with open(Path(pipe.train.run_dir) / "predictions_test.csv", newline="") as f:
+            out["correct"] = [int(r["label"] == r["gold"]) for r in csv.DictReader(f)]
+    return out
+
+
+def job_state(pipe_file: str, mode: str) -> dict:
+    """Training-state bytes at STATE_BATCH x STATE_LEN: weights, gradients, AdamW moments, saved activations."""
+    import torch
+
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.loader import Batch
+    from sherl_pipe.train import build_model, forward, loss_fn, make_spec
+
+    pipe = load_pipeline(pipe_file, [f"train.mode={mode}", "train.late_tuning=frozen"])
+    manifest = Cache(pipe.extract.cache).manifest
+    spec = make_spec(pipe, manifest)
+    model, live = build_model(spec, pipe, manifest, "cpu")
+    model.train()
+    d = manifest["backbone"]["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (STATE_BATCH, STATE_LEN), generator=g)
+    mask = torch.ones(STATE_BATCH, STATE_LEN, dtype=torch.long)
+    tiers = list(spec.tiers) + [spec.anchor]
+    batch = Batch(None, {t: torch.randn(STATE_BATCH, STATE_LEN, d, generator=g) for t in tiers}, mask,
+                  torch.zeros(STATE_BATCH, dtype=torch.long), ids, None)
+    if live is not None:
+        batch = live(batch)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(spec, forward(model, spec, batch), batch.labels)
+    loss.backward()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    early = 0
+    if live is not None:
+        early = sum(p.numel() * p.element_size() for p in live.backbone.model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return {"mode": mode, "batch": STATE_BATCH, "length": STATE_LEN,
+            "weights_mb": (weights + early) / 2**20, "grads_mb": trainable / 2**20,
+            "adam_mb": 2 * trainable / 2**20, "activations_mb": sum(saved.values()) / 2**20}
+
+
+# --- driver ------------------------------------------------------------------------------------------
+
+def load_results(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    return {r["key"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
+
+
+def paired_bootstrap(a: list[list[int]], b: list[list[int]], n: int = 10000, seed: int = 0):
+    """95% interval of mean-accuracy(a) - mean-accuracy(b), resampling test sentences."""
+    import numpy as np
+
+    ca, cb = np.mean(np.array(a, dtype=float), 0), np.mean(np.array(b, dtype=float), 0)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ca), size=(n, len(ca)))
+    diffs = ca[idx].mean(1) - cb[idx].mean(1)
+    return float(ca.mean() - cb.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def accuracy_jobs(job, acc_pipe, work, epochs, sherl_seeds, ft_seeds, other_modes):
+    acc: dict[str, list[dict]] = {"sherl": [], "fullft": []}
+    for seed in sherl_seeds:
+        acc["sherl"].append(job(f"acc-sherl-frozen-{seed}", [
+            "--job", "train", "--pipe", str(acc_pipe), "--set", f"train.epochs={epochs}", "--set", f"train.seed={seed}",
+            "--set", "train.late_tuning=frozen", "--set", f"train.run_dir={work / 'runs' / f'sherl-{seed}'}"]))
+    for seed in ft_seeds:
+        acc["fullft"].append(job(f"acc-fullft-{seed}", [
+            "--job", "train", "--pipe", str(acc_pipe), "--set", f"train.epochs={epochs}", "--set", f"train.seed={seed}",
+            "--set", "train.mode=full-finetune", "--set", f"train.run_dir={work / 'runs' / f'fullft-{seed}'}"]))
+    others = {m: job(f"acc-sherl-{m}-0", [
+        "--job", "train", "--pipe", str(acc_pipe), "--set", f"train.epochs={epochs}", "--set", "train.seed=0",
+        "--set", f"train.late_tuning={m}", "--set", f"train.run_dir={work / 'runs' / f'sherl-{m}'}"])
+        for m in other_modes}
+
+    return acc, others
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--work", type=Path, default=Path("benchmarks/results/train"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2, help="fixed epoch budget of every accuracy run")
+    ap.add_argument("--parts", default="speed,state,accuracy", help="comma-separated parts to run and report")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--pipe", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.job:  # inside a job process
+        out = {"extract": lambda: job_extract(args.pipe), "train": lambda: job_train(args.pipe, args.set),
+               "state": lambda: job_state(args.pipe, args.mode)}[args.job]()
+        print(json.dumps(out))
+        return
+    if not (args.data / "train.tsv").is_file():
+        sys.exit(f"benchmark skipped: {args.data} has no SST-2 files (pass --data DIR)")
+
+    work = args.work / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = work / "results.jsonl"
+    results = load_results(results_path)
+    speed_rows, acc_rows = (2000, 4000) if args.quick else (8000, 0)
+    epochs = 1 if args.quick else args.epochs
+    sherl_seeds, ft_seeds = ([0], [0]) if args.quick else ([0, 1, 2], [0, 1])
+    other_modes = [] if args.quick else ["full", "norm-bias", "lora"]
+
+    speed_pipe, acc_pipe = work / "speed.toml", work / "accuracy.toml"
+    speed_pipe.write_text(pipeline_text(args, work / "cache-speed", speed_rows))
+    acc_pipe.write_text(pipeline_text(args, work / "cache-accuracy", acc_rows))
+
+    def job(key: str, argv: list[str]) -> dict:
+        if key in results:
+            print(f"[{key}] from {results_path}", flush=True)
+            return results[key]
+        t = time.perf_counter()
+        out = {"key": key, **run_job(argv)}
+        out["wall_s"] = time.perf_counter() - t
+        with open(results_path, "a") as f:
+            f.write(json.dumps(out) + "\n")
+        results[key] = out
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()
+                 if k not in ("correct", "hyperparameters")}
+        print(f"[{key}] {shown}", flush=True)
+        return out
+
+    parts = set(args.parts.split(","))
+    if "accuracy" in parts:  # the long part first: its figures do not depend on machine load
+        job("extract-accuracy", ["--job", "extract", "--pipe", str(acc_pipe)])
+        acc, others = accuracy_jobs(job, acc_pipe, work, epochs, sherl_seeds, ft_seeds, other_modes)
+    if "speed" in parts or "state" in parts:
+        job("extract-speed", ["--job", "extract", "--pipe", str(speed_pipe)])
+
+    summary: dict = {"quick": args.quick}
+    if "speed" in parts:
+        summary.update(report_speed(speed_jobs(job, speed_pipe, work), speed_rows, args.threads))
+    if "state" in parts:
+        state = {m: job(f"state-{m}", ["--job", "state", "--pipe", str(speed_pipe), "--mode", m])
+                 for m in ("cached", "live", "full-finetune")}
+        report_state(state)
+    if "accuracy" in parts:
+        summary.update(report_accuracy(acc, others, acc_rows, epochs, sherl_seeds, ft_seeds))
+    print("\nhyperparameters of every run:")
+    for key, x in results.items():
+        if "hyperparameters" in x:
+            h = x["hyperparameters"]
+            print(f"  {key}: mode {h['mode']}, late_tuning {h['late_tuning']}, lr_new {h['lr_new']}, lr_pretrained "
+                  f"{h['lr_pretrained']}, batch {h['batch_size']}, epochs {h['epochs']}, warmup {h['warmup_ratio']}, "
+                  f"weight_decay {h['weight_decay']}, dropout {h['dropout']}, seed {h['seed']}, "
+                  f"trainable {h['trainable_parameters']}")
+    print(json.dumps(summary))
+
+
+def speed_jobs(job, speed_pipe: Path, work: Path) -> dict:
+    """One epoch each, evaluation off; the run folders are throwaway."""
+    speed = {}
+    for name, sets in [
+        ("cached-frozen", ["train.mode=cached", "train.late_tuning=frozen"]),
+        ("live-frozen", ["train.mode=live", "train.late_tuning=frozen"]),
+        ("cached-full", ["train.mode=cached", "train.late_tuning=full"]),
+        ("live-full", ["train.mode=live", "train.late_tuning=full"]),
+        ("memory-frozen", ["train.mode=cached", "train.late_tuning=frozen", "train.preload=true"]),
+        ("fullft", ["train.mode=full-finetune"]),
+    ]:
+        argv = ["--job", "train", "--pipe", str(speed_pipe), "--set", "train.epochs=1",
+                "--set", f"train.run_dir={work / 'runs' / ('speed-' + name)}", "--set", "data.test=''"]
+        for s in sets:
+            argv += ["--set", s]
+        speed[name] = job(f"speed-{name}", argv)
+    return speed
+
+
+def report_speed(speed: dict, rows: int, threads: int) -> dict:
+    r = lambda a, b: speed[a]["seconds"] / speed[b]["seconds"]  # noqa: E731
+    print(f"\nspeed ({rows} SST-2 rows, one epoch, batch 32, {threads} threads):")
+    for name, s in speed.items():
+        print(f"  {name:<14} {s['seconds']:7.2f} s  {s['samples_per_s']:8.1f} samples/s  peak RSS {s['peak_rss_mb']:.0f} MB")
+    print(f"  cached/live frozen {r('cached-frozen', 'live-frozen'):.3f}; cached/live full "
+          f"{r('cached-full', 'live-full'):.3f}; cached/in-memory {r('cached-frozen', 'memory-frozen'):.3f}")
+    return {"cached_over_live_epoch_frozen": round(r("cached-frozen", "live-frozen"), 4),
+            "cached_over_live_epoch_full": round(r("cached-full", "live-full"), 4),
+            "cached_over_inmemory": round(r("cached-frozen", "memory-frozen"), 4),
+            "cached_peak_mb": round(speed["cached-frozen"]["peak_rss_mb"], 1),
+            "live_peak_mb": round(speed["live-frozen"]["peak_rss_mb"], 1),
+            "full_ft_peak_mb": round(speed["fullft"]["peak_rss_mb"], 1)}
+
+
+def report_state(state: dict) -> None:
+    print(f"\ntraining state at batch {STATE_BATCH} x {STATE_LEN} tokens (MB):")
+    for m, s in state.items():
+        total = s["weights_mb"] + s["grads_mb"] + s["adam_mb"] + s["activations_mb"]
+        print(f"  {m:<14} weights {s['weights_mb']:7.1f}  grads {s['grads_mb']:6.1f}  adam {s['adam_mb']:6.1f}  "
+              f"saved activations {s['activations_mb']:7.1f}  total {total:7.1f}")
+
+
+def report_accuracy(acc: dict, others: dict, rows: int, epochs: int, sherl_seeds, ft_seeds) -> dict:
+    sherl_acc = [x["test_accuracy"] for x in acc["sherl"]]
+    ft_acc = [x["test_accuracy"] for x in acc["fullft"]]
+    (sm, ss), (fm, fs) = mean_sd(sherl_acc), mean_sd(ft_acc)
+    diff, lo, hi = paired_bootstrap([x["correct"] for x in acc["sherl"]], [x["correct"] for x in acc["fullft"]])
+    print(f"\naccuracy on test.tsv ({len(acc['sherl'][0]['correct'])} sentences; {rows or 'all'} training rows, "
+          f"{epochs} epoch(s), last epoch's weights):")
+    print(f"  SHERL (cache, frozen late layer) {100 * sm:.2f} +- {100 * ss:.2f} over seeds {sherl_seeds}: {sherl_acc}")
+    print(f"  full fine-tuning                 {100 * fm:.2f} +- {100 * fs:.2f} over seeds {ft_seeds}: {ft_acc}")
+    print(f"  difference {100 * diff:+.2f} points, paired bootstrap 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+    for m, x in others.items():
+        print(f"  SHERL late_tuning={m:<10} seed 0: {100 * x['test_accuracy']:.2f}")
+    return {"sherl_cached_test_acc": round(sm, 4), "sherl_cached_test_acc_sd": round(ss, 4),
+            "full_ft_test_acc": round(fm, 4), "full_ft_test_acc_sd": round(fs, 4),
+            "diff_points": round(100 * diff, 2), "diff_ci95_points": [round(100 * lo, 2), round(100 * hi, 2)],
+            **{f"sherl_{m.replace('-', '_')}_test_acc": round(x["test_accuracy"], 4) for m, x in others.items()}}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
