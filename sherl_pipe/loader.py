@@ -38,38 +38,45 @@ class Batch:
 
 
 class ChunkSampler:
-    """The order of samples for each epoch, as batches of positions in the split."""
+    """The order of samples for each epoch, as batches of positions in the split.
+
+    Windows are consecutive chunks of a seeded chunk permutation: at most `buffer_chunks` chunks
+    and, when `chunk_bytes` is given, at most `buffer_bytes` of decoded tiers (at least one chunk)."""
 
     def __init__(self, n: int, chunk_size: int, batch_size: int, buffer_chunks: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, chunk_bytes: list[int] | None = None, buffer_bytes: int | None = None):
         self.n, self.chunk_size, self.batch_size = n, chunk_size, batch_size
         self.buffer_chunks, self.seed, self.shuffle = max(1, buffer_chunks), seed, shuffle
+        self.chunk_bytes, self.buffer_bytes = chunk_bytes, buffer_bytes
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
+
+    def windows(self, chunks) -> list[list[int]]:
+        out: list[list[int]] = []
+        size = 0
+        for c in chunks:
+            c = int(c)
+            cost = self.chunk_bytes[c] if self.chunk_bytes else 0
+            if out and len(out[-1]) < self.buffer_chunks and (
+                    self.buffer_bytes is None or size + cost <= self.buffer_bytes):
+                out[-1].append(c)
+                size += cost
+            else:
+                out.append([c])
+                size = cost
+        return out
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         if not self.shuffle:
             order = np.arange(self.n)
         else:
             rng = np.random.default_rng([self.seed, epoch])
-            chunks = rng.permutation(-(-self.n // self.chunk_size))
-            windows = []
-            for w in range(0, len(chunks), self.buffer_chunks):
-                idx = np.concatenate([np.arange(c * self.chunk_size, min((c + 1) * self.chunk_size, self.n))
-                                      for c in chunks[w:w + self.buffer_chunks]])
-                windows.append(rng.permutation(idx))
-            order = np.concatenate(windows)
+            order = np.concatenate([
+                rng.permutation(np.concatenate([np.arange(c * self.chunk_size, min((c + 1) * self.chunk_size, self.n))
+                                                for c in window]))
+                for window in self.windows(rng.permutation(-(-self.n // self.chunk_size)))])
         return [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-
-
-def buffer_chunks_for(cache: Cache, split: str, tiers: list[int], buffer_chunks: int, buffer_mb: int) -> int:
-    """How many chunks fit the MB cap: a window's chunks are all held while it is read."""
-    info = cache.split_info(split)
-    itemsize = 2 if cache.manifest["dtype"] == "float16" else 4
-    chunk_bytes = cache.manifest["chunk_size"] * info["max_len"] * cache.manifest["backbone"]["hidden_size"] \
-        * itemsize * max(1, len(tiers))
-    return max(1, min(buffer_chunks, int(buffer_mb * 2**20 // max(chunk_bytes, 1))))
 
 
 class SplitSource:
@@ -86,14 +93,32 @@ class SplitSource:
         names = [n for n, _ in cache.group[split].arrays()]
         self.token_type_ids = cache.array(split, "token_type_ids")[:] if "token_type_ids" in names else None
         self.n = len(self.lengths)
-        self._arrays = {t: cache.array(split, tier_name(t)) for t in self.tiers}
+        from sherl_pipe.cache import BlockReader
+
+        self._readers = {t: BlockReader(cache.path, split, tier_name(t), cache.array(split, tier_name(t)))
+                         for t in self.tiers}
         self._preloaded = {c: self._read_chunk(c) for c in range(-(-self.n // self.chunk_size))} if preload else None
+
+    def _chunk_width(self, c: int) -> int:
+        """Time positions chunk c holds data in: its longest sample, in whole time chunks."""
+        longest = int(self.lengths[c * self.chunk_size:(c + 1) * self.chunk_size].max())
+        return min(-(-longest // self.time_chunk) * self.time_chunk, self.input_ids.shape[1])
+
+    def chunk_bytes(self) -> list[int]:
+        """Decoded size of each chunk's tiers, as the reader holds them."""
+        d = self.cache.manifest["backbone"]["hidden_size"]
+        itemsize = 2 if self.cache.manifest["dtype"] == "float16" else 4
+        return [min(self.chunk_size, self.n - c * self.chunk_size) * self._chunk_width(c) * d * itemsize
+                * len(self.tiers) for c in range(-(-self.n // self.chunk_size))]
+
+    def sampler(self, batch_size: int, buffer_chunks: int, buffer_mb: int, seed: int) -> ChunkSampler:
+        return ChunkSampler(self.n, self.chunk_size, batch_size, buffer_chunks, seed,
+                            chunk_bytes=self.chunk_bytes(), buffer_bytes=buffer_mb * 2**20)
 
     def _read_chunk(self, c: int) -> dict[int, np.ndarray]:
         s, e = c * self.chunk_size, min((c + 1) * self.chunk_size, self.n)
-        longest = int(self.lengths[s:e].max())
-        width = -(-longest // self.time_chunk) * self.time_chunk  # whole time chunks: no partial decodes
-        return {t: arr[s:e, :width] for t, arr in self._arrays.items()}
+        width = self._chunk_width(c)
+        return {t: reader.read(c, e - s, width) for t, reader in self._readers.items()}
 
     def make_batch(self, idx: np.ndarray, chunks: dict[int, dict[int, np.ndarray]]) -> Batch:
         width = int(self.lengths[idx].max())
@@ -108,7 +133,7 @@ class SplitSource:
                 sel = np.flatnonzero(which == c)
                 w = min(width, data.shape[1])  # a chunk holds up to its own longest sample
                 rows[sel, :w] = data[idx[sel] % self.chunk_size, :w]
-            states[t] = torch.from_numpy(rows).float()  # trimmed first, converted second
+            states[t] = torch.from_numpy(rows)  # trimmed; converted to float32 by the consumer
         lengths = torch.from_numpy(self.lengths[idx])
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         labels = torch.from_numpy(self.labels[idx])
@@ -118,8 +143,9 @@ class SplitSource:
             types = torch.from_numpy(self.token_type_ids[idx, :width].astype(np.int64))
         return Batch(idx, states, mask, labels, ids, types)
 
-    def iterate(self, batches: list[np.ndarray], prefetch: int = 4):
-        """Yield a Batch for each index array, reading chunks in a background thread."""
+    def iterate(self, batches: list[np.ndarray], prefetch: int = 2):
+        """Yield a Batch for each index array, reading chunks in a background thread. Batches wait
+        in the queue in the storage dtype and become float32 only when handed out."""
         if not self.tiers:
             for idx in batches:
                 yield self.make_batch(idx, {})
@@ -133,6 +159,7 @@ class SplitSource:
                 item = out.get()
                 if isinstance(item, BaseException):
                     raise item
+                item.states = {t: v.float() for t, v in item.states.items()}
                 yield item
         finally:
             stop.set()

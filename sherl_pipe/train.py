@@ -27,7 +27,7 @@ from sherl_pipe.checkpoint import (append_jsonl, atomic_write_json, prepare_run_
 from sherl_pipe.config import Pipeline
 from sherl_pipe.errors import SherlError
 from sherl_pipe.extract import pick_device
-from sherl_pipe.loader import ChunkSampler, LiveStates, SplitSource, buffer_chunks_for
+from sherl_pipe.loader import ChunkSampler, LiveStates, SplitSource
 from sherl_pipe.metrics import PRIMARY, classification_metrics, regression_metrics
 from sherl_pipe.model import (FULL_FT_LR, LATE_LR, NEW_LR, FullFinetuneModel, ModelSpec, build_sherl_model,
                               config_from_manifest, parameter_groups, resolve_pooling)
@@ -220,9 +220,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
 
     train_src = source_for(cache, "train", spec, preload=cfg.preload)
     eval_src = source_for(cache, eval_split, spec) if eval_split else None
-    tiers = list(spec.tiers) + [spec.anchor] if spec.mode == "cached" else []
-    sampler = ChunkSampler(train_src.n, train_src.chunk_size, cfg.batch_size,
-                           buffer_chunks_for(cache, "train", tiers, cfg.buffer_chunks, cfg.buffer_mb), cfg.seed)
+    sampler = train_src.sampler(cfg.batch_size, cfg.buffer_chunks, cfg.buffer_mb, cfg.seed)
     steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     if total_steps == 0:
