@@ -141,6 +141,14 @@ class Cache:
             raise SherlError(f"cache {self.path}: split '{split}' has no array '{name}'; the cache is damaged "
                              f"or incomplete: rerun `sherl-pipe extract`") from None
 
+    def dask_array(self, split: str, name: str):
+        """A lazy dask array over one cached array (e.g. 'h3'), chunked like the cache, for analysis
+        beyond sherl-pipe: `cache.dask_array("train", "h5")[:, 0].mean(0).compute()`."""
+        import dask.array as da
+
+        self.require_complete(split)
+        return da.from_zarr(self.array(split, name))
+
     def blocks_done(self, split: str) -> tuple[int, int]:
         info = self.split_info(split)
         try:

@@ -297,7 +297,8 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
             pos["samples"] += n_log
             if progress is not None:
                 progress(1)
-                progress.set_postfix(loss=f"{running / count:.4f}", epoch=epoch + 1)
+                rate = pos["samples"] / max(pos["seconds"] + time.perf_counter() - t_run, 1e-9)
+                progress.set_postfix(loss=f"{running / count:.4f}", epoch=epoch + 1, samples_s=f"{rate:.0f}")
             if pos["step"] % LOG_EVERY == 0:
                 dt = time.perf_counter() - t_log
                 append_jsonl(metrics_path, {"event": "train", "epoch": epoch + 1, "step": pos["step"],

@@ -26,7 +26,7 @@ def _vocab() -> list[str]:
 
 
 def make_backbone(folder: Path, model_type: str = "bert", layers: int = 3, hidden: int = 32, seed: int = 0,
-                  with_pooling_config: str | None = None) -> Path:
+                  with_pooling_config: str | None = None, dropout: float = 0.1) -> Path:
     """A random encoder with a WordPiece tokenizer, saved like a Hugging Face model folder."""
     from transformers import AutoModel, BertConfig, BertTokenizerFast, RobertaConfig
 
@@ -35,8 +35,8 @@ def make_backbone(folder: Path, model_type: str = "bert", layers: int = 3, hidde
     tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(folder)
     common = dict(vocab_size=len(_vocab()), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                  intermediate_size=2 * hidden, pad_token_id=0, hidden_dropout_prob=0.1,
-                  attention_probs_dropout_prob=0.1)
+                  intermediate_size=2 * hidden, pad_token_id=0, hidden_dropout_prob=dropout,
+                  attention_probs_dropout_prob=dropout)
     if model_type == "bert":
         config = BertConfig(max_position_embeddings=128, **common)
     elif model_type == "roberta":

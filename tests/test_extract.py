@@ -260,3 +260,21 @@ def test_real_minilm_on_sst2(tmp_path):
     t_len = int(lengths.max())
     for t, cached in tiers.items():
         assert_within_one_fp16_step(cached, ref[t][:, :t_len] * mask[:, :t_len, None])
+
+
+def test_unsupported_family_is_named(tmp_path, text_csv):
+    folder = tmp_path / "gpt"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    pipe = write_pipeline(tmp_path / "p.toml", folder, text_csv, tmp_path / "cache")
+    with pytest.raises(SherlError, match=r"model_type 'gpt2' is not supported; supported: bert, roberta"):
+        extract(load_pipeline(str(pipe)))
+
+
+def test_cache_as_dask(tmp_path, bert_dir, text_csv):
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
+    extract(load_pipeline(str(pipe)))
+    cache = Cache(tmp_path / "cache")
+    lazy = cache.dask_array("train", "h2")
+    assert lazy.chunks[0][0] == 16
+    np.testing.assert_array_equal(lazy.sum(axis=(1, 2)).compute(), cache.array("train", "h2")[:].sum(axis=(1, 2)))

@@ -186,3 +186,27 @@ def test_bad_stage_two_settings(tmp_path, bert_dir, labeled_csv, fp32_cache):
     pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, tmp_path / "no-cache", tmp_path / "r", "")
     with pytest.raises(SherlError, match=r"not found \(no zarr.json\); run `sherl-pipe extract` first"):
         train(pipe, log=lambda m: None)
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, labeled_csv):
+    # no dropout anywhere (the late layer's own included), so both see the same function
+    backbone = make_backbone(tmp_path / "nodrop", "bert", dropout=0.0)
+    common = 'dropout = 0.0\neval_split = ""\nmax_steps = 4\ngrad_clip = 0.0\nwarmup_ratio = 0.0'
+    big = pipeline_for(tmp_path, backbone, labeled_csv, tmp_path / "cache", tmp_path / "big", common + "\nbatch_size = 8")
+    acc = pipeline_for(tmp_path, backbone, labeled_csv, tmp_path / "cache", tmp_path / "acc",
+                       common + "\nbatch_size = 4\ngrad_accum = 2")
+    extract(big)
+    train(big, log=lambda m: None)
+    train(acc, log=lambda m: None)
+    a = load_file(tmp_path / "big" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "acc" / "checkpoints" / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+def test_early_stopping(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    # lr 0 never improves after the first epoch: stop after one more
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                        'epochs = 6\nearly_stopping = 1\nlr = 1e-12\neval_split = "validation"')
+    result = train(pipe, log=lambda m: None)
+    assert result.stopped_early and result.epochs_done == 2
