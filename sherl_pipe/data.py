@@ -55,7 +55,7 @@ class Dataset:
     splits: dict[str, Split]
 
 
-def _rows_text(rows: list[int], limit: int = 5) -> str:
+def rows_text(rows: list[int], limit: int = 5) -> str:
     shown = ", ".join(str(r + 1) for r in rows[:limit])
     return shown + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")
 
@@ -167,7 +167,7 @@ def load_file(cfg: DataConfig, source: str, label_names: list[str] | None) -> di
         bad = [i for i, v in enumerate(values) if v is not None and math.isnan(v)]
         if bad:
             raise SherlError(f"data file {path}: column '{cfg.filter_column}' has non-numeric values in data rows "
-                             f"{_rows_text(bad)}; fix them or change data.filter_column")
+                             f"{rows_text(bad)}; fix them or change data.filter_column")
         for i, v in enumerate(values):
             if v is None:
                 keep[i] = cfg.filter_missing == "keep"
@@ -179,7 +179,7 @@ def load_file(cfg: DataConfig, source: str, label_names: list[str] | None) -> di
     for col in text_cols:
         empty = [i for i in rows if table[col][i] is None or not str(table[col][i]).strip()]
         if empty:
-            raise SherlError(f"data file {path}: column '{col}' is empty in data rows {_rows_text(empty)}; "
+            raise SherlError(f"data file {path}: column '{col}' is empty in data rows {rows_text(empty)}; "
                              f"remove those rows or filter them out")
 
     if cfg.deduplicate:
@@ -196,13 +196,13 @@ def load_file(cfg: DataConfig, source: str, label_names: list[str] | None) -> di
     raw_labels = [table[cfg.label_column][i] for i in rows]
     missing = [rows[j] for j, v in enumerate(raw_labels) if v is None or (isinstance(v, str) and not v.strip())]
     if missing:
-        raise SherlError(f"data file {path}: column '{cfg.label_column}' is empty in data rows {_rows_text(missing)}")
+        raise SherlError(f"data file {path}: column '{cfg.label_column}' is empty in data rows {rows_text(missing)}")
     if cfg.task_type == "regression":
         targets = [_parse_float(v) for v in raw_labels]
         bad = [rows[j] for j, v in enumerate(targets) if not math.isfinite(v)]
         if bad:
             raise SherlError(f"data file {path}: column '{cfg.label_column}' has values that are not finite numbers "
-                             f"in data rows {_rows_text(bad)} (task_type = 'regression')")
+                             f"in data rows {rows_text(bad)} (task_type = 'regression')")
         labels = np.asarray(targets, dtype=np.float32)
     else:
         labels = [_label_key(v) for v in raw_labels]
@@ -228,7 +228,7 @@ def _label_ids(path, column: str, labels: list[str], rows: np.ndarray, names: li
     bad = [j for j, v in enumerate(labels) if v not in index]
     if bad:
         raise SherlError(f"data file {path}: column '{column}' has label {labels[bad[0]]!r} that is not in "
-                         f"data.label_names {names}, in data rows {_rows_text([int(rows[j]) for j in bad])}")
+                         f"data.label_names {names}, in data rows {rows_text([int(rows[j]) for j in bad])}")
     return np.asarray([index[v] for v in labels], dtype=np.int64)
 
 

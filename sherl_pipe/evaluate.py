@@ -22,10 +22,11 @@ from sherl_pipe.cache import Cache, manifest_fingerprint
 from sherl_pipe.checkpoint import atomic_write_bytes, atomic_write_json, load_weights, read_run
 from sherl_pipe.config import SECTIONS, Pipeline, build_section
 from sherl_pipe.errors import SherlError
-from sherl_pipe.extract import forward_batches, pick_device, storage_order, Tokenized
+from sherl_pipe.data import Split, read_columns, rows_text
+from sherl_pipe.extract import forward_batches, pick_device, storage_order, tokenize
 from sherl_pipe.metrics import majority_baseline
 from sherl_pipe.model import FullFinetuneModel, ModelSpec, build_sherl_model, config_from_manifest, empty_late_modules
-from sherl_pipe.train import autocast, compute_metrics, forward, predict_split, source_for, verify_backbone
+from sherl_pipe.train import autocast, compute_metrics, predict_split, source_for, verify_backbone
 
 
 @dataclass
@@ -69,10 +70,10 @@ def evaluate(run_dir, split: str = "test", checkpoint: str = "best", batch_size:
     t = load_trained(run_dir, checkpoint, cache_path)
     if split not in t.cache.splits:
         raise SherlError(f"cache {t.cache.path}: no split '{split}' to evaluate (has: {', '.join(t.cache.splits)})")
-    live = None
+    # Every SHERL mode is evaluated on the cached tiers: live training saw the same values.
     data_spec = t.spec if t.spec.mode == "full-finetune" else dataclasses.replace(t.spec, mode="cached")
     source = source_for(t.cache, split, data_spec)
-    outputs, labels, index = predict_split(t.model, t.spec, source, live, batch_size, t.device)
+    outputs, labels, index = predict_split(t.model, t.spec, source, None, batch_size, t.device)
     result = {"split": split, "checkpoint": checkpoint, "rows": int(len(labels)),
               **compute_metrics(t.spec, outputs, labels)}
     names = t.cache.manifest["task"]["label_names"]
@@ -113,8 +114,6 @@ def write_predictions(path: Path, spec: ModelSpec, names, outputs: torch.Tensor,
 def predict(run_dir, input_path: str, output_path: str, checkpoint: str = "best", batch_size: int = 128,
             fmt: str = "auto", encoding: str = "utf-8", backbone_source: str | None = None) -> int:
     """Labels for new raw text; returns the number of rows written."""
-    from sherl_pipe.data import _rows_text, read_columns
-
     t = load_trained(run_dir, checkpoint)
     manifest = t.cache.manifest
     task = manifest["task"]
@@ -123,7 +122,7 @@ def predict(run_dir, input_path: str, output_path: str, checkpoint: str = "best"
     for col in columns:
         empty = [i for i, v in enumerate(table[col]) if v is None or not str(v).strip()]
         if empty:
-            raise SherlError(f"input file {input_path}: column '{col}' is empty in data rows {_rows_text(empty)}")
+            raise SherlError(f"input file {input_path}: column '{col}' is empty in data rows {rows_text(empty)}")
     texts = [str(v) for v in table[columns[0]]]
     pairs = [str(v) for v in table[columns[1]]] if len(columns) > 1 else None
     if not texts:
@@ -139,11 +138,9 @@ def predict(run_dir, input_path: str, output_path: str, checkpoint: str = "best"
     else:
         needed = ["embeddings"] + [f"layer.{i}" for i in range(t.spec.anchor)]
     verify_backbone(backbone, manifest, needed)
-    enc = backbone.tokenizer(texts, pairs, truncation=True, max_length=manifest["tokenizer"]["max_length"],
-                             return_attention_mask=False)
-    ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
-    types = [np.asarray(x, dtype=np.int8) for x in enc["token_type_ids"]] if pairs is not None and "token_type_ids" in enc else None
-    tok = Tokenized(ids, types, np.asarray([len(x) for x in ids], dtype=np.int32))
+    rows = np.arange(len(texts))
+    tok = tokenize(backbone.tokenizer, Split("input", input_path, texts, pairs, rows, rows),
+                   manifest["tokenizer"]["max_length"])
     order = storage_order(tok.lengths)
     dtype = getattr(torch, manifest["dtype"])
     tiers = list(t.spec.tiers) + [t.spec.anchor]

@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from sherl_pipe.backbone import Backbone
-from sherl_pipe.cache import FP16_MAX, CacheWriter, make_compressors, set_codec_threads, tier_name
+from sherl_pipe.backbone import Backbone, tokenizer_identity
+from sherl_pipe.cache import FP16_MAX, Cache, CacheWriter, make_compressors, set_codec_threads, tier_name
 from sherl_pipe.config import Pipeline
 from sherl_pipe.data import Dataset, Split, load_dataset
 from sherl_pipe.errors import SherlError
@@ -101,7 +101,8 @@ def build_manifest(pipeline: Pipeline, backbone: Backbone, dataset: Dataset,
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backbone": backbone.identity(),
-        "tokenizer": {**_tokenizer_identity(backbone), "max_length": pipeline.backbone.max_length},
+        "tokenizer": {**tokenizer_identity(backbone.folder, backbone.tokenizer),
+                      "max_length": pipeline.backbone.max_length},
         "cut": cut,
         "late_layers": backbone.num_layers - cut,
         "tiers": tiers,
@@ -113,16 +114,10 @@ def build_manifest(pipeline: Pipeline, backbone: Backbone, dataset: Dataset,
         "task": {"type": dataset.task_type, "text_column": data.text_column,
                  "text_pair_column": data.text_pair_column or None, "label_column": data.label_column,
                  "label_names": dataset.label_names},
-        "data": {k: v for k, v in pipeline.to_dict()["data"].items()},
+        "data": pipeline.to_dict()["data"],
         "splits": splits,
         "config": pipeline.to_dict(),
     }
-
-
-def _tokenizer_identity(backbone: Backbone) -> dict:
-    from sherl_pipe.backbone import tokenizer_identity
-
-    return tokenizer_identity(backbone.folder, backbone.tokenizer)
 
 
 def pad_batch(rows: list[np.ndarray], pad_id: int, width: int | None = None, dtype=np.int64) -> np.ndarray:
@@ -302,9 +297,6 @@ def extract(pipeline: Pipeline, overwrite: bool = False, progress=None) -> Extra
         bg.close()
     timings["blocks"] = time.perf_counter() - t_blocks
     timings["extract"] = time.perf_counter() - t_write
-    from sherl_pipe.cache import Cache
-
-    cache = Cache(cfg.cache)
-    summary.bytes_on_disk = cache.bytes_on_disk()
+    summary.bytes_on_disk = Cache(cfg.cache).bytes_on_disk()
     summary.seconds = time.perf_counter() - t_start
     return summary

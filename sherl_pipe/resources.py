@@ -30,14 +30,17 @@ def _packaged_file(dist_name: str, relpath: str) -> Path:
     raise SherlError(f"package '{dist_name}' is installed but has no file {relpath}; reinstall it")
 
 
+def _embedded(source: str, table: dict, what: str) -> Path:
+    name = source[len(PREFIX):]
+    if name not in table:
+        raise SherlError(f"{what} '{source}': unknown embedded name; known: " + ", ".join(PREFIX + n for n in table))
+    return _packaged_file(*table[name])
+
+
 def resolve_model(source: str) -> Path:
     """A backbone source (`embedded:NAME` or a folder) as a local folder."""
     if source.startswith(PREFIX):
-        name = source[len(PREFIX):]
-        if name not in EMBEDDED_MODELS:
-            raise SherlError(f"backbone.source '{source}': unknown embedded model; known: "
-                             + ", ".join(PREFIX + n for n in EMBEDDED_MODELS))
-        return _packaged_file(*EMBEDDED_MODELS[name]).parent
+        return _embedded(source, EMBEDDED_MODELS, "backbone.source").parent
     path = Path(source)
     if not (path / "config.json").is_file():
         raise SherlError(f"backbone.source '{source}': not a Hugging Face model folder (no config.json); "
@@ -48,9 +51,5 @@ def resolve_model(source: str) -> Path:
 def resolve_data(source: str) -> Path:
     """A data file path (`embedded:NAME` or a path); existence is checked by the reader."""
     if source.startswith(PREFIX):
-        name = source[len(PREFIX):]
-        if name not in EMBEDDED_DATA:
-            raise SherlError(f"data file '{source}': unknown embedded data set; known: "
-                             + ", ".join(PREFIX + n for n in EMBEDDED_DATA))
-        return _packaged_file(*EMBEDDED_DATA[name])
+        return _embedded(source, EMBEDDED_DATA, "data file")
     return Path(source)

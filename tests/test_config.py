@@ -1,6 +1,5 @@
 """The pipeline file: strict sections, one override order, shipped pipelines load."""
 
-from pathlib import Path
 
 import pytest
 

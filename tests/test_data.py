@@ -21,9 +21,9 @@ def write(path, text, encoding="utf-8"):
 
 def test_formats_read_the_same(tmp_path):
     rows = [("good film", "pos"), ("bad plot", "neg"), ("fine actor", "pos")]
-    csv_ = write(tmp_path / "a.csv", "text,label\n" + "".join(f'"{t}",{l}\n' for t, l in rows))
-    tsv = write(tmp_path / "a.tsv", "text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows))
-    jsonl = write(tmp_path / "a.jsonl", "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    csv_ = write(tmp_path / "a.csv", "text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows))
+    tsv = write(tmp_path / "a.tsv", "text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows))
+    jsonl = write(tmp_path / "a.jsonl", "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_backbone, make_text_file, write_full_pipeline
+from conftest import make_backbone, make_text_file
 from sherl_pipe.cli import main
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_backbone, write_full_pipeline, write_pipeline
-from sherl_pipe.cache import Cache
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
 from sherl_pipe.extract import extract
