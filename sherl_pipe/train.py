@@ -255,7 +255,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
         })
 
     def save_last(next_epoch: int, next_batch: int) -> None:
-        pos.update(epoch=next_epoch, batch=next_batch)
+        pos.update(epoch=next_epoch, batch=next_batch, seconds=seconds_before + time.perf_counter() - t_run)
         save_weights(run_dir / "checkpoints" / "last.safetensors", model)
         save_state(run_dir / "checkpoints" / "state.pt", {
             "spec": spec.to_dict(), "cache": manifest_fingerprint(manifest), "model": model.state_dict(),
@@ -266,12 +266,13 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
         progress.set_total(total_steps)
         progress(pos["step"])
     stopped_early, last_eval = False, None
-    t_run = time.perf_counter()
+    t_run, seconds_before = time.perf_counter(), pos["seconds"]
     epoch = pos["epoch"]
     while epoch < epochs and pos["step"] < total_steps:
         batches = sampler.batches(epoch)
         model.train()
         running, count, t_log, n_log = 0.0, 0, time.perf_counter(), 0
+        step_samples = 0
         micro = 0
         for b, batch in enumerate(train_src.iterate(batches[pos["batch"]:]), start=pos["batch"]):
             if live is not None:
@@ -284,6 +285,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
             running += float(loss.detach()) * len(batch.index)
             count += len(batch.index)
             n_log += len(batch.index)
+            step_samples += len(batch.index)
             micro += 1
             if micro < cfg.grad_accum and b + 1 < len(batches):
                 continue
@@ -294,10 +296,11 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             pos["step"] += 1
-            pos["samples"] += n_log
+            pos["samples"] += step_samples
+            step_samples = 0
             if progress is not None:
                 progress(1)
-                rate = pos["samples"] / max(pos["seconds"] + time.perf_counter() - t_run, 1e-9)
+                rate = pos["samples"] / max(seconds_before + time.perf_counter() - t_run, 1e-9)
                 progress.set_postfix(loss=f"{running / count:.4f}", epoch=epoch + 1, samples_s=f"{rate:.0f}")
             if pos["step"] % LOG_EVERY == 0:
                 dt = time.perf_counter() - t_log
@@ -332,8 +335,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
         if stopped_early:
             log(f"early stopping: no {primary} improvement on {eval_split} for {cfg.early_stopping} epoch(s)")
             break
-    seconds = pos["seconds"] + time.perf_counter() - t_run
-    pos["seconds"] = seconds
+    seconds = seconds_before + time.perf_counter() - t_run
     if eval_src is None:  # without evaluation the best checkpoint is the last one
         save_weights(run_dir / "checkpoints" / "best.safetensors", model)
     result = TrainResult(run_dir, pos["step"], epoch, pos["best"], last_eval, seconds,

@@ -105,7 +105,8 @@ def test_late_tuning_modes_train_what_they_say(tmp_path, bert_dir, labeled_csv, 
 
 def test_run_folder_is_refused_unless_resume_or_overwrite(tmp_path, bert_dir, labeled_csv, fp32_cache):
     pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run", "max_steps = 2")
-    train(pipe, log=lambda m: None)
+    first = train(pipe, log=lambda m: None)
+    assert abs(first.samples_per_s * first.seconds - 2 * 8) < 1e-6  # two steps of batch 8
     with pytest.raises(SherlError, match=r"run folder .* already exists; use --resume .* --overwrite"):
         train(pipe, log=lambda m: None)
     assert train(pipe, overwrite=True, log=lambda m: None).steps == 2
