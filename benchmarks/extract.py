@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from sherl_pipe.backbone import Backbone  # noqa: E402
 from sherl_pipe.cache import Cache  # noqa: E402
-from sherl_pipe.config import load_pipeline  # noqa: E402
+from sherl_pipe.config import ExtractConfig, load_pipeline  # noqa: E402
 from sherl_pipe.data import load_dataset  # noqa: E402
 from sherl_pipe.extract import extract, forward_batches, reorder, storage_order, tokenize  # noqa: E402
 
@@ -42,9 +42,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--codec", default="blosc-zstd")
-    ap.add_argument("--clevel", type=int, default=3)
-    ap.add_argument("--time-chunk", type=int, default=16)
+    defaults = ExtractConfig()  # the product's defaults unless a flag says otherwise
+    ap.add_argument("--codec", default=defaults.codec)
+    ap.add_argument("--clevel", type=int, default=defaults.clevel)
+    ap.add_argument("--time-chunk", type=int, default=defaults.time_chunk)
     args = ap.parse_args()
     if not args.data.is_file():
         sys.exit(f"benchmark skipped: {args.data} is absent (pass --data PATH to SST-2 train.tsv)")
