@@ -20,6 +20,22 @@ import torch
 from sherl_pipe.cache import Cache, tier_name
 
 
+def _libc_trim():
+    """glibc's malloc_trim, or a no-op elsewhere. Decoded chunks come in many sizes; once freed,
+    glibc keeps their pages in fragmented heaps unless asked to give them back."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+release_free_memory = _libc_trim()
+
+
 @dataclass
 class Batch:
     index: np.ndarray  # positions in the split (storage order)
@@ -185,8 +201,11 @@ class SplitSource:
                     if c not in held:
                         held[c] = self._preloaded[c] if self._preloaded is not None else self._read_chunk(c)
                 batch = self.make_batch(idx, held)
-                for c in [c for c in held if last_use[c] <= b]:
+                done = [c for c in held if last_use[c] <= b]
+                for c in done:
                     del held[c]
+                if done and self._preloaded is None:
+                    release_free_memory()
                 out.put(batch)
         except BaseException as exc:  # handed to the consumer
             out.put(exc)
