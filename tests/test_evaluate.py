@@ -126,3 +126,15 @@ def test_cli_run_reuses_a_matching_cache(trained, tmp_path):
     assert r.exit_code == 0, r.output
     assert "(resumed): complete" in r.stdout and "nothing to do" in r.stdout
     assert "test (48 rows" in r.stdout
+
+
+def test_full_finetune_and_lora_runs_evaluate_and_predict(trained, tmp_path):
+    root, files, pipe = trained
+    for name, overrides in [("ft", {"mode": "full-finetune"}), ("lora", {"mode": "live", "late_tuning": "lora"})]:
+        run = tmp_path / name
+        train(pipe.with_overrides("train", run_dir=str(run), max_steps=3, **overrides), log=lambda m: None)
+        result = evaluate(run, "test", "last")
+        assert result["rows"] == 48
+        assert predict(run, str(files["test"]), str(tmp_path / f"{name}.csv"), checkpoint="last") == 48
+        labels = [r["label"] for r in read_csv(tmp_path / f"{name}.csv")]
+        assert labels == [r["label"] for r in read_csv(run / "predictions_test.csv")]
