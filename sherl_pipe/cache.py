@@ -11,7 +11,7 @@ Layout (a local folder):
     CACHE/<split>/row_ids           (N,) int64, 0-based data rows of the split's source file
     CACHE/<split>/done              (blocks,) uint8, one chunk per block: 1 once the block is written
 
-Samples are stored sorted by length (ties in data order; `row_ids` map them back), and the time
+Samples are stored sorted by length (ties in a fixed pseudo-random order; `row_ids` map them back), and the time
 axis T is the split's longest sample, chunked by `time_chunk` positions. Positions past a sample's
 length hold zeros, and since a block's samples have similar lengths, the time chunks past its
 longest sample are entirely zero: they are never compressed, written or read back. A block is exactly one chunk along samples, so no two

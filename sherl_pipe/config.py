@@ -132,7 +132,7 @@ class TrainConfig:
     early_stopping: int = _at_least(0, 0)  # epochs without improvement before stopping; 0: never
     save_every: int = _at_least(0, 0)  # optimizer steps between resumable checkpoints; 0: each epoch
     buffer_chunks: int = _at_least(4, 1)  # chunks shuffled together by the loader ...
-    buffer_mb: int = _at_least(128, 1)  # ... as long as their decoded tiers fit this (always >= 1 chunk)
+    buffer_mb: int = _at_least(32, 1)  # ... as long as their decoded tiers fit this (always >= 1 chunk)
     preload: bool = False  # read the whole train split into memory first (small caches only)
     seed: int = 0
     threads: int = _at_least(2, 1)

@@ -55,8 +55,13 @@ def tokenize(tokenizer, split: Split, max_length: int) -> Tokenized:
 
 
 def storage_order(lengths: np.ndarray) -> np.ndarray:
-    """The order samples are stored in: by length, ties in data order."""
-    return np.argsort(lengths, kind="stable")
+    """The order samples are stored in: by length, ties in a fixed pseudo-random order.
+
+    Breaking ties at random (with a constant seed, so reruns and resumes store the same order)
+    makes every chunk a random draw from its length range: a file sorted by label or by source
+    would otherwise give chunks, and so the loader's batches, of a single class."""
+    tiebreak = np.random.default_rng(0).permutation(len(lengths))
+    return np.lexsort((tiebreak, lengths))
 
 
 def reorder(split: Split, tok: Tokenized, order: np.ndarray) -> tuple[Split, Tokenized]:
@@ -110,7 +115,7 @@ def build_manifest(pipeline: Pipeline, backbone: Backbone, dataset: Dataset,
         "codec": {"name": cfg.codec, "level": cfg.clevel},
         "chunk_size": cfg.chunk_size,
         "time_chunk": cfg.time_chunk,
-        "storage_order": "length",
+        "storage_order": "length, ties shuffled with seed 0",
         "task": {"type": dataset.task_type, "text_column": data.text_column,
                  "text_pair_column": data.text_pair_column or None, "label_column": data.label_column,
                  "label_names": dataset.label_names},
