@@ -159,7 +159,7 @@ class SplitSource:
             types = torch.from_numpy(self.token_type_ids[idx, :width].astype(np.int64))
         return Batch(idx, states, mask, labels, ids, types)
 
-    def iterate(self, batches: list[np.ndarray], prefetch: int = 2):
+    def iterate(self, batches: list[np.ndarray], prefetch: int = 8):
         """Yield a Batch for each index array, reading chunks in a background thread. Batches wait
         in the queue in the storage dtype and become float32 only when handed out."""
         if not self.tiers:
