@@ -174,12 +174,25 @@ class Cache:
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
-def chunk_encoder(arr):
-    """bytes -> stored chunk bytes, built from the array's own Zarr v3 codec chain, or None.
+class _Raw:
+    """The bytes codec alone: stored chunks are the array's little-endian bytes."""
+
+    @staticmethod
+    def encode(raw):
+        return raw
+
+    @staticmethod
+    def decode(data: bytes, out: np.ndarray) -> None:
+        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+
+
+def chunk_codec(arr):
+    """A codec with encode(array) and decode(bytes, out=array) equal to the array's own Zarr v3
+    codec chain, or None when the chain is not one sherl-pipe creates (bytes, then at most one
+    blosc or zstd): those arrays take zarr's generic path.
 
     Used for the large tier arrays: zarr's generic write path copies each chunk several times,
-    which cost as much as a quarter of the forward pass in extraction. Only the chains sherl-pipe
-    creates are handled (bytes, then at most one blosc or zstd); anything else takes zarr's path."""
+    which cost as much as a quarter of the forward pass in extraction."""
     import numcodecs
     from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
@@ -189,31 +202,21 @@ def chunk_encoder(arr):
     if codecs[0].endian is not None and codecs[0].endian.value != sys.byteorder:
         return None
     if len(codecs) == 1:
-        return lambda raw: raw
+        return _Raw
     c = codecs[1]
     if isinstance(c, BloscCodec):
         shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[c.shuffle.value]
-        codec = numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=shuffle, blocksize=c.blocksize,
-                                typesize=c.typesize)
-    elif isinstance(c, ZstdCodec):
-        codec = numcodecs.Zstd(level=c.level, checksum=c.checksum)
-    else:
-        return None
-    return codec.encode
+        return numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=shuffle, blocksize=c.blocksize,
+                               typesize=c.typesize)
+    if isinstance(c, ZstdCodec):
+        return numcodecs.Zstd(level=c.level, checksum=c.checksum)
+    return None
 
 
-def chunk_decoder(arr):
-    """stored chunk bytes -> decoded into a given buffer; the inverse of `chunk_encoder`, or None."""
-    encode = chunk_encoder(arr)
-    if encode is None:
-        return None
-    codecs = list(arr.metadata.codecs)
-    if len(codecs) == 1:
-        def copy(data: bytes, out: np.ndarray) -> None:
-            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
-        return copy
-    codec = encode.__self__  # the numcodecs codec chunk_encoder built
-    return lambda data, out: codec.decode(data, out=out)
+def whole_time_chunks(longest: int, time_chunk: int, time_len: int) -> int:
+    """Time positions a block of samples fills: its longest sample, rounded up to whole time chunks
+    (so no chunk is ever partly written or partly decoded), at most the array's T."""
+    return min(time_len, -(-longest // time_chunk) * time_chunk)
 
 
 class BlockReader:
@@ -225,15 +228,15 @@ class BlockReader:
 
     def __init__(self, cache_path: Path, split: str, name: str, arr):
         self.arr, self.root = arr, cache_path / split / name
-        self.decode = chunk_decoder(arr)
+        self.codec = chunk_codec(arr)
         self.chunk, self.tc = arr.chunks[0], arr.chunks[1]
         self.fill = arr.metadata.fill_value
-        self._buf = np.empty(arr.chunks, dtype=arr.dtype) if self.decode else None
+        self._buf = np.empty(arr.chunks, dtype=arr.dtype) if self.codec else None
 
     def read(self, block: int, rows: int, width: int) -> np.ndarray:
         """Samples block*chunk .. +rows, time positions 0..width (a multiple of the time chunk, or T)."""
         start = block * self.chunk
-        if self.decode is None:
+        if self.codec is None:
             return self.arr[start:start + rows, :width]
         out = np.empty((rows, width) + tuple(self.arr.shape[2:]), dtype=self.arr.dtype)
         for j in range(-(-width // self.tc)):
@@ -244,7 +247,7 @@ class BlockReader:
             except FileNotFoundError:  # never written: all fill value
                 out[:, lo:hi] = self.fill
                 continue
-            self.decode(data, self._buf)
+            self.codec.decode(data, out=self._buf)
             out[:, lo:hi] = self._buf[:rows, : hi - lo]
         return out
 
@@ -284,7 +287,7 @@ class CacheWriter:
         else:
             self.resumed = False
             self.group = zarr.open_group(str(self.path), mode="w", attributes={MANIFEST_KEY: self.manifest})
-        self._encoders = {}
+        self._codecs = {}
 
     def create_split(self, split: str, n: int, t: int, d: int, tiers: list[int], dtype: str, compressors,
                      chunk: int, time_chunk: int, label_dtype: str, pad_id: int, with_types: bool) -> None:
@@ -320,10 +323,10 @@ class CacheWriter:
         sub = self.group[split]
         for name, value in arrays.items():
             arr = sub[name]
-            if (split, name) not in self._encoders:
-                self._encoders[(split, name)] = chunk_encoder(arr) if value.ndim == 3 else None
-            if encode := self._encoders[(split, name)]:
-                self._write_chunks(split, name, arr, encode, start, value)
+            if (split, name) not in self._codecs:
+                self._codecs[(split, name)] = chunk_codec(arr) if value.ndim == 3 else None
+            if codec := self._codecs[(split, name)]:
+                self._write_chunks(split, name, arr, codec.encode, start, value)
             elif value.ndim == 1:
                 arr[start:start + len(value)] = value
             else:

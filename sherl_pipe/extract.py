@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from sherl_pipe.backbone import Backbone, tokenizer_identity
-from sherl_pipe.cache import FP16_MAX, Cache, CacheWriter, make_compressors, set_codec_threads, tier_name
+from sherl_pipe.cache import (FP16_MAX, Cache, CacheWriter, make_compressors, set_codec_threads, tier_name,
+                              whole_time_chunks)
 from sherl_pipe.config import Pipeline
 from sherl_pipe.data import Dataset, Split, load_dataset
 from sherl_pipe.errors import SherlError
@@ -75,8 +76,7 @@ def reorder(split: Split, tok: Tokenized, order: np.ndarray) -> tuple[Split, Tok
 
 def block_width(tok: Tokenized, idx: np.ndarray, time_chunk: int) -> int:
     """Time positions a block fills: its longest sample, rounded up to whole time chunks."""
-    longest = int(tok.lengths[idx].max())
-    return min(tok.max_len, -(-longest // time_chunk) * time_chunk)
+    return whole_time_chunks(int(tok.lengths[idx].max()), time_chunk, tok.max_len)
 
 
 def resolve_tiers(requested: tuple[int, ...], cut: int) -> list[int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sherl_pipe.cache import Cache, tier_name
+from sherl_pipe.cache import Cache, tier_name, whole_time_chunks
 
 
 def _libc_trim():
@@ -118,7 +118,7 @@ class SplitSource:
     def _chunk_width(self, c: int) -> int:
         """Time positions chunk c holds data in: its longest sample, in whole time chunks."""
         longest = int(self.lengths[c * self.chunk_size:(c + 1) * self.chunk_size].max())
-        return min(-(-longest // self.time_chunk) * self.time_chunk, self.input_ids.shape[1])
+        return whole_time_chunks(longest, self.time_chunk, self.input_ids.shape[1])
 
     def chunk_bytes(self) -> list[int]:
         """Decoded size of each chunk's tiers, as the reader holds them."""
