@@ -220,35 +220,58 @@ def whole_time_chunks(longest: int, time_chunk: int, time_len: int) -> int:
 
 
 class BlockReader:
-    """Reads one tier array's blocks straight from its chunk files into exactly-sized arrays.
+    """Reads one tier array's chunks straight from their files.
 
-    zarr's generic read path allocates a decoded copy per chunk and then an output array; on a
-    training epoch those transients dominated the reader's memory. Here each time chunk is decoded
-    into one reused buffer and copied into the block. Falls back to zarr for other codec chains."""
+    A block (one chunk of samples) is handed out as its time chunks: one array of the zarr chunk
+    shape per time chunk, decoded in place into arrays the caller owns and reuses. zarr's generic
+    read path allocates a decoded copy per chunk and then an output array; on a training epoch the
+    page faults of that fresh memory cost more than the decompression itself. Compressed bytes are
+    read into one reused buffer for the same reason. Falls back to zarr for other codec chains."""
 
     def __init__(self, cache_path: Path, split: str, name: str, arr):
         self.arr, self.root = arr, cache_path / split / name
         self.codec = chunk_codec(arr)
         self.chunk, self.tc = arr.chunks[0], arr.chunks[1]
+        self.chunk_shape, self.dtype = tuple(arr.chunks), arr.dtype
         self.fill = arr.metadata.fill_value
-        self._buf = np.empty(arr.chunks, dtype=arr.dtype) if self.codec else None
+        self._raw = bytearray()
+
+    def read_time_chunk(self, block: int, j: int, out: np.ndarray) -> None:
+        """Decode chunk (block, j) into OUT (the chunk shape). Rows and time positions past the
+        array's edge are left unspecified: readers slice them away."""
+        if self.codec is None:
+            s, t = block * self.chunk, j * self.tc
+            part = self.arr[s:s + self.chunk, t:t + self.tc]
+            out[:part.shape[0], :part.shape[1]] = part
+            return
+        key = self.arr.metadata.chunk_key_encoding.encode_chunk_key((block, j) + (0,) * (self.arr.ndim - 2))
+        try:
+            f = open(self.root / key, "rb", buffering=0)
+        except FileNotFoundError:  # never written: all fill value
+            out[...] = self.fill
+            return
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if len(self._raw) < size:
+                self._raw = bytearray(size)
+            view = memoryview(self._raw)[:size]
+            got = 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise SherlError(f"cache {self.root / key}: chunk file is shorter than its size; "
+                                     f"rerun extraction with --overwrite")
+                got += n
+        self.codec.decode(view, out=out)
 
     def read(self, block: int, rows: int, width: int) -> np.ndarray:
-        """Samples block*chunk .. +rows, time positions 0..width (a multiple of the time chunk, or T)."""
-        start = block * self.chunk
-        if self.codec is None:
-            return self.arr[start:start + rows, :width]
-        out = np.empty((rows, width) + tuple(self.arr.shape[2:]), dtype=self.arr.dtype)
+        """Samples block*chunk .. +rows, time positions 0..width, as one (rows, width, ...) array."""
+        out = np.empty((rows, width) + self.chunk_shape[2:], dtype=self.dtype)
+        buf = np.empty(self.chunk_shape, dtype=self.dtype)
         for j in range(-(-width // self.tc)):
-            key = self.arr.metadata.chunk_key_encoding.encode_chunk_key((block, j) + (0,) * (self.arr.ndim - 2))
             lo, hi = j * self.tc, min((j + 1) * self.tc, width)
-            try:
-                data = (self.root / key).read_bytes()
-            except FileNotFoundError:  # never written: all fill value
-                out[:, lo:hi] = self.fill
-                continue
-            self.codec.decode(data, out=self._buf)
-            out[:, lo:hi] = self._buf[:rows, : hi - lo]
+            self.read_time_chunk(block, j, buf)
+            out[:, lo:hi] = buf[:rows, :hi - lo]
         return out
 
 

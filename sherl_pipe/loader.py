@@ -6,6 +6,11 @@ The sampler shuffles the order of chunks, then shuffles samples within a window 
 cache reader decodes whole chunks in a background thread, keeps only the chunks the coming batches
 need, trims every batch to its longest sample and only then converts it to float32. The trainer
 gets plain tensors and never touches Zarr.
+
+Decoded chunks live in slabs of one fixed shape (the Zarr chunk: samples x time chunk x width)
+that the reader recycles: a chunk needs as many slabs per tier as its longest sample needs time
+chunks. Fresh memory for every chunk cost more in page faults than decompressing it, and chunks of
+many sizes fragmented the heap; recycled slabs of one size do neither.
 """
 
 from __future__ import annotations
@@ -34,6 +39,20 @@ def _libc_trim():
 
 
 release_free_memory = _libc_trim()
+
+
+class SlabPool:
+    """Recycled arrays of one shape. It grows to the most slabs ever held at once and no further."""
+
+    def __init__(self, shape: tuple, dtype):
+        self.shape, self.dtype = shape, dtype
+        self.free: list[np.ndarray] = []
+
+    def take(self) -> np.ndarray:
+        return self.free.pop() if self.free else np.empty(self.shape, dtype=self.dtype)
+
+    def give(self, slabs) -> None:
+        self.free.extend(slabs)
 
 
 @dataclass
@@ -101,6 +120,7 @@ class SplitSource:
     def __init__(self, cache: Cache, split: str, tiers: list[int], read_tiers: bool = True, preload: bool = False):
         cache.require_complete(split)
         self.cache, self.split, self.tiers = cache, split, list(tiers) if read_tiers else []
+        self.model_tiers = list(tiers)  # what the model takes, read or not: sizes the sampler's windows
         self.chunk_size = cache.manifest["chunk_size"]
         self.time_chunk = cache.array(split, tier_name(cache.tiers[-1])).chunks[1]
         self.lengths = cache.array(split, "lengths")[:].astype(np.int64)
@@ -113,7 +133,16 @@ class SplitSource:
 
         self._readers = {t: BlockReader(cache.path, split, tier_name(t), cache.array(split, tier_name(t)))
                          for t in self.tiers}
-        self._preloaded = {c: self._read_chunk(c) for c in range(-(-self.n // self.chunk_size))} if preload else None
+        self._preloaded = None
+        if preload:
+            pool = self._pool()
+            self._preloaded = {c: self._read_chunk(c, pool) for c in range(-(-self.n // self.chunk_size))}
+
+    def _pool(self) -> SlabPool | None:
+        if not self._readers:
+            return None
+        reader = next(iter(self._readers.values()))
+        return SlabPool(reader.chunk_shape, reader.dtype)
 
     def _chunk_width(self, c: int) -> int:
         """Time positions chunk c holds data in: its longest sample, in whole time chunks."""
@@ -121,34 +150,47 @@ class SplitSource:
         return whole_time_chunks(longest, self.time_chunk, self.input_ids.shape[1])
 
     def chunk_bytes(self) -> list[int]:
-        """Decoded size of each chunk's tiers, as the reader holds them."""
+        """Decoded size of each chunk's tiers as the cache reader holds them (whole slabs). Live
+        sources count the same bytes, so live and cached training get the same windows."""
         d = self.cache.manifest["backbone"]["hidden_size"]
         itemsize = 2 if self.cache.manifest["dtype"] == "float16" else 4
-        return [min(self.chunk_size, self.n - c * self.chunk_size) * self._chunk_width(c) * d * itemsize
-                * len(self.tiers) for c in range(-(-self.n // self.chunk_size))]
+        slab = self.chunk_size * self.time_chunk * d * itemsize
+        return [slab * -(-self._chunk_width(c) // self.time_chunk) * len(self.model_tiers)
+                for c in range(-(-self.n // self.chunk_size))]
 
-    def sampler(self, batch_size: int, buffer_chunks: int, buffer_mb: int, seed: int) -> ChunkSampler:
+    def sampler(self, batch_size: int, buffer_chunks: int, buffer_mb: float, seed: int) -> ChunkSampler:
         return ChunkSampler(self.n, self.chunk_size, batch_size, buffer_chunks, seed,
-                            chunk_bytes=self.chunk_bytes(), buffer_bytes=buffer_mb * 2**20)
+                            chunk_bytes=self.chunk_bytes(), buffer_bytes=int(buffer_mb * 2**20))
 
-    def _read_chunk(self, c: int) -> dict[int, np.ndarray]:
-        s, e = c * self.chunk_size, min((c + 1) * self.chunk_size, self.n)
-        width = self._chunk_width(c)
-        return {t: reader.read(c, e - s, width) for t, reader in self._readers.items()}
+    def _read_chunk(self, c: int, pool: SlabPool | None = None) -> dict[int, list[np.ndarray]]:
+        """Chunk c's tiers: for each, one slab per time chunk up to the chunk's longest sample."""
+        pool = pool or self._pool()
+        n_time = -(-self._chunk_width(c) // self.time_chunk)
+        out = {}
+        for t, reader in self._readers.items():
+            slabs = [pool.take() for _ in range(n_time)]
+            for j, slab in enumerate(slabs):
+                reader.read_time_chunk(c, j, slab)
+            out[t] = slabs
+        return out
 
-    def make_batch(self, idx: np.ndarray, chunks: dict[int, dict[int, np.ndarray]]) -> Batch:
+    def make_batch(self, idx: np.ndarray, chunks: dict[int, dict[int, list[np.ndarray]]]) -> Batch:
         width = int(self.lengths[idx].max())
         states = {}
         which = idx // self.chunk_size
+        groups = [(int(c), np.flatnonzero(which == c)) for c in np.unique(which)]
         for t in self.tiers:
             rows = None
-            for c in np.unique(which):
-                data = chunks[int(c)][t]
-                if rows is None:
-                    rows = np.zeros((len(idx), width, data.shape[2]), dtype=data.dtype)
-                sel = np.flatnonzero(which == c)
-                w = min(width, data.shape[1])  # a chunk holds up to its own longest sample
-                rows[sel, :w] = data[idx[sel] % self.chunk_size, :w]
+            for c, sel in groups:
+                local = idx[sel] % self.chunk_size
+                for j, slab in enumerate(chunks[c][t]):  # a chunk holds up to its own longest sample
+                    lo = j * self.time_chunk
+                    if lo >= width:
+                        break
+                    if rows is None:
+                        rows = np.zeros((len(idx), width) + slab.shape[2:], dtype=slab.dtype)
+                    hi = min(lo + self.time_chunk, width)
+                    rows[sel, lo:hi] = slab[local, :hi - lo]
             states[t] = torch.from_numpy(rows)  # trimmed; converted to float32 by the consumer
         lengths = torch.from_numpy(self.lengths[idx])
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
@@ -192,21 +234,24 @@ class SplitSource:
             for b, idx in enumerate(batches):
                 for c in np.unique(idx // self.chunk_size):
                     last_use[int(c)] = b
-            held: dict[int, dict[int, np.ndarray]] = {}
+            pool = self._pool()
+            held: dict[int, dict[int, list[np.ndarray]]] = {}
             for b, idx in enumerate(batches):
                 if stop.is_set():
                     return
                 for c in np.unique(idx // self.chunk_size):
                     c = int(c)
                     if c not in held:
-                        held[c] = self._preloaded[c] if self._preloaded is not None else self._read_chunk(c)
+                        held[c] = self._preloaded[c] if self._preloaded is not None else self._read_chunk(c, pool)
                 batch = self.make_batch(idx, held)
-                done = [c for c in held if last_use[c] <= b]
-                for c in done:
-                    del held[c]
-                if done and self._preloaded is None:
-                    release_free_memory()
+                for c in [c for c in held if last_use[c] <= b]:
+                    released = held.pop(c)
+                    if self._preloaded is None:
+                        for slabs in released.values():
+                            pool.give(slabs)
                 out.put(batch)
+            del pool, held
+            release_free_memory()
         except BaseException as exc:  # handed to the consumer
             out.put(exc)
 

@@ -210,3 +210,23 @@ def test_early_stopping(tmp_path, bert_dir, labeled_csv, fp32_cache):
                         'epochs = 6\nearly_stopping = 1\nlr = 1e-12\neval_split = "validation"')
     result = train(pipe, log=lambda m: None)
     assert result.stopped_early and result.epochs_done == 2
+
+
+def test_live_and_cached_sources_get_the_same_windows(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """The window cap counts the tiers the model takes, whether read from the cache or computed live."""
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.train import make_spec, source_for
+
+    cache = Cache(fp32_cache)
+    sources = {}
+    for mode in ("cached", "live"):
+        pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / mode, f'mode = "{mode}"')
+        sources[mode] = source_for(cache, "train", make_spec(pipe, cache.manifest))
+    assert sources["live"].tiers == [] and sources["cached"].tiers
+    assert sources["live"].chunk_bytes() == sources["cached"].chunk_bytes()
+    chunks = range(-(-sources["cached"].n // 16))
+    one_chunk_mb = max(sources["cached"].chunk_bytes()) / 2**20
+    samplers = {m: s.sampler(4, 8, 2.5 * one_chunk_mb, 0) for m, s in sources.items()}
+    assert 1 < len(samplers["cached"].windows(chunks)) < len(chunks)  # the MB cap binds
+    for a, b in zip(samplers["cached"].batches(0), samplers["live"].batches(0)):
+        np.testing.assert_array_equal(a, b)
