@@ -4,6 +4,9 @@ own subprocess.
   speed     one training epoch from the cache against one live epoch (early layers run under
             inference_mode on the same tokenized batches, same threads, no evaluation), for `frozen`
             and `full` late tuning; and one cached epoch against the same batches preloaded in memory.
+            The methods take turns for --repeats rounds (default 4, order reversed every other
+            round); each ratio is the median of the per-round ratios of consecutive runs, since
+            this shared machine's speed drifts by tens of percent.
   memory    each process's peak RSS; and the training state (weights, gradients, AdamW state, saved
             activations) at batch 32 x 64 tokens, for SHERL from the cache, live SHERL and full
             fine-tuning.
@@ -17,7 +20,7 @@ Results append to a JSONL file as jobs finish, so an interrupted benchmark resum
 `--quick` runs a small subset (2,000 speed rows, 4,000 training rows, 1 epoch, one seed each) in
 under 10 minutes. The last line is one JSON object.
 
-    python benchmarks/train.py            # the full benchmark (about 80 minutes on 2 CPU cores)
+    python benchmarks/train.py            # the full benchmark (about 65 minutes on 2 CPU cores; more when the machine is slow)
     python benchmarks/train.py --quick
 """
 
@@ -162,7 +165,7 @@ def accuracy_jobs(job, acc_pipe, work, epochs, sherl_seeds, ft_seeds, other_mode
         "--job", "train", "--pipe", str(acc_pipe), "--set", f"train.epochs={epochs}", "--set", "train.seed=0",
         "--set", f"train.late_tuning={m}", "--set", f"train.run_dir={work / 'runs' / f'sherl-{m}'}"])
         for m in other_modes}
-    for seed in ft_seeds:  # the slow ones last (about 27 minutes an epoch of train.tsv on 2 CPU cores)
+    for seed in ft_seeds:  # the slow ones last (17 to 27 minutes an epoch of train.tsv on 2 CPU cores)
         acc["fullft"].append(job(f"acc-fullft-{seed}", [
             "--job", "train", "--pipe", str(acc_pipe), "--set", f"train.epochs={epochs}", "--set", f"train.seed={seed}",
             "--set", "train.mode=full-finetune", "--set", f"train.run_dir={work / 'runs' / f'fullft-{seed}'}"]))
@@ -181,6 +184,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("benchmarks/results/train"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1, help="fixed epoch budget of every accuracy run")
+    ap.add_argument("--repeats", type=int, default=4, help="rounds of the speed comparison (ratios: median)")
     ap.add_argument("--parts", default="speed,state,accuracy", help="comma-separated parts to run and report")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--pipe", help=argparse.SUPPRESS)
@@ -233,7 +237,7 @@ def main() -> None:
 
     summary: dict = {"quick": args.quick}
     if "speed" in parts:
-        summary.update(report_speed(speed_jobs(job, speed_pipe, work), speed_rows, args.threads))
+        summary.update(report_speed(*speed_jobs(job, speed_pipe, work, args.repeats), speed_rows, args.threads))
     if "state" in parts:
         state = {m: job(f"state-{m}", ["--job", "state", "--pipe", str(speed_pipe), "--mode", m])
                  for m in ("cached", "live", "full-finetune")}
@@ -251,38 +255,55 @@ def main() -> None:
     print(json.dumps(summary))
 
 
-def speed_jobs(job, speed_pipe: Path, work: Path) -> dict:
-    """One epoch each, evaluation off; the run folders are throwaway."""
-    speed = {}
-    for name, sets in [
-        ("cached-frozen", ["train.mode=cached", "train.late_tuning=frozen"]),
-        ("live-frozen", ["train.mode=live", "train.late_tuning=frozen"]),
-        ("cached-full", ["train.mode=cached", "train.late_tuning=full"]),
-        ("live-full", ["train.mode=live", "train.late_tuning=full"]),
-        ("memory-frozen", ["train.mode=cached", "train.late_tuning=frozen", "train.preload=true"]),
-        ("fullft", ["train.mode=full-finetune"]),
-    ]:
-        argv = ["--job", "train", "--pipe", str(speed_pipe), "--set", "train.epochs=1",
-                "--set", f"train.run_dir={work / 'runs' / ('speed-' + name)}", "--set", "data.test=''"]
+# Each ratio's two runs sit next to each other in a round (this order, reversed in odd rounds).
+SPEED_METHODS = [
+    ("memory-frozen", ["train.mode=cached", "train.late_tuning=frozen", "train.preload=true"]),
+    ("cached-frozen", ["train.mode=cached", "train.late_tuning=frozen"]),
+    ("live-frozen", ["train.mode=live", "train.late_tuning=frozen"]),
+    ("cached-full", ["train.mode=cached", "train.late_tuning=full"]),
+    ("live-full", ["train.mode=live", "train.late_tuning=full"]),
+]
+SPEED_RATIOS = {"cached_over_live_epoch_frozen": ("cached-frozen", "live-frozen"),
+                "cached_over_live_epoch_full": ("cached-full", "live-full"),
+                "cached_over_inmemory": ("cached-frozen", "memory-frozen")}
+
+
+def speed_jobs(job, speed_pipe: Path, work: Path, repeats: int) -> tuple[list[dict], dict]:
+    """One epoch each, evaluation off; the run folders are throwaway. The methods take turns,
+    round after round, so that each ratio is taken between two consecutive runs, with the order
+    reversed every other round so that a steady drift favours neither side: this machine's speed
+    drifts by tens of percent over minutes. Full fine-tuning runs once (for its memory)."""
+    def argv(name, sets):
+        out = ["--job", "train", "--pipe", str(speed_pipe), "--set", "train.epochs=1",
+               "--set", f"train.run_dir={work / 'runs' / ('speed-' + name)}", "--set", "data.test=''"]
         for s in sets:
-            argv += ["--set", s]
-        speed[name] = job(f"speed-{name}", argv)
-    return speed
+            out += ["--set", s]
+        return out
+
+    rounds = [{name: job(f"speed-{name}-r{r}", argv(name, sets))
+               for name, sets in (SPEED_METHODS if r % 2 == 0 else SPEED_METHODS[::-1])}
+              for r in range(repeats)]
+    return rounds, job("speed-fullft", argv("fullft", ["train.mode=full-finetune"]))
 
 
-def report_speed(speed: dict, rows: int, threads: int) -> dict:
-    r = lambda a, b: speed[a]["seconds"] / speed[b]["seconds"]  # noqa: E731
-    print(f"\nspeed ({rows} SST-2 rows, one epoch, batch 32, {threads} threads):")
-    for name, s in speed.items():
-        print(f"  {name:<14} {s['seconds']:7.2f} s  {s['samples_per_s']:8.1f} samples/s  peak RSS {s['peak_rss_mb']:.0f} MB")
-    print(f"  cached/live frozen {r('cached-frozen', 'live-frozen'):.3f}; cached/live full "
-          f"{r('cached-full', 'live-full'):.3f}; cached/in-memory {r('cached-frozen', 'memory-frozen'):.3f}")
-    return {"cached_over_live_epoch_frozen": round(r("cached-frozen", "live-frozen"), 4),
-            "cached_over_live_epoch_full": round(r("cached-full", "live-full"), 4),
-            "cached_over_inmemory": round(r("cached-frozen", "memory-frozen"), 4),
-            "cached_peak_mb": round(speed["cached-frozen"]["peak_rss_mb"], 1),
-            "live_peak_mb": round(speed["live-frozen"]["peak_rss_mb"], 1),
-            "full_ft_peak_mb": round(speed["fullft"]["peak_rss_mb"], 1)}
+def report_speed(rounds: list[dict], fullft: dict, rows: int, threads: int) -> dict:
+    med = statistics.median
+    print(f"\nspeed ({rows} SST-2 rows, one epoch, batch 32, {threads} threads; {len(rounds)} rounds, "
+          f"methods in turn; median [min, max]):")
+    for name, _ in SPEED_METHODS:
+        sec = [r[name]["seconds"] for r in rounds]
+        print(f"  {name:<14} {med(sec):7.2f} s [{min(sec):.2f}, {max(sec):.2f}]  "
+              f"{rows / med(sec):8.1f} samples/s  peak RSS {max(r[name]['peak_rss_mb'] for r in rounds):.0f} MB")
+    print(f"  {'fullft':<14} {fullft['seconds']:7.2f} s (one run)  {fullft['samples_per_s']:8.1f} samples/s  "
+          f"peak RSS {fullft['peak_rss_mb']:.0f} MB")
+    out = {}
+    for key, (a, b) in SPEED_RATIOS.items():
+        ratios = [r[a]["seconds"] / r[b]["seconds"] for r in rounds]  # pair by pair, within a round
+        out[key] = round(med(ratios), 4)
+        print(f"  {key} {med(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]")
+    peak = lambda name: round(max(r[name]["peak_rss_mb"] for r in rounds), 1)  # noqa: E731
+    return {**out, "cached_peak_mb": peak("cached-frozen"), "live_peak_mb": peak("live-frozen"),
+            "full_ft_peak_mb": round(fullft["peak_rss_mb"], 1)}
 
 
 def report_state(state: dict) -> None:
