@@ -264,16 +264,6 @@ class BlockReader:
                 got += n
         self.codec.decode(view, out=out)
 
-    def read(self, block: int, rows: int, width: int) -> np.ndarray:
-        """Samples block*chunk .. +rows, time positions 0..width, as one (rows, width, ...) array."""
-        out = np.empty((rows, width) + self.chunk_shape[2:], dtype=self.dtype)
-        buf = np.empty(self.chunk_shape, dtype=self.dtype)
-        for j in range(-(-width // self.tc)):
-            lo, hi = j * self.tc, min((j + 1) * self.tc, width)
-            self.read_time_chunk(block, j, buf)
-            out[:, lo:hi] = buf[:rows, :hi - lo]
-        return out
-
 
 def write_file_atomically(path: Path, data) -> None:
     """Write to PATH.<pid>.partial, then rename: a reader never sees half a chunk."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sherl_pipe.cache import Cache, tier_name, whole_time_chunks
+from sherl_pipe.cache import BlockReader, Cache, tier_name
 
 
 def _libc_trim():
@@ -129,14 +129,13 @@ class SplitSource:
         names = [n for n, _ in cache.group[split].arrays()]
         self.token_type_ids = cache.array(split, "token_type_ids")[:] if "token_type_ids" in names else None
         self.n = len(self.lengths)
-        from sherl_pipe.cache import BlockReader
-
+        self.n_chunks = -(-self.n // self.chunk_size)
         self._readers = {t: BlockReader(cache.path, split, tier_name(t), cache.array(split, tier_name(t)))
                          for t in self.tiers}
         self._preloaded = None
         if preload:
             pool = self._pool()
-            self._preloaded = {c: self._read_chunk(c, pool) for c in range(-(-self.n // self.chunk_size))}
+            self._preloaded = {c: self._read_chunk(c, pool) for c in range(self.n_chunks)}
 
     def _pool(self) -> SlabPool | None:
         if not self._readers:
@@ -144,10 +143,9 @@ class SplitSource:
         reader = next(iter(self._readers.values()))
         return SlabPool(reader.chunk_shape, reader.dtype)
 
-    def _chunk_width(self, c: int) -> int:
-        """Time positions chunk c holds data in: its longest sample, in whole time chunks."""
-        longest = int(self.lengths[c * self.chunk_size:(c + 1) * self.chunk_size].max())
-        return whole_time_chunks(longest, self.time_chunk, self.input_ids.shape[1])
+    def _time_chunks(self, c: int) -> int:
+        """How many time chunks chunk c holds data in: up to its longest sample."""
+        return -(-int(self.lengths[c * self.chunk_size:(c + 1) * self.chunk_size].max()) // self.time_chunk)
 
     def chunk_bytes(self) -> list[int]:
         """Decoded size of each chunk's tiers as the cache reader holds them (whole slabs). Live
@@ -155,8 +153,7 @@ class SplitSource:
         d = self.cache.manifest["backbone"]["hidden_size"]
         itemsize = 2 if self.cache.manifest["dtype"] == "float16" else 4
         slab = self.chunk_size * self.time_chunk * d * itemsize
-        return [slab * -(-self._chunk_width(c) // self.time_chunk) * len(self.model_tiers)
-                for c in range(-(-self.n // self.chunk_size))]
+        return [slab * self._time_chunks(c) * len(self.model_tiers) for c in range(self.n_chunks)]
 
     def sampler(self, batch_size: int, buffer_chunks: int, buffer_mb: float, seed: int) -> ChunkSampler:
         return ChunkSampler(self.n, self.chunk_size, batch_size, buffer_chunks, seed,
@@ -165,7 +162,7 @@ class SplitSource:
     def _read_chunk(self, c: int, pool: SlabPool | None = None) -> dict[int, list[np.ndarray]]:
         """Chunk c's tiers: for each, one slab per time chunk up to the chunk's longest sample."""
         pool = pool or self._pool()
-        n_time = -(-self._chunk_width(c) // self.time_chunk)
+        n_time = self._time_chunks(c)
         out = {}
         for t, reader in self._readers.items():
             slabs = [pool.take() for _ in range(n_time)]
@@ -179,16 +176,14 @@ class SplitSource:
         states = {}
         which = idx // self.chunk_size
         groups = [(int(c), np.flatnonzero(which == c)) for c in np.unique(which)]
-        for t in self.tiers:
-            rows = None
+        for t, reader in self._readers.items():
+            rows = np.zeros((len(idx), width) + reader.chunk_shape[2:], dtype=reader.dtype)
             for c, sel in groups:
                 local = idx[sel] % self.chunk_size
                 for j, slab in enumerate(chunks[c][t]):  # a chunk holds up to its own longest sample
                     lo = j * self.time_chunk
                     if lo >= width:
                         break
-                    if rows is None:
-                        rows = np.zeros((len(idx), width) + slab.shape[2:], dtype=slab.dtype)
                     hi = min(lo + self.time_chunk, width)
                     rows[sel, lo:hi] = slab[local, :hi - lo]
             states[t] = torch.from_numpy(rows)  # trimmed; converted to float32 by the consumer

@@ -291,6 +291,11 @@ def test_direct_chunk_io_matches_zarr_for_every_codec(tmp_path, bert_dir, text_c
     reader = BlockReader(cache.path, "train", "h1", arr)
     assert reader.codec is not None
     full = arr[:]  # zarr's own read path
-    for block in range(-(-arr.shape[0] // 16)):
-        rows = min(16, arr.shape[0] - block * 16)
-        np.testing.assert_array_equal(reader.read(block, rows, arr.shape[1]), full[block * 16:block * 16 + rows])
+    chunk, tc = arr.chunks[0], arr.chunks[1]
+    out = np.empty(arr.chunks, dtype=arr.dtype)
+    for block in range(-(-arr.shape[0] // chunk)):
+        for j in range(-(-arr.shape[1] // tc)):
+            expected = full[block * chunk:(block + 1) * chunk, j * tc:(j + 1) * tc]
+            out[...] = np.nan
+            reader.read_time_chunk(block, j, out)
+            np.testing.assert_array_equal(out[:expected.shape[0], :expected.shape[1]], expected)
