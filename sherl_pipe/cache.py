@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sherl_pipe import __version__
+from sherl_pipe.atomic import write_atomically
 from sherl_pipe.errors import CacheMismatch, SherlError
 
 FORMAT_VERSION = 1
@@ -265,15 +266,6 @@ class BlockReader:
         self.codec.decode(view, out=out)
 
 
-def write_file_atomically(path: Path, data) -> None:
-    """Write to PATH.<pid>.partial, then rename: a reader never sees half a chunk."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 class CacheWriter:
     """Creates (or reopens and checks) a cache and writes blocks into it."""
 
@@ -359,7 +351,9 @@ class CacheWriter:
                 piece = full
             raw = np.ascontiguousarray(piece, dtype=arr.dtype)
             key = arr.metadata.chunk_key_encoding.encode_chunk_key((i, j) + (0,) * (value.ndim - 2))
-            write_file_atomically(self.path / split / name / key, encode(raw))
+            path = self.path / split / name / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, encode(raw))
 
 
 def manifest_fingerprint(manifest: dict) -> str:

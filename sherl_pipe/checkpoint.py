@@ -18,26 +18,21 @@ from pathlib import Path
 
 import torch
 
+from sherl_pipe.atomic import replace_atomically, write_atomically
 from sherl_pipe.errors import SherlError
 
 REQUIRED = ("config.json", "model.json")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:
     from safetensors.torch import save
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state))
+    write_atomically(path, save(state))
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
@@ -58,9 +53,7 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
@@ -112,4 +105,4 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+    write_atomically(path, ("\n".join(kept) + "\n" if kept else "").encode())

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sherl_pipe.atomic import write_atomically
 from sherl_pipe.backbone import Backbone, tokenizer_identity
 from sherl_pipe.cache import Cache, manifest_fingerprint
-from sherl_pipe.checkpoint import atomic_write_bytes, atomic_write_json, load_weights, read_run
+from sherl_pipe.checkpoint import atomic_write_json, load_weights, read_run
 from sherl_pipe.config import SECTIONS, Pipeline, build_section
 from sherl_pipe.errors import SherlError
 from sherl_pipe.data import Split, read_columns, rows_text
@@ -108,7 +109,7 @@ def write_predictions(path: Path, spec: ModelSpec, names, outputs: torch.Tensor,
     if path.suffix == ".jsonl":
         rows = list(csv.DictReader(io.StringIO(text)))
         text = "".join(json.dumps(r) + "\n" for r in rows)
-    atomic_write_bytes(path, text.encode())
+    write_atomically(path, text.encode())
 
 
 def predict(run_dir, input_path: str, output_path: str, checkpoint: str = "best", batch_size: int = 128,
