@@ -136,6 +136,11 @@ class FullFinetuneModel(nn.Module):
         return self.head(pool(out.last_hidden_state, mask, self.spec.pooling, pooler))
 
 
+def is_norm_or_bias(name: str) -> bool:
+    """A pretrained LayerNorm weight or any bias (by parameter name): trained in `norm-bias`, never decayed."""
+    return "LayerNorm" in name or name.endswith("bias")
+
+
 def apply_late_tuning(model: SherlModel) -> None:
     """Set which pretrained weights train; gradients always flow through the late layers."""
     mode = model.spec.late_tuning
@@ -144,7 +149,7 @@ def apply_late_tuning(model: SherlModel) -> None:
         p.requires_grad_(mode == "full")
     if mode == "norm-bias":
         for name, p in model.late.named_parameters():
-            if "LayerNorm" in name or name.endswith("bias"):
+            if is_norm_or_bias(name):
                 p.requires_grad_(True)
     elif mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
@@ -166,7 +171,7 @@ def parameter_groups(model: nn.Module, lr_new: float, lr_pretrained: float, weig
             continue
         if name.startswith(("consolidation.", "head.")) or "lora_" in name:
             new.append(p)
-        elif "LayerNorm" in name or name.endswith("bias"):
+        elif is_norm_or_bias(name):
             no_decay.append(p)
         else:
             decay.append(p)

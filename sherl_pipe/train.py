@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sherl_pipe.backbone import Backbone, load_module, module_hash
+from sherl_pipe.backbone import Backbone, family_of, load_module, module_hash
 from sherl_pipe.cache import Cache, manifest_fingerprint
 from sherl_pipe.checkpoint import (append_jsonl, atomic_write_json, prepare_run_dir, save_state, save_weights,
                                    truncate_metrics)
@@ -66,8 +66,6 @@ def make_spec(pipeline: Pipeline, manifest: dict) -> ModelSpec:
 
 def verified_module(folder: Path, config, manifest: dict, name: str) -> nn.Module:
     """One pretrained module loaded from the backbone folder, checked against the cache's hash."""
-    from sherl_pipe.backbone import family_of
-
     expected = manifest["backbone"]["module_hashes"].get(name)
     if expected is None:
         raise SherlError(f"cache manifest has no hash for backbone module '{name}'; re-extract the cache")
@@ -203,6 +201,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
     if "train" not in cache.splits:
         raise SherlError(f"cache {cache.path}: has no 'train' split (has: {', '.join(cache.splits)})")
     cache.require_complete("train")
+    fingerprint = manifest_fingerprint(manifest)
     eval_split = cfg.eval_split if cfg.eval_split in cache.splits else None
     if cfg.eval_split and eval_split is None:
         log(f"note: train.eval_split '{cfg.eval_split}' is not in the cache; no per-epoch evaluation")
@@ -234,7 +233,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
     pos = {"epoch": 0, "batch": 0, "step": 0, "best": None, "bad_epochs": 0, "samples": 0, "seconds": 0.0}
     if resuming:
         state = torch.load(run_dir / "checkpoints" / "state.pt", map_location="cpu", weights_only=False)
-        if state["spec"] != spec.to_dict() or state["cache"] != manifest_fingerprint(manifest):
+        if state["spec"] != spec.to_dict() or state["cache"] != fingerprint:
             raise SherlError(f"run folder {run_dir}: its saved state is for another model or cache than this "
                              f"pipeline describes; use --overwrite to start again")
         model.load_state_dict(state["model"])
@@ -247,7 +246,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
     else:
         atomic_write_json(run_dir / "config.json", pipeline.to_dict())
         atomic_write_json(run_dir / "model.json", {
-            "spec": spec.to_dict(), "cache": str(cache.path), "cache_fingerprint": manifest_fingerprint(manifest),
+            "spec": spec.to_dict(), "cache": str(cache.path), "cache_fingerprint": fingerprint,
             "backbone_source": pipeline.backbone.source, "label_names": manifest["task"]["label_names"],
             "lr_new": lr_new, "lr_pretrained": lr_pre, "total_steps": total_steps,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -258,7 +257,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
         pos.update(epoch=next_epoch, batch=next_batch, seconds=seconds_before + time.perf_counter() - t_run)
         save_weights(run_dir / "checkpoints" / "last.safetensors", model)
         save_state(run_dir / "checkpoints" / "state.pt", {
-            "spec": spec.to_dict(), "cache": manifest_fingerprint(manifest), "model": model.state_dict(),
+            "spec": spec.to_dict(), "cache": fingerprint, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
             "position": dict(pos)})
 
