@@ -115,6 +115,9 @@ def write_predictions(path: Path, spec: ModelSpec, names, outputs: torch.Tensor,
 def predict(run_dir, input_path: str, output_path: str, checkpoint: str = "best", batch_size: int = 128,
             fmt: str = "auto", encoding: str = "utf-8", backbone_source: str | None = None) -> int:
     """Labels for new raw text; returns the number of rows written."""
+    if not Path(output_path).parent.is_dir():  # checked before any work, not after it
+        raise SherlError(f"--output {output_path}: folder {Path(output_path).parent} does not exist; "
+                         f"create it or write elsewhere")
     t = load_trained(run_dir, checkpoint)
     manifest = t.cache.manifest
     task = manifest["task"]

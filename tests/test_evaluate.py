@@ -117,6 +117,10 @@ def test_cli_train_evaluate_predict(trained, tmp_path):
     r = runner.invoke(main, ["predict", str(tmp_path / "run"), "--input", str(tmp_path / "none.csv"),
                              "--output", str(tmp_path / "o2.csv")])
     assert r.exit_code == 2 and "not found" in r.stderr
+    r = runner.invoke(main, ["predict", str(tmp_path / "run"), "--input", str(files["test"]),
+                             "--output", str(tmp_path / "nowhere" / "o3.csv")])
+    assert r.exit_code == 2 and f"folder {tmp_path / 'nowhere'} does not exist" in r.stderr
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_cli_run_reuses_a_matching_cache(trained, tmp_path):
