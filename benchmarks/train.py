@@ -65,7 +65,7 @@ def peak_rss_mb() -> float:
 
 def job_extract(pipe_file: str) -> dict:
     from sherl_pipe.config import load_pipeline
-    from sherl_pipe.extract import extract
+    from sherl_pipe.extraction import extract
 
     s = extract(load_pipeline(pipe_file))
     return {"samples": s.samples, "seconds": s.seconds}
@@ -76,10 +76,11 @@ def job_train(pipe_file: str, overrides: list[str]) -> dict:
     import torch
 
     from sherl_pipe.config import load_pipeline
-    from sherl_pipe.evaluate import evaluate
-    from sherl_pipe.train import train
+    from sherl_pipe.evaluation import evaluate
+    from sherl_pipe.training import train
 
     pipe = load_pipeline(pipe_file, overrides)
+    torch.set_num_threads(pipe.train.threads)
     result = train(pipe, overwrite=True, log=lambda m: None)
     out = {"seconds": result.seconds, "steps": result.steps, "samples_per_s": result.samples_per_s,
            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
@@ -100,13 +101,14 @@ def job_state(pipe_file: str, mode: str) -> dict:
 
     from sherl_pipe.cache import Cache
     from sherl_pipe.config import load_pipeline
-    from sherl_pipe.loader import Batch
-    from sherl_pipe.train import build_model, forward, loss_fn, make_spec
+    from sherl_pipe.training.batches import Batch
+    from sherl_pipe.training.inference import forward, loss_fn
+    from sherl_pipe.training.setup import build_model, make_spec
 
     pipe = load_pipeline(pipe_file, [f"train.mode={mode}", "train.late_tuning=frozen"])
     manifest = Cache(pipe.extract.cache).manifest
-    spec = make_spec(pipe, manifest)
-    model, live = build_model(spec, pipe, manifest, "cpu")
+    spec = make_spec(pipe.train, manifest)
+    model, live = build_model(spec, pipe.backbone.source, manifest, "cpu")
     model.train()
     d = manifest["backbone"]["hidden_size"]
     g = torch.Generator().manual_seed(0)

@@ -85,7 +85,7 @@ def main():
 def extract(pipeline, overrides, cache, dtype, overwrite, quiet):
     """Run the frozen early layers once and cache their per-layer activations."""
     from sherl_pipe.config import dumps, load_pipeline
-    from sherl_pipe.extract import extract as run_extract
+    from sherl_pipe.extraction import extract as run_extract
 
     pipe = load_pipeline(pipeline, overrides).with_overrides("extract", cache=cache, dtype=dtype)
     if not quiet:
@@ -129,8 +129,11 @@ def _apply_train_options(pipe, cache, run_dir, mode, late_tuning, epochs):
 
 
 def _run_training(pipe, resume, overwrite, quiet):
-    from sherl_pipe.train import train as run_train
+    import torch
 
+    from sherl_pipe.training import train as run_train
+
+    torch.set_num_threads(pipe.train.threads)
     bar = Progress("train", "step", quiet)
     log = (lambda msg: None) if quiet else (lambda msg: (bar.bar.write(msg, file=sys.stderr)))
     try:
@@ -181,7 +184,7 @@ def _print_eval(result: dict) -> None:
 @_fail_cleanly
 def evaluate(run_dir, split, checkpoint, cache, batch_size):
     """Evaluate a trained run on a cached split (writes eval_SPLIT.json and predictions_SPLIT.csv)."""
-    from sherl_pipe.evaluate import evaluate as run_eval
+    from sherl_pipe.evaluation import evaluate as run_eval
 
     _print_eval(run_eval(run_dir, split, checkpoint, batch_size, cache))
 
@@ -198,7 +201,7 @@ def evaluate(run_dir, split, checkpoint, cache, batch_size):
 @_fail_cleanly
 def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, backbone, batch_size):
     """Predict labels (and probabilities) for new raw text with a trained run."""
-    from sherl_pipe.evaluate import predict as run_predict
+    from sherl_pipe.prediction import predict as run_predict
 
     n = run_predict(run_dir, input_path, output_path, checkpoint, batch_size, fmt, encoding, backbone)
     click.echo(f"wrote {n} predictions to {output_path}")
@@ -213,8 +216,8 @@ def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, backbon
 def run(pipeline, overrides, run_dir, mode, late_tuning, epochs, resume, overwrite, quiet):
     """extract (reusing a matching cache) -> train -> evaluate, in one go."""
     from sherl_pipe.config import dumps, load_pipeline
-    from sherl_pipe.evaluate import evaluate as run_eval
-    from sherl_pipe.extract import extract as run_extract
+    from sherl_pipe.evaluation import evaluate as run_eval
+    from sherl_pipe.extraction import extract as run_extract
 
     pipe = _apply_train_options(load_pipeline(pipeline, overrides), None, run_dir, mode, late_tuning, epochs)
     if not quiet:

@@ -136,21 +136,30 @@ class FullFinetuneModel(nn.Module):
         return self.head(pool(out.last_hidden_state, mask, self.spec.pooling, pooler))
 
 
-def is_norm_or_bias(name: str) -> bool:
-    """A pretrained LayerNorm weight or any bias (by parameter name): trained in `norm-bias`, never decayed."""
-    return "LayerNorm" in name or name.endswith("bias")
+NORM_TYPES = (nn.LayerNorm,)
+
+
+def norm_and_bias_parameters(module: nn.Module) -> set[int]:
+    """ids of a module's norm weights and biases (norms by type) and of every bias."""
+    out = set()
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            if isinstance(sub, NORM_TYPES) or name == "bias":
+                out.add(id(p))
+    return out
 
 
 def apply_late_tuning(model: SherlModel) -> None:
     """Set which pretrained weights train; gradients always flow through the late layers."""
     mode = model.spec.late_tuning
-    pretrained = list(model.late.parameters()) + (list(model.pooler.parameters()) if model.pooler else [])
-    for p in pretrained:
-        p.requires_grad_(mode == "full")
+    pretrained = [model.late] + ([model.pooler] if model.pooler is not None else [])
+    for module in pretrained:
+        module.requires_grad_(mode == "full")
     if mode == "norm-bias":
-        for name, p in model.late.named_parameters():
-            if is_norm_or_bias(name):
-                p.requires_grad_(True)
+        for module in pretrained:
+            chosen = norm_and_bias_parameters(module)
+            for p in module.parameters():
+                p.requires_grad_(id(p) in chosen)
     elif mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -166,12 +175,13 @@ def parameter_groups(model: nn.Module, lr_new: float, lr_pretrained: float, weig
     """New modules (consolidation, head, LoRA) without weight decay; pretrained weights with it,
     except their norms and biases, at fine-tuning rates."""
     new, decay, no_decay = [], [], []
+    norm_bias = norm_and_bias_parameters(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith(("consolidation.", "head.")) or "lora_" in name:
             new.append(p)
-        elif is_norm_or_bias(name):
+        elif id(p) in norm_bias:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -152,7 +152,7 @@ def labeled_csv(tmp_path_factory) -> Path:
 def fp32_cache(tmp_path_factory, bert_dir, labeled_csv) -> Path:
     """An fp32 cache of the tiny BERT (extracted once for the session)."""
     from sherl_pipe.config import load_pipeline
-    from sherl_pipe.extract import extract
+    from sherl_pipe.extraction import extract
 
     root = tmp_path_factory.mktemp("fp32cache")
     pipe = write_pipeline(root / "p.toml", bert_dir, labeled_csv, root / "cache", 'dtype = "float32"')

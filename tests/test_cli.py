@@ -41,7 +41,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path, bert_dir, text_csv):
 def test_incomplete_cache_is_reported_incomplete(tmp_path, bert_dir, text_csv):
     from sherl_pipe.cache import Cache
     from sherl_pipe.config import load_pipeline
-    from sherl_pipe.extract import extract
+    from sherl_pipe.extraction import extract
 
     pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "c")
     extract(load_pipeline(str(pipe)))

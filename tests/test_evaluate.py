@@ -11,9 +11,10 @@ from conftest import make_backbone, make_text_file
 from sherl_pipe.cli import main
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
-from sherl_pipe.evaluate import evaluate, predict
-from sherl_pipe.extract import extract
-from sherl_pipe.train import train
+from sherl_pipe.evaluation import evaluate
+from sherl_pipe.prediction import predict
+from sherl_pipe.extraction import extract
+from sherl_pipe.training import train
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from sherl_pipe.cache import Cache
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.data import load_dataset
 from sherl_pipe.errors import SherlError
-from sherl_pipe.extract import extract
+from sherl_pipe.extraction import extract
 
 
 def direct_hidden_states(folder, texts, max_length, attn="sdpa", token_type=None):
@@ -155,7 +155,7 @@ def test_mismatched_manifest_is_refused_and_overwrite_replaces(tmp_path, bert_di
 def test_tool_version_is_not_matched(tmp_path, bert_dir, text_csv, monkeypatch):
     pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
     extract(load_pipeline(str(pipe)))
-    import sherl_pipe.cache as cache_mod
+    import sherl_pipe.cache.writer as cache_mod
 
     monkeypatch.setattr(cache_mod, "__version__", "99.0")
     assert extract(load_pipeline(str(pipe))).resumed

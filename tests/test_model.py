@@ -39,7 +39,7 @@ def test_late_route_reproduces_the_full_model(backbones, family, late):
 
 def test_padding_values_do_not_change_the_loss(fp32_cache):
     from sherl_pipe.cache import Cache
-    from sherl_pipe.loader import SplitSource
+    from sherl_pipe.training.batches import SplitSource
     from sherl_pipe.model import build_sherl_model, empty_late_modules
 
     cache = Cache(fp32_cache)

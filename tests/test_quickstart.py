@@ -6,9 +6,9 @@ from importlib import metadata
 import pytest
 
 from sherl_pipe.config import load_pipeline
-from sherl_pipe.evaluate import evaluate
-from sherl_pipe.extract import extract
-from sherl_pipe.train import train
+from sherl_pipe.evaluation import evaluate
+from sherl_pipe.extraction import extract
+from sherl_pipe.training import train
 
 
 def test_quickstart_beats_the_majority_baseline_by_15_points(tmp_path):

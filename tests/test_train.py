@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from conftest import make_backbone, write_full_pipeline, write_pipeline
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
-from sherl_pipe.extract import extract
-from sherl_pipe.loader import ChunkSampler
-from sherl_pipe.train import train
+from sherl_pipe.extraction import extract
+from sherl_pipe.training.batches import ChunkSampler
+from sherl_pipe.training import train
 
 
 def pipeline_for(tmp_path, backbone, data, cache, run, train_extra="", extract_extra='dtype = "float32"'):
@@ -215,13 +215,13 @@ def test_early_stopping(tmp_path, bert_dir, labeled_csv, fp32_cache):
 def test_live_and_cached_sources_get_the_same_windows(tmp_path, bert_dir, labeled_csv, fp32_cache):
     """The window cap counts the tiers the model takes, whether read from the cache or computed live."""
     from sherl_pipe.cache import Cache
-    from sherl_pipe.train import make_spec, source_for
+    from sherl_pipe.training.setup import make_spec, source_for
 
     cache = Cache(fp32_cache)
     sources = {}
     for mode in ("cached", "live"):
         pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / mode, f'mode = "{mode}"')
-        sources[mode] = source_for(cache, "train", make_spec(pipe, cache.manifest))
+        sources[mode] = source_for(cache, "train", make_spec(pipe.train, cache.manifest))
     assert sources["live"].tiers == [] and sources["cached"].tiers
     assert sources["live"].chunk_bytes() == sources["cached"].chunk_bytes()
     chunks = range(-(-sources["cached"].n // 16))
@@ -230,3 +230,113 @@ def test_live_and_cached_sources_get_the_same_windows(tmp_path, bert_dir, labele
     assert 1 < len(samplers["cached"].windows(chunks)) < len(chunks)  # the MB cap binds
     for a, b in zip(samplers["cached"].batches(0), samplers["live"].batches(0)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_short_last_accumulation_step_equals_the_bigger_batch(tmp_path, labeled_csv):
+    """120 rows, batches of 8: 15 batches. With grad_accum 2 the epoch's last step has one batch;
+    it must count as a step over its own samples, as batch 16's last batch (8 rows) does."""
+    backbone = make_backbone(tmp_path / "nodrop", "bert", dropout=0.0)
+    common = 'dropout = 0.0\neval_split = ""\nepochs = 1\ngrad_clip = 0.0\nwarmup_ratio = 0.0'
+    big = pipeline_for(tmp_path, backbone, labeled_csv, tmp_path / "cache", tmp_path / "big", common + "\nbatch_size = 16")
+    acc = pipeline_for(tmp_path, backbone, labeled_csv, tmp_path / "cache", tmp_path / "acc",
+                       common + "\nbatch_size = 8\ngrad_accum = 2")
+    extract(big)
+    assert train(big, log=lambda m: None).steps == train(acc, log=lambda m: None).steps == 8
+    a = load_file(tmp_path / "big" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "acc" / "checkpoints" / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+def test_a_max_steps_stop_mid_epoch_is_not_a_finished_epoch(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                        'max_steps = 5\neval_split = "validation"')
+    result = train(pipe, log=lambda m: None)
+    assert result.steps == 5 and result.epochs_done == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs"] == 0 and summary["steps"] == 5
+    (epoch,) = [r for r in losses(tmp_path / "run") if r["event"] == "epoch"]
+    assert epoch["complete"] is False and epoch["step"] == 5 and "eval" in epoch
+
+
+def test_norm_bias_trains_the_pooler_bias_too(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    from sherl_pipe.backbone import FAMILIES, read_tensors
+
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                        'late_tuning = "norm-bias"\npooling = "cls-pooler"\nmax_steps = 3\neval_split = ""\n'
+                        'lr_late = 0.01')
+    train(pipe, log=lambda m: None)
+    after = load_file(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    before = read_tensors(bert_dir, "pooler.", FAMILIES["bert"])
+    assert not torch.equal(after["pooler.dense.bias"], before["dense.bias"])
+    assert torch.equal(after["pooler.dense.weight"], before["dense.weight"])
+
+
+def test_an_eval_split_missing_from_the_cache_is_an_error(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run", 'eval_split = "dev"')
+    with pytest.raises(SherlError, match=r"train.eval_split = 'dev': the cache has no such split \(has: train, "
+                                         r"validation, test\); .*\"\" to train without evaluation"):
+        train(pipe, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_live_batches_are_on_the_device_before_the_early_layers_run(tmp_path, bert_dir, labeled_csv, fp32_cache,
+                                                                    monkeypatch):
+    from sherl_pipe.training.batches import Batch, LiveStates
+
+    calls = []
+    to, live_call = Batch.to, LiveStates.__call__
+    monkeypatch.setattr(Batch, "to", lambda self, device: (calls.append("to"), to(self, device))[1])
+    monkeypatch.setattr(LiveStates, "__call__", lambda self, batch: (calls.append("live"), live_call(self, batch))[1])
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                        'mode = "live"\nmax_steps = 2\neval_split = ""')
+    train(pipe, log=lambda m: None)
+    assert calls[:4] == ["to", "live", "to", "live"]
+
+
+def test_two_runs_in_one_process_equal_the_same_runs_in_fresh_processes(tmp_path, bert_dir, labeled_csv,
+                                                                        fp32_cache):
+    extra = 'max_steps = 6\neval_split = ""\ndropout = 0.3\nthreads = 1'
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        caller_rng = torch.get_rng_state()
+        for seed in (0, 1):
+            pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / f"in-{seed}",
+                                f"{extra}\nseed = {seed}")
+            train(pipe, log=lambda m: None)
+        assert torch.equal(torch.get_rng_state(), caller_rng)  # a run leaves the caller's generator alone
+    finally:
+        torch.set_num_threads(threads)
+    for seed in (0, 1):
+        path = write_full_pipeline(tmp_path / f"p{seed}.toml", bert_dir, labeled_csv, fp32_cache,
+                                   tmp_path / f"out-{seed}", 'dtype = "float32"', f"{extra}\nseed = {seed}")
+        subprocess.run([sys.executable, "-m", "sherl_pipe", "train", "-q", str(path)], check=True,
+                       capture_output=True)
+        a = load_file(tmp_path / f"in-{seed}" / "checkpoints" / "last.safetensors")
+        b = load_file(tmp_path / f"out-{seed}" / "checkpoints" / "last.safetensors")
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, bert_dir, labeled_csv, fp32_cache,
+                                                            monkeypatch):
+    from click.testing import CliRunner
+
+    from sherl_pipe.cli import main
+
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    path = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache, tmp_path / "r",
+                               'dtype = "float32"', "max_steps = 2")
+    r = CliRunner().invoke(main, ["train", str(path), "--run-dir", str(precious), "--overwrite", "-q"])
+    assert r.exit_code == 2 and "is not a sherl-pipe run folder" in r.stderr, r.output
+    assert (precious / "notes.txt").read_text() == "keep me"
+    # a real run folder that is the current directory is not deleted either
+    r = CliRunner().invoke(main, ["train", str(path), "-q"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir(tmp_path / "r")
+    r = CliRunner().invoke(main, ["train", str(path), "--run-dir", ".", "--overwrite", "-q"])
+    assert r.exit_code == 2 and "is the current directory" in r.stderr, r.output
+    assert (tmp_path / "r" / "model.json").is_file()

@@ -7,21 +7,19 @@ the source file, so any cached sample can be traced back to its line.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from sherl_pipe.config import DataConfig
 from sherl_pipe.errors import SherlError
+from sherl_pipe.data.read import read_columns, rows_text
+from sherl_pipe.data.split import split_indices
 from sherl_pipe.resources import resolve_data
 
 SPLITS = ("train", "validation", "test")
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
 @dataclass
@@ -53,90 +51,6 @@ class Dataset:
     task_type: str
     label_names: list[str] | None
     splits: dict[str, Split]
-
-
-def rows_text(rows: list[int], limit: int = 5) -> str:
-    shown = ", ".join(str(r + 1) for r in rows[:limit])
-    return shown + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")
-
-
-def detect_format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    if path.suffix.lower() in FORMATS:
-        return FORMATS[path.suffix.lower()]
-    raise SherlError(f"data file {path}: cannot tell the format from '{path.suffix}'; set data.format "
-                     f"to one of csv, tsv, jsonl, parquet")
-
-
-def read_columns(path: Path, fmt: str, encoding: str, columns: list[str]) -> dict[str, list]:
-    """The named columns of a file, each a list with None for missing values."""
-    if not path.is_file():
-        raise SherlError(f"data file {path}: not found")
-    fmt = detect_format(path, fmt)
-    try:
-        if fmt in ("csv", "tsv"):
-            table = _read_delimited(path, fmt, encoding)
-        elif fmt == "jsonl":
-            table = _read_jsonl(path, encoding)
-        else:
-            table = _read_parquet(path, columns)
-    except UnicodeDecodeError as exc:
-        raise SherlError(f"data file {path}: not valid {encoding} text at byte {exc.start}; "
-                         f"set data.encoding (for example latin-1)") from None
-    header, rows = table
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise SherlError(f"data file {path}: no column '{missing[0]}' (columns: {', '.join(map(str, header))}); "
-                         f"set the data section's column names")
-    return {c: rows[c] for c in columns}
-
-
-def _read_delimited(path: Path, fmt: str, encoding: str):
-    # GLUE-style TSV files are unquoted: a stray quote character is text, not a field delimiter.
-    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-    with open(path, encoding=encoding, newline="") as f:
-        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", quoting=quoting)
-        header = next(reader, None)
-        if header is None:
-            raise SherlError(f"data file {path}: empty (no header row)")
-        header = [h.strip() for h in header]
-        cols = {h: [] for h in header}
-        for row in reader:
-            if not row:
-                continue
-            for i, h in enumerate(header):
-                cols[h].append(row[i] if i < len(row) and row[i] != "" else None)
-    return header, cols
-
-
-def _read_jsonl(path: Path, encoding: str):
-    records = []
-    with open(path, encoding=encoding) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SherlError(f"data file {path}: line {lineno} is not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise SherlError(f"data file {path}: line {lineno} is not a JSON object")
-            records.append(rec)
-    header = list(dict.fromkeys(k for rec in records for k in rec))
-    return header, {h: [rec.get(h) for rec in records] for h in header}
-
-
-def _read_parquet(path: Path, columns: list[str]):
-    import pyarrow.parquet as pq
-
-    try:
-        schema = pq.read_schema(path)
-        present = [c for c in columns if c in schema.names]
-        table = pq.read_table(path, columns=present)
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise SherlError(f"data file {path}: cannot read as Parquet ({exc})") from None
-    return schema.names, {c: table.column(c).to_pylist() for c in present}
 
 
 def _parse_float(value) -> float | None:
@@ -239,38 +153,6 @@ def _default_label_names(values: set[str]) -> list[str]:
         return sorted(values)
 
 
-def _split_indices(labels, sizes: tuple[float, ...], seed: int, stratify: bool, where: str) -> list[np.ndarray]:
-    n = len(labels)
-    if all(float(s).is_integer() and s >= 1 or s == 0 for s in sizes):
-        counts = [int(s) for s in sizes]
-    elif all(0 <= s < 1 for s in sizes) and sum(sizes) <= 1 + 1e-9:
-        counts = [int(math.floor(s * n)) for s in sizes]
-    else:
-        raise SherlError(f"data.split_sizes {list(sizes)}: give three counts (>= 1) or three fractions that sum to at most 1")
-    if sum(counts) > n:
-        raise SherlError(f"data.split_sizes {list(sizes)}: asks for {sum(counts)} rows but {where} has {n} "
-                         f"after filtering and de-duplication; lower the sizes")
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(np.asarray(labels) == c) for c in sorted(set(labels))] if stratify else [np.arange(n)]
-    groups = [rng.permutation(g) for g in groups]
-    taken = np.zeros(len(groups), dtype=np.int64)
-    out = []
-    for count in counts:
-        # Largest-remainder allocation keeps every split's class mix close to the whole file's.
-        avail = np.array([len(g) - t for g, t in zip(groups, taken)], dtype=np.float64)
-        share = count * avail / max(avail.sum(), 1)
-        alloc = np.minimum(np.floor(share).astype(np.int64), avail.astype(np.int64))
-        for j in np.argsort(-(share - alloc), kind="stable"):
-            if alloc.sum() >= count:
-                break
-            if alloc[j] < avail[j]:
-                alloc[j] += 1
-        idx = np.concatenate([g[t:t + a] for g, t, a in zip(groups, taken, alloc)])
-        taken += alloc
-        out.append(np.sort(idx))
-    return out
-
-
 def load_dataset(cfg: DataConfig, splits: tuple[str, ...] = ()) -> Dataset:
     """Every split the data section describes (or just `splits`), with labels mapped to ids."""
     cfg.require_input()
@@ -299,7 +181,7 @@ def load_dataset(cfg: DataConfig, splits: tuple[str, ...] = ()) -> Dataset:
     out = {}
     if cfg.source:
         f = files["*"]
-        parts = _split_indices(f["labels"], cfg.split_sizes, cfg.split_seed,
+        parts = split_indices(f["labels"], cfg.split_sizes, cfg.split_seed,
                                cfg.task_type == "classification", f"data file {f['path']}")
         for name, idx in zip(SPLITS, parts):
             if len(idx):

@@ -13,7 +13,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -21,17 +20,11 @@ import torch
 from sherl_pipe.backbone import Backbone, tokenizer_identity
 from sherl_pipe.cache import (FP16_MAX, Cache, CacheWriter, make_compressors, set_codec_threads, tier_name,
                               whole_time_chunks)
+from sherl_pipe.cache.manifest import build_manifest
 from sherl_pipe.config import Pipeline
-from sherl_pipe.data import Dataset, Split, load_dataset
+from sherl_pipe.data import Split, load_dataset
+from sherl_pipe.devices import pick_device
 from sherl_pipe.errors import SherlError
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SherlError("device 'cuda' was asked for but torch sees no CUDA device; use 'auto' or 'cpu'")
-    return name
 
 
 @dataclass
@@ -84,45 +77,6 @@ def resolve_tiers(requested: tuple[int, ...], cut: int) -> list[int]:
     if bad:
         raise SherlError(f"extract.tiers: tier {bad[0]} is outside h[0..{cut}] (cut c = L - late_layers = {cut})")
     return sorted(set(requested) | {cut}) if requested else list(range(cut + 1))
-
-
-def build_manifest(pipeline: Pipeline, backbone: Backbone, dataset: Dataset,
-                   tokenized: dict[str, Tokenized], cut: int, tiers: list[int]) -> dict:
-    cfg = pipeline.extract
-    splits = {}
-    for name, split in dataset.splits.items():
-        tok = tokenized[name]
-        splits[name] = {
-            "source": split.source,
-            "fingerprint": split.fingerprint(),
-            "rows": len(split),
-            "tokens": int(tok.lengths.sum()),
-            "max_len": tok.max_len,
-            "blocks": -(-len(split) // cfg.chunk_size),
-            "label_counts": (np.bincount(split.labels, minlength=len(dataset.label_names)).tolist()
-                             if dataset.label_names else None),
-        }
-    data = pipeline.data
-    return {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": backbone.identity(),
-        "tokenizer": {**tokenizer_identity(backbone.folder, backbone.tokenizer),
-                      "max_length": pipeline.backbone.max_length},
-        "cut": cut,
-        "late_layers": backbone.num_layers - cut,
-        "tiers": tiers,
-        "dtype": cfg.dtype,
-        "codec": {"name": cfg.codec, "level": cfg.clevel},
-        "chunk_size": cfg.chunk_size,
-        "time_chunk": cfg.time_chunk,
-        "storage_order": "length, ties shuffled with seed 0",
-        "task": {"type": dataset.task_type, "text_column": data.text_column,
-                 "text_pair_column": data.text_pair_column or None, "label_column": data.label_column,
-                 "label_names": dataset.label_names},
-        "data": pipeline.to_dict()["data"],
-        "splits": splits,
-        "config": pipeline.to_dict(),
-    }
 
 
 def pad_batch(rows: list[np.ndarray], pad_id: int, width: int | None = None, dtype=np.int64) -> np.ndarray:
@@ -249,7 +203,8 @@ def extract(pipeline: Pipeline, overwrite: bool = False, progress=None) -> Extra
                  for name, s in dataset.splits.items()}
     timings["tokenize"] = time.perf_counter() - t
     t = time.perf_counter()
-    manifest = build_manifest(pipeline, backbone, dataset, tokenized, cut, tiers)
+    manifest = build_manifest(pipeline, backbone.identity(), tokenizer_identity(backbone.folder, backbone.tokenizer),
+                              dataset, tokenized, cut, tiers)
     timings["hash"] = time.perf_counter() - t
     for name in list(dataset.splits):  # the manifest fingerprints data order; storage is by length
         dataset.splits[name], tokenized[name] = reorder(dataset.splits[name], tokenized[name],

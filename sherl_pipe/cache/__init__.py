@@ -1,0 +1,29 @@
+"""The cache: a Zarr v3 group holding per-split, per-tier activations and a manifest.
+
+Layout (a local folder):
+
+    CACHE/zarr.json                 group attributes: {"sherl_pipe": MANIFEST}
+    CACHE/<split>/h<t>              (N, T, D) float16|float32, chunks (chunk_size, time_chunk, D)
+    CACHE/<split>/input_ids         (N, T) int32, padded with the tokenizer's pad id
+    CACHE/<split>/token_type_ids    (N, T) int8, only for text pairs
+    CACHE/<split>/lengths           (N,) int32, real tokens per sample
+    CACHE/<split>/labels            (N,) int64 class ids, or float32 targets
+    CACHE/<split>/row_ids           (N,) int64, 0-based data rows of the split's source file
+    CACHE/<split>/done              (blocks,) uint8, one chunk per block: 1 once the block is written
+
+Samples are stored sorted by length (ties in a fixed pseudo-random order; `row_ids` map them
+back), and the time axis T is the split's longest sample, chunked by `time_chunk` positions.
+Positions past a sample's length hold zeros, and since a block's samples have similar lengths, the
+time chunks past its longest sample are entirely zero: they are never compressed, written or read.
+
+Modules: `manifest` (what a cache holds, matching, fingerprint), `codec` (direct chunk I/O),
+`store` (reading), `writer` (creating and writing blocks).
+"""
+
+from sherl_pipe.cache.codec import BlockReader, make_compressors, set_codec_threads, whole_time_chunks
+from sherl_pipe.cache.manifest import manifest_diff, manifest_fingerprint
+from sherl_pipe.cache.store import FP16_MAX, Cache, tier_name
+from sherl_pipe.cache.writer import CacheWriter
+
+__all__ = ["FP16_MAX", "BlockReader", "Cache", "CacheWriter", "make_compressors", "manifest_diff",
+           "manifest_fingerprint", "set_codec_threads", "tier_name", "whole_time_chunks"]

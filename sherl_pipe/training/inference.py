@@ -1,0 +1,47 @@
+"""One forward pass and the loss for a batch, and a model's outputs over a whole split."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from sherl_pipe.devices import autocast
+from sherl_pipe.metrics import classification_metrics, regression_metrics
+from sherl_pipe.model import ModelSpec
+from sherl_pipe.training.batches import ChunkSampler, SplitSource
+
+
+def forward(model, spec: ModelSpec, batch):
+    if spec.mode == "full-finetune":
+        return model(batch.input_ids, batch.mask, batch.token_type_ids)
+    return model(batch.states, batch.mask)
+
+
+def loss_fn(spec: ModelSpec, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if spec.task_type == "classification":
+        return F.cross_entropy(out.float(), labels.long())
+    return F.mse_loss(out.float().squeeze(-1), labels.float())
+
+
+@torch.no_grad()
+def predict_split(model, spec: ModelSpec, source: SplitSource, live, batch_size: int, device) -> tuple:
+    """(outputs, labels, positions) over a whole split in storage order, model in eval mode."""
+    model.eval()
+    sampler = ChunkSampler(source.n, source.chunk_size, batch_size, 1, 0, shuffle=False)
+    outs, labels, index = [], [], []
+    for batch in source.iterate(sampler.batches(0)):
+        if live is not None:
+            batch = live(batch)
+        batch = batch.to(device)
+        with autocast(device):
+            outs.append(forward(model, spec, batch).float().cpu())
+        labels.append(batch.labels.cpu())
+        index.append(batch.index)
+    return torch.cat(outs), torch.cat(labels), np.concatenate(index)
+
+
+def compute_metrics(spec: ModelSpec, outputs: torch.Tensor, labels: torch.Tensor) -> dict:
+    if spec.task_type == "classification":
+        return classification_metrics(outputs.argmax(-1).numpy(), labels.numpy(), spec.num_outputs)
+    return regression_metrics(outputs.squeeze(-1).numpy(), labels.numpy())

@@ -1,0 +1,203 @@
+"""The training loop: optimizer steps over an epoch's batches, evaluation when an epoch ends, and
+hooks through which the caller checkpoints, shows progress, and stops or prunes a run.
+
+The loop knows nothing of files or the command line. Everything a resumed run needs to continue
+exactly as an uninterrupted one (position, running loss, best result, patience) is in `RunState`;
+the caller saves it with the model, optimizer, scheduler and RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from sherl_pipe.devices import autocast
+from sherl_pipe.metrics import PRIMARY
+from sherl_pipe.model import ModelSpec
+from sherl_pipe.training.inference import forward, loss_fn
+
+
+@dataclass
+class RunState:
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # the next batch of epoch `epoch` (always at an optimizer-step boundary)
+    step: int = 0  # optimizer steps done
+    samples: int = 0
+    seconds: float = 0.0  # training time so far, across resumes
+    loss_sum: float = 0.0  # the current epoch's loss, summed over its samples so far
+    loss_count: int = 0
+    best: dict | None = None  # {"epoch", "step", metrics...} of the best evaluation
+    bad_epochs: int = 0  # evaluations since the best one
+    last_eval: dict | None = None
+    finished: bool = False
+    stop_reason: str | None = None  # early-stopping | max-steps | a caller's reason (e.g. pruned)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunState":
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Budget:
+    epochs: int
+    total_steps: int
+    grad_accum: int
+    grad_clip: float
+    early_stopping: int
+    log_every: int
+
+
+class StopTraining(Exception):
+    """Raised by an epoch callback to end the run after this epoch (a sweep prunes a trial so)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Hooks:
+    """What the loop calls out to. All optional except where noted."""
+
+    record: Callable[[dict], None] = lambda r: None  # a metrics record (train or epoch)
+    save_state: Callable[["RunState"], None] = lambda s: None  # a resumable checkpoint at a step boundary
+    save_best: Callable[[], None] = lambda: None  # the current weights are the best so far
+    evaluate: Callable[[], dict] | None = None  # metrics on the evaluation split
+    checkpoint_due: Callable[["RunState"], bool] = lambda s: False  # time or step policy
+    should_stop: Callable[[], bool] = lambda: False  # an interrupt was requested
+    on_step: Callable[["RunState", float], None] = lambda s, loss: None  # progress display
+    on_epoch: Callable[[dict], None] | None = None  # the caller's epoch callback; may raise StopTraining
+    log: Callable[[str], None] = lambda m: None
+    clock: Callable[[], float] = field(default=time.perf_counter)
+
+
+def step_groups(plan: list[np.ndarray], start: int, grad_accum: int) -> list[list[int]]:
+    """Batches [start, ...) of an epoch in optimizer steps of `grad_accum` batches (the last may be short)."""
+    return [list(range(b, min(b + grad_accum, len(plan)))) for b in range(start, len(plan), grad_accum)]
+
+
+class Trainer:
+    """Runs the loop for one model; batches come from `source.iterate(index arrays)`."""
+
+    def __init__(self, model, spec: ModelSpec, optimizer, scheduler, budget: Budget, device, live=None):
+        self.model, self.spec, self.optimizer, self.scheduler = model, spec, optimizer, scheduler
+        self.budget, self.device, self.live = budget, device, live
+        self.primary = PRIMARY[spec.task_type]
+
+    def prepare(self, batch):
+        """On the device first, then the live early route (which runs where its backbone is)."""
+        batch = batch.to(self.device)
+        return self.live(batch) if self.live is not None else batch
+
+    def optimizer_step(self, batches: list, state: RunState) -> float:
+        """One step over micro-batches, each weighted by its share of the step's samples, so a step
+        of several batches equals one step on their union (a short last step included)."""
+        total = sum(len(b.index) for b in batches)
+        loss_sum = 0.0
+        for batch in batches:
+            with autocast(self.device):
+                out = forward(self.model, self.spec, batch)
+            loss = loss_fn(self.spec, out, batch.labels)
+            (loss * (len(batch.index) / total)).backward()
+            loss_sum += float(loss.detach()) * len(batch.index)
+        if self.budget.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.budget.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.samples += total
+        state.loss_sum += loss_sum
+        state.loss_count += total
+        return loss_sum / total
+
+    def run_epoch(self, state: RunState, source, plan: list[np.ndarray], hooks: Hooks) -> str | None:
+        """Steps from state.batch to the epoch's end; returns None, 'max-steps' or 'interrupted'."""
+        self.model.train()
+        groups = step_groups(plan, state.batch, self.budget.grad_accum)
+        batches = source.iterate(plan[state.batch:])
+        with contextlib.closing(batches):
+            for group in groups:
+                step_loss = self.optimizer_step([self.prepare(next(batches)) for _ in group], state)
+                state.batch = group[-1] + 1
+                hooks.on_step(state, step_loss)
+                if state.step % self.budget.log_every == 0:
+                    hooks.record({"event": "train", "epoch": state.epoch + 1, "step": state.step,
+                                  "loss": state.loss_sum / state.loss_count, "step_loss": step_loss,
+                                  "lr": self.scheduler.get_last_lr()[0]})
+                if state.step >= self.budget.total_steps:
+                    return "max-steps" if state.batch < len(plan) else None
+                if hooks.should_stop():
+                    return "interrupted"
+                if state.batch < len(plan) and hooks.checkpoint_due(state):
+                    self.save(state, hooks)
+        return None
+
+    def end_epoch(self, state: RunState, complete: bool, hooks: Hooks) -> dict:
+        """Evaluate, keep the best weights, and write the epoch's record."""
+        record = {"event": "epoch", "epoch": state.epoch + 1, "step": state.step, "complete": complete,
+                  "train_loss": state.loss_sum / max(state.loss_count, 1)}
+        if hooks.evaluate is not None:
+            state.last_eval = hooks.evaluate()
+            record["eval"] = state.last_eval
+            value = state.last_eval[self.primary]
+            if state.best is None or value > state.best[self.primary]:
+                state.best = {"epoch": state.epoch + 1, "step": state.step, **state.last_eval}
+                state.bad_epochs = 0
+                hooks.save_best()
+            else:
+                state.bad_epochs += 1
+        hooks.record(record)
+        return record
+
+    def save(self, state: RunState, hooks: Hooks) -> None:
+        state.seconds = self._seconds_before + hooks.clock() - self._clock_start
+        hooks.save_state(state)
+
+    def fit(self, state: RunState, sampler, source, hooks: Hooks) -> RunState:
+        """Train until the budget is spent, early stopping, a caller's stop, or an interrupt."""
+        self._clock_start, self._seconds_before = hooks.clock(), state.seconds
+        while not state.finished:
+            plan = sampler.batches(state.epoch)
+            outcome = self.run_epoch(state, source, plan, hooks)
+            if outcome == "interrupted":
+                self.save(state, hooks)
+                state.stop_reason = "interrupted"
+                return state
+            self.finish_epoch(state, outcome is None, hooks)
+            self.save(state, hooks)  # the saved state is the final one: its time is the run's time
+        return state
+
+    def finish_epoch(self, state: RunState, complete: bool, hooks: Hooks) -> None:
+        record = self.end_epoch(state, complete, hooks)
+        if complete:
+            state.epoch, state.batch = state.epoch + 1, 0
+        state.loss_sum, state.loss_count = 0.0, 0
+        self.log_epoch(record, state, hooks)
+        if not complete or state.step >= self.budget.total_steps or state.epoch >= self.budget.epochs:
+            state.finished, state.stop_reason = True, (None if complete else "max-steps")
+        elif self.budget.early_stopping and state.bad_epochs >= self.budget.early_stopping:
+            state.finished, state.stop_reason = True, "early-stopping"
+            hooks.log(f"early stopping: no {self.primary} improvement for {self.budget.early_stopping} epoch(s)")
+        if hooks.on_epoch is not None:
+            try:
+                hooks.on_epoch(record)
+            except StopTraining as stop:
+                state.finished, state.stop_reason = True, stop.reason
+
+    def log_epoch(self, record: dict, state: RunState, hooks: Hooks) -> None:
+        where = f"epoch {record['epoch']}" + ("" if record["complete"] else f" (stopped at step {state.step})")
+        line = f"{where}: train loss {record['train_loss']:.4f}"
+        if "eval" in record:
+            ev, best = record["eval"], state.best
+            line += (f", {ev['split']} {self.primary} {ev[self.primary]:.4f} "
+                     f"(best {best[self.primary]:.4f} at epoch {best['epoch']})")
+        hooks.log(line)

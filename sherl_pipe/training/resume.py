@@ -1,0 +1,48 @@
+"""What a resumed run must agree on with the run it continues.
+
+A resume continues exactly where the saved state stopped, so everything that shapes the run
+must be the same: the model, the cache, and every training setting except those that only say
+where or how fast it runs. Changing `epochs` or `max_steps` cannot be continued exactly: the
+learning-rate schedule (warm-up, then linear decay to zero at the last step) was laid out over
+the original number of steps from step 1, so a longer run would have had other rates all along.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sherl_pipe.config import TrainConfig, section_to_dict
+from sherl_pipe.errors import SherlError
+from sherl_pipe.model import ModelSpec
+from sherl_pipe.training.loop import RunState
+
+# Settings that do not change what is computed: where the run lives and how it is checkpointed,
+# how many threads and which device run it, whether the split is read ahead into memory, logging.
+FREE_ON_RESUME = {"run_dir", "threads", "device", "preload", "save_every", "save_minutes", "log_every"}
+
+
+def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, cfg: TrainConfig) -> None:
+    if saved.get("cache") != fingerprint:
+        raise SherlError(f"run folder {run_dir}: was trained from another cache than extract.cache "
+                         f"(its manifest fingerprint differs); resume with the cache it was trained on")
+    old, new = saved.get("train", {}), section_to_dict(cfg)
+    changed = sorted(k for k in set(old) | set(new) if k not in FREE_ON_RESUME and old.get(k) != new.get(k))
+    budget = [k for k in changed if k in ("epochs", "max_steps")]
+    if budget and budget == changed:
+        shown = ", ".join(f"train.{k} {old.get(k)} -> {new.get(k)}" for k in budget)
+        raise SherlError(f"run folder {run_dir}: cannot resume with {shown}: the learning-rate schedule was "
+                         f"laid out over the original number of steps from step 1, so a longer or shorter run "
+                         f"cannot continue this one exactly; start a new run (another train.run_dir or "
+                         f"--overwrite) with the new setting")
+    if changed:
+        shown = "; ".join(f"train.{k}: run has {old.get(k)!r}, request has {new.get(k)!r}" for k in changed[:6])
+        raise SherlError(f"run folder {run_dir}: the training settings differ from the run being resumed "
+                         f"({shown}); resume with the run's settings (see its config.json), or start a new "
+                         f"run with --overwrite or another train.run_dir")
+    if saved.get("spec") != spec.to_dict():
+        raise SherlError(f"run folder {run_dir}: its saved state is for another model than this pipeline "
+                         f"describes; use --overwrite to start again")
+
+
+def state_for_resume(saved: dict) -> RunState:
+    return RunState.from_dict(saved["position"])

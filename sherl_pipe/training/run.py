@@ -1,0 +1,222 @@
+"""Stage two: train SHERL (consolidation + late layers + head) from the cache.
+
+Three modes share the sampler, head, pooling, optimizer and loop:
+  cached         tiers read from the cache; only the late layers' (and pooler's) weights are loaded
+  live           the same model, with the early layers run on the cache's input_ids on the fly
+                 (the reference for equivalence and speed)
+  full-finetune  the whole backbone trained from the cache's input_ids (the accuracy reference)
+
+`train(pipeline)` is what `sherl-pipe train` runs; a sweep trial and a notebook call it the same
+way, with their own callbacks. It sets no process-wide state: the caller sets the thread count,
+and the run's randomness is forked from the global generator (see rng.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sherl_pipe.cache import Cache, manifest_fingerprint
+from sherl_pipe.config import Pipeline
+from sherl_pipe.devices import pick_device
+from sherl_pipe.errors import SherlError
+from sherl_pipe.model import ModelSpec
+from sherl_pipe.resources import resolve_model
+from sherl_pipe.training.checkpoint import RunFolder
+from sherl_pipe.training.inference import compute_metrics, predict_split
+from sherl_pipe.training.loop import Budget, Hooks, RunState, Trainer
+from sherl_pipe.training.resume import check_resume, state_for_resume
+from sherl_pipe.training.rng import rng_state, run_rng, set_rng_state
+from sherl_pipe.training.setup import (build_model, build_optimizer, build_scheduler, learning_rates, make_spec,
+                                       source_for)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    epochs_done: int
+    best: dict | None
+    last_eval: dict | None
+    seconds: float
+    samples_per_s: float
+    stop_reason: str | None
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stop_reason == "early-stopping"
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason == "interrupted"
+
+
+@dataclass
+class Session:
+    """Everything a run trains with, built before anything is written to its folder."""
+
+    pipeline: Pipeline
+    cache: Cache
+    spec: ModelSpec
+    device: str
+    eval_split: str | None
+    model: object = None
+    live: object = None
+    optimizer: object = None
+    scheduler: object = None
+    sampler: object = None
+    train_src: object = None
+    eval_src: object = None
+    budget: Budget | None = None
+
+
+def open_training_cache(pipeline: Pipeline) -> tuple[Cache, ModelSpec, str | None]:
+    """The cache, the model spec and the evaluation split, checked before any work."""
+    cfg = pipeline.train
+    cache = Cache(pipeline.extract.cache)
+    if "train" not in cache.splits:
+        raise SherlError(f"cache {cache.path}: has no 'train' split (has: {', '.join(cache.splits)})")
+    cache.require_complete("train")
+    spec = make_spec(cfg, cache.manifest)
+    eval_split = cfg.eval_split or None
+    if eval_split is not None and eval_split not in cache.splits:
+        raise SherlError(f"train.eval_split = '{eval_split}': the cache has no such split (has: "
+                         f"{', '.join(cache.splits)}); set train.eval_split to one of them, or to \"\" to train "
+                         f"without evaluation (no best checkpoint, no early stopping)")
+    if eval_split is not None:
+        cache.require_complete(eval_split)
+    return cache, spec, eval_split
+
+
+def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split, device: str) -> Session:
+    cfg = pipeline.train
+    s = Session(pipeline, cache, spec, device, eval_split)
+    s.model, s.live = build_model(spec, pipeline.backbone.source, cache.manifest, device)
+    s.optimizer = build_optimizer(s.model, spec, cfg)
+    s.train_src = source_for(cache, "train", spec, preload=cfg.preload)
+    s.eval_src = source_for(cache, eval_split, spec) if eval_split else None
+    s.sampler = s.train_src.sampler(cfg.batch_size, cfg.buffer_chunks, cfg.buffer_mb, cfg.seed)
+    steps_per_epoch = math.ceil(len(s.sampler) / cfg.grad_accum)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    if total == 0:
+        raise SherlError("train.epochs = 0 and train.max_steps = 0: nothing to train; set one of them")
+    epochs = math.ceil(cfg.max_steps / steps_per_epoch) if cfg.max_steps else cfg.epochs
+    s.budget = Budget(epochs=epochs, total_steps=total, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
+                      early_stopping=cfg.early_stopping, log_every=cfg.log_every)
+    s.scheduler = build_scheduler(s.optimizer, total, cfg.warmup_ratio)
+    return s
+
+
+def start_run(run: RunFolder, s: Session) -> RunState:
+    run.start_fresh()
+    lr_new, lr_pre = learning_rates(s.spec, s.pipeline.train)
+    model = s.model
+    run.write_json("config.json", s.pipeline.to_dict())
+    run.write_json("manifest.json", s.cache.manifest)
+    run.write_json("model.json", {
+        "spec": s.spec.to_dict(), "cache": str(s.cache.path.resolve()),
+        "cache_fingerprint": manifest_fingerprint(s.cache.manifest),
+        "backbone_source": s.pipeline.backbone.source,
+        "backbone_folder": str(resolve_model(s.pipeline.backbone.source).resolve()),
+        "label_names": s.cache.manifest["task"]["label_names"],
+        "lr_new": lr_new, "lr_pretrained": lr_pre, "total_steps": s.budget.total_steps,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+    })
+    return RunState()
+
+
+def resume_run(run: RunFolder, s: Session, log) -> RunState:
+    saved = run.load_state()
+    check_resume(run.path, saved, s.spec, manifest_fingerprint(s.cache.manifest), s.pipeline.train)
+    s.model.load_state_dict(saved["model"])
+    s.optimizer.load_state_dict(saved["optimizer"])
+    s.scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"], s.device)
+    state = state_for_resume(saved)
+    run.truncate_metrics(state.step)
+    if state.finished:
+        log(f"run {run.path} already finished ({state.step} steps); nothing to resume")
+    else:
+        log(f"resuming {run.path} at epoch {state.epoch + 1}, batch {state.batch}, step {state.step}")
+    return state
+
+
+def make_hooks(run: RunFolder, s: Session, progress, log, on_epoch, should_stop) -> Hooks:
+    cfg = s.pipeline.train
+    last_save = [time.monotonic()]
+
+    def save_state(state: RunState) -> None:
+        run.save_weights("last", s.model)
+        run.save_state({"spec": s.spec.to_dict(), "cache": manifest_fingerprint(s.cache.manifest),
+                        "train": s.pipeline.to_dict()["train"], "model": s.model.state_dict(),
+                        "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+                        "rng": rng_state(s.device), "position": state.to_dict()})
+        last_save[0] = time.monotonic()
+
+    def checkpoint_due(state: RunState) -> bool:
+        by_steps = cfg.save_every and state.step % cfg.save_every == 0
+        by_time = cfg.save_minutes and time.monotonic() - last_save[0] >= 60 * cfg.save_minutes
+        return bool(by_steps or by_time)
+
+    def evaluate() -> dict:
+        outputs, labels, _ = predict_split(s.model, s.spec, s.eval_src, s.live, s.pipeline.evaluate.batch_size,
+                                           s.device)
+        return {"split": s.eval_split, **compute_metrics(s.spec, outputs, labels)}
+
+    def on_step(state: RunState, loss: float) -> None:
+        if progress is not None:
+            progress(1)
+            progress.set_postfix(loss=f"{state.loss_sum / max(state.loss_count, 1):.4f}", epoch=state.epoch + 1)
+
+    return Hooks(record=run.append_metrics, save_state=save_state, save_best=lambda: run.save_weights("best", s.model),
+                 evaluate=evaluate if s.eval_src is not None else None, checkpoint_due=checkpoint_due,
+                 should_stop=should_stop or (lambda: False), on_step=on_step, on_epoch=on_epoch, log=log)
+
+
+def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, progress=None, log=print,
+          on_epoch: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None
+          ) -> TrainResult:
+    """Train the pipeline's stage two. `on_epoch(record)` sees each epoch's record (and may raise
+    loop.StopTraining); `should_stop()` is polled at step boundaries (an interrupt: the state is
+    saved and the run can be resumed)."""
+    device = pick_device(pipeline.train.device)
+    cache, spec, eval_split = open_training_cache(pipeline)
+    run = RunFolder(pipeline.train.run_dir)
+    resuming = run.prepare(resume, overwrite)
+    try:
+        with run_rng(pipeline.train.seed, device):
+            s = build_session(pipeline, cache, spec, eval_split, device)
+            state = resume_run(run, s, log) if resuming else start_run(run, s)
+            if progress is not None and hasattr(progress, "set_total"):
+                progress.set_total(s.budget.total_steps)
+                progress(state.step)
+            if state.finished:  # a resumed run that had already finished: its files stay as they are
+                return result_of(run, state)
+            trainer = Trainer(s.model, spec, s.optimizer, s.scheduler, s.budget, device, s.live)
+            state = trainer.fit(state, s.sampler, s.train_src, make_hooks(run, s, progress, log, on_epoch,
+                                                                         should_stop))
+            return finish(run, s, state)
+    finally:
+        run.release()
+
+
+def result_of(run: RunFolder, state: RunState) -> TrainResult:
+    return TrainResult(run.path, state.step, state.epoch, state.best, state.last_eval, state.seconds,
+                       state.samples / state.seconds if state.seconds > 0 else 0.0, state.stop_reason)
+
+
+def finish(run: RunFolder, s: Session, state: RunState) -> TrainResult:
+    if s.eval_src is None and state.finished:  # without evaluation the best checkpoint is the last one
+        run.save_weights("best", s.model)
+    result = result_of(run, state)
+    if state.stop_reason != "interrupted":
+        run.write_json("summary.json", {
+            "steps": result.steps, "epochs": result.epochs_done, "best": result.best,
+            "last_eval": result.last_eval, "train_seconds": round(result.seconds, 2),
+            "samples_per_s": round(result.samples_per_s, 1), "stop_reason": result.stop_reason,
+            "stopped_early": result.stopped_early})
+    return result

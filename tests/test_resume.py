@@ -1,0 +1,131 @@
+"""Resuming a run: exactly equal to an uninterrupted run, and refused when anything that shapes
+the run changed. Interruptions are made deterministic (a step that raises), never timed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_full_pipeline
+from sherl_pipe.config import load_pipeline
+from sherl_pipe.errors import SherlError
+from sherl_pipe.training import train
+
+
+def pipeline_for(tmp_path, backbone, data, cache, run, train_extra=""):
+    path = write_full_pipeline(tmp_path / f"{run.name}.toml", backbone, data, cache, run, 'dtype = "float32"',
+                               train_extra)
+    return load_pipeline(str(path))
+
+
+def records(run_dir, event=None):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    rows = [r for r in rows if event is None or r["event"] == event]
+    for r in rows:  # timing is the only thing allowed to differ
+        r.pop("samples_per_s", None)
+    return rows
+
+
+class StepBomb:
+    """Makes the n-th optimizer step raise KeyboardInterrupt, as a Ctrl-C between steps would."""
+
+    def __init__(self, monkeypatch, at: int):
+        self.calls, original = 0, torch.optim.AdamW.step
+
+        def step(opt, *a, **kw):
+            self.calls += 1
+            if self.calls == at:
+                raise KeyboardInterrupt
+            return original(opt, *a, **kw)
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_one(tmp_path, bert_dir, labeled_csv, fp32_cache,
+                                                                     monkeypatch):
+    extra = 'epochs = 3\nsave_every = 4\neval_split = "validation"\ndropout = 0.1'
+    # 120 training rows in batches of 8: 15 steps an epoch; the bomb goes off in epoch 2, step 23,
+    # after the checkpoint at step 20, so steps 21-22 are redone from the saved state.
+    cut = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "cut", extra)
+    with monkeypatch.context() as m:
+        StepBomb(m, at=23)
+        with pytest.raises(KeyboardInterrupt):
+            train(cut, log=lambda m: None)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    resumed = train(cut, resume=True, log=lambda m: None)
+    whole = train(pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "whole", extra),
+                  log=lambda m: None)
+    assert resumed.steps == whole.steps == 45
+    a = load_file(tmp_path / "cut" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "whole" / "checkpoints" / "last.safetensors")
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    got, want = records(tmp_path / "cut", "epoch"), records(tmp_path / "whole", "epoch")
+    assert [r["epoch"] for r in got] == [1, 2, 3]
+    for r, w in zip(got, want):  # the epoch's running loss survives the interruption
+        assert r["train_loss"] == pytest.approx(w["train_loss"], abs=1e-6)
+        assert r["eval"] == pytest.approx(w["eval"], abs=1e-6) if "eval" in w else True
+    got_train, want_train = records(tmp_path / "cut", "train"), records(tmp_path / "whole", "train")
+    assert [r["step"] for r in got_train] == [r["step"] for r in want_train]
+    assert [r["loss"] for r in got_train] == pytest.approx([r["loss"] for r in want_train], abs=1e-6)
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["best"] == pytest.approx(
+        json.loads((tmp_path / "whole" / "summary.json").read_text())["best"], abs=1e-6)
+
+
+def test_resume_refuses_changed_training_settings(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    run = tmp_path / "run"
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run, "epochs = 1\neval_split = \"\"")
+    train(pipe, log=lambda m: None)
+    before = (run / "checkpoints" / "last.safetensors").read_bytes()
+    for setting, message in [
+        ("train.lr=0.01", r"train.lr: run has 0.0, request has 0.01"),
+        ("train.batch_size=4", r"train.batch_size: run has 8, request has 4"),
+        ("train.seed=3", r"train.seed: run has 0, request has 3"),
+        ("train.epochs=2", r"cannot resume with train.epochs 1 -> 2: the learning-rate schedule"),
+        ("train.max_steps=40", r"cannot resume with train.max_steps 0 -> 40"),
+    ]:
+        with pytest.raises(SherlError, match=message):
+            train(load_pipeline(str(tmp_path / "run.toml"), [setting]), resume=True, log=lambda m: None)
+    assert (run / "checkpoints" / "last.safetensors").read_bytes() == before
+    # settings that only say where or how fast the run goes may change
+    train(load_pipeline(str(tmp_path / "run.toml"), ["train.threads=2", "train.save_every=5"]), resume=True,
+          log=lambda m: None)
+
+
+def test_resuming_a_finished_run_keeps_its_summary(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    run = tmp_path / "run"
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run, 'epochs = 1\neval_split = "validation"')
+    train(pipe, log=lambda m: None)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["last_eval"] is not None
+    messages = []
+    result = train(pipe, resume=True, log=messages.append)
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert result.steps == summary["steps"] and any("already finished" in m for m in messages)
+
+
+def test_a_run_that_fails_to_start_does_not_block_the_retry(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    from conftest import make_backbone
+
+    other = make_backbone(tmp_path / "other", "bert", seed=7)
+    run = tmp_path / "run"
+    bad = pipeline_for(tmp_path, other, labeled_csv, fp32_cache, run, "max_steps = 2")
+    with pytest.raises(SherlError, match=r"differs from the one the cache was made with"):
+        train(bad, log=lambda m: None)
+    good = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run, "max_steps = 2")
+    assert train(good, log=lambda m: None).steps == 2  # no --overwrite needed
+
+
+def test_a_failed_overwrite_keeps_the_run_it_was_to_replace(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    from conftest import make_backbone
+
+    run = tmp_path / "run"
+    train(pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run, "max_steps = 2"), log=lambda m: None)
+    other = make_backbone(tmp_path / "other", "bert", seed=7)
+    with pytest.raises(SherlError, match=r"differs from the one the cache was made with"):
+        train(pipeline_for(tmp_path, other, labeled_csv, fp32_cache, run, "max_steps = 2"), overwrite=True,
+              log=lambda m: None)
+    assert (run / "summary.json").is_file() and (run / "checkpoints" / "last.safetensors").is_file()
