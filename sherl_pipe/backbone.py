@@ -126,8 +126,35 @@ def sentence_transformers_pooling(folder: Path) -> str | None:
     return None
 
 
+def describe_backbone(config, folder: Path) -> dict:
+    """What identifies a backbone beside its weights (read from its folder without loading them)."""
+    return {
+        "model_type": config.model_type,
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "attn_implementation": config._attn_implementation,
+        "sentence_transformers_pooling": sentence_transformers_pooling(folder),
+        "config": config.to_diff_dict(),
+    }
+
+
+def position_limit(config, tokenizer) -> int:
+    """The longest input (in tokens) the model's position embeddings cover."""
+    limit = config.max_position_embeddings
+    if config.model_type == "roberta":  # positions start after the padding index
+        limit -= (config.pad_token_id or 0) + 1
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 10**6:
+        limit = min(limit, tok_max)
+    return limit
+
+
 class Backbone:
-    """A whole pretrained encoder, for stage one (and live runs): embeddings + layers + pooler."""
+    """A whole pretrained encoder, for stage one (and live runs): embeddings + layers + pooler.
+
+    Always loaded in fp32, whatever dtype its config declares: a bf16 or fp16 checkpoint is upcast,
+    so the cache holds fp32 computations and stage two (which builds its layers in fp32) verifies
+    the same module hashes."""
 
     def __init__(self, source: str, attn_implementation: str = "sdpa", device: str = "cpu"):
         from transformers import AutoModel
@@ -141,7 +168,7 @@ class Backbone:
         self.tokenizer = load_tokenizer(self.folder)
         try:
             self.model = AutoModel.from_pretrained(self.folder, config=self.config, local_files_only=True,
-                                                   attn_implementation=attn_implementation)
+                                                   attn_implementation=attn_implementation, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise SherlError(f"backbone folder {self.folder}: cannot load the weights ({exc})") from None
         self.model.eval().to(device)
@@ -161,16 +188,8 @@ class Backbone:
         return out
 
     def identity(self) -> dict:
-        return {
-            "source": self.source,
-            "model_type": self.config.model_type,
-            "num_layers": self.num_layers,
-            "hidden_size": self.config.hidden_size,
-            "attn_implementation": self.config._attn_implementation,
-            "module_hashes": self.module_hashes(),
-            "sentence_transformers_pooling": sentence_transformers_pooling(self.folder),
-            "config": self.config.to_diff_dict(),
-        }
+        return {"source": self.source, **describe_backbone(self.config, self.folder),
+                "module_hashes": self.module_hashes()}
 
     def embed(self, input_ids, token_type_ids=None):
         return self.model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
@@ -266,7 +285,12 @@ def load_module(folder: Path, config, family: Family, name: str) -> nn.Module:
     if not tensors:
         raise SherlError(f"backbone folder {folder}: the weights file has no tensors for '{name}' "
                          f"(expected keys starting with '{prefix}')")
-    result = module.load_state_dict(tensors, strict=False)
+    try:
+        result = module.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a size mismatch: weights of another model than the cache's
+        first = str(exc).split("size mismatch for ", 1)[-1].split("\n")[0].strip()
+        raise SherlError(f"backbone folder {folder}: '{name}' does not fit the cache's model ({first}); use "
+                         f"the backbone the cache was extracted from") from None
     if result.missing_keys:
         raise SherlError(f"backbone folder {folder}: '{name}' is missing tensors {result.missing_keys[:3]}")
     return module.eval()

@@ -1,18 +1,21 @@
 """The `sherl-pipe` command: thin click commands over the library.
 
-Every `SherlError` becomes one line on stderr and exit status 2; nothing else is caught.
+Every `SherlError` and every refusal by the operating system becomes one line on stderr starting
+with `error:` and exit status 2; Ctrl-C is one line and status 130. Nothing else is caught.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 
 import click
 
 from sherl_pipe import __version__
-from sherl_pipe.errors import SherlError
+from sherl_pipe.errors import SherlError, os_error_message
 
 
 def _fail_cleanly(fn):
@@ -23,18 +26,25 @@ def _fail_cleanly(fn):
         except SherlError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:
+            click.echo(f"error: {os_error_message(exc)}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; what was finished is kept: rerun the same command to continue "
+                       "(train: with --resume)", err=True)
+            sys.exit(130)
 
     return wrapper
 
 
 class Progress:
-    """A tqdm bar (samples/s and ETA) on stderr; silent when stderr is not a terminal or --quiet."""
+    """A tqdm bar (rate and ETA) on stderr; silent when stderr is not a terminal or --quiet."""
 
     def __init__(self, desc: str, unit: str, quiet: bool):
         from tqdm import tqdm
 
-        self.bar = tqdm(desc=desc, unit=unit, unit_scale=True, disable=True if quiet else None,
-                        file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(desc=desc, unit=unit, disable=True if quiet else None, file=sys.stderr,
+                        dynamic_ncols=True)
 
     def set_total(self, total: int):
         self.bar.total = total
@@ -46,8 +56,37 @@ class Progress:
     def __call__(self, n: int):
         self.bar.update(n)
 
+    def write(self, msg: str):
+        self.bar.write(msg, file=sys.stderr)
+
     def close(self):
         self.bar.close()
+
+
+class StopOnInterrupt:
+    """The first Ctrl-C asks the training loop to stop at the next step boundary and save its
+    state; a second one stops at once. Only the main thread can take signals."""
+
+    def __init__(self, say):
+        self.requested, self.say, self.previous = False, say, None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("interrupt: saving the training state at the next step (press Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _pipeline_args(fn):
@@ -57,12 +96,12 @@ def _pipeline_args(fn):
     return fn
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,40 +114,49 @@ def main():
     """
 
 
+def _run_extract(pipe, overwrite: bool, quiet: bool):
+    import torch
+
+    from sherl_pipe.extraction import extract as run_extract
+
+    torch.set_num_threads(pipe.extract.threads)
+    bar = Progress("extract", "sample", quiet)
+    try:
+        return run_extract(pipe, overwrite=overwrite, progress=bar, log=_say)
+    finally:
+        bar.close()
+
+
 @main.command()
 @_pipeline_args
 @click.option("--cache", default=None, help="Cache folder (overrides extract.cache).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="Storage dtype.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache whose manifest differs.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing sherl-pipe cache whose manifest differs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or resolved config.")
 @_fail_cleanly
 def extract(pipeline, overrides, cache, dtype, overwrite, quiet):
     """Run the frozen early layers once and cache their per-layer activations."""
     from sherl_pipe.config import dumps, load_pipeline
-    from sherl_pipe.extraction import extract as run_extract
 
     pipe = load_pipeline(pipeline, overrides).with_overrides("extract", cache=cache, dtype=dtype)
     if not quiet:
-        click.echo(f"resolved config ({pipe.origin}):\n{dumps(pipe)}", err=True)
-    bar = Progress("extract", "sample", quiet)
-    try:
-        summary = run_extract(pipe, overwrite=overwrite, progress=bar)
-    finally:
-        bar.close()
-    _print_extract_summary(summary)
+        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
+    _print_extract_summary(_run_extract(pipe, overwrite, quiet))
 
 
 def _print_extract_summary(s) -> None:
     block_s = s.timings.get("blocks", 0.0) or 1e-9
-    resumed = " (resumed)" if s.resumed else ""
-    click.echo(f"cache {s.cache}{resumed}: complete")
+    state = "already complete" if s.already_complete else ("complete (resumed)" if s.resumed else "complete")
+    click.echo(f"cache {s.cache}: {state}")
+    if s.blocks_repaired:
+        click.echo(f"  {s.blocks_repaired} block(s) had missing chunks and were written again")
     for name, sp in s.splits.items():
         click.echo(f"  {name}: {sp.samples} samples extracted, {sp.blocks_written}/{sp.blocks_total} blocks written now")
     if s.samples == 0:
-        click.echo(f"  nothing to do: every block was already done; {_human(s.bytes_on_disk)} on disk")
+        click.echo(f"  nothing to do: every block was already done; {_mib(s.bytes_on_disk)} on disk")
         return
-    click.echo(f"  {s.samples} samples, {s.real_tokens} real tokens, {_human(s.bytes_on_disk)} on disk, "
-               f"{s.samples / block_s:.1f} samples/s, {s.bytes_on_disk / 2**20 / s.seconds:.1f} MB/s overall, "
+    click.echo(f"  {s.samples} samples, {s.real_tokens} real tokens, {_mib(s.bytes_on_disk)} on disk, "
+               f"{s.samples / block_s:.1f} samples/s, {s.bytes_on_disk / 2**20 / s.seconds:.1f} MiB/s overall, "
                f"{s.seconds:.1f} s")
 
 
@@ -118,7 +166,7 @@ def _train_options(fn):
                       help="cached (default), live early layers, or full fine-tuning.")(fn)
     fn = click.option("--late-tuning", type=click.Choice(["frozen", "norm-bias", "lora", "full"]), default=None,
                       help="How the late layers train.")(fn)
-    fn = click.option("--epochs", type=int, default=None, help="Epochs (overrides train.epochs).")(fn)
+    fn = click.option("--epochs", type=click.IntRange(min=0), default=None, help="Epochs (overrides train.epochs).")(fn)
     fn = click.option("--resume", is_flag=True, help="Continue an existing run folder from its last checkpoint.")(fn)
     return fn
 
@@ -135,15 +183,21 @@ def _run_training(pipe, resume, overwrite, quiet):
 
     torch.set_num_threads(pipe.train.threads)
     bar = Progress("train", "step", quiet)
-    log = (lambda msg: None) if quiet else (lambda msg: (bar.bar.write(msg, file=sys.stderr)))
+    log = (lambda msg: None) if quiet else bar.write
     try:
-        result = run_train(pipe, resume=resume, overwrite=overwrite, progress=bar, log=log)
+        with StopOnInterrupt(bar.write) as interrupt:
+            result = run_train(pipe, resume=resume, overwrite=overwrite, progress=bar, log=log,
+                               should_stop=interrupt)
     finally:
         bar.close()
+    if result.interrupted:
+        _say(f"interrupted: run {result.run_dir} saved at step {result.steps}; continue it with the same command "
+             f"and --resume")
+        sys.exit(130)
     best = result.best
     click.echo(f"run {result.run_dir}: {result.steps} steps, {result.epochs_done} epochs, "
                f"{result.samples_per_s:.1f} samples/s, {result.seconds:.1f} s"
-               + (" (stopped early)" if result.stopped_early else ""))
+               + (f" (stopped: {result.stop_reason})" if result.stop_reason else ""))
     if best:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
         click.echo(f"  best on {best['split']}: epoch {best['epoch']}: {shown}")
@@ -163,16 +217,22 @@ def train(pipeline, overrides, cache, run_dir, mode, late_tuning, epochs, resume
 
     pipe = _apply_train_options(load_pipeline(pipeline, overrides), cache, run_dir, mode, late_tuning, epochs)
     if not quiet:
-        click.echo(f"resolved config ({pipe.origin}):\n{dumps(pipe)}", err=True)
+        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
     _run_training(pipe, resume, overwrite, quiet)
 
 
 def _print_eval(result: dict) -> None:
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float) and k != "majority_baseline")
+    skip = {"majority_baseline", "baseline"}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float) and k not in skip)
     click.echo(f"{result['split']} ({result['rows']} rows, {result['checkpoint']} checkpoint): {shown}")
     if "majority_baseline" in result:
         click.echo(f"  majority-class baseline accuracy {result['majority_baseline']:.4f}; "
                    f"margin {100 * (result['accuracy'] - result['majority_baseline']):+.1f} points")
+    if "baseline" in result:
+        b = result["baseline"]
+        click.echo(f"  training-mean baseline: mse {b['mse']:.4f} (pearson and spearman are undefined for a "
+                   f"constant prediction); mse ratio {result['mse'] / b['mse']:.3f}" if b["mse"] > 0 else
+                   "  training-mean baseline: mse 0")
 
 
 @main.command()
@@ -180,10 +240,11 @@ def _print_eval(result: dict) -> None:
 @click.option("--split", default="test", show_default=True, help="Cached split to evaluate.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--cache", default=None, help="The cache, if it moved since training.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @_fail_cleanly
 def evaluate(run_dir, split, checkpoint, cache, batch_size):
-    """Evaluate a trained run on a cached split (writes eval_SPLIT.json and predictions_SPLIT.csv)."""
+    """Evaluate a trained run on a cached split (writes eval_SPLIT_CHECKPOINT.json and
+    predictions_SPLIT_CHECKPOINT.csv in the run folder)."""
     from sherl_pipe.evaluation import evaluate as run_eval
 
     _print_eval(run_eval(run_dir, split, checkpoint, batch_size, cache))
@@ -192,18 +253,22 @@ def evaluate(run_dir, split, checkpoint, cache, batch_size):
 @main.command()
 @click.argument("run_dir")
 @click.option("--input", "input_path", required=True, help="Text file (csv, tsv, jsonl, parquet) with the cache's text column(s).")
-@click.option("--output", "output_path", required=True, help="Where to write predictions (.csv or .jsonl).")
+@click.option("--output", "output_path", required=True, help="Where to write predictions: a .csv or .jsonl file.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["auto", "csv", "tsv", "jsonl", "parquet"]), default="auto")
 @click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--text-column", default=None, help="The input's text column (default: the training data's).")
+@click.option("--text-pair-column", default=None, help="The input's second text column, for text pairs.")
 @click.option("--backbone", default=None, help="The backbone folder, if it moved since training.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @_fail_cleanly
-def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, backbone, batch_size):
+def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, text_column, text_pair_column, backbone,
+            batch_size):
     """Predict labels (and probabilities) for new raw text with a trained run."""
     from sherl_pipe.prediction import predict as run_predict
 
-    n = run_predict(run_dir, input_path, output_path, checkpoint, batch_size, fmt, encoding, backbone)
+    n = run_predict(run_dir, input_path, output_path, checkpoint, batch_size, fmt, encoding, backbone,
+                    text_column=text_column, text_pair_column=text_pair_column)
     click.echo(f"wrote {n} predictions to {output_path}")
 
 
@@ -216,24 +281,18 @@ def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, backbon
 def run(pipeline, overrides, run_dir, mode, late_tuning, epochs, resume, overwrite, quiet):
     """extract (reusing a matching cache) -> train -> evaluate, in one go."""
     from sherl_pipe.config import dumps, load_pipeline
+    from sherl_pipe.errors import CacheMismatch
     from sherl_pipe.evaluation import evaluate as run_eval
-    from sherl_pipe.extraction import extract as run_extract
 
     pipe = _apply_train_options(load_pipeline(pipeline, overrides), None, run_dir, mode, late_tuning, epochs)
     if not quiet:
-        click.echo(f"resolved config ({pipe.origin}):\n{dumps(pipe)}", err=True)
-    from sherl_pipe.errors import CacheMismatch
-
-    bar = Progress("extract", "sample", quiet)
-    try:
-        try:  # a matching cache is reused (and finished if a run was interrupted) ...
-            summary = run_extract(pipe, overwrite=False, progress=bar)
-        except CacheMismatch:
-            if not overwrite:
-                raise
-            summary = run_extract(pipe, overwrite=True, progress=bar)  # ... one that differs, only on request
-    finally:
-        bar.close()
+        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
+    try:  # a matching cache is reused (and finished if a run was interrupted) ...
+        summary = _run_extract(pipe, False, quiet)
+    except CacheMismatch:
+        if not overwrite:
+            raise
+        summary = _run_extract(pipe, True, quiet)  # ... one that differs, only on request
     _print_extract_summary(summary)
     result = _run_training(pipe, resume, overwrite, quiet)
     _print_eval(run_eval(result.run_dir, pipe.evaluate.split, pipe.evaluate.checkpoint, pipe.evaluate.batch_size))
@@ -249,6 +308,34 @@ def info(cache, as_json):
 
     report = cache_report(cache)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--mark-bad", is_flag=True, help="Mark the blocks holding bad chunks not done, so `extract` redoes them.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def verify(cache, mark_bad, quiet):
+    """Check every chunk's checksum and that no chunk is missing; exit 1 if any is bad."""
+    from sherl_pipe.cache.verify import verify_cache
+
+    bar = Progress("verify", "chunk", quiet)
+    try:
+        report = verify_cache(cache, mark_bad=mark_bad, progress=bar)
+    finally:
+        bar.close()
+    for problem in report.problems:
+        click.echo(f"bad: {problem}")
+    if report.ok:
+        click.echo(f"cache {cache}: every chunk checks out ({report.chunks_checked} chunks)")
+        return
+    click.echo(f"cache {cache}: {len(report.problems)} bad chunk(s) of {report.chunks_checked}")
+    if report.marked:
+        n = sum(len(b) for b in report.marked.values())
+        click.echo(f"marked {n} block(s) not done; run `sherl-pipe extract` with the cache's pipeline to redo them")
+    else:
+        click.echo("run again with --mark-bad, then `sherl-pipe extract`, to redo the damaged blocks")
+    sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

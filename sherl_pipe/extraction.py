@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from sherl_pipe.backbone import Backbone, tokenizer_identity
-from sherl_pipe.cache import (FP16_MAX, Cache, CacheWriter, make_compressors, set_codec_threads, tier_name,
-                              whole_time_chunks)
-from sherl_pipe.cache.manifest import build_manifest
+from sherl_pipe.cache import Cache, CacheWriter, make_compressors, set_codec_threads, tier_name, whole_time_chunks
+from sherl_pipe.cache.manifest import CUT_FIELDS, build_manifest, serves
 from sherl_pipe.config import Pipeline
-from sherl_pipe.data import Split, load_dataset
+from sherl_pipe.data import Split
 from sherl_pipe.devices import pick_device
-from sherl_pipe.errors import SherlError
+from sherl_pipe.errors import CacheMismatch, SherlError
+from sherl_pipe.request import read_request
+from sherl_pipe.storage import to_storage
 
 
 @dataclass
@@ -112,17 +113,9 @@ def forward_block(backbone: Backbone, tok: Tokenized, idx: np.ndarray, tiers: li
     pad_id = backbone.tokenizer.pad_token_id or 0
     for pos, ids, mask, types in forward_batches(tok, idx, batch_size, pad_id, device):
         states = backbone.early_states(ids, mask, types, upto=max(tiers))
-        keep = mask[..., None].to(states[0].dtype)
         for t in tiers:
-            h = states[t] * keep  # padded positions are exactly zero in the cache
-            if dtype == "float16":
-                peak = float(h.abs().amax())
-                if not peak <= FP16_MAX:  # also catches NaN
-                    raise SherlError(f"{where}: tier h[{t}] has values up to {peak:g}, beyond float16's range; "
-                                     f"set extract.dtype = 'float32'")
-            elif not bool(torch.isfinite(h).all()):
-                raise SherlError(f"{where}: tier h[{t}] has non-finite values; the backbone's weights are broken")
-            out[tier_name(t)][pos, : h.shape[1]] = h.to(dtype=getattr(torch, dtype)).cpu().numpy()
+            h = to_storage(states[t], mask, dtype, where, t)
+            out[tier_name(t)][pos, : h.shape[1]] = h.cpu().numpy()
     return out
 
 
@@ -131,18 +124,27 @@ class SplitSummary:
     samples: int = 0
     blocks_written: int = 0
     blocks_total: int = 0
+    blocks_repaired: int = 0
 
 
 @dataclass
 class ExtractSummary:
     cache: str
-    resumed: bool
+    resumed: bool  # the cache existed (finished or not) before this run
     splits: dict[str, SplitSummary] = field(default_factory=dict)
     samples: int = 0
     real_tokens: int = 0
     bytes_on_disk: int = 0
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def already_complete(self) -> bool:
+        return self.resumed and self.samples == 0
+
+    @property
+    def blocks_repaired(self) -> int:
+        return sum(s.blocks_repaired for s in self.splits.values())
 
 
 class _Writer:
@@ -167,38 +169,48 @@ class _Writer:
         self._check()
         self.queue.put(item)
 
-    def close(self):
+    def close(self, check: bool = True):
+        """Finish the queued blocks. With check=False (an error is already on its way out) the
+        writer's own error, if any, is not raised over it."""
         self.queue.put(None)
         self.thread.join()
-        self._check()
+        if check:
+            self._check()
 
     def _check(self):
         if self.error is not None:
             raise self.error
 
 
-def extract(pipeline: Pipeline, overwrite: bool = False, progress=None) -> ExtractSummary:
-    """Run stage one for the pipeline; `progress(n_samples)` is called as blocks finish."""
-    cfg = pipeline.extract
-    t_start = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
-    set_codec_threads(cfg.codec_threads)
-    device = pick_device(pipeline.backbone.device)
-    timings = {}
+@dataclass
+class Plan:
+    """What one extraction run does: the model, the data in storage order, the blocks to write."""
 
+    backbone: Backbone
+    dataset: object
+    tokenized: dict
+    tiers: list[int]
+    manifest: dict
+    device: str
+
+
+def prepare(pipeline: Pipeline, timings: dict) -> Plan:
+    """Data and settings are checked before the model loads; then the model, tokens, manifest."""
+    cfg = pipeline.extract
+    t = time.perf_counter()
+    request = read_request(pipeline)
+    timings["data"] = time.perf_counter() - t
+    cut = request.config.num_hidden_layers - cfg.late_layers
+    if cut < 0:
+        raise SherlError(f"extract.late_layers = {cfg.late_layers} is more than the backbone's "
+                         f"{request.config.num_hidden_layers} layers")
+    tiers = resolve_tiers(cfg.tiers, cut)
+    device = pick_device(pipeline.backbone.device)
     t = time.perf_counter()
     backbone = Backbone(pipeline.backbone.source, pipeline.backbone.attn_implementation, device)
     timings["model_load"] = time.perf_counter() - t
-    cut = backbone.num_layers - cfg.late_layers
-    if cut < 0:
-        raise SherlError(f"extract.late_layers = {cfg.late_layers} is more than the backbone's "
-                         f"{backbone.num_layers} layers")
-    tiers = resolve_tiers(cfg.tiers, cut)
-
     t = time.perf_counter()
-    dataset = load_dataset(pipeline.data, cfg.splits)
-    timings["data"] = time.perf_counter() - t
-    t = time.perf_counter()
+    dataset = request.dataset
     tokenized = {name: tokenize(backbone.tokenizer, s, pipeline.backbone.max_length)
                  for name, s in dataset.splits.items()}
     timings["tokenize"] = time.perf_counter() - t
@@ -209,53 +221,111 @@ def extract(pipeline: Pipeline, overwrite: bool = False, progress=None) -> Extra
     for name in list(dataset.splits):  # the manifest fingerprints data order; storage is by length
         dataset.splits[name], tokenized[name] = reorder(dataset.splits[name], tokenized[name],
                                                         storage_order(tokenized[name].lengths))
+    return Plan(backbone, dataset, tokenized, tiers, manifest, device)
 
-    t_write = time.perf_counter()  # from here on: the per-sample work, measured by the benchmark
-    writer = CacheWriter(cfg.cache, manifest, overwrite=overwrite)
-    summary = ExtractSummary(cache=str(cfg.cache), resumed=writer.resumed, timings=timings)
+
+def open_writer(pipeline: Pipeline, plan: Plan, overwrite: bool, log) -> CacheWriter:
+    """The cache's writer, or the reason an existing cache cannot be reused."""
+    try:
+        return CacheWriter(pipeline.extract.cache, plan.manifest, overwrite=overwrite, log=log)
+    except CacheMismatch as exc:
+        if exc.diffs and {d.path[0] for d in exc.diffs} <= CUT_FIELDS:
+            raise CacheMismatch(cut_mismatch_message(pipeline, exc.diffs), exc.diffs) from None
+        raise
+
+
+def cut_mismatch_message(pipeline: Pipeline, diffs) -> str:
+    """When only the cut differs, say whether the cache already serves the training request."""
+    cache = Cache(pipeline.extract.cache)
+    m, k = cache.manifest, pipeline.train.late_layers
+    have = f"extract.late_layers = {m['late_layers']}, tiers {m['tiers']}"
+    if serves(m, k, pipeline.train.tiers):
+        return (f"cache {cache.path}: was extracted with {have}; it already serves train.late_layers = {k} "
+                f"(the anchor h[{m['backbone']['num_layers'] - k}] and the tiers below it are stored): keep "
+                f"extract.late_layers = {m['late_layers']} (and extract.tiers) to reuse it, or use --overwrite "
+                f"to re-extract")
+    return (f"cache {cache.path}: was extracted with {have}; it does not serve train.late_layers = {k} "
+            f"(its anchor or tiers are not stored): use --overwrite to re-extract it, or choose another "
+            f"extract.cache path")
+
+
+def plan_blocks(writer: CacheWriter, plan: Plan, cfg, summary: ExtractSummary) -> list[tuple[str, int]]:
+    """Create the split arrays (or check them) and list the blocks still to write."""
     compressors = make_compressors(cfg.codec, cfg.clevel, cfg.dtype)
-    label_dtype = "int64" if dataset.task_type == "classification" else "float32"
-    pad_id = backbone.tokenizer.pad_token_id or 0
-
-    plan = []
-    for name, split in dataset.splits.items():
-        tok = tokenized[name]
-        writer.create_split(name, len(split), tok.max_len, backbone.config.hidden_size, tiers, cfg.dtype,
+    label_dtype = "int64" if plan.dataset.task_type == "classification" else "float32"
+    pad_id = plan.backbone.tokenizer.pad_token_id or 0
+    blocks = []
+    for name, split in plan.dataset.splits.items():
+        tok = plan.tokenized[name]
+        writer.create_split(name, len(split), tok.max_len, plan.backbone.config.hidden_size, plan.tiers, cfg.dtype,
                             compressors, cfg.chunk_size, cfg.time_chunk, label_dtype, pad_id, tok.types is not None)
-        pending = writer.pending_blocks(name)
-        summary.splits[name] = SplitSummary(blocks_total=manifest["splits"][name]["blocks"])
-        plan += [(name, b) for b in pending]
-    if progress is not None and hasattr(progress, "set_total"):
-        progress.set_total(sum(min(cfg.chunk_size, len(dataset.splits[n]) - b * cfg.chunk_size) for n, b in plan))
+        pending, repaired = writer.pending_blocks(name)
+        summary.splits[name] = SplitSummary(blocks_total=plan.manifest["splits"][name]["blocks"],
+                                            blocks_repaired=repaired)
+        blocks += [(name, b) for b in pending]
+    return blocks
 
-    t_blocks = time.perf_counter()
+
+def block_arrays(plan: Plan, name: str, b: int, cfg) -> tuple[int, dict[str, np.ndarray]]:
+    """Block b of a split: its tiers from the model, and its side arrays."""
+    split, tok = plan.dataset.splits[name], plan.tokenized[name]
+    start = b * cfg.chunk_size
+    idx = np.arange(start, min(start + cfg.chunk_size, len(split)))
+    width = block_width(tok, idx, cfg.time_chunk)
+    pad_id = plan.backbone.tokenizer.pad_token_id or 0
+    arrays = forward_block(plan.backbone, tok, idx, plan.tiers, width, cfg.batch_size, cfg.dtype, plan.device,
+                           f"cache {cfg.cache}, split '{name}', block {b}")
+    arrays["input_ids"] = pad_batch([tok.ids[i] for i in idx], pad_id, width, np.int32)
+    if tok.types is not None:
+        arrays["token_type_ids"] = pad_batch([tok.types[i] for i in idx], 0, width, np.int8)
+    arrays["lengths"] = tok.lengths[idx]
+    arrays["labels"] = split.labels[idx]
+    arrays["row_ids"] = split.row_ids[idx]
+    return start, arrays
+
+
+def write_blocks(writer: CacheWriter, plan: Plan, blocks, cfg, summary: ExtractSummary, progress) -> None:
     bg = _Writer(writer)
+    ok = False
     try:
         with torch.inference_mode():
-            for name, b in plan:
-                split, tok = dataset.splits[name], tokenized[name]
-                start = b * cfg.chunk_size
-                idx = np.arange(start, min(start + cfg.chunk_size, len(split)))
-                width = block_width(tok, idx, cfg.time_chunk)
-                arrays = forward_block(backbone, tok, idx, tiers, width, cfg.batch_size, cfg.dtype,
-                                       device, f"cache {cfg.cache}, split '{name}', block {b}")
-                arrays["input_ids"] = pad_batch([tok.ids[i] for i in idx], pad_id, width, np.int32)
-                if tok.types is not None:
-                    arrays["token_type_ids"] = pad_batch([tok.types[i] for i in idx], 0, width, np.int8)
-                arrays["lengths"] = tok.lengths[idx]
-                arrays["labels"] = split.labels[idx]
-                arrays["row_ids"] = split.row_ids[idx]
+            for name, b in blocks:
+                start, arrays = block_arrays(plan, name, b, cfg)
                 bg.put((name, b, start, arrays))
                 s = summary.splits[name]
-                s.samples += len(idx)
+                s.samples += len(arrays["lengths"])
                 s.blocks_written += 1
-                summary.samples += len(idx)
-                summary.real_tokens += int(tok.lengths[idx].sum())
+                summary.samples += len(arrays["lengths"])
+                summary.real_tokens += int(arrays["lengths"].sum())
                 if progress is not None:
-                    progress(len(idx))
+                    progress(len(arrays["lengths"]))
+        ok = True
     finally:
-        bg.close()
-    timings["blocks"] = time.perf_counter() - t_blocks
+        bg.close(check=ok)
+
+
+def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=print) -> ExtractSummary:
+    """Run stage one for the pipeline; `progress(n_samples)` is called as blocks finish.
+
+    The caller sets torch's thread count (the CLI: extract.threads)."""
+    cfg = pipeline.extract
+    t_start = time.perf_counter()
+    set_codec_threads(cfg.codec_threads)
+    timings: dict[str, float] = {}
+    plan = prepare(pipeline, timings)
+    t_write = time.perf_counter()  # from here on: the per-sample work, measured by the benchmark
+    writer = open_writer(pipeline, plan, overwrite, log)
+    try:
+        summary = ExtractSummary(cache=str(cfg.cache), resumed=writer.resumed, timings=timings)
+        blocks = plan_blocks(writer, plan, cfg, summary)
+        if progress is not None and hasattr(progress, "set_total"):
+            progress.set_total(sum(min(cfg.chunk_size, len(plan.dataset.splits[n]) - b * cfg.chunk_size)
+                                   for n, b in blocks))
+        t_blocks = time.perf_counter()
+        write_blocks(writer, plan, blocks, cfg, summary, progress)
+        timings["blocks"] = time.perf_counter() - t_blocks
+    finally:
+        writer.close()
     timings["extract"] = time.perf_counter() - t_write
     summary.bytes_on_disk = Cache(cfg.cache).bytes_on_disk()
     summary.seconds = time.perf_counter() - t_start

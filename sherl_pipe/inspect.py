@@ -16,6 +16,7 @@ def cache_report(path: str) -> dict:
     splits = {}
     for name in cache.splits:
         done, total = cache.blocks_done(name)
+        missing = sum(len(c) for c in cache.missing_chunks(name).values())
         info = m["splits"][name]
         arrays = {}
         for arr_name, arr in sorted(cache.group[name].arrays(), key=_array_order):
@@ -23,7 +24,8 @@ def cache_report(path: str) -> dict:
                                 "bytes_on_disk": cache.bytes_on_disk(name, arr_name)}
         tier_bytes = sum(a["bytes_on_disk"] for n, a in arrays.items() if n.startswith("h"))
         real_fp16 = info["tokens"] * m["backbone"]["hidden_size"] * 2 * len(m["tiers"])
-        splits[name] = {**info, "blocks_done": done, "complete": done == total, "arrays": arrays,
+        splits[name] = {**info, "blocks_done": done, "missing_chunks": missing,
+                        "complete": done == total and not missing, "arrays": arrays,
                         "tier_bytes_on_disk": tier_bytes,
                         "tier_bytes_over_real_fp16": round(tier_bytes / real_fp16, 4) if real_fp16 else None}
     return {
@@ -38,8 +40,11 @@ def cache_report(path: str) -> dict:
 def format_report(r: dict) -> str:
     m = r["manifest"]
     b = m["backbone"]
+    damaged = any(s["missing_chunks"] for s in r["splits"].values())
+    state = "complete" if r["complete"] else ("DAMAGED" if damaged else "INCOMPLETE")
     lines = [
-        f"cache      {r['path']}  ({'complete' if r['complete'] else 'INCOMPLETE'}, {r['bytes_on_disk'] / 2**20:.1f} MiB)",
+        f"cache      {r['path']}  ({state}, {r['bytes_on_disk'] / 2**20:.1f} MiB; checksums are checked by "
+        f"`sherl-pipe verify`)",
         f"format     v{m['format_version']} (made by sherl-pipe {m['tool_version']} on {m['created']})",
         f"backbone   {b['source']}: {b['model_type']}, {b['num_layers']} layers, width {b['hidden_size']}, "
         f"{b['attn_implementation']} attention",
@@ -55,6 +60,8 @@ def format_report(r: dict) -> str:
     ]
     for name, s in r["splits"].items():
         state = "complete" if s["complete"] else "INCOMPLETE"
+        if s["missing_chunks"]:
+            state = f"DAMAGED: {s['missing_chunks']} chunk(s) missing; run `sherl-pipe verify --mark-bad`"
         lines.append(f"split {name}: {s['rows']} rows, {s['tokens']} tokens (longest {s['max_len']}), "
                      f"{s['blocks_done']}/{s['blocks']} blocks ({state}); tiers on disk "
                      f"{s['tier_bytes_on_disk'] / 2**20:.2f} MiB = {s['tier_bytes_over_real_fp16']}x raw fp16 of real tokens")

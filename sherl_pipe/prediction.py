@@ -22,7 +22,8 @@ from sherl_pipe.training.setup import verify_backbone
 
 
 def predict(run_dir, input_path: str, output_path: str, checkpoint: str = "best", batch_size: int = 128,
-            fmt: str = "auto", encoding: str = "utf-8", backbone_source: str | None = None) -> int:
+            fmt: str = "auto", encoding: str = "utf-8", backbone_source: str | None = None,
+            text_column: str | None = None, text_pair_column: str | None = None) -> int:
     """Labels for new raw text; returns the number of rows written."""
     if not Path(output_path).parent.is_dir():  # checked before any work, not after it
         raise SherlError(f"--output {output_path}: folder {Path(output_path).parent} does not exist; "

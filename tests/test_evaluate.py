@@ -129,7 +129,7 @@ def test_cli_run_reuses_a_matching_cache(trained, tmp_path):
     r = CliRunner().invoke(main, ["run", str(root / "p.toml"), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
                                   "-q"])
     assert r.exit_code == 0, r.output
-    assert "(resumed): complete" in r.stdout and "nothing to do" in r.stdout
+    assert ": already complete" in r.stdout and "nothing to do" in r.stdout
     assert "test (48 rows" in r.stdout
 
 

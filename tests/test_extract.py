@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_text_file, require_minilm, require_sst2, write_pipeline, SST2
+from conftest import make_backbone, make_text_file, require_minilm, require_sst2, write_pipeline, SST2
 from sherl_pipe.cache import Cache
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.data import load_dataset
@@ -282,6 +283,8 @@ def test_cache_as_dask(tmp_path, bert_dir, text_csv):
 
 @pytest.mark.parametrize("codec", ["blosc-lz4", "blosc-zstd", "zstd", "none"])
 def test_direct_chunk_io_matches_zarr_for_every_codec(tmp_path, bert_dir, text_csv, codec):
+    """Every stored chunk decodes as zarr decodes it (checksum included); unstored chunks are the
+    all-padding ones, which zarr reads as zeros."""
     from sherl_pipe.cache import BlockReader
 
     pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache", f'codec = "{codec}"\ntime_chunk = 4')
@@ -289,13 +292,147 @@ def test_direct_chunk_io_matches_zarr_for_every_codec(tmp_path, bert_dir, text_c
     cache = Cache(tmp_path / "cache")
     arr = cache.array("train", "h1")
     reader = BlockReader(cache.path, "train", "h1", arr)
-    assert reader.codec is not None
     full = arr[:]  # zarr's own read path
     chunk, tc = arr.chunks[0], arr.chunks[1]
     out = np.empty(arr.chunks, dtype=arr.dtype)
-    for block in range(-(-arr.shape[0] // chunk)):
-        for j in range(-(-arr.shape[1] // tc)):
-            expected = full[block * chunk:(block + 1) * chunk, j * tc:(j + 1) * tc]
-            out[...] = np.nan
-            reader.read_time_chunk(block, j, out)
-            np.testing.assert_array_equal(out[:expected.shape[0], :expected.shape[1]], expected)
+    stored = cache.chunk_files("train", "h1")
+    assert stored and all(len(c) == 2 for c in stored)
+    unstored = np.ones(full.shape[:2], dtype=bool)
+    for block, j in stored:
+        expected = full[block * chunk:(block + 1) * chunk, j * tc:(j + 1) * tc]
+        out[...] = np.nan
+        reader.read_time_chunk(block, j, out)
+        np.testing.assert_array_equal(out[:expected.shape[0], :expected.shape[1]], expected)
+        unstored[block * chunk:(block + 1) * chunk, j * tc:(j + 1) * tc] = False
+    assert unstored.any() and np.all(full[unstored] == 0)
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_cache(tmp_path, bert_dir, text_csv):
+    from click.testing import CliRunner
+
+    from sherl_pipe.cli import main
+
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "unused")
+    r = CliRunner().invoke(main, ["extract", str(pipe), "--cache", str(precious), "--overwrite", "-q"])
+    assert r.exit_code == 2 and f"cache {precious}: exists and is not a sherl-pipe cache" in r.stderr, r.output
+    assert (precious / "notes.txt").read_text() == "keep me"
+    (precious / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    r = CliRunner().invoke(main, ["extract", str(pipe), "--cache", str(precious), "--overwrite", "-q"])
+    assert r.exit_code == 2 and "not a sherl-pipe cache" in r.stderr, r.output
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_train_refuses_a_stale_cache(tmp_path, bert_dir):
+    from sherl_pipe.training import train
+
+    data = make_text_file(tmp_path / "d.csv", n=120, seed=4)
+    path = tmp_path / "p.toml"
+    write_pipeline(path, bert_dir, data, tmp_path / "cache")
+    path.write_text(path.read_text() + f'\n[train]\nrun_dir = "{tmp_path / "run"}"\nmax_steps = 2\n')
+    extract(load_pipeline(str(path)))
+    with pytest.raises(SherlError, match=r"data.limit: cache has 0, request has 50.*splits.train.fingerprint"):
+        train(load_pipeline(str(path), ["data.limit=50"]), log=lambda m: None)
+    with pytest.raises(SherlError, match=r"dtype: cache has \"float16\", request has \"float32\""):
+        train(load_pipeline(str(path), ["extract.dtype=float32"]), log=lambda m: None)
+    lines = data.read_text().splitlines()
+    lines[5] = "an edited sentence," + lines[5].split(",", 1)[1]
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SherlError, match=r"was made for other data or settings.*splits\.\w+\.fingerprint"):
+        train(load_pipeline(str(path)), log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_matching_ignores_file_paths_and_the_transformers_version(tmp_path, bert_dir, text_csv):
+    import json
+
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
+    extract(load_pipeline(str(pipe)))
+    moved = tmp_path / "elsewhere" / "renamed.csv"
+    moved.parent.mkdir()
+    shutil.copy(text_csv, moved)
+    other_model = tmp_path / "model-copy"
+    shutil.copytree(bert_dir, other_model)
+    zarr_json = tmp_path / "cache" / "zarr.json"
+    meta = json.loads(zarr_json.read_text())
+    meta["attributes"]["sherl_pipe"]["backbone"]["config"]["transformers_version"] = "4.0.0"
+    zarr_json.write_text(json.dumps(meta))
+    again = extract(load_pipeline(str(pipe), [f"data.source={moved}", f"backbone.source={other_model}"]))
+    assert again.resumed and again.samples == 0
+
+
+def test_a_half_precision_checkpoint_is_cached_and_trained_in_fp32(tmp_path, text_csv):
+    from transformers import AutoModel
+
+    from sherl_pipe.training import train
+
+    folder = make_backbone(tmp_path / "bf16", "bert")
+    model = AutoModel.from_pretrained(folder)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    assert '"bfloat16"' in (folder / "config.json").read_text()
+    path = write_pipeline(tmp_path / "p.toml", folder, text_csv, tmp_path / "cache", 'dtype = "float32"')
+    path.write_text(path.read_text() + f'\n[train]\nrun_dir = "{tmp_path / "run"}"\nmax_steps = 2\n')
+    extract(load_pipeline(str(path)))
+    cache, tiers, lengths = read_split(tmp_path / "cache", "train")
+    assert all(a.dtype == np.float32 for a in tiers.values())
+    texts = split_texts(path, "train", cache)
+    reference = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()  # the bf16 weights, upcast
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(folder)(texts, truncation=True, max_length=24, padding=True,
+                                                return_tensors="pt")
+    with torch.no_grad():
+        ref = reference(**enc, output_hidden_states=True).hidden_states
+    t_len = int(lengths.max())
+    mask = enc["attention_mask"].numpy()[:, :t_len, None]
+    for t, cached in tiers.items():
+        np.testing.assert_allclose(cached, ref[t].numpy()[:, :t_len] * mask, atol=1e-5, rtol=0)
+    assert train(load_pipeline(str(path)), log=lambda m: None).steps == 2
+
+
+def test_the_writer_threads_error_does_not_hide_the_one_that_stopped_extraction(tmp_path, bert_dir, text_csv,
+                                                                                monkeypatch):
+    import sherl_pipe.extraction as extraction
+
+    calls = []
+    forward = extraction.forward_block
+
+    def failing_forward(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SherlError("the forward pass failed")
+        return forward(*a, **kw)
+
+    def failing_write(*a, **kw):
+        raise RuntimeError("the writer failed")
+
+    monkeypatch.setattr(extraction, "forward_block", failing_forward)
+    monkeypatch.setattr(extraction.CacheWriter, "write_block", failing_write)
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
+    with pytest.raises(SherlError, match="the forward pass failed"):
+        extract(load_pipeline(str(pipe)))
+
+
+def test_a_cache_path_that_is_a_file_is_named(tmp_path, bert_dir, text_csv):
+    from click.testing import CliRunner
+
+    from sherl_pipe.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "afile")
+    for args in (["extract", str(pipe), "-q"], ["info", str(tmp_path / "afile")]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and f"cache {tmp_path / 'afile'}: is a file, not a cache folder" in r.stderr, r.output
+
+
+def test_a_late_layers_mismatch_says_whether_the_cache_already_serves_it(tmp_path, bert_dir, text_csv):
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
+    extract(load_pipeline(str(pipe)))  # late_layers 1: tiers h0..h2
+    with pytest.raises(SherlError, match=r"already serves train.late_layers = 2 .*keep extract.late_layers = 1"):
+        extract(load_pipeline(str(pipe), ["extract.late_layers=2", "train.late_layers=2"]))
+    small = write_pipeline(tmp_path / "q.toml", bert_dir, text_csv, tmp_path / "small", "tiers = [2]")
+    extract(load_pipeline(str(small)))  # only h2 stored
+    with pytest.raises(SherlError, match=r"does not serve train.late_layers = 2 .*--overwrite"):
+        extract(load_pipeline(str(small), ["extract.late_layers=2", "train.late_layers=2", "extract.tiers=[]"]))

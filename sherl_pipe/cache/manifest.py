@@ -2,31 +2,53 @@
 
 The manifest lives in the group's attributes under "sherl_pipe". It is written once, when the
 cache is created, and never rewritten by writers.
+
+Matching compares what a cache holds, never where its inputs were or which tools made it: file
+paths (the data files, the backbone folder) are matched by their contents (the rows' fingerprints,
+the module and tokenizer hashes), and the transformers version, the checkpoint's declared dtype
+and architecture and the tokenizer's class name are informational.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every chunk carries a CRC-32C
 MANIFEST_KEY = "sherl_pipe"
-# Fields that describe how or when a cache was made, not what it holds: never matched. File paths
-# are volatile too: what a path held is matched by the module hashes and the rows' fingerprints.
 VOLATILE = {"tool_version", "created", "config"}
+VOLATILE_PATHS = {("backbone", "source"), ("tokenizer", "class")}
+VOLATILE_DATA = {"source", "train", "validation", "test"}
+VOLATILE_CONFIG = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"}
+# What only says how the cache was cut: whether a cache serves a training request is decided by
+# the tiers it holds (serves()), not by these.
+CUT_FIELDS = {"cut", "late_layers", "tiers"}
 
 
 def is_volatile(path: tuple) -> bool:
-    return ((len(path) == 1 and path[0] in VOLATILE) or path == ("backbone", "source")
-            or (len(path) == 3 and path[0] == "splits" and path[2] == "source"))
+    return ((len(path) == 1 and path[0] in VOLATILE) or path in VOLATILE_PATHS
+            or (len(path) == 3 and path[0] == "splits" and path[2] == "source")
+            or (len(path) == 2 and path[0] == "data" and path[1] in VOLATILE_DATA)
+            or (len(path) == 3 and path[:2] == ("backbone", "config") and path[2] in VOLATILE_CONFIG))
 
 
-def manifest_diff(old: dict, new: dict) -> list[str]:
-    """Dotted paths of the non-volatile fields that differ, with both values."""
-    out: list[str] = []
+@dataclass(frozen=True)
+class Diff:
+    path: tuple
+    cache: object
+    request: object
+
+    def __str__(self) -> str:
+        return f"{'.'.join(self.path)}: cache has {_show(self.cache)}, request has {_show(self.request)}"
+
+
+def manifest_diff(old: dict, new: dict) -> list[Diff]:
+    """The non-volatile fields that differ, with both values."""
+    out: list[Diff] = []
 
     def walk(a, b, path):
         if isinstance(a, dict) and isinstance(b, dict):
@@ -34,7 +56,7 @@ def manifest_diff(old: dict, new: dict) -> list[str]:
                 if not is_volatile(path + (key,)):
                     walk(a.get(key), b.get(key), path + (key,))
         elif a != b:
-            out.append(f"{'.'.join(path)}: cache has {_show(a)}, request has {_show(b)}")
+            out.append(Diff(path, a, b))
 
     walk(old, new, ())
     return out
@@ -60,31 +82,13 @@ def manifest_fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(strip(manifest), sort_keys=True).encode()).hexdigest()
 
 
-def build_manifest(pipeline, backbone_identity: dict, tokenizer: dict, dataset, tokenized: dict,
-                   cut: int, tiers: list[int]) -> dict:
-    """The manifest of a cache for this pipeline (format and tool version are added by the writer)."""
-    cfg = pipeline.extract
-    splits = {}
-    for name, split in dataset.splits.items():
-        tok = tokenized[name]
-        splits[name] = {
-            "source": split.source,
-            "fingerprint": split.fingerprint(),
-            "rows": len(split),
-            "tokens": int(tok.lengths.sum()),
-            "max_len": tok.max_len,
-            "blocks": -(-len(split) // cfg.chunk_size),
-            "label_counts": (np.bincount(split.labels, minlength=len(dataset.label_names)).tolist()
-                             if dataset.label_names else None),
-        }
-    data = pipeline.data
-    return {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": backbone_identity,
+def describe_request(pipeline, backbone: dict, tokenizer: dict, dataset) -> dict:
+    """What a pipeline asks a cache to hold, short of the module hashes and of what tokenizing
+    derives (token counts): enough for `train` to tell a stale cache without the early weights."""
+    cfg, data = pipeline.extract, pipeline.data
+    return jsonable({
+        "backbone": backbone,
         "tokenizer": {**tokenizer, "max_length": pipeline.backbone.max_length},
-        "cut": cut,
-        "late_layers": backbone_identity["num_layers"] - cut,
-        "tiers": tiers,
         "dtype": cfg.dtype,
         "codec": {"name": cfg.codec, "level": cfg.clevel},
         "chunk_size": cfg.chunk_size,
@@ -94,6 +98,44 @@ def build_manifest(pipeline, backbone_identity: dict, tokenizer: dict, dataset, 
                  "text_pair_column": data.text_pair_column or None, "label_column": data.label_column,
                  "label_names": dataset.label_names},
         "data": pipeline.to_dict()["data"],
-        "splits": splits,
-        "config": pipeline.to_dict(),
-    }
+        "splits": {name: {"fingerprint": s.fingerprint(), "rows": len(s)} for name, s in dataset.splits.items()},
+    })
+
+
+def build_manifest(pipeline, backbone_identity: dict, tokenizer: dict, dataset, tokenized: dict,
+                   cut: int, tiers: list[int]) -> dict:
+    """The manifest of a cache for this pipeline (format and tool version are added by the writer)."""
+    chunk = pipeline.extract.chunk_size
+    manifest = describe_request(pipeline, backbone_identity, tokenizer, dataset)
+    for name, split in dataset.splits.items():
+        tok = tokenized[name]
+        manifest["splits"][name] = {
+            "source": split.source, **manifest["splits"][name],
+            "tokens": int(tok.lengths.sum()), "max_len": tok.max_len, "blocks": -(-len(split) // chunk),
+            "label_counts": (np.bincount(split.labels, minlength=len(dataset.label_names)).tolist()
+                             if dataset.label_names else None)}
+    return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest,
+            "cut": cut, "late_layers": backbone_identity["num_layers"] - cut, "tiers": tiers,
+            "config": pipeline.to_dict()}
+
+
+def project(manifest, template):
+    """The part of a manifest that has the keys of TEMPLATE (recursively)."""
+    if not isinstance(template, dict) or not isinstance(manifest, dict):
+        return manifest
+    return {k: project(manifest.get(k), v) for k, v in template.items()}
+
+
+def stale_fields(manifest: dict, request: dict) -> list[Diff]:
+    """How a cache differs from what a pipeline describes (split names included)."""
+    diffs = manifest_diff(project(manifest, request), request)
+    if sorted(manifest["splits"]) != sorted(request["splits"]):
+        diffs.insert(0, Diff(("splits",), sorted(manifest["splits"]), sorted(request["splits"])))
+    return diffs
+
+
+def serves(manifest: dict, late_layers: int, tiers: tuple[int, ...] = ()) -> bool:
+    """Whether a cache holds what training with k = late_layers (and these tiers) reads."""
+    anchor = manifest["backbone"]["num_layers"] - late_layers
+    stored = set(manifest["tiers"])
+    return anchor >= 0 and anchor in stored and all(t in stored for t in tiers if t <= anchor)

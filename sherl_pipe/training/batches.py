@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from sherl_pipe.cache import BlockReader, Cache, tier_name
+from sherl_pipe.storage import to_storage
 
 
 def _libc_trim():
@@ -123,11 +124,11 @@ class SplitSource:
         self.model_tiers = list(tiers)  # what the model takes, read or not: sizes the sampler's windows
         self.chunk_size = cache.manifest["chunk_size"]
         self.time_chunk = cache.array(split, tier_name(cache.tiers[-1])).chunks[1]
-        self.lengths = cache.array(split, "lengths")[:].astype(np.int64)
-        self.labels = cache.array(split, "labels")[:]
-        self.input_ids = cache.array(split, "input_ids")[:]
-        names = [n for n, _ in cache.group[split].arrays()]
-        self.token_type_ids = cache.array(split, "token_type_ids")[:] if "token_type_ids" in names else None
+        self.lengths = cache.read(split, "lengths").astype(np.int64)
+        self.labels = cache.read(split, "labels")
+        self.input_ids = cache.read(split, "input_ids")
+        names = cache.array_names(split)
+        self.token_type_ids = cache.read(split, "token_type_ids") if "token_type_ids" in names else None
         self.n = len(self.lengths)
         self.n_chunks = -(-self.n // self.chunk_size)
         self._readers = {t: BlockReader(cache.path, split, tier_name(t), cache.array(split, tier_name(t)))
@@ -252,16 +253,18 @@ class SplitSource:
 
 
 class LiveStates:
-    """Runs the early layers on a batch's input_ids (no tiers read), rounded through the cache's
-    storage dtype so that live and cached training see the same values."""
+    """Runs the early layers on a batch's input_ids (no tiers read), stored as the cache stores them
+    (padding cleared, rounded through the storage dtype) so live and cached training see the same
+    values. Runs in fp32 outside any autocast, as extraction does."""
 
     def __init__(self, backbone, tiers: list[int], storage_dtype: str):
-        self.backbone, self.tiers = backbone, list(tiers)
-        self.dtype = getattr(torch, storage_dtype)
+        self.backbone, self.tiers, self.dtype = backbone, list(tiers), storage_dtype
 
     def __call__(self, batch: Batch) -> Batch:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(batch.mask.device.type, enabled=False):
             states = self.backbone.early_states(batch.input_ids, batch.mask, batch.token_type_ids,
                                                 upto=max(self.tiers))
-        batch.states = {t: states[t].to(self.dtype).float() * batch.mask[..., None] for t in self.tiers}
+        # outside inference mode: the converted tiers are ordinary tensors autograd may save
+        batch.states = {t: to_storage(states[t], batch.mask, self.dtype, "live early layers", t).float()
+                        for t in self.tiers}
         return batch

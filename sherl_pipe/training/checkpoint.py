@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from sherl_pipe.atomic import replace_atomically, write_atomically
 from sherl_pipe.errors import SherlError
+from sherl_pipe.folders import clear_folder, has_files, refuse_cwd
 from sherl_pipe.locks import FolderLock
 
 REQUIRED = ("config.json", "model.json")
@@ -65,26 +65,6 @@ def is_run_folder(path: Path) -> bool:
         return "spec" in json.loads((path / "model.json").read_text())
     except (OSError, ValueError, TypeError):
         return False
-
-
-def has_files(path: Path) -> bool:
-    return any(p.is_file() or p.is_symlink() for p in path.rglob("*"))
-
-
-def clear_folder(path: Path) -> None:
-    """Delete what a folder holds, keeping the folder itself (and so the lock held on it)."""
-    for entry in path.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
-def refuse_cwd(path: Path, what: str) -> None:
-    here = Path.cwd().resolve()
-    if path.resolve() == here or path.resolve() in here.parents:
-        raise SherlError(f"{what} {path}: is the current directory or holds it; refusing to delete it with "
-                         f"--overwrite; give another folder")
 
 
 class RunFolder:

@@ -24,6 +24,7 @@ from sherl_pipe.config import Pipeline
 from sherl_pipe.devices import pick_device
 from sherl_pipe.errors import SherlError
 from sherl_pipe.model import ModelSpec
+from sherl_pipe.request import check_cache_matches
 from sherl_pipe.resources import resolve_model
 from sherl_pipe.training.checkpoint import RunFolder
 from sherl_pipe.training.inference import compute_metrics, predict_split
@@ -77,6 +78,7 @@ def open_training_cache(pipeline: Pipeline) -> tuple[Cache, ModelSpec, str | Non
     """The cache, the model spec and the evaluation split, checked before any work."""
     cfg = pipeline.train
     cache = Cache(pipeline.extract.cache)
+    check_cache_matches(cache, pipeline)
     if "train" not in cache.splits:
         raise SherlError(f"cache {cache.path}: has no 'train' split (has: {', '.join(cache.splits)})")
     cache.require_complete("train")

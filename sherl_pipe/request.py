@@ -1,0 +1,51 @@
+"""What a pipeline asks of a cache, read without the model's weights: the data (fingerprinted),
+the backbone's config and tokenizer, and the storage settings. `extract` builds the manifest from
+it; `train` compares it with the cache it is given, so a stale cache is refused, not trained on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sherl_pipe.backbone import describe_backbone, load_config, load_tokenizer, position_limit, tokenizer_identity
+from sherl_pipe.cache import Cache
+from sherl_pipe.cache.manifest import describe_request, stale_fields
+from sherl_pipe.config import Pipeline
+from sherl_pipe.data import Dataset, load_dataset
+from sherl_pipe.errors import SherlError
+from sherl_pipe.resources import resolve_model
+
+
+@dataclass
+class Request:
+    dataset: Dataset
+    folder: object
+    config: object
+    tokenizer: object
+    described: dict
+
+
+def read_request(pipeline: Pipeline) -> Request:
+    """The data first (its errors come before any model is loaded), then the backbone's config and
+    tokenizer (cheap: no weights)."""
+    dataset = load_dataset(pipeline.data, pipeline.extract.splits)
+    folder = resolve_model(pipeline.backbone.source)
+    config = load_config(folder, pipeline.backbone.attn_implementation)
+    tokenizer = load_tokenizer(folder)
+    limit = position_limit(config, tokenizer)
+    if pipeline.backbone.max_length > limit:
+        raise SherlError(f"backbone.max_length = {pipeline.backbone.max_length} is more than the model's "
+                         f"{limit} positions; set backbone.max_length to at most {limit}")
+    described = describe_request(pipeline, describe_backbone(config, folder), tokenizer_identity(folder, tokenizer),
+                                 dataset)
+    return Request(dataset, folder, config, tokenizer, described)
+
+
+def check_cache_matches(cache: Cache, pipeline: Pipeline) -> None:
+    """Refuse a cache made from other data, another backbone config or tokenizer, or other storage
+    settings than the pipeline describes (the same matching rules as extract)."""
+    diffs = stale_fields(cache.manifest, read_request(pipeline).described)
+    if diffs:
+        shown = "; ".join(map(str, diffs[:6])) + ("; ..." if len(diffs) > 6 else "")
+        raise SherlError(f"cache {cache.path}: was made for other data or settings than this pipeline describes "
+                         f"({shown}); rerun `sherl-pipe extract` (or `sherl-pipe run`) to rebuild it, or point "
+                         f"extract.cache at the cache made for this pipeline")
