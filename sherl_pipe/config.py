@@ -31,6 +31,16 @@ def _at_least(default, minimum):
     return field(default=default, metadata={"min": minimum})
 
 
+def _between(default, minimum, maximum, below_max: bool = False):
+    """A number in [minimum, maximum] (or [minimum, maximum) with below_max)."""
+    return field(default=default, metadata={"min": minimum, "max": maximum, "below_max": below_max})
+
+
+def _column(default):
+    """A column name; with data.header = false, its 0-based position (an integer in the file)."""
+    return field(default=default, metadata={"column": True})
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the labeled text comes from and how it is cleaned and split."""
@@ -41,23 +51,35 @@ class DataConfig:
     test: str = ""
     format: str = _choice("auto", "csv", "tsv", "jsonl", "parquet")
     encoding: str = "utf-8"
-    text_column: str = "text"
-    text_pair_column: str = ""
-    label_column: str = "label"
+    header: bool = True  # false: CSV/TSV without a header row; columns are named by position (0, 1, ...)
+    quoting: str = _choice("auto", "none", "csv")  # auto: CSV quoted as CSV, TSV unquoted (GLUE style)
+    text_column: str = _column("text")
+    text_pair_column: str = _column("")
+    label_column: str = _column("label")
     task_type: str = _choice("classification", "regression")
     label_names: tuple[str, ...] = ()  # fixes label ids; default: sorted distinct labels
-    filter_column: str = ""
+    filter_column: str = _column("")
     filter_min: float | None = None
     filter_missing: str = _choice("drop", "keep")
     deduplicate: bool = False
     limit: int = _at_least(0, 0)  # rows kept per file after filtering (0: all)
     split_sizes: tuple[float, ...] = ()  # train, validation, test: counts, or fractions < 1
+    validation_size: float = _at_least(0.0, 0.0)  # carved out of data.train: a count, or a fraction < 1
     split_seed: int = 0
 
     def check(self) -> None:
+        from sherl_pipe.data.read import check_encoding
+
+        check_encoding(self.encoding, "data.encoding")
         files = {s: getattr(self, s) for s in ("train", "validation", "test") if getattr(self, s)}
         if self.source and files:
             raise SherlError("data: give either data.source (one file to split) or data.train/validation/test, not both")
+        if self.validation_size and (self.source or self.validation or not self.train):
+            raise SherlError("data.validation_size: carves a validation split out of data.train, so it needs "
+                             "data.train and not with data.validation (or data.source, which data.split_sizes splits)")
+        if self.validation_size >= 1 and not float(self.validation_size).is_integer():
+            raise SherlError(f"data.validation_size = {self.validation_size}: give a count of rows or a fraction < 1")
+        self.check_columns()
         if self.source and len(self.split_sizes) != 3:
             raise SherlError("data.split_sizes: with data.source give three sizes [train, validation, test]")
         if not self.source and self.split_sizes:
@@ -68,6 +90,15 @@ class DataConfig:
             raise SherlError("data.filter_min: set data.filter_column too")
         if self.task_type == "regression" and self.label_names:
             raise SherlError("data.label_names: only for task_type = 'classification'")
+
+    def check_columns(self) -> None:
+        if self.header:
+            return
+        for key in ("text_column", "text_pair_column", "label_column", "filter_column"):
+            value = getattr(self, key)
+            if value and not value.isdigit():
+                raise SherlError(f"data.{key} = {value!r}: with data.header = false, name columns by 0-based "
+                                 f"position (for example {key} = 0)")
 
     def require_input(self) -> None:
         if not (self.source or self.train or self.validation or self.test):
@@ -116,15 +147,15 @@ class TrainConfig:
     projection: str = _choice("gated-mlp", "linear-ln")
     reduction: int = _at_least(8, 1)
     pooling: str = _choice("auto", "cls-pooler", "cls", "mean")
-    dropout: float = _at_least(0.1, 0.0)
+    dropout: float = _between(0.1, 0.0, 1.0, below_max=True)
     epochs: int = _at_least(3, 0)
     max_steps: int = _at_least(0, 0)  # > 0: stop after this many optimizer steps
     batch_size: int = _at_least(32, 1)
     grad_accum: int = _at_least(1, 1)
-    lr: float = _at_least(0.0, 0.0)  # new modules and head; 0: 3e-3
+    lr: float = _at_least(0.0, 0.0)  # new modules and head; 0: 1e-3
     lr_late: float = _at_least(0.0, 0.0)  # pretrained weights being tuned; 0: the late_tuning mode's default
     weight_decay: float = _at_least(0.01, 0.0)  # pretrained weights only
-    warmup_ratio: float = _at_least(0.06, 0.0)
+    warmup_ratio: float = _between(0.06, 0.0, 1.0)
     grad_clip: float = _at_least(1.0, 0.0)
     lora_rank: int = _at_least(8, 1)
     lora_alpha: float = _at_least(16.0, 0.0)
@@ -254,13 +285,10 @@ def build_section(name: str, values: dict, origin: str):
     checked = {}
     for key, value in values.items():
         where = f"{origin}: {name}.{key}"
-        value = _coerce(value, hints[key], where)
         meta = fields[key].metadata
-        if "choices" in meta and value not in meta["choices"]:
-            raise SherlError(f"{where} = {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
-        if "min" in meta and value < meta["min"]:
-            raise SherlError(f"{where} = {value!r} must be >= {meta['min']}")
-        checked[key] = value
+        if meta.get("column") and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            value = str(value)  # a column's position in a file without a header
+        checked[key] = _check_value(_coerce(value, hints[key], where), meta, where)
     section = cls(**checked)
     if hasattr(section, "check"):
         try:
@@ -268,6 +296,16 @@ def build_section(name: str, values: dict, origin: str):
         except SherlError as exc:
             raise SherlError(f"{origin}: {exc}") from None
     return section
+
+
+def _check_value(value, meta, where: str):
+    if "choices" in meta and value not in meta["choices"]:
+        raise SherlError(f"{where} = {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+    if "min" in meta and value < meta["min"]:
+        raise SherlError(f"{where} = {value!r} must be >= {meta['min']}")
+    if "max" in meta and (value >= meta["max"] if meta["below_max"] else value > meta["max"]):
+        raise SherlError(f"{where} = {value!r} must be {'<' if meta['below_max'] else '<='} {meta['max']}")
+    return value
 
 
 def _coerce(value, hint, where: str):

@@ -1,7 +1,9 @@
 """Load a trained run and evaluate it on a cached split.
 
-Evaluation reads the cache's tiers (for every SHERL mode: live training saw the same values).
-Prediction (prediction.py) runs the early layers live on new text.
+A run folder is self-contained for building its model: its manifest.json (a copy of the cache's)
+holds the backbone config, the task and the label names. Evaluation needs the cache's data: it is
+looked up where the run was trained from (an absolute path), or given with --cache after a move.
+Every SHERL mode is evaluated on the cached tiers: live training saw the same values.
 """
 
 from __future__ import annotations
@@ -21,24 +23,38 @@ from sherl_pipe.cache import Cache, manifest_fingerprint
 from sherl_pipe.config import SECTIONS, Pipeline, build_section
 from sherl_pipe.devices import pick_device
 from sherl_pipe.errors import SherlError
-from sherl_pipe.metrics import majority_baseline
+from sherl_pipe.metrics import majority_baseline, mean_baseline
 from sherl_pipe.model import FullFinetuneModel, ModelSpec, build_sherl_model, config_from_manifest, empty_late_modules
 from sherl_pipe.training.checkpoint import atomic_write_json, load_weights, read_run
 from sherl_pipe.training.inference import compute_metrics, predict_split
 from sherl_pipe.training.setup import source_for
+
+OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
 
 @dataclass
 class Trained:
     run_dir: Path
     pipeline: Pipeline
+    info: dict  # model.json
+    manifest: dict  # the cache's manifest as it was at training time
     spec: ModelSpec
-    cache: Cache
     model: torch.nn.Module
     device: str
 
 
-def load_trained(run_dir, checkpoint: str = "best", cache_path: str | None = None, device: str = "auto") -> Trained:
+def read_run_manifest(run: Path, info: dict) -> dict:
+    """The manifest copy in the run folder (runs made before it existed: the cache's own)."""
+    path = run / "manifest.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise SherlError(f"run folder {run}: manifest.json is not valid JSON ({exc}); the folder is damaged") from None
+    return open_run_cache(run, info, None).manifest
+
+
+def load_trained(run_dir, checkpoint: str = "best", device: str = "auto") -> Trained:
     run, config, info = read_run(run_dir)
     try:
         pipeline = Pipeline(**{name: build_section(name, config.get(name, {}), f"{run}/config.json")
@@ -46,67 +62,94 @@ def load_trained(run_dir, checkpoint: str = "best", cache_path: str | None = Non
         spec = ModelSpec.from_dict(info["spec"])
     except (TypeError, KeyError) as exc:
         raise SherlError(f"run folder {run}: model.json does not describe a model ({exc}); the folder is damaged") from None
-    cache = Cache(cache_path or info["cache"])
-    if manifest_fingerprint(cache.manifest) != info["cache_fingerprint"]:
-        raise SherlError(f"run folder {run}: was trained on another cache than {cache.path} (its fingerprint "
-                         f"differs: another backbone, data or settings); give the cache it was trained on")
+    manifest = read_run_manifest(run, info)
     device = pick_device(device)
-    manifest = cache.manifest
     config = config_from_manifest(manifest)
     if spec.mode == "full-finetune":
         from transformers import AutoModel
 
-        model = FullFinetuneModel(spec, AutoModel.from_config(config))
+        model = FullFinetuneModel(spec, AutoModel.from_config(config, dtype=torch.float32))
     else:
         late, pooler = empty_late_modules(spec, config)
         model = build_sherl_model(spec, config, late, pooler)
     load_weights(run / "checkpoints" / f"{checkpoint}.safetensors", model, checkpoint)
-    return Trained(run, pipeline, spec, cache, model.to(device).eval(), device)
+    return Trained(run, pipeline, info, manifest, spec, model.to(device).eval(), device)
+
+
+def open_run_cache(run: Path, info: dict, cache_path: str | None) -> Cache:
+    path = Path(cache_path or info["cache"])
+    if not path.exists():
+        raise SherlError(f"cache {path}: not found; the run {run} was trained from it: if it moved, give its new "
+                         f"place with --cache")
+    cache = Cache(path)
+    if manifest_fingerprint(cache.manifest) != info["cache_fingerprint"]:
+        raise SherlError(f"run folder {run}: was trained on another cache than {cache.path} (its fingerprint "
+                         f"differs: another backbone, data or settings); give the cache it was trained on")
+    return cache
+
+
+def baselines(spec: ModelSpec, cache: Cache, gold: np.ndarray) -> dict:
+    """The majority class's accuracy, or the training mean's errors, on the evaluated split."""
+    if "train" not in cache.splits:
+        return {}
+    train_labels = cache.read("train", "labels")
+    if spec.task_type == "classification":
+        return {"majority_baseline": majority_baseline(train_labels, gold)}
+    return {"baseline": mean_baseline(train_labels, gold)}
 
 
 def evaluate(run_dir, split: str = "test", checkpoint: str = "best", batch_size: int = 128,
              cache_path: str | None = None) -> dict:
-    t = load_trained(run_dir, checkpoint, cache_path)
-    if split not in t.cache.splits:
-        raise SherlError(f"cache {t.cache.path}: no split '{split}' to evaluate (has: {', '.join(t.cache.splits)})")
-    # Every SHERL mode is evaluated on the cached tiers: live training saw the same values.
+    """Metrics on a cached split; writes eval_SPLIT_CHECKPOINT.json and predictions_SPLIT_CHECKPOINT.csv."""
+    t = load_trained(run_dir, checkpoint)
+    cache = open_run_cache(t.run_dir, t.info, cache_path)
+    if split not in cache.splits:
+        raise SherlError(f"cache {cache.path}: no split '{split}' to evaluate (has: {', '.join(cache.splits)})")
     data_spec = t.spec if t.spec.mode == "full-finetune" else dataclasses.replace(t.spec, mode="cached")
-    source = source_for(t.cache, split, data_spec)
+    source = source_for(cache, split, data_spec)
     outputs, labels, index = predict_split(t.model, t.spec, source, None, batch_size, t.device)
+    gold = labels.numpy()
     result = {"split": split, "checkpoint": checkpoint, "rows": int(len(labels)),
-              **compute_metrics(t.spec, outputs, labels)}
-    names = t.cache.manifest["task"]["label_names"]
-    if t.spec.task_type == "classification" and "train" in t.cache.splits:
-        train_labels = t.cache.array("train", "labels")[:]
-        result["majority_baseline"] = majority_baseline(train_labels, labels.numpy())
-    atomic_write_json(t.run_dir / f"eval_{split}.json", result)
-    row_ids = source.cache.array(split, "row_ids")[:][index]
-    write_predictions(t.run_dir / f"predictions_{split}.csv", t.spec, names, outputs, row_ids,
-                      labels.numpy())
+              **compute_metrics(t.spec, outputs, labels), **baselines(t.spec, cache, gold)}
+    atomic_write_json(t.run_dir / f"eval_{split}_{checkpoint}.json", result)
+    row_ids = cache.read(split, "row_ids")[index]
+    write_predictions(t.run_dir / f"predictions_{split}_{checkpoint}.csv", t.spec,
+                      t.manifest["task"]["label_names"], outputs, row_ids, gold)
     return result
+
+
+def prediction_records(spec: ModelSpec, names, outputs: torch.Tensor, row_ids: np.ndarray,
+                       gold: np.ndarray | None = None) -> list[dict]:
+    """One record per input row, in row order: labels and class probabilities (or values)."""
+    order = np.argsort(row_ids, kind="stable")
+    records = []
+    if spec.task_type == "classification":
+        probs = torch.softmax(outputs.float(), -1).numpy()
+        for i in order:
+            rec = {"row": int(row_ids[i]), "label": names[int(probs[i].argmax())],
+                   **{f"prob_{n}": float(p) for n, p in zip(names, probs[i])}}
+            if gold is not None:
+                rec["gold"] = names[int(gold[i])]
+            records.append(rec)
+    else:
+        for i in order:
+            rec = {"row": int(row_ids[i]), "value": float(outputs[i, 0])}
+            if gold is not None:
+                rec["gold"] = float(gold[i])
+            records.append(rec)
+    return records
 
 
 def write_predictions(path: Path, spec: ModelSpec, names, outputs: torch.Tensor, row_ids: np.ndarray,
                       gold: np.ndarray | None = None) -> None:
-    """One line per input row, in row order: labels and class probabilities (or regression values)."""
-    order = np.argsort(row_ids, kind="stable")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    if spec.task_type == "classification":
-        probs = torch.softmax(outputs.float(), -1).numpy()
-        w.writerow(["row", "label"] + [f"prob_{n}" for n in names] + (["gold"] if gold is not None else []))
-        for i in order:
-            pred = int(probs[i].argmax())
-            w.writerow([int(row_ids[i]), names[pred]] + [f"{p:.6f}" for p in probs[i]]
-                       + ([names[int(gold[i])]] if gold is not None else []))
-    else:
-        w.writerow(["row", "value"] + (["gold"] if gold is not None else []))
-        for i in order:
-            w.writerow([int(row_ids[i]), f"{float(outputs[i, 0]):.6f}"] + ([f"{float(gold[i]):.6f}"] if gold is not None else []))
-    text = buf.getvalue()
+    """CSV (numbers to 8 decimals) or JSONL (numbers as numbers), by the file's suffix."""
+    records = prediction_records(spec, names, outputs, row_ids, gold)
     if path.suffix == ".jsonl":
-        rows = list(csv.DictReader(io.StringIO(text)))
-        text = "".join(json.dumps(r) + "\n" for r in rows)
+        text = "".join(json.dumps(r) + "\n" for r in records)
+    else:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["row"])
+        w.writeheader()
+        w.writerows({k: (f"{v:.8f}" if isinstance(v, float) else v) for k, v in r.items()} for r in records)
+        text = buf.getvalue()
     write_atomically(path, text.encode())
-
-

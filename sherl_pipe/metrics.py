@@ -1,4 +1,7 @@
-"""Task metrics, in plain numpy: accuracy, macro-F1 and MCC; Pearson and Spearman."""
+"""Task metrics, in plain numpy (checked against scikit-learn and scipy by the tests): accuracy,
+macro-F1, MCC and, for two classes, the positive class's F1 (MRPC's metric); Pearson, Spearman
+and MSE. Macro-F1 averages over every class that occurs in the gold labels or the predictions, as
+scikit-learn's does. Pearson and Spearman of a constant are undefined; they are reported as 0."""
 
 from __future__ import annotations
 
@@ -18,11 +21,15 @@ def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_classes: int)
     c = tp.sum()
     cov = c * n - (pred_n * gold_n).sum()
     norm = np.sqrt((n * n - (pred_n ** 2).sum()) * (n * n - (gold_n ** 2).sum()))
-    return {
+    present = denom > 0
+    out = {
         "accuracy": float(c / max(n, 1)),
-        "macro_f1": float(f1[gold_n > 0].mean()) if (gold_n > 0).any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "mcc": float(cov / norm) if norm > 0 else 0.0,
     }
+    if num_classes == 2:  # the positive class is label id 1: the second of data.label_names
+        out["f1_positive"] = float(f1[1])
+    return out
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
@@ -50,6 +57,12 @@ def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict:
     pred, gold = pred.astype(np.float64), gold.astype(np.float64)
     return {"pearson": _pearson(pred, gold), "spearman": _pearson(_rank(pred), _rank(gold)),
             "mse": float(((pred - gold) ** 2).mean())}
+
+
+def mean_baseline(train_targets: np.ndarray, gold: np.ndarray) -> dict:
+    """The training-mean predictor's errors (a regression task's majority-class baseline)."""
+    mean = float(np.mean(train_targets))
+    return {"prediction": mean, "mse": float(((gold.astype(np.float64) - mean) ** 2).mean())}
 
 
 def majority_baseline(train_labels: np.ndarray, gold: np.ndarray) -> float:

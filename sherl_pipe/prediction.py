@@ -1,12 +1,14 @@
 """Predict labels (or values) for new raw text with a trained run.
 
-The early layers run live on the new text with the cache's tokenizer and max_length, the tiers are
-rounded through the cache's storage dtype (the values the cache would hold), then the trained
-stage two applies.
+The early layers run live on the new text with the cache's tokenizer and max_length, in fp32 and
+outside any autocast as extraction ran them; the tiers are stored as the cache stores them
+(padding cleared, range checked, rounded to its dtype); then the trained stage two applies. Needs
+the run folder and the backbone folder, not the cache.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,63 +16,103 @@ import torch
 
 from sherl_pipe.backbone import Backbone, tokenizer_identity
 from sherl_pipe.data import Split, read_columns, rows_text
+from sherl_pipe.data.load import layout_of
+from sherl_pipe.data.read import Layout, Names
 from sherl_pipe.devices import autocast
 from sherl_pipe.errors import SherlError
-from sherl_pipe.evaluation import load_trained, write_predictions
+from sherl_pipe.evaluation import OUTPUT_SUFFIXES, Trained, load_trained, write_predictions
 from sherl_pipe.extraction import forward_batches, storage_order, tokenize
+from sherl_pipe.storage import to_storage
 from sherl_pipe.training.setup import verify_backbone
 
+PREDICT_NAMES = Names(encoding="--encoding", format="--format", columns="--text-column (and --text-pair-column)",
+                      quoting="the training data's data.quoting")
 
-def predict(run_dir, input_path: str, output_path: str, checkpoint: str = "best", batch_size: int = 128,
-            fmt: str = "auto", encoding: str = "utf-8", backbone_source: str | None = None,
-            text_column: str | None = None, text_pair_column: str | None = None) -> int:
-    """Labels for new raw text; returns the number of rows written."""
-    if not Path(output_path).parent.is_dir():  # checked before any work, not after it
-        raise SherlError(f"--output {output_path}: folder {Path(output_path).parent} does not exist; "
-                         f"create it or write elsewhere")
-    t = load_trained(run_dir, checkpoint)
-    manifest = t.cache.manifest
-    task = manifest["task"]
-    columns = [task["text_column"]] + ([task["text_pair_column"]] if task["text_pair_column"] else [])
-    table = read_columns(Path(input_path), fmt, encoding, columns)
+
+def check_output(output_path: str) -> Path:
+    """Refuse an output that cannot be written, before any work."""
+    path = Path(output_path)
+    if path.is_dir():
+        raise SherlError(f"--output {output_path}: is a folder; give a .csv or .jsonl file")
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise SherlError(f"--output {output_path}: give a .csv or .jsonl file")
+    if not path.parent.is_dir():
+        raise SherlError(f"--output {output_path}: folder {path.parent} does not exist; create it or write elsewhere")
+    if not os.access(path.parent, os.W_OK):
+        raise SherlError(f"--output {output_path}: folder {path.parent} is not writable; write elsewhere")
+    return path
+
+
+class Predictor:
+    """A trained run with its backbone's early layers, ready for any number of texts:
+    `Predictor.load("runs/x").outputs(["a text", ...])`."""
+
+    @classmethod
+    def load(cls, run_dir, checkpoint: str = "best", backbone_source: str | None = None, device: str = "auto"):
+        return cls(load_trained(run_dir, checkpoint, device), backbone_source)
+
+    def __init__(self, trained: Trained, backbone_source: str | None = None):
+        self.trained = t = trained
+        source = backbone_source or t.info.get("backbone_folder") or t.pipeline.backbone.source
+        self.backbone = Backbone(source, t.manifest["backbone"]["attn_implementation"], t.device)
+        if tokenizer_identity(self.backbone.folder, self.backbone.tokenizer)["hash"] != t.manifest["tokenizer"]["hash"]:
+            raise SherlError(f"backbone {self.backbone.folder}: its tokenizer differs from the cache's; use the "
+                             f"backbone the cache was extracted from (--backbone)")
+        needed = [] if t.spec.mode == "full-finetune" else ["embeddings"] + [f"layer.{i}" for i in range(t.spec.anchor)]
+        verify_backbone(self.backbone, t.manifest, needed)
+
+    def outputs(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 128) -> torch.Tensor:
+        """Model outputs (logits, or values for regression) for each text, in input order."""
+        t = self.trained
+        rows = np.arange(len(texts))
+        tok = tokenize(self.backbone.tokenizer, Split("input", "", texts, pairs, rows, rows),
+                       t.manifest["tokenizer"]["max_length"])
+        order = storage_order(tok.lengths)
+        out = torch.zeros(len(texts), t.spec.num_outputs)
+        pad_id = self.backbone.tokenizer.pad_token_id or 0
+        with torch.inference_mode():
+            for pos, input_ids, mask, types in forward_batches(tok, order, batch_size, pad_id, t.device):
+                out[torch.from_numpy(order[pos])] = self._batch(t, input_ids, mask, types).float().cpu()
+        return out
+
+    def _batch(self, t: Trained, input_ids, mask, types) -> torch.Tensor:
+        if t.spec.mode == "full-finetune":
+            with autocast(t.device):
+                return t.model(input_ids, mask, types)
+        states = self.backbone.early_states(input_ids, mask, types, upto=t.spec.anchor)
+        tiers = list(t.spec.tiers) + [t.spec.anchor]
+        feed = {k: to_storage(states[k], mask, t.manifest["dtype"], "predict", k).float() for k in tiers}
+        with autocast(t.device):
+            return t.model(feed, mask)
+
+
+def read_input(t: Trained, input_path: str, fmt: str, encoding: str, text_column: str | None,
+               text_pair_column: str | None) -> tuple[list[str], list[str] | None]:
+    """The input's texts (and pairs), in the training data's columns unless told otherwise."""
+    task = t.manifest["task"]
+    columns = [text_column or task["text_column"]]
+    pair = text_pair_column or task["text_pair_column"]
+    columns += [pair] if pair else []
+    data = t.pipeline.data
+    layout = Layout(fmt=fmt, encoding=encoding, header=data.header, quoting=layout_of(data).quoting)
+    table, n = read_columns(Path(input_path), columns, layout, PREDICT_NAMES)
+    if n == 0:
+        raise SherlError(f"input file {input_path}: no rows")
     for col in columns:
         empty = [i for i, v in enumerate(table[col]) if v is None or not str(v).strip()]
         if empty:
             raise SherlError(f"input file {input_path}: column '{col}' is empty in data rows {rows_text(empty)}")
     texts = [str(v) for v in table[columns[0]]]
-    pairs = [str(v) for v in table[columns[1]]] if len(columns) > 1 else None
-    if not texts:
-        raise SherlError(f"input file {input_path}: no rows")
+    return texts, ([str(v) for v in table[columns[1]]] if len(columns) > 1 else None)
 
-    backbone = Backbone(backbone_source or t.pipeline.backbone.source, manifest["backbone"]["attn_implementation"],
-                        t.device)
-    if tokenizer_identity(backbone.folder, backbone.tokenizer)["hash"] != manifest["tokenizer"]["hash"]:
-        raise SherlError(f"backbone {backbone.folder}: its tokenizer differs from the cache's; use the backbone "
-                         f"the cache was extracted from")
-    if t.spec.mode == "full-finetune":
-        needed = []
-    else:
-        needed = ["embeddings"] + [f"layer.{i}" for i in range(t.spec.anchor)]
-    verify_backbone(backbone, manifest, needed)
-    rows = np.arange(len(texts))
-    tok = tokenize(backbone.tokenizer, Split("input", input_path, texts, pairs, rows, rows),
-                   manifest["tokenizer"]["max_length"])
-    order = storage_order(tok.lengths)
-    dtype = getattr(torch, manifest["dtype"])
-    tiers = list(t.spec.tiers) + [t.spec.anchor]
-    outputs = torch.zeros(len(texts), t.spec.num_outputs)
-    pad_id = backbone.tokenizer.pad_token_id or 0
-    with torch.inference_mode():
-        for pos, input_ids, mask, tt in forward_batches(tok, order, batch_size, pad_id, t.device):
-            rows = order[pos]
-            with autocast(t.device):
-                if t.spec.mode == "full-finetune":
-                    out = t.model(input_ids, mask, tt)
-                else:
-                    states = backbone.early_states(input_ids, mask, tt, upto=t.spec.anchor)
-                    # The same values the cache would hold: zero padding, rounded to the storage dtype.
-                    feed = {k: states[k].to(dtype).float() * mask[..., None] for k in tiers}
-                    out = t.model(feed, mask)
-            outputs[torch.from_numpy(rows)] = out.float().cpu()
-    write_predictions(Path(output_path), t.spec, task["label_names"], outputs, np.arange(len(texts)))
+
+def predict(run_dir, input_path: str, output_path: str, checkpoint: str = "best", batch_size: int = 128,
+            fmt: str = "auto", encoding: str = "utf-8", backbone_source: str | None = None,
+            text_column: str | None = None, text_pair_column: str | None = None) -> int:
+    """Labels (and probabilities) or values for the rows of a text file; returns the rows written."""
+    out_path = check_output(output_path)
+    trained = load_trained(run_dir, checkpoint)
+    texts, pairs = read_input(trained, input_path, fmt, encoding, text_column, text_pair_column)
+    outputs = Predictor(trained, backbone_source).outputs(texts, pairs, batch_size)
+    write_predictions(out_path, trained.spec, trained.manifest["task"]["label_names"], outputs, np.arange(len(texts)))
     return len(texts)

@@ -28,11 +28,13 @@ def _vocab() -> list[str]:
 def make_backbone(folder: Path, model_type: str = "bert", layers: int = 3, hidden: int = 32, seed: int = 0,
                   with_pooling_config: str | None = None, dropout: float = 0.1) -> Path:
     """A random encoder with a WordPiece tokenizer, saved like a Hugging Face model folder."""
-    from transformers import AutoModel, BertConfig, BertTokenizerFast, RobertaConfig
+    from transformers import AutoModel, BertConfig, BertTokenizer, RobertaConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # transformers 5 builds a tokenizer from a vocab dict; a vocab_file argument is silently ignored
+    # (the tokenizer then knows only its special tokens and every word becomes [UNK]).
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(_vocab())}, do_lower_case=True)
+    assert tok.convert_ids_to_tokens(tok("good film")["input_ids"]) == ["[CLS]", "good", "film", "[SEP]"]
     tok.save_pretrained(folder)
     common = dict(vocab_size=len(_vocab()), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                   intermediate_size=2 * hidden, pad_token_id=0, hidden_dropout_prob=dropout,

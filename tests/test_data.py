@@ -113,3 +113,89 @@ def test_embedded_quickstart_data():
     ds = load_dataset(load_pipeline("quickstart").data)
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 4000, "validation": 1000, "test": 1000}
     assert ds.label_names == ["negative", "neutral", "positive"]
+
+
+def test_integer_labels_written_as_floats_are_the_same_class(tmp_path):
+    f = write(tmp_path / "a.csv", "text,label\na,1\nb,1.0\nc,0\nd,0.0\n")
+    ds = load_dataset(data_cfg(train=f))
+    assert ds.label_names == ["0", "1"] and ds.splits["train"].labels.tolist() == [1, 1, 0, 0]
+    ds = load_dataset(data_cfg(train=f, label_names=["1.0", "0"]))
+    assert ds.label_names == ["1", "0"] and ds.splits["train"].labels.tolist() == [0, 0, 1, 1]
+
+
+def test_headerless_files_name_columns_by_position(tmp_path):
+    # GLUE's STS-B layout: ten columns, sentences in 7 and 8, the score in 9
+    rows = [["main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", f"a plane {i}", f"an air plane {i}",
+             f"{i % 5}.000"] for i in range(6)]
+    f = write(tmp_path / "sts.tsv", "".join("\t".join(["x"] + r) + "\n" for r in rows))
+    ds = load_dataset(data_cfg(train=f, header=False, text_column=7, text_pair_column=8, label_column=9,
+                               task_type="regression"))
+    split = ds.splits["train"]
+    assert split.texts[0] == "a plane 0" and split.pairs[2] == "an air plane 2"
+    assert split.labels.tolist() == [0, 1, 2, 3, 4, 0] and split.row_ids.tolist() == list(range(6))
+    with pytest.raises(SherlError, match=r"first row .* looks like data, not a header.*data.header = false"):
+        load_dataset(data_cfg(train=f, text_column="sentence1", label_column="score", task_type="regression"))
+    with pytest.raises(SherlError, match=r"data.text_column = 'sentence1': with data.header = false"):
+        load_dataset(data_cfg(train=f, header=False, text_column="sentence1"))
+
+
+def test_quoted_tsv_fields_need_data_quoting(tmp_path):
+    f = write(tmp_path / "ag.tsv", 'text\tlabel\n"Wall St. ""bears"" claw back"\t3\n"plain"\t1\n')
+    assert load_dataset(data_cfg(train=f)).splits["train"].texts[0] == '"Wall St. ""bears"" claw back"'
+    split = load_dataset(data_cfg(train=f, quoting="csv")).splits["train"]
+    assert split.texts == ['Wall St. "bears" claw back', "plain"]
+
+
+def test_a_validation_split_is_carved_out_of_the_training_file(tmp_path):
+    lines = ["text,label"] + [f"t{i},{'a' if i % 4 else 'b'}" for i in range(200)]
+    train = write(tmp_path / "train.csv", "\n".join(lines) + "\n")
+    test = write(tmp_path / "test.csv", "text,label\nx,a\ny,b\n")
+    ds = load_dataset(data_cfg(train=train, test=test, validation_size=0.2, split_seed=5))
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 160, "validation": 40, "test": 2}
+    assert abs(np.mean(ds.splits["validation"].labels == 1) - 0.25) < 0.03  # stratified
+    assert not set(ds.splits["train"].row_ids.tolist()) & set(ds.splits["validation"].row_ids.tolist())
+    again = load_dataset(data_cfg(train=train, test=test, validation_size=40, split_seed=5))
+    np.testing.assert_array_equal(again.splits["validation"].row_ids, ds.splits["validation"].row_ids)
+    with pytest.raises(SherlError, match=r"data.validation_size: .*not with data.validation"):
+        load_dataset(data_cfg(train=train, validation=test, validation_size=0.2))
+
+
+@pytest.mark.parametrize("content, kw, message", [
+    ("text,label,text\na,1,b\n", {}, r"column name\(s\) 'text' appear more than once in the header"),
+    ("text,label\ngood, bad film,1\nfine,0\nx,y,z,1\n", {},
+     r"data rows 1, 3 have more fields than the header \(2\).*quote"),
+    ("text,label\n", {}, r"has no data rows \(only a header\)"),
+    ("text,label,c\na,1,0.1\nb,0,0.2\n", {"filter_column": "c", "filter_min": 0.5},
+     r"no rows left after filtering \(data.filter_column 'c', data.filter_min 0.5"),
+    (b"\xff\xfet\x00e\x00x\x00t\x00", {}, r"UTF-16 \(it starts with a byte-order mark\); set data.encoding = 'utf-16'"),
+    (b"PK\x03\x04\x00\x00binary\x00", {}, r"looks like a binary file \(it holds NUL bytes\)"),
+])
+def test_more_bad_files_are_named(tmp_path, content, kw, message):
+    path = tmp_path / "a.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SherlError, match=message):
+        load_dataset(data_cfg(train=str(path), **kw))
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_bytes("\ufefftext,label\na,1\nb,0\n".encode("utf-8"))
+    assert load_dataset(data_cfg(train=str(path))).splits["train"].texts == ["a", "b"]
+
+
+def test_an_unknown_encoding_is_a_config_error(tmp_path):
+    with pytest.raises(SherlError, match=r"data.encoding = 'utf-99' is not an encoding Python knows"):
+        data_cfg(train="x.csv", encoding="utf-99")
+
+
+def test_a_label_seen_only_outside_training_is_refused(tmp_path):
+    train = write(tmp_path / "train.csv", "text,label\na,pos\nb,neg\n")
+    test = write(tmp_path / "test.csv", "text,label\nc,pos\nd,neutral\n")
+    with pytest.raises(SherlError, match=r"data split 'test' .*label 'neutral' does not occur in the training split"):
+        load_dataset(data_cfg(train=train, test=test))
+
+
+def test_split_fractions_that_leave_a_split_empty_are_refused(tmp_path):
+    f = write(tmp_path / "a.csv", "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(10)))
+    with pytest.raises(SherlError, match=r"data.split_sizes \[0.8, 0.05, 0.15\]: the validation split gets 0 of"):
+        load_dataset(data_cfg(source=f, split_sizes=[0.8, 0.05, 0.15]))

@@ -1,26 +1,45 @@
+"""Metrics agree with scikit-learn and scipy (test dependencies), edge cases included."""
+
 import numpy as np
+import pytest
 
 from sherl_pipe.metrics import classification_metrics, majority_baseline, regression_metrics
 
 
-def test_classification_metrics():
-    gold = np.array([0, 0, 1, 1, 1, 2])
-    pred = np.array([0, 1, 1, 1, 0, 2])
-    m = classification_metrics(pred, gold, 3)
-    assert m["accuracy"] == 4 / 6
-    f1 = [2 * 1 / (2 + 2), 2 * 2 / (3 + 3), 1.0]
-    assert abs(m["macro_f1"] - np.mean(f1)) < 1e-12
-    # binary MCC against the textbook formula
-    g, p = np.array([1, 1, 0, 0, 1, 0, 1]), np.array([1, 0, 0, 1, 1, 0, 1])
-    tp, tn, fp, fn = 3, 2, 1, 1
-    expect = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    assert abs(classification_metrics(p, g, 2)["mcc"] - expect) < 1e-12
-    assert classification_metrics(np.zeros(4, int), np.array([0, 1, 0, 1]), 2)["mcc"] == 0.0
+@pytest.mark.parametrize("seed", range(6))
+def test_classification_metrics_equal_scikit_learn(seed):
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    rng = np.random.default_rng(seed)
+    k = 2 + seed % 3
+    gold = rng.integers(0, k, 60)
+    pred = np.where(rng.random(60) < 0.6, gold, rng.integers(0, k, 60))
+    if seed % 2:
+        gold[gold == k - 1] = 0  # a class that is predicted but absent from the gold labels
+    m = classification_metrics(pred, gold, k)
+    assert m["accuracy"] == pytest.approx(accuracy_score(gold, pred), abs=1e-12)
+    assert m["macro_f1"] == pytest.approx(f1_score(gold, pred, average="macro"), abs=1e-12)
+    assert m["mcc"] == pytest.approx(matthews_corrcoef(gold, pred), abs=1e-12)
+    if k == 2:
+        assert m["f1_positive"] == pytest.approx(f1_score(gold, pred), abs=1e-12)
+    else:
+        assert "f1_positive" not in m
 
 
-def test_regression_metrics_and_baseline():
-    x = np.array([1.0, 2.0, 3.0, 4.0])
-    m = regression_metrics(x ** 3, x)
-    assert abs(m["spearman"] - 1.0) < 1e-12 and 0.9 < m["pearson"] < 1.0
-    assert abs(regression_metrics(np.array([1.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0]))["spearman"] - 0.8660254) < 1e-6
+def test_degenerate_predictions():
+    m = classification_metrics(np.zeros(4, int), np.array([0, 1, 0, 1]), 2)
+    assert m["mcc"] == 0.0 and m["f1_positive"] == 0.0
+
+
+def test_regression_metrics_equal_scipy():
+    from scipy.stats import pearsonr, spearmanr
+
+    rng = np.random.default_rng(0)
+    gold = rng.normal(size=50)
+    pred = gold + rng.normal(size=50) * 0.5
+    pred[:5] = pred[5]  # ties
+    m = regression_metrics(pred, gold)
+    assert m["pearson"] == pytest.approx(pearsonr(pred, gold)[0], abs=1e-12)
+    assert m["spearman"] == pytest.approx(spearmanr(pred, gold)[0], abs=1e-12)
+    assert m["mse"] == pytest.approx(float(np.mean((pred - gold) ** 2)), abs=1e-12)
     assert majority_baseline(np.array([2, 2, 1]), np.array([2, 1, 2, 2])) == 0.75

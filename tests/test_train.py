@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -47,20 +44,75 @@ def test_sampler_is_seeded_chunk_aware_and_complete():
     assert [b.tolist() for b in sequential] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
 
 
-def test_cached_and_live_training_match(tmp_path, bert_dir, labeled_csv, fp32_cache):
+def batch_losses_and_grads(tmp_path, backbone, data, cache, dtype_extra, modes=("cached", "live")):
+    """Loss and gradients of every batch of one epoch, from the cache and from live early layers,
+    with the same weights (no optimizer step, no dropout): what each source feeds the model."""
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.training.inference import forward, loss_fn
+    from sherl_pipe.training.setup import build_model, make_spec, source_for
+
+    out = {}
+    for mode in modes:
+        pipe = pipeline_for(tmp_path, backbone, data, cache, tmp_path / mode, f'mode = "{mode}"\ndropout = 0.0',
+                            dtype_extra)
+        if mode == modes[0] and not (cache / "zarr.json").exists():
+            extract(pipe)
+        manifest = Cache(cache).manifest
+        spec = make_spec(pipe.train, manifest)
+        torch.manual_seed(0)
+        model, live = build_model(spec, pipe.backbone.source, manifest, "cpu")
+        model.train()
+        source = source_for(Cache(cache), "train", spec)
+        plan = source.sampler(8, 4, 32, 0).batches(0)
+        out[mode] = []
+        for batch in source.iterate(plan):
+            batch = live(batch) if live is not None else batch
+            model.zero_grad()
+            loss = loss_fn(spec, forward(model, spec, batch), batch.labels)
+            loss.backward()
+            out[mode].append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}))
+    return out
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float16", 2e-3)])
+def test_cached_and_live_batches_give_the_same_loss_and_gradients(tmp_path, labeled_csv, dtype, tol):
+    """fp32: live states differ from cached ones only by batch-composition noise (<= 1e-6), so the
+    loss and every gradient agree to 1e-5. fp16: both sides round to fp16 and that noise can flip a
+    value to its neighbouring fp16 number (one step: 2**-11 of it); a few such flips per batch move
+    loss and gradients by ~1e-4, so they agree to 2e-3 (relative to the gradient's scale)."""
+    backbone = make_backbone(tmp_path / "nodrop", "bert", dropout=0.0)
+    got = batch_losses_and_grads(tmp_path, backbone, labeled_csv, tmp_path / "cache", f'dtype = "{dtype}"')
+    assert len(got["cached"]) == len(got["live"]) == 15
+    for (loss_c, grads_c), (loss_l, grads_l) in zip(got["cached"], got["live"]):
+        assert abs(loss_c - loss_l) <= tol
+        assert grads_c.keys() == grads_l.keys()
+        for name, g in grads_c.items():
+            scale = max(1.0, float(g.abs().max()))
+            assert float((g - grads_l[name]).abs().max()) <= tol * scale, name
+
+
+def test_cached_and_live_training_stay_together(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """20 steps (dropout on, so the dropout streams must match too). The first step's loss is the
+    same function of the same inputs: equal to 1e-6. After that, exact agreement is not a property
+    of the method: the consolidation's ReLUs and Adam's first steps (each weight moves by ~lr
+    whatever its gradient's size, so a near-zero gradient that fp32 noise flips moves its weight by
+    up to 2 * lr) turn 1e-7 of input noise into weight differences of order lr. Hence per-step
+    losses to 1e-3 and weights to 5 * lr = 5e-3; a data mismatch changes the losses from step 1."""
     results = {}
     for mode in ("cached", "live"):
         pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / mode,
-                            f'mode = "{mode}"\nmax_steps = 20\neval_split = ""\ndropout = 0.1')
+                            f'mode = "{mode}"\nmax_steps = 20\neval_split = ""\ndropout = 0.1\nlog_every = 1\n'
+                            f'lr = 0.001')
         train(pipe, log=lambda m: None)
         results[mode] = load_file(tmp_path / mode / "checkpoints" / "last.safetensors")
+    cached_loss = [r["step_loss"] for r in losses(tmp_path / "cached") if r["event"] == "train"]
+    live_loss = [r["step_loss"] for r in losses(tmp_path / "live") if r["event"] == "train"]
+    assert len(cached_loss) == 20 and abs(cached_loss[0] - live_loss[0]) <= 1e-6
+    assert np.allclose(cached_loss, live_loss, atol=1e-3, rtol=0)
     assert results["cached"].keys() == results["live"].keys()
     for key, value in results["cached"].items():
-        torch.testing.assert_close(value, results["live"][key], atol=1e-5, rtol=0)
-    assert (tmp_path / "cached" / "metrics.jsonl").is_file()
-    cached_loss = [r["loss"] for r in losses(tmp_path / "cached") if r["event"] == "train"]
-    live_loss = [r["loss"] for r in losses(tmp_path / "live") if r["event"] == "train"]
-    assert len(cached_loss) == 2 and np.allclose(cached_loss, live_loss, atol=1e-5, rtol=0)
+        torch.testing.assert_close(value, results["live"][key], atol=5e-3, rtol=0)
 
 
 def test_the_early_network_is_never_loaded(tmp_path, bert_dir, labeled_csv, fp32_cache):
@@ -113,41 +165,6 @@ def test_run_folder_is_refused_unless_resume_or_overwrite(tmp_path, bert_dir, la
     with pytest.raises(SherlError, match=r"nothing to resume"):
         train(pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "new", "max_steps = 2"),
               resume=True, log=lambda m: None)
-
-
-def test_killed_training_resumes_to_the_same_weights(tmp_path, bert_dir, labeled_csv, fp32_cache):
-    extra = 'epochs = 6\nsave_every = 3\neval_split = "validation"\ndropout = 0.1'
-    path = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache, tmp_path / "killed",
-                               'dtype = "float32"', extra)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sherl_pipe", "train", "-q", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = tmp_path / "killed" / "checkpoints" / "state.pt"
-    deadline = time.time() + 120
-    seen = 0
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file():
-            try:
-                seen = torch.load(state, weights_only=False)["position"]["step"]
-            except Exception:  # being replaced right now
-                pass
-            if seen >= 20:
-                break
-        time.sleep(0.02)
-    assert proc.poll() is None, "training finished before it could be killed: " + proc.stderr.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "summary.json").exists()
-    pipe = load_pipeline(str(path))
-    resumed = train(pipe, resume=True, log=lambda m: None)
-    whole = train(pipe.with_overrides("train", run_dir=str(tmp_path / "whole")), log=lambda m: None)
-    assert resumed.steps == whole.steps
-    a = load_file(tmp_path / "killed" / "checkpoints" / "last.safetensors")
-    b = load_file(tmp_path / "whole" / "checkpoints" / "last.safetensors")
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
-    evals = [r for r in losses(tmp_path / "killed") if r["event"] == "epoch"]
-    assert [r["epoch"] for r in evals] == list(range(1, 7))  # no duplicated or missing records
 
 
 def test_regression_and_full_finetune(tmp_path, bert_dir):
@@ -232,20 +249,31 @@ def test_live_and_cached_sources_get_the_same_windows(tmp_path, bert_dir, labele
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_short_last_accumulation_step_equals_the_bigger_batch(tmp_path, labeled_csv):
+def test_a_short_last_accumulation_step_equals_the_bigger_batch(tmp_path, labeled_csv, monkeypatch):
     """120 rows, batches of 8: 15 batches. With grad_accum 2 the epoch's last step has one batch;
-    it must count as a step over its own samples, as batch 16's last batch (8 rows) does."""
+    its gradient must be that batch's mean gradient, as batch 16's last batch (8 rows) gives. The
+    gradients are compared (Adam's update barely depends on a gradient's scale, so weights would
+    hardly show a halved gradient)."""
     backbone = make_backbone(tmp_path / "nodrop", "bert", dropout=0.0)
     common = 'dropout = 0.0\neval_split = ""\nepochs = 1\ngrad_clip = 0.0\nwarmup_ratio = 0.0'
     big = pipeline_for(tmp_path, backbone, labeled_csv, tmp_path / "cache", tmp_path / "big", common + "\nbatch_size = 16")
     acc = pipeline_for(tmp_path, backbone, labeled_csv, tmp_path / "cache", tmp_path / "acc",
                        common + "\nbatch_size = 8\ngrad_accum = 2")
     extract(big)
-    assert train(big, log=lambda m: None).steps == train(acc, log=lambda m: None).steps == 8
-    a = load_file(tmp_path / "big" / "checkpoints" / "last.safetensors")
-    b = load_file(tmp_path / "acc" / "checkpoints" / "last.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    grads = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(opt, *a, **kw):
+        grads[-1].append([p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None])
+        return step(opt, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    for pipe in (big, acc):
+        grads.append([])
+        assert train(pipe, log=lambda m: None).steps == 8
+    for g_big, g_acc in zip(grads[0][-1], grads[1][-1]):  # the last step: one batch of 8 either way
+        scale = max(1e-6, float(g_big.abs().max()))
+        assert float((g_big - g_acc).abs().max()) <= 1e-3 * scale
 
 
 def test_a_max_steps_stop_mid_epoch_is_not_a_finished_epoch(tmp_path, bert_dir, labeled_csv, fp32_cache):

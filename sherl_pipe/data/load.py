@@ -1,4 +1,4 @@
-"""Read a labeled text file (CSV, TSV, JSONL, Parquet), clean it and split it.
+"""Clean a labeled text file's rows (filter, de-duplicate, limit), map labels to ids, and split.
 
 Every problem with the input is a `SherlError` naming the file, the column and the first offending
 data rows (counted from 1, header excluded). Row ids kept with each sample are 0-based data rows of
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sherl_pipe.config import DataConfig
-from sherl_pipe.errors import SherlError
-from sherl_pipe.data.read import read_columns, rows_text
+from sherl_pipe.data.read import Layout, read_columns, rows_text
 from sherl_pipe.data.split import split_indices
+from sherl_pipe.errors import SherlError
 from sherl_pipe.resources import resolve_data
 
 SPLITS = ("train", "validation", "test")
@@ -53,6 +53,10 @@ class Dataset:
     splits: dict[str, Split]
 
 
+def layout_of(cfg: DataConfig) -> Layout:
+    return Layout(fmt=cfg.format, encoding=cfg.encoding, header=cfg.header, quoting=cfg.quoting)
+
+
 def _parse_float(value) -> float | None:
     if value is None:
         return None
@@ -64,38 +68,42 @@ def _parse_float(value) -> float | None:
         return float("nan")
 
 
-def load_file(cfg: DataConfig, source: str, label_names: list[str] | None) -> dict:
-    """One file, filtered, de-duplicated and limited: a dict of parallel lists."""
-    path = resolve_data(source)
-    cols = [cfg.text_column, cfg.label_column]
-    if cfg.text_pair_column:
-        cols.append(cfg.text_pair_column)
-    if cfg.filter_column:
-        cols.append(cfg.filter_column)
-    table = read_columns(path, cfg.format, cfg.encoding, list(dict.fromkeys(cols)))
-    n = len(table[cfg.text_column])
-    keep = np.ones(n, dtype=bool)
+def label_key(value) -> str:
+    """Class labels as strings, numbers canonical: 1, 1.0, "1" and "1.0" are the same class."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(number):
+        return text
+    return str(int(number)) if number.is_integer() else repr(number)
 
-    if cfg.filter_column:
-        values = [_parse_float(v) for v in table[cfg.filter_column]]
-        bad = [i for i, v in enumerate(values) if v is not None and math.isnan(v)]
-        if bad:
-            raise SherlError(f"data file {path}: column '{cfg.filter_column}' has non-numeric values in data rows "
-                             f"{rows_text(bad)}; fix them or change data.filter_column")
-        for i, v in enumerate(values):
-            if v is None:
-                keep[i] = cfg.filter_missing == "keep"
-            elif cfg.filter_min is not None and v < cfg.filter_min:
-                keep[i] = False
 
+def _filter_rows(cfg: DataConfig, table: dict, n: int, path) -> list[int]:
+    if not cfg.filter_column:
+        return list(range(n))
+    values = [_parse_float(v) for v in table[cfg.filter_column]]
+    bad = [i for i, v in enumerate(values) if v is not None and math.isnan(v)]
+    if bad:
+        raise SherlError(f"data file {path}: column '{cfg.filter_column}' has non-numeric values in data rows "
+                         f"{rows_text(bad)}; fix them or change data.filter_column")
+    keep = [(cfg.filter_missing == "keep") if v is None else (cfg.filter_min is None or v >= cfg.filter_min)
+            for v in values]
     rows = [i for i in range(n) if keep[i]]
+    if n and not rows:
+        raise SherlError(f"data file {path}: no rows left after filtering (data.filter_column '{cfg.filter_column}', "
+                         f"data.filter_min {cfg.filter_min}, data.filter_missing '{cfg.filter_missing}')")
+    return rows
+
+
+def _clean_rows(cfg: DataConfig, table: dict, rows: list[int], path) -> list[int]:
     text_cols = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     for col in text_cols:
         empty = [i for i in rows if table[col][i] is None or not str(table[col][i]).strip()]
         if empty:
             raise SherlError(f"data file {path}: column '{col}' is empty in data rows {rows_text(empty)}; "
                              f"remove those rows or filter them out")
-
     if cfg.deduplicate:
         seen, unique = set(), []
         for i in rows:
@@ -104,37 +112,39 @@ def load_file(cfg: DataConfig, source: str, label_names: list[str] | None) -> di
                 seen.add(key)
                 unique.append(i)
         rows = unique
-    if cfg.limit:
-        rows = rows[: cfg.limit]
+    return rows[: cfg.limit] if cfg.limit else rows
 
-    raw_labels = [table[cfg.label_column][i] for i in rows]
-    missing = [rows[j] for j, v in enumerate(raw_labels) if v is None or (isinstance(v, str) and not v.strip())]
+
+def _labels(cfg: DataConfig, raw: list, rows: list[int], path):
+    missing = [rows[j] for j, v in enumerate(raw) if v is None or (isinstance(v, str) and not v.strip())]
     if missing:
         raise SherlError(f"data file {path}: column '{cfg.label_column}' is empty in data rows {rows_text(missing)}")
-    if cfg.task_type == "regression":
-        targets = [_parse_float(v) for v in raw_labels]
-        bad = [rows[j] for j, v in enumerate(targets) if not math.isfinite(v)]
-        if bad:
-            raise SherlError(f"data file {path}: column '{cfg.label_column}' has values that are not finite numbers "
-                             f"in data rows {rows_text(bad)} (task_type = 'regression')")
-        labels = np.asarray(targets, dtype=np.float32)
-    else:
-        labels = [_label_key(v) for v in raw_labels]
+    if cfg.task_type == "classification":
+        return [label_key(v) for v in raw]
+    targets = [_parse_float(v) for v in raw]
+    bad = [rows[j] for j, v in enumerate(targets) if not math.isfinite(v)]
+    if bad:
+        raise SherlError(f"data file {path}: column '{cfg.label_column}' has values that are not finite numbers "
+                         f"in data rows {rows_text(bad)} (task_type = 'regression')")
+    return np.asarray(targets, dtype=np.float32)
+
+
+def load_file(cfg: DataConfig, source: str) -> dict:
+    """One file, filtered, de-duplicated and limited: a dict of parallel lists."""
+    path = resolve_data(source)
+    cols = [cfg.text_column, cfg.label_column] + [c for c in (cfg.text_pair_column, cfg.filter_column) if c]
+    table, n = read_columns(path, list(dict.fromkeys(cols)), layout_of(cfg))
+    if n == 0:
+        raise SherlError(f"data file {path}: has no data rows" + (" (only a header)" if cfg.header else ""))
+    rows = _clean_rows(cfg, table, _filter_rows(cfg, table, n, path), path)
     return {
         "source": str(source),
         "path": path,
         "rows": np.asarray(rows, dtype=np.int64),
         "texts": [str(table[cfg.text_column][i]) for i in rows],
         "pairs": [str(table[cfg.text_pair_column][i]) for i in rows] if cfg.text_pair_column else None,
-        "labels": labels,
+        "labels": _labels(cfg, [table[cfg.label_column][i] for i in rows], rows, path),
     }
-
-
-def _label_key(value) -> str:
-    """Class labels as strings: 1, 1.0 and "1" are the same class."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value).strip()
 
 
 def _label_ids(path, column: str, labels: list[str], rows: np.ndarray, names: list[str]) -> np.ndarray:
@@ -153,44 +163,67 @@ def _default_label_names(values: set[str]) -> list[str]:
         return sorted(values)
 
 
+def map_labels(cfg: DataConfig, files: dict) -> list[str]:
+    """Label names (given or the sorted distinct labels) and every file's labels as ids."""
+    names = [label_key(n) for n in cfg.label_names] or _default_label_names(
+        {v for f in files.values() for v in f["labels"]})
+    if len(names) < 2:
+        raise SherlError(f"data column '{cfg.label_column}': classification needs at least 2 classes, found {names}")
+    for f in files.values():
+        f["labels"] = _label_ids(f["path"], cfg.label_column, f["labels"], f["rows"], names)
+    return names
+
+
+def _make_split(name: str, f: dict, idx) -> Split:
+    return Split(name=name, source=f["source"], texts=[f["texts"][i] for i in idx],
+                 pairs=None if f["pairs"] is None else [f["pairs"][i] for i in idx],
+                 labels=f["labels"][idx], row_ids=f["rows"][idx])
+
+
+def _make_splits(cfg: DataConfig, files: dict) -> dict[str, Split]:
+    stratify = cfg.task_type == "classification"
+    if cfg.source:
+        f = files["*"]
+        parts = split_indices(f["labels"], cfg.split_sizes, cfg.split_seed, stratify, f"data file {f['path']}",
+                              "data.split_sizes", SPLITS)
+        return {name: _make_split(name, f, idx) for name, idx in zip(SPLITS, parts) if len(idx)}
+    out = {name: _make_split(name, f, np.arange(len(f["texts"]))) for name, f in files.items()}
+    if cfg.validation_size:
+        f = files["train"]
+        n = len(f["texts"])
+        size = cfg.validation_size
+        count = int(math.floor(size * n)) if size < 1 else int(size)
+        if not 0 < count < n:
+            raise SherlError(f"data.validation_size = {size}: gives {count} of the {n} training rows of "
+                             f"{f['path']} to validation; choose a size that leaves rows on both sides")
+        val, train = split_indices(f["labels"], (count, n - count), cfg.split_seed, stratify,
+                                   f"data file {f['path']}", "data.validation_size", ("validation", "train"))
+        out = {"train": _make_split("train", f, train), "validation": _make_split("validation", f, val),
+               **{k: v for k, v in out.items() if k != "train"}}
+    return out
+
+
+def _refuse_labels_unseen_in_training(splits: dict[str, Split], names: list[str]) -> None:
+    if "train" not in splits:
+        return
+    seen = set(np.unique(splits["train"].labels).tolist())
+    for name, split in splits.items():
+        unseen = sorted(set(np.unique(split.labels).tolist()) - seen)
+        if unseen:
+            raise SherlError(f"data split '{name}' ({split.source}): label {names[unseen[0]]!r} does not occur in the "
+                             f"training split ({len(splits['train'])} rows); a class with no training rows cannot be "
+                             f"learned: remove those rows, or add training rows with that label")
+
+
 def load_dataset(cfg: DataConfig, splits: tuple[str, ...] = ()) -> Dataset:
     """Every split the data section describes (or just `splits`), with labels mapped to ids."""
     cfg.require_input()
-    files = {}
-    if cfg.source:
-        files = {"*": load_file(cfg, cfg.source, None)}
-    else:
-        for name in SPLITS:
-            if getattr(cfg, name):
-                files[name] = load_file(cfg, getattr(cfg, name), None)
-
-    label_names = None
-    if cfg.task_type == "classification":
-        label_names = list(cfg.label_names) or _default_label_names({v for f in files.values() for v in f["labels"]})
-        if len(label_names) < 2:
-            raise SherlError(f"data column '{cfg.label_column}': classification needs at least 2 classes, "
-                             f"found {label_names}")
-        for f in files.values():
-            f["labels"] = _label_ids(f["path"], cfg.label_column, f["labels"], f["rows"], label_names)
-
-    def make(name, f, idx):
-        return Split(name=name, source=f["source"], texts=[f["texts"][i] for i in idx],
-                     pairs=None if f["pairs"] is None else [f["pairs"][i] for i in idx],
-                     labels=f["labels"][idx], row_ids=f["rows"][idx])
-
-    out = {}
-    if cfg.source:
-        f = files["*"]
-        parts = split_indices(f["labels"], cfg.split_sizes, cfg.split_seed,
-                               cfg.task_type == "classification", f"data file {f['path']}")
-        for name, idx in zip(SPLITS, parts):
-            if len(idx):
-                out[name] = make(name, f, idx)
-    else:
-        out = {name: make(name, f, np.arange(len(f["texts"]))) for name, f in files.items()}
-    for name, split in out.items():
-        if len(split) == 0:
-            raise SherlError(f"data split '{name}' ({split.source}) has no rows after filtering; check the data section")
+    names = ["*"] if cfg.source else [s for s in SPLITS if getattr(cfg, s)]
+    files = {name: load_file(cfg, cfg.source if name == "*" else getattr(cfg, name)) for name in names}
+    label_names = map_labels(cfg, files) if cfg.task_type == "classification" else None
+    out = _make_splits(cfg, files)
+    if label_names:
+        _refuse_labels_unseen_in_training(out, label_names)
     if splits:
         unknown = [s for s in splits if s not in out]
         if unknown:

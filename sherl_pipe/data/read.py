@@ -1,18 +1,47 @@
 """Reading a labeled text file (CSV, TSV, JSONL, Parquet) into columns.
 
-Every problem with the input is a `SherlError` naming the file and the column. Data rows are
-counted from 1 in messages, header excluded.
+Every problem with the input is a `SherlError` naming the file and what to set. The same reader
+serves the pipeline's data section and `predict`'s input, so its messages name the setting the
+way the caller spells it (`data.encoding` or `--encoding`): see `Names`. Data rows are counted
+from 1 in messages, header excluded.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from sherl_pipe.errors import SherlError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16")]
+
+
+@dataclass(frozen=True)
+class Names:
+    """How the reader's settings are spelled where the user sets them."""
+
+    encoding: str = "data.encoding"
+    format: str = "data.format"
+    columns: str = "the data section's column names (data.text_column, data.label_column, ...)"
+    quoting: str = "data.quoting"
+
+
+PIPELINE = Names()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to read a delimited file: its header, its quoting, its encoding."""
+
+    fmt: str = "auto"
+    encoding: str = "utf-8"
+    header: bool = True
+    quoting: str = "auto"  # auto (CSV: csv, TSV: none), none, csv
 
 
 def rows_text(rows: list[int], limit: int = 5) -> str:
@@ -20,53 +49,112 @@ def rows_text(rows: list[int], limit: int = 5) -> str:
     return shown + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")
 
 
-def detect_format(path: Path, fmt: str) -> str:
+def detect_format(path: Path, fmt: str, names: Names) -> str:
     if fmt != "auto":
         return fmt
     if path.suffix.lower() in FORMATS:
         return FORMATS[path.suffix.lower()]
-    raise SherlError(f"data file {path}: cannot tell the format from '{path.suffix}'; set data.format "
+    raise SherlError(f"data file {path}: cannot tell the format from '{path.suffix}'; set {names.format} "
                      f"to one of csv, tsv, jsonl, parquet")
 
 
-def read_columns(path: Path, fmt: str, encoding: str, columns: list[str]) -> dict[str, list]:
-    """The named columns of a file, each a list with None for missing values."""
+def check_encoding(encoding: str, where: str) -> None:
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise SherlError(f"{where} = '{encoding}' is not an encoding Python knows; use for example utf-8, "
+                         f"latin-1 or utf-16") from None
+
+
+def text_encoding(path: Path, encoding: str, names: Names) -> str:
+    """The encoding to open a text file with, after a look at its first bytes: a UTF-16/32 file
+    read as anything else, or a binary file, is refused with what it is; a UTF-8 byte-order mark
+    is dropped."""
+    check_encoding(encoding, names.encoding)
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    name = codecs.lookup(encoding).name
+    for bom, family in BOMS:
+        if head.startswith(bom) and not name.startswith(family):
+            raise SherlError(f"data file {path}: is {family.upper()} (it starts with a byte-order mark); set "
+                             f"{names.encoding} = '{family}'")
+    if b"\x00" in head and not name.startswith(("utf-16", "utf-32")):
+        raise SherlError(f"data file {path}: looks like a binary file (it holds NUL bytes), not text; give a "
+                         f"CSV, TSV, JSONL or Parquet file (or set {names.format})")
+    if name == "utf-8" and head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    return encoding
+
+
+def read_columns(path: Path, columns: list[str], layout: Layout = Layout(), names: Names = PIPELINE
+                 ) -> tuple[dict[str, list], int]:
+    """The named columns of a file, each a list with None for missing values, and the row count."""
     if not path.is_file():
-        raise SherlError(f"data file {path}: not found")
-    fmt = detect_format(path, fmt)
+        raise SherlError(f"data file {path}: not found" + ("; it is a folder" if path.is_dir() else ""))
+    fmt = detect_format(path, layout.fmt, names)
     try:
         if fmt in ("csv", "tsv"):
-            table = _read_delimited(path, fmt, encoding)
+            header, cols = _read_delimited(path, fmt, layout, names)
         elif fmt == "jsonl":
-            table = _read_jsonl(path, encoding)
+            header, cols = _read_jsonl(path, text_encoding(path, layout.encoding, names))
         else:
-            table = _read_parquet(path, columns)
+            header, cols = _read_parquet(path, columns)
     except UnicodeDecodeError as exc:
-        raise SherlError(f"data file {path}: not valid {encoding} text at byte {exc.start}; "
-                         f"set data.encoding (for example latin-1)") from None
-    header, rows = table
+        raise SherlError(f"data file {path}: not valid {layout.encoding} text at byte {exc.start}; "
+                         f"set {names.encoding} (for example latin-1)") from None
     missing = [c for c in columns if c not in header]
     if missing:
         raise SherlError(f"data file {path}: no column '{missing[0]}' (columns: {', '.join(map(str, header))}); "
-                         f"set the data section's column names")
-    return {c: rows[c] for c in columns}
+                         f"set {names.columns}" + _header_hint(header, fmt, layout))
+    n = len(cols[columns[0]]) if columns else 0
+    return {c: cols[c] for c in columns}, n
 
 
-def _read_delimited(path: Path, fmt: str, encoding: str):
-    # GLUE-style TSV files are unquoted: a stray quote character is text, not a field delimiter.
-    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+def _looks_like_data(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return len(cell) > 40 or cell.count(" ") >= 4
+
+
+def _header_hint(header: list[str], fmt: str, layout: Layout) -> str:
+    if fmt not in ("csv", "tsv") or not layout.header or not any(_looks_like_data(h) for h in header):
+        return ""
+    first = "\t".join(header) if fmt == "tsv" else ",".join(header)
+    return (f". Its first row ({first[:60]!r}) looks like data, not a header: if the file has no header row, "
+            f"set data.header = false and name columns by 0-based position (0 to {len(header) - 1})")
+
+
+def _quoting(fmt: str, quoting: str) -> int:
+    # GLUE-style TSV files are unquoted: a quote character is text, not a field delimiter.
+    if quoting == "auto":
+        quoting = "none" if fmt == "tsv" else "csv"
+    return csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL
+
+
+def _read_delimited(path: Path, fmt: str, layout: Layout, names: Names):
+    encoding = text_encoding(path, layout.encoding, names)
     with open(path, encoding=encoding, newline="") as f:
-        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", quoting=quoting)
-        header = next(reader, None)
-        if header is None:
-            raise SherlError(f"data file {path}: empty (no header row)")
-        header = [h.strip() for h in header]
-        cols = {h: [] for h in header}
-        for row in reader:
-            if not row:
-                continue
-            for i, h in enumerate(header):
-                cols[h].append(row[i] if i < len(row) and row[i] != "" else None)
+        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", quoting=_quoting(fmt, layout.quoting))
+        rows = [row for row in reader if row]
+    if not rows and layout.header:
+        raise SherlError(f"data file {path}: empty (no header row)")
+    if layout.header:
+        header, rows = [h.strip() for h in rows[0]], rows[1:]
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise SherlError(f"data file {path}: column name(s) {', '.join(map(repr, repeated))} appear more than "
+                             f"once in the header; rename them so each column has its own name"
+                             + _header_hint(header, fmt, layout))
+    else:
+        header = [str(i) for i in range(len(rows[0]) if rows else 0)]
+    long = [i for i, row in enumerate(rows) if len(row) > len(header)]
+    if long:
+        raise SherlError(f"data file {path}: data rows {rows_text(long)} have more fields than the header "
+                         f"({len(header)}): a text holding an unquoted delimiter? quote such fields (or set "
+                         f"{names.quoting} to match how the file quotes them)")
+    cols = {h: [row[i] if i < len(row) and row[i] != "" else None for row in rows] for i, h in enumerate(header)}
     return header, cols
 
 

@@ -9,17 +9,31 @@ import numpy as np
 from sherl_pipe.errors import SherlError
 
 
-def split_indices(labels, sizes: tuple[float, ...], seed: int, stratify: bool, where: str) -> list[np.ndarray]:
-    n = len(labels)
+def split_counts(n: int, sizes: tuple[float, ...], key: str, names: tuple[str, ...], where: str) -> list[int]:
+    """Rows per split from counts (>= 1) or fractions (< 1, summing to at most 1); a split asked
+    for (size > 0) that would get no rows is refused rather than dropped."""
     if all(float(s).is_integer() and s >= 1 or s == 0 for s in sizes):
         counts = [int(s) for s in sizes]
     elif all(0 <= s < 1 for s in sizes) and sum(sizes) <= 1 + 1e-9:
         counts = [int(math.floor(s * n)) for s in sizes]
     else:
-        raise SherlError(f"data.split_sizes {list(sizes)}: give three counts (>= 1) or three fractions that sum to at most 1")
+        raise SherlError(f"{key} {list(sizes)}: give counts (>= 1) or fractions that sum to at most 1")
     if sum(counts) > n:
-        raise SherlError(f"data.split_sizes {list(sizes)}: asks for {sum(counts)} rows but {where} has {n} "
+        raise SherlError(f"{key} {list(sizes)}: asks for {sum(counts)} rows but {where} has {n} "
                          f"after filtering and de-duplication; lower the sizes")
+    for size, count, name in zip(sizes, counts, names):
+        if size > 0 and count == 0:
+            raise SherlError(f"{key} {list(sizes)}: the {name} split gets 0 of the {n} rows; raise its size")
+        if name == "train" and count == 0:
+            raise SherlError(f"{key} {list(sizes)}: the train split is empty; give it rows")
+    return counts
+
+
+def split_indices(labels, sizes: tuple[float, ...], seed: int, stratify: bool, where: str,
+                  key: str = "data.split_sizes", names: tuple[str, ...] = ("train", "validation", "test")
+                  ) -> list[np.ndarray]:
+    n = len(labels)
+    counts = split_counts(n, sizes, key, names, where)
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(np.asarray(labels) == c) for c in sorted(set(labels))] if stratify else [np.arange(n)]
     groups = [rng.permutation(g) for g in groups]
