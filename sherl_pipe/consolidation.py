@@ -8,7 +8,10 @@ guide g and the other tiers as the set S:
     z = sum_t alpha_t a_t + g
     y = W_out relu(z) + b_out      (post-LN families: Dropout(LayerNorm(y)))
     out = y + tanh(gamma / T) * h[c]                 gamma = 0 at start, T = 0.1
-Outputs at padded positions are zero, so nothing non-finite can reach the late layers' attention.
+Padding is cleared by selection (masked_fill), never by multiplying with the mask: inf * 0 is NaN.
+The inputs are cleared too, so whatever a padded position held (the cache stores zeros, but a
+caller may not) reaches neither the output nor the gradients; the output is zero there, so
+nothing non-finite can reach the late layers' attention.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class Consolidation(nn.Module):
 
     def forward(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """states: tier -> (B, T, D); mask: (B, T), 1 for real tokens. Returns (B, T, D)."""
+        pad = ~mask.bool().unsqueeze(-1)
+        states = {t: states[t].masked_fill(pad, 0.0) for t in self.inputs}
         anchor = states[self.anchor]
         guide = self.project[str(self.anchor)](anchor)
         z = guide
@@ -95,4 +100,4 @@ class Consolidation(nn.Module):
             z = (alpha.unsqueeze(-1) * others).sum(-2) + guide
         y = self.dropout(self.norm(self.up(F.relu(z))))
         y = y + torch.tanh(self.gate / GATE_TEMPERATURE) * anchor
-        return y * mask.unsqueeze(-1).to(y.dtype)
+        return y.masked_fill(pad, 0.0)

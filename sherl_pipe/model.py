@@ -73,9 +73,9 @@ def resolve_pooling(requested: str, manifest: dict) -> str:
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: nn.Module | None) -> torch.Tensor:
-    if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if pooling == "mean":  # padding selected away, not multiplied by 0 (inf * 0 = NaN)
+        keep = mask.bool().unsqueeze(-1)
+        return hidden.masked_fill(~keep, 0.0).sum(1) / keep.sum(1).clamp_min(1).to(hidden.dtype)
     if pooling == "cls":
         return hidden[:, 0]
     if pooler is None:

@@ -37,24 +37,36 @@ def test_late_route_reproduces_the_full_model(backbones, family, late):
                                atol=1e-5, rtol=0)
 
 
-def test_padding_values_do_not_change_the_loss(fp32_cache):
+def test_non_finite_padding_changes_neither_the_loss_nor_the_gradients(fp32_cache):
+    """inf and NaN at padded positions (inf * 0 = NaN: padding must be cleared by selection, not by
+    multiplication), for every pooling."""
     from sherl_pipe.cache import Cache
-    from sherl_pipe.training.batches import SplitSource
     from sherl_pipe.model import build_sherl_model, empty_late_modules
+    from sherl_pipe.training.batches import SplitSource
 
     cache = Cache(fp32_cache)
     config = config_from_manifest(cache.manifest)
+    source = SplitSource(cache, "train", [0, 1, 2])
+    idx = np.arange(0, source.n, max(1, source.n // 8))[:8]
+    batch = source.make_batch(idx, {c: source._read_chunk(c) for c in np.unique(idx // source.chunk_size)})
+    states = {t: s.float() for t, s in batch.states.items()}
+    pad = ~batch.mask.bool()
+    assert pad.any()
     for pooling in ("mean", "cls-pooler", "cls"):
         spec = spec_for(3, 1, pooling=pooling)
         torch.manual_seed(0)
         late, pooler = empty_late_modules(spec, config)
         model = build_sherl_model(spec, config, late, pooler).eval()
-        source = SplitSource(cache, "train", [0, 1, 2])
-        idx = np.arange(0, source.n, max(1, source.n // 8))[:8]
-        batch = source.make_batch(idx, {c: source._read_chunk(c) for c in np.unique(idx // source.chunk_size)})
-        assert (batch.mask == 0).any()
-        loss = torch.nn.functional.cross_entropy(model(batch.states, batch.mask), batch.labels)
-        noisy = {t: torch.where(batch.mask[..., None].bool(), s, torch.randn_like(s) * 1e3)
-                 for t, s in batch.states.items()}
-        loss2 = torch.nn.functional.cross_entropy(model(noisy, batch.mask), batch.labels)
-        torch.testing.assert_close(loss, loss2, atol=1e-6, rtol=0)
+        results = []
+        for fill in (None, float("inf"), float("nan")):
+            feed = states if fill is None else {t: s.masked_fill(pad[..., None], fill) for t, s in states.items()}
+            model.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(feed, batch.mask), batch.labels)
+            loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads), (pooling, fill)
+            results.append((loss.detach(), [g.clone() for g in grads]))
+        for loss, grads in results[1:]:
+            torch.testing.assert_close(loss, results[0][0], atol=1e-6, rtol=0)
+            for g, g0 in zip(grads, results[0][1]):
+                torch.testing.assert_close(g, g0, atol=1e-6, rtol=0)
