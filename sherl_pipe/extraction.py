@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch
 from sherl_pipe.backbone import Backbone, tokenizer_identity
 from sherl_pipe.cache import Cache, CacheWriter, make_compressors, set_codec_threads, tier_name, whole_time_chunks
 from sherl_pipe.cache.manifest import CUT_FIELDS, build_manifest, serves
+from sherl_pipe.cache.writer import check_target
 from sherl_pipe.config import Pipeline
 from sherl_pipe.data import Split
 from sherl_pipe.devices import pick_device
@@ -194,8 +196,9 @@ class Plan:
     device: str
 
 
-def prepare(pipeline: Pipeline, timings: dict) -> Plan:
-    """Data and settings are checked before the model loads; then the model, tokens, manifest."""
+def prepare(pipeline: Pipeline, timings: dict, overwrite: bool) -> Plan:
+    """Data, settings and the cache folder are checked before the model loads; then the model,
+    tokens, manifest."""
     cfg = pipeline.extract
     t = time.perf_counter()
     request = read_request(pipeline)
@@ -205,6 +208,7 @@ def prepare(pipeline: Pipeline, timings: dict) -> Plan:
         raise SherlError(f"extract.late_layers = {cfg.late_layers} is more than the backbone's "
                          f"{request.config.num_hidden_layers} layers")
     tiers = resolve_tiers(cfg.tiers, cut)
+    check_target(Path(cfg.cache), overwrite)
     device = pick_device(pipeline.backbone.device)
     t = time.perf_counter()
     backbone = Backbone(pipeline.backbone.source, pipeline.backbone.attn_implementation, device)
@@ -312,7 +316,7 @@ def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=prin
     t_start = time.perf_counter()
     set_codec_threads(cfg.codec_threads)
     timings: dict[str, float] = {}
-    plan = prepare(pipeline, timings)
+    plan = prepare(pipeline, timings, overwrite)
     t_write = time.perf_counter()  # from here on: the per-sample work, measured by the benchmark
     writer = open_writer(pipeline, plan, overwrite, log)
     try:

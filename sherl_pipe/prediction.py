@@ -8,7 +8,6 @@ the run folder and the backbone folder, not the cache.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from sherl_pipe.devices import autocast
 from sherl_pipe.errors import SherlError
 from sherl_pipe.evaluation import OUTPUT_SUFFIXES, Trained, load_trained, write_predictions
 from sherl_pipe.extraction import forward_batches, storage_order, tokenize
+from sherl_pipe.folders import ensure_writable
 from sherl_pipe.storage import to_storage
 from sherl_pipe.training.setup import verify_backbone
 
@@ -38,8 +38,7 @@ def check_output(output_path: str) -> Path:
         raise SherlError(f"--output {output_path}: give a .csv or .jsonl file")
     if not path.parent.is_dir():
         raise SherlError(f"--output {output_path}: folder {path.parent} does not exist; create it or write elsewhere")
-    if not os.access(path.parent, os.W_OK):
-        raise SherlError(f"--output {output_path}: folder {path.parent} is not writable; write elsewhere")
+    ensure_writable(path.parent, f"--output {output_path}: folder")
     return path
 
 

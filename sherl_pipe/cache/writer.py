@@ -21,7 +21,7 @@ from sherl_pipe.cache.codec import chunk_codec, chunk_path
 from sherl_pipe.cache.manifest import FORMAT_VERSION, MANIFEST_KEY, jsonable, manifest_diff
 from sherl_pipe.cache.store import Cache, check_cache_path, is_sherl_cache
 from sherl_pipe.errors import CacheMismatch, SherlError
-from sherl_pipe.folders import clear_folder, has_files, refuse_cwd
+from sherl_pipe.folders import clear_folder, ensure_writable, has_files, refuse_cwd
 from sherl_pipe.locks import FolderLock
 
 WAIT_MESSAGE = "another sherl-pipe process is writing this cache; waiting for it to finish"
@@ -42,6 +42,20 @@ def remove_partials(root: Path) -> int:
     return count
 
 
+def check_target(path: Path, overwrite: bool) -> bool:
+    """Whether a cache folder may be written (checked before any work): not a file, not someone
+    else's folder, not the current directory to be overwritten, writable. True if it holds files."""
+    check_cache_path(path)
+    existing = path.is_dir() and has_files(path)
+    if existing and not is_sherl_cache(path):
+        raise SherlError(f"cache {path}: exists and is not a sherl-pipe cache (no manifest in its "
+                         f"zarr.json); it is never deleted: choose another extract.cache path")
+    if existing and overwrite:
+        refuse_cwd(path, "cache")
+    ensure_writable(path, "cache")
+    return existing
+
+
 class CacheWriter:
     """Creates (or reopens and checks) a cache, holding its lock, and writes blocks into it."""
 
@@ -49,14 +63,7 @@ class CacheWriter:
                  log: Callable[[str], None] = print):
         self.path = Path(path)
         self.manifest = jsonable({**manifest, "format_version": FORMAT_VERSION, "tool_version": __version__})
-        check_cache_path(self.path)
-        existing = self.path.is_dir() and has_files(self.path)
-        if existing and not is_sherl_cache(self.path):
-            raise SherlError(f"cache {self.path}: exists and is not a sherl-pipe cache (no manifest in its "
-                             f"zarr.json); it is never deleted: choose another extract.cache path")
-        if existing and overwrite:
-            refuse_cwd(self.path, "cache")
-        self.path.mkdir(parents=True, exist_ok=True)
+        check_target(self.path, overwrite)
         self.lock = FolderLock(self.path)
         self.lock.acquire(wait=True, on_wait=lambda: log(f"cache {self.path}: {WAIT_MESSAGE}"))
         try:

@@ -22,7 +22,7 @@ import torch
 
 from sherl_pipe.atomic import replace_atomically, write_atomically
 from sherl_pipe.errors import SherlError
-from sherl_pipe.folders import clear_folder, has_files, refuse_cwd
+from sherl_pipe.folders import clear_folder, ensure_writable, has_files, refuse_cwd
 from sherl_pipe.locks import FolderLock
 
 REQUIRED = ("config.json", "model.json")
@@ -92,7 +92,7 @@ class RunFolder:
                              f"to replace it, or set train.run_dir to another folder")
         if existing and overwrite:
             refuse_cwd(p, "run folder")
-        p.mkdir(parents=True, exist_ok=True)
+        ensure_writable(p, "run folder")
         if not self.lock.acquire(wait=False):
             raise SherlError(f"run folder {p}: another sherl-pipe process is training in it; wait for it to "
                              f"finish or set train.run_dir to another folder")
