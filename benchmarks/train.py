@@ -27,17 +27,15 @@ under 10 minutes. The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, Jobs, extract_job, mean_sd, paired_bootstrap, train_job  # noqa: E402
+
 STATE_BATCH, STATE_LEN = 32, 64
 
 
@@ -47,52 +45,6 @@ def pipeline_text(args, cache: Path, train_rows: int) -> str:
             f'text_column = "sentence"\nlabel_column = "label"\n{limit}'
             f'[extract]\ncache = "{cache}"\nthreads = {args.threads}\n'
             f'[train]\nthreads = {args.threads}\nbatch_size = 32\neval_split = ""\n')
-
-
-def run_job(argv: list[str]) -> dict:
-    """Run this script as a job in a fresh process; its last stdout line is the JSON result."""
-    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"job {argv} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-# --- jobs (each runs in its own process) ----------------------------------------------------------
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def job_extract(pipe_file: str) -> dict:
-    from sherl_pipe.config import load_pipeline
-    from sherl_pipe.extraction import extract
-
-    s = extract(load_pipeline(pipe_file))
-    return {"samples": s.samples, "seconds": s.seconds}
-
-
-def job_train(pipe_file: str, overrides: list[str]) -> dict:
-    """One training run; returns its timing, peak RSS and (when asked) test predictions."""
-    import torch
-
-    from sherl_pipe.config import load_pipeline
-    from sherl_pipe.evaluation import evaluate
-    from sherl_pipe.training import train
-
-    pipe = load_pipeline(pipe_file, overrides)
-    torch.set_num_threads(pipe.train.threads)
-    result = train(pipe, overwrite=True, log=lambda m: None)
-    out = {"seconds": result.seconds, "steps": result.steps, "samples_per_s": result.samples_per_s,
-           "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
-    info = json.loads((Path(pipe.train.run_dir) / "model.json").read_text())
-    out["hyperparameters"] = {"lr_new": info["lr_new"], "lr_pretrained": info["lr_pretrained"],
-                              "trainable_parameters": info["trainable_parameters"], **pipe.to_dict()["train"]}
-    if "test" in pipe.data.test or pipe.data.test:
-        ev = evaluate(pipe.train.run_dir, "test", "last")
-        out["test_accuracy"] = ev["accuracy"]
-        with open(Path(pipe.train.run_dir) / "predictions_test.csv", newline="") as f:
-            out["correct"] = [int(r["label"] == r["gold"]) for r in csv.DictReader(f)]
-    return out
 
 
 def job_state(pipe_file: str, mode: str) -> dict:
@@ -140,23 +92,6 @@ def job_state(pipe_file: str, mode: str) -> dict:
 
 # --- driver ------------------------------------------------------------------------------------------
 
-def load_results(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    return {r["key"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
-
-
-def paired_bootstrap(a: list[list[int]], b: list[list[int]], n: int = 10000, seed: int = 0):
-    """95% interval of mean-accuracy(a) - mean-accuracy(b), resampling test sentences."""
-    import numpy as np
-
-    ca, cb = np.mean(np.array(a, dtype=float), 0), np.mean(np.array(b, dtype=float), 0)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(ca), size=(n, len(ca)))
-    diffs = ca[idx].mean(1) - cb[idx].mean(1)
-    return float(ca.mean() - cb.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
-
-
 def accuracy_jobs(job, acc_pipe, work, epochs, sherl_seeds, ft_seeds, other_modes):
     acc: dict[str, list[dict]] = {"sherl": [], "fullft": []}
     for seed in sherl_seeds:
@@ -175,10 +110,6 @@ def accuracy_jobs(job, acc_pipe, work, epochs, sherl_seeds, ft_seeds, other_mode
     return acc, others
 
 
-def mean_sd(xs: list[float]) -> tuple[float, float]:
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -195,7 +126,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.job:  # inside a job process
-        out = {"extract": lambda: job_extract(args.pipe), "train": lambda: job_train(args.pipe, args.set),
+        out = {"extract": lambda: extract_job(args.pipe), "train": lambda: train_job(args.pipe, args.set),
                "state": lambda: job_state(args.pipe, args.mode)}[args.job]()
         print(json.dumps(out))
         return
@@ -204,8 +135,8 @@ def main() -> None:
 
     work = args.work / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
-    results_path = work / "results.jsonl"
-    results = load_results(results_path)
+    job = Jobs(__file__, work / "results.jsonl")
+    results = job.results
     speed_rows, acc_rows = (2000, 4000) if args.quick else (8000, 0)
     epochs = 1 if args.quick else args.epochs
     sherl_seeds, ft_seeds = ([0], [0]) if args.quick else ([0, 1, 2], [0, 1])
@@ -214,21 +145,6 @@ def main() -> None:
     speed_pipe, acc_pipe = work / "speed.toml", work / "accuracy.toml"
     speed_pipe.write_text(pipeline_text(args, work / "cache-speed", speed_rows))
     acc_pipe.write_text(pipeline_text(args, work / "cache-accuracy", acc_rows))
-
-    def job(key: str, argv: list[str]) -> dict:
-        if key in results:
-            print(f"[{key}] from {results_path}", flush=True)
-            return results[key]
-        t = time.perf_counter()
-        out = {"key": key, **run_job(argv)}
-        out["wall_s"] = time.perf_counter() - t
-        with open(results_path, "a") as f:
-            f.write(json.dumps(out) + "\n")
-        results[key] = out
-        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()
-                 if k not in ("correct", "hyperparameters")}
-        print(f"[{key}] {shown}", flush=True)
-        return out
 
     parts = set(args.parts.split(","))
     if "accuracy" in parts:  # the long part first: its figures do not depend on machine load

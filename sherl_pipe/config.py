@@ -164,7 +164,8 @@ class TrainConfig:
     save_every: int = _at_least(0, 0)  # optimizer steps between resumable checkpoints; 0: by time only
     save_minutes: float = _at_least(5.0, 0.0)  # minutes between resumable checkpoints within an epoch; 0: off
     log_every: int = _at_least(10, 1)  # optimizer steps between train-loss records in metrics.jsonl
-    buffer_chunks: int = _at_least(4, 1)  # chunks shuffled together by the loader ...
+    batching: str = _choice("bucketed", "shuffled")  # see training/batches.py and README
+    buffer_chunks: int = _at_least(4, 1)  # bucketed: chunks shuffled together by the loader ...
     buffer_mb: int = _at_least(32, 1)  # ... as long as their decoded tiers fit this (always >= 1 chunk)
     preload: bool = False  # read the whole train split into memory first (small caches only)
     seed: int = 0

@@ -229,24 +229,38 @@ def test_early_stopping(tmp_path, bert_dir, labeled_csv, fp32_cache):
     assert result.stopped_early and result.epochs_done == 2
 
 
-def test_live_and_cached_sources_get_the_same_windows(tmp_path, bert_dir, labeled_csv, fp32_cache):
-    """The window cap counts the tiers the model takes, whether read from the cache or computed live."""
+@pytest.mark.parametrize("batching", ["bucketed", "shuffled"])
+def test_every_method_and_tier_choice_gets_the_same_batches(tmp_path, bert_dir, labeled_csv, fp32_cache, batching):
+    """The window cap counts the tiers the cache stores, not those a method reads."""
     from sherl_pipe.cache import Cache
     from sherl_pipe.training.setup import make_spec, source_for
 
     cache = Cache(fp32_cache)
-    sources = {}
-    for mode in ("cached", "live"):
-        pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / mode, f'mode = "{mode}"')
-        sources[mode] = source_for(cache, "train", make_spec(pipe.train, cache.manifest))
-    assert sources["live"].tiers == [] and sources["cached"].tiers
-    assert sources["live"].chunk_bytes() == sources["cached"].chunk_bytes()
-    chunks = range(-(-sources["cached"].n // 16))
-    one_chunk_mb = max(sources["cached"].chunk_bytes()) / 2**20
-    samplers = {m: s.sampler(4, 8, 2.5 * one_chunk_mb, 0) for m, s in sources.items()}
-    assert 1 < len(samplers["cached"].windows(chunks)) < len(chunks)  # the MB cap binds
-    for a, b in zip(samplers["cached"].batches(0), samplers["live"].batches(0)):
-        np.testing.assert_array_equal(a, b)
+    variants = {"cached": 'mode = "cached"', "one tier": 'mode = "cached"\ntiers = [1]',
+                "live": 'mode = "live"', "full-finetune": 'mode = "full-finetune"'}
+    one_chunk_mb = None
+    plans = {}
+    for name, extra in variants.items():
+        pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "r", extra)
+        source = source_for(cache, "train", make_spec(pipe.train, cache.manifest))
+        one_chunk_mb = one_chunk_mb or max(source.chunk_bytes()) / 2**20
+        sampler = source.sampler(4, 8, 2.5 * one_chunk_mb, 0, batching)
+        if batching == "bucketed":
+            chunks = range(source.n_chunks)
+            assert 1 < len(sampler.windows(chunks)) < len(chunks)  # the MB cap binds
+        plans[name] = sampler.batches(0)
+    for name, plan in plans.items():
+        assert len(plan) == len(plans["cached"])
+        for a, b in zip(plan, plans["cached"]):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_shuffled_batches_draw_from_the_whole_split():
+    bucketed = ChunkSampler(n=256, chunk_size=16, batch_size=16, buffer_chunks=1, seed=0)
+    shuffled = ChunkSampler(n=256, chunk_size=16, batch_size=16, buffer_chunks=1, seed=0, policy="shuffled")
+    assert all(len(np.unique(b // 16)) == 1 for b in bucketed.batches(0))  # one chunk a batch
+    assert np.mean([len(np.unique(b // 16)) for b in shuffled.batches(0)]) > 8
+    assert sorted(np.concatenate(shuffled.batches(1)).tolist()) == list(range(256))
 
 
 def test_a_short_last_accumulation_step_equals_the_bigger_batch(tmp_path, labeled_csv, monkeypatch):

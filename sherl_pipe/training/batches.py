@@ -1,8 +1,19 @@
 """Batches for stage two: one seeded, chunk-aware sampler drives every source, so training from the
-cache, live training and the in-memory reference all see exactly the same batches.
+cache, live training, full fine-tuning and the in-memory reference all see exactly the same
+batches, whatever tiers a method reads.
 
-The sampler shuffles the order of chunks, then shuffles samples within a window of a few chunks
-(capped in MB), so a reader touches each chunk once per epoch while batches still mix chunks. The
+Two policies (train.batching):
+  bucketed  the order of chunks is shuffled, then the samples within a window of a few chunks
+            (at most buffer_chunks, and at most buffer_mb of the cache's decoded tiers); as the
+            cache is stored by length, a batch holds samples of similar length (little padding).
+            A reader holds one window's chunks at a time.
+  shuffled  a uniform permutation of the whole split each epoch. Every chunk is then needed all
+            epoch long, so the reader holds the whole split's decoded tiers (those the method reads)
+            in memory, and batches are padded to their longest sample.
+Window sizes count every tier the cache stores, not the ones a method reads, so the batches do not
+depend on the method or on train.tiers.
+
+A reader touches each chunk once per epoch. The
 cache reader decodes whole chunks in a background thread, keeps only the chunks the coming batches
 need, trims every batch to its longest sample and only then converts it to float32. The trainer
 gets plain tensors and never touches Zarr.
@@ -80,10 +91,11 @@ class ChunkSampler:
     and, when `chunk_bytes` is given, at most `buffer_bytes` of decoded tiers (at least one chunk)."""
 
     def __init__(self, n: int, chunk_size: int, batch_size: int, buffer_chunks: int, seed: int,
-                 shuffle: bool = True, chunk_bytes: list[int] | None = None, buffer_bytes: int | None = None):
+                 shuffle: bool = True, chunk_bytes: list[int] | None = None, buffer_bytes: int | None = None,
+                 policy: str = "bucketed"):
         self.n, self.chunk_size, self.batch_size = n, chunk_size, batch_size
         self.buffer_chunks, self.seed, self.shuffle = max(1, buffer_chunks), seed, shuffle
-        self.chunk_bytes, self.buffer_bytes = chunk_bytes, buffer_bytes
+        self.chunk_bytes, self.buffer_bytes, self.policy = chunk_bytes, buffer_bytes, policy
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
@@ -106,6 +118,8 @@ class ChunkSampler:
     def batches(self, epoch: int) -> list[np.ndarray]:
         if not self.shuffle:
             order = np.arange(self.n)
+        elif self.policy == "shuffled":
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         else:
             rng = np.random.default_rng([self.seed, epoch])
             order = np.concatenate([
@@ -121,7 +135,6 @@ class SplitSource:
     def __init__(self, cache: Cache, split: str, tiers: list[int], read_tiers: bool = True, preload: bool = False):
         cache.require_complete(split)
         self.cache, self.split, self.tiers = cache, split, list(tiers) if read_tiers else []
-        self.model_tiers = list(tiers)  # what the model takes, read or not: sizes the sampler's windows
         self.chunk_size = cache.manifest["chunk_size"]
         self.time_chunk = cache.array(split, tier_name(cache.tiers[-1])).chunks[1]
         self.lengths = cache.read(split, "lengths").astype(np.int64)
@@ -149,16 +162,18 @@ class SplitSource:
         return -(-int(self.lengths[c * self.chunk_size:(c + 1) * self.chunk_size].max()) // self.time_chunk)
 
     def chunk_bytes(self) -> list[int]:
-        """Decoded size of each chunk's tiers as the cache reader holds them (whole slabs). Live
-        sources count the same bytes, so live and cached training get the same windows."""
+        """Decoded size of each chunk's tiers as a reader holds them (whole slabs), counted over
+        every tier the cache stores: the windows, and so the batches, are the same for every
+        method and every choice of train.tiers."""
         d = self.cache.manifest["backbone"]["hidden_size"]
         itemsize = 2 if self.cache.manifest["dtype"] == "float16" else 4
         slab = self.chunk_size * self.time_chunk * d * itemsize
-        return [slab * self._time_chunks(c) * len(self.model_tiers) for c in range(self.n_chunks)]
+        return [slab * self._time_chunks(c) * len(self.cache.tiers) for c in range(self.n_chunks)]
 
-    def sampler(self, batch_size: int, buffer_chunks: int, buffer_mb: float, seed: int) -> ChunkSampler:
+    def sampler(self, batch_size: int, buffer_chunks: int, buffer_mb: float, seed: int,
+                policy: str = "bucketed") -> ChunkSampler:
         return ChunkSampler(self.n, self.chunk_size, batch_size, buffer_chunks, seed,
-                            chunk_bytes=self.chunk_bytes(), buffer_bytes=int(buffer_mb * 2**20))
+                            chunk_bytes=self.chunk_bytes(), buffer_bytes=int(buffer_mb * 2**20), policy=policy)
 
     def _read_chunk(self, c: int, pool: SlabPool | None = None) -> dict[int, list[np.ndarray]]:
         """Chunk c's tiers: for each, one slab per time chunk up to the chunk's longest sample."""

@@ -100,7 +100,7 @@ def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split,
     s.optimizer = build_optimizer(s.model, spec, cfg)
     s.train_src = source_for(cache, "train", spec, preload=cfg.preload)
     s.eval_src = source_for(cache, eval_split, spec) if eval_split else None
-    s.sampler = s.train_src.sampler(cfg.batch_size, cfg.buffer_chunks, cfg.buffer_mb, cfg.seed)
+    s.sampler = s.train_src.sampler(cfg.batch_size, cfg.buffer_chunks, cfg.buffer_mb, cfg.seed, cfg.batching)
     steps_per_epoch = math.ceil(len(s.sampler) / cfg.grad_accum)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     if total == 0:

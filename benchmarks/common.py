@@ -1,0 +1,108 @@
+"""What the benchmarks share: the SST-2 data folder, jobs in fresh processes whose results append
+to a JSONL file (an interrupted benchmark resumes where it stopped), a training job, and the
+statistics (mean +- sd, paired bootstrap over test sentences)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_avg() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {os.cpu_count()} cores"
+
+
+class Jobs:
+    """Runs `python SCRIPT --job ...` in a fresh process per job; its last stdout line is the result.
+    Finished results are kept in a JSONL file and not run again."""
+
+    def __init__(self, script: str, results_path: Path):
+        self.script, self.path = script, results_path
+        self.results = {}
+        if results_path.is_file():
+            rows = (json.loads(x) for x in results_path.read_text().splitlines() if x.strip())
+            self.results = {r["key"]: r for r in rows}
+
+    def __call__(self, key: str, argv: list[str]) -> dict:
+        if key in self.results:
+            print(f"[{key}] from {self.path}", flush=True)
+            return self.results[key]
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, self.script, *argv], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"job {key} ({argv}) failed:\n{proc.stderr[-3000:]}")
+        out = {"key": key, **json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - t}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(out) + "\n")
+        self.results[key] = out
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()
+                 if k not in ("correct", "hyperparameters")}
+        print(f"[{key}] {shown}", flush=True)
+        return out
+
+
+def train_job(pipe_file: str, overrides: list[str]) -> dict:
+    """One training run in this process: timing, peak RSS and, when the pipeline has a test split,
+    test accuracy with each sentence's correctness (for paired comparisons)."""
+    import torch
+
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.evaluation import evaluate
+    from sherl_pipe.training import train
+
+    pipe = load_pipeline(pipe_file, overrides)
+    torch.set_num_threads(pipe.train.threads)
+    result = train(pipe, overwrite=True, log=lambda m: None)
+    out = {"seconds": result.seconds, "steps": result.steps, "samples_per_s": result.samples_per_s,
+           "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+    info = json.loads((Path(pipe.train.run_dir) / "model.json").read_text())
+    out["hyperparameters"] = {"lr_new": info["lr_new"], "lr_pretrained": info["lr_pretrained"],
+                              "trainable_parameters": info["trainable_parameters"], **pipe.to_dict()["train"]}
+    if pipe.data.test:
+        ev = evaluate(pipe.train.run_dir, "test", "last")
+        out["test_accuracy"] = ev["accuracy"]
+        with open(Path(pipe.train.run_dir) / "predictions_test_last.csv", newline="") as f:
+            out["correct"] = [int(r["label"] == r["gold"]) for r in csv.DictReader(f)]
+    return out
+
+
+def extract_job(pipe_file: str) -> dict:
+    import torch
+
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.extraction import extract
+
+    pipe = load_pipeline(pipe_file)
+    torch.set_num_threads(pipe.extract.threads)
+    s = extract(pipe, log=lambda m: None)
+    return {"samples": s.samples, "seconds": s.seconds}
+
+
+def paired_bootstrap(a: list[list[int]], b: list[list[int]], n: int = 10000, seed: int = 0):
+    """95% interval of mean-accuracy(a) - mean-accuracy(b), resampling test sentences (each
+    sentence's correctness averaged over the runs of a side)."""
+    import numpy as np
+
+    ca, cb = np.mean(np.array(a, dtype=float), 0), np.mean(np.array(b, dtype=float), 0)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ca), size=(n, len(ca)))
+    diffs = ca[idx].mean(1) - cb[idx].mean(1)
+    return float(ca.mean() - cb.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
