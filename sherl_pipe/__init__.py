@@ -1,3 +1,23 @@
-"""sherl-pipe: SHERL transfer learning as a two-stage feature-caching pipeline."""
+"""sherl-pipe: SHERL transfer learning as a two-stage feature-caching pipeline.
+
+The Python API (see api.py and README): `sherl_pipe.load_pipeline`, `extract`, `train`,
+`evaluate`, `predict`, `predict_file`, `verify`, and `StopTraining`. They are imported on first
+use, so `import sherl_pipe` (and the command line) starts without loading torch.
+"""
 
 __version__ = "0.1.0"
+
+_API = ("load_pipeline", "extract", "train", "evaluate", "predict", "predict_file", "verify")
+__all__ = [*_API, "StopTraining", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from sherl_pipe import api
+
+        return getattr(api, name)
+    if name == "StopTraining":
+        from sherl_pipe.training.loop import StopTraining
+
+        return StopTraining
+    raise AttributeError(f"module 'sherl_pipe' has no attribute {name!r}")

@@ -40,11 +40,12 @@ def _fail_cleanly(fn):
 class Progress:
     """A tqdm bar (rate and ETA) on stderr; silent when stderr is not a terminal or --quiet."""
 
-    def __init__(self, desc: str, unit: str, quiet: bool):
+    def __init__(self, desc: str, unit: str, quiet: bool, file=None):
         from tqdm import tqdm
 
-        self.bar = tqdm(desc=desc, unit=unit, disable=True if quiet else None, file=sys.stderr,
-                        dynamic_ncols=True)
+        # counts stay whole numbers (unit_scale would show 0.00/13.0); a given file is always written
+        self.bar = tqdm(desc=desc, unit=unit, disable=True if quiet else (False if file else None),
+                        file=file or sys.stderr, dynamic_ncols=True, unit_scale=False)
 
     def set_total(self, total: int):
         self.bar.total = total
@@ -355,6 +356,62 @@ def verify(cache, mark_bad, quiet):
     else:
         click.echo("run again with --mark-bad, then `sherl-pipe extract`, to redo the damaged blocks")
     sys.exit(1)
+
+
+@main.command()
+@_pipeline_args
+@click.option("--sweep", "sweep_file", default=None, help="A TOML file with the [sweep] table (else the pipeline's).")
+@click.option("--sweep-dir", default=None, help="Sweep folder (overrides sweep.dir).")
+@click.option("--scheduler", default=None, help="A dask scheduler's address (default: a local cluster).")
+@click.option("--overwrite", is_flag=True, help="Start the sweep in its folder again (and replace a cache that differs).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, resolved config or per-trial lines.")
+@_fail_cleanly
+def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quiet):
+    """Many training trials over one cache: extract (reusing a matching cache), then an Optuna search
+    run on dask workers; rerun the same command to resume. Ends with trials.csv, a leaderboard,
+    best.toml and plots in the sweep folder."""
+    from sherl_pipe.config import dumps, load_pipeline
+    from sherl_pipe.errors import CacheMismatch
+    from sherl_pipe.sweep import run_sweep
+
+    pipe = load_pipeline(pipeline, overrides)
+    if not quiet:
+        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
+    try:
+        _print_extract_summary(_run_extract(pipe, False, quiet))
+    except CacheMismatch:
+        if not overwrite:
+            raise
+        _print_extract_summary(_run_extract(pipe, True, quiet))
+    bar = Progress("sweep", "trial", quiet)
+    try:
+        with StopOnInterrupt(bar.write):
+            result = run_sweep(pipe, sweep_file, sweep_dir, scheduler, overwrite, progress=bar,
+                               log=(lambda m: None) if quiet else bar.write)
+    finally:
+        bar.close()
+    _print_sweep(result.report, result.sweep_dir)
+
+
+def _print_sweep(report, sweep_dir) -> None:
+    click.echo(report.leaderboard)
+    if report.best is not None:
+        click.echo(f"best: trial #{report.best['number']}, {report.metric} {report.best['value']:.4f}; its pipeline: "
+                   f"{sweep_dir}/best.toml")
+    click.echo(f"results in {sweep_dir}: trials.csv, leaderboard.txt, best.toml, metric_by_setting.png, history.png, "
+               f"learning_curves.png")
+
+
+@main.command("sweep-report")
+@click.argument("sweep_dir")
+@_fail_cleanly
+def sweep_report(sweep_dir):
+    """Rebuild a sweep's table, leaderboard, best.toml and plots from its study (also while it runs)."""
+    from pathlib import Path
+
+    from sherl_pipe.sweep.report import build_report
+
+    _print_sweep(build_report(Path(sweep_dir)), sweep_dir)
 
 
 if __name__ == "__main__":  # pragma: no cover

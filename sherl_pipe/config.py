@@ -197,9 +197,16 @@ class Pipeline:
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     origin: str = "<defaults>"
+    # The file's [sweep] table as written: only `sherl-pipe sweep` reads it (sweep/config.py checks it).
+    sweep: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
         return {name: section_to_dict(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, d: dict, origin: str) -> "Pipeline":
+        """A pipeline from its dict form (config.json, a sweep trial), checked like a file."""
+        return cls(**{name: build_section(name, d.get(name, {}), origin) for name in SECTIONS}, origin=origin)
 
     def with_overrides(self, section: str, **values) -> "Pipeline":
         """Explicit command options: the last word in the override order. None means 'not given'."""
@@ -224,20 +231,32 @@ def load_pipeline(spec: str | None, overrides: tuple[str, ...] | list[str] = ())
     raw, origin = ({}, "<defaults>") if spec is None else _read_file(spec)
     if not isinstance(raw, dict):
         raise SherlError(f"{origin}: expected TOML tables")
-    unknown = set(raw) - set(SECTIONS)
+    unknown = set(raw) - set(SECTIONS) - {"sweep"}
     if unknown:
-        raise SherlError(f"{origin}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
+        raise SherlError(f"{origin}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS) + ['sweep']}")
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         section, key, value = _parse_set(item)
         raw.setdefault(section, {})[key] = value
     sections = {}
-    for name in SECTIONS:
+    for name in [*SECTIONS, "sweep"]:
         body = raw.get(name, {})
         if not isinstance(body, dict):
             raise SherlError(f"{origin}: [{name}] must be a table of key = value")
-        sections[name] = build_section(name, body, origin)
+        sections[name] = body if name == "sweep" else build_section(name, body, origin)
     return Pipeline(**sections, origin=origin)
+
+
+def apply_overrides(pipeline: Pipeline, overrides) -> Pipeline:
+    """`--set section.key=value` overrides applied to a pipeline already loaded."""
+    for item in overrides:
+        section, key, value = _parse_set(item)
+        if section == "sweep":
+            pipeline = dataclasses.replace(pipeline, sweep={**pipeline.sweep, key: value})
+            continue
+        merged = {**section_to_dict(getattr(pipeline, section)), key: value}
+        pipeline = dataclasses.replace(pipeline, **{section: build_section(section, merged, f"--set {item}")})
+    return pipeline
 
 
 def _read_file(spec: str) -> tuple[dict, str]:
@@ -267,8 +286,8 @@ def _parse_set(item: str) -> tuple[str, str, object]:
     section, dot, key = name.strip().partition(".")
     if not sep or not dot or not key:
         raise SherlError(f"--set {item!r}: expected section.key=value, for example --set extract.dtype=float32")
-    if section not in SECTIONS:
-        raise SherlError(f"--set {item!r}: unknown section '{section}'; known: {sorted(SECTIONS)}")
+    if section not in SECTIONS and section != "sweep":
+        raise SherlError(f"--set {item!r}: unknown section '{section}'; known: {sorted(SECTIONS) + ['sweep']}")
     try:  # a TOML value (number, bool, array, quoted string) ...
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:  # ... or else a bare string
@@ -276,8 +295,9 @@ def _parse_set(item: str) -> tuple[str, str, object]:
     return section, key.strip(), value
 
 
-def build_section(name: str, values: dict, origin: str):
-    cls = SECTIONS[name]
+def build_section(name: str, values: dict, origin: str, cls: type | None = None):
+    """A section's dataclass from its key = value table, every value checked."""
+    cls = cls or SECTIONS[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(fields))
@@ -338,6 +358,24 @@ def _coerce(value, hint, where: str):
             raise SherlError(f"{where}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint}")  # a bug in this module, not user input
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def to_toml(pipeline: Pipeline, header: str = "") -> str:
+    """The pipeline as a pipeline file (every key written out; unset optional keys left out)."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for name, values in pipeline.to_dict().items():
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def dumps(pipeline: Pipeline) -> str:

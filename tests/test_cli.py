@@ -51,3 +51,30 @@ def test_incomplete_cache_is_reported_incomplete(tmp_path, bert_dir, text_csv):
     zarr.open_array(str(tmp_path / "c" / "train" / "done"), mode="r+")[1] = 0
     result = CliRunner().invoke(main, ["info", str(tmp_path / "c")])
     assert "INCOMPLETE" in result.output and f"{done.shape[0] - 1}/{done.shape[0]} blocks" in result.output
+
+
+def test_real_data_tests_fail_rather_than_skip_in_ci(monkeypatch):
+    import pytest
+
+    import conftest
+
+    monkeypatch.setattr(conftest, "SST2", conftest.SST2 / "nonesuch")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: the real-data tests must run"):
+        conftest.require_sst2()
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        conftest.require_sst2()
+
+
+def test_progress_counts_are_whole_numbers():
+    import io
+
+    from sherl_pipe.cli import Progress
+
+    out = io.StringIO()
+    bar = Progress("train", "step", quiet=False, file=out)
+    bar.set_total(13)
+    bar(0)
+    bar.close()
+    assert "0/13" in out.getvalue() and "0.00" not in out.getvalue() and "13.0" not in out.getvalue()

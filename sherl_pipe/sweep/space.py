@@ -1,0 +1,152 @@
+"""The search space: which train settings vary between trials, over which values.
+
+[sweep.space] maps train keys to a list of values (categorical) or to {low, high, log} (a float or
+int range). Everything is checked before any trial starts: the key must be a train setting a trial
+may vary (not another section's: that would need another cache), every value must be valid for
+it, and the cache must serve every late_layers (its anchor stored) with every tiers list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import typing
+from dataclasses import dataclass
+
+from sherl_pipe.config import Pipeline, TrainConfig, build_section, section_to_dict
+from sherl_pipe.errors import SherlError
+from sherl_pipe.training.setup import make_spec
+
+# train settings that say where or how a trial runs, not what it trains
+FIXED = {"run_dir": "each trial has its own run folder in the sweep folder",
+         "mode": "the sweep trains in the pipeline's train.mode",
+         "eval_split": "the sweep's metric is measured on it",
+         "threads": "the sweep sets each trial's threads", "device": "the sweep's workers decide it",
+         "preload": "set it in the pipeline", "save_every": "set it in the pipeline",
+         "save_minutes": "set it in the pipeline", "log_every": "set it in the pipeline"}
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str  # a train key
+    kind: str  # categorical | float | int
+    choices: tuple = ()
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def suggest(self, trial):
+        """This parameter's value for an Optuna trial (lists travel as JSON strings: Optuna's
+        categorical values are scalars)."""
+        if self.kind == "categorical":
+            return decode(trial.suggest_categorical(self.key, [encode(c) for c in self.choices]))
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.key, self.low, self.high, log=self.log)
+
+
+def encode(value):
+    return json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
+
+
+def decode(value):
+    return tuple(json.loads(value)) if isinstance(value, str) and value.startswith("[") else value
+
+
+def _train_field_type(key: str):
+    hint = typing.get_type_hints(TrainConfig)[key]
+    return hint
+
+
+def parse_param(key: str, spec, origin: str) -> Param:
+    where = f"{origin}: sweep.space.{key}"
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if key not in fields:
+        raise SherlError(f"{where}: not a train setting (known: {', '.join(sorted(fields - set(FIXED)))}); only "
+                         f"train settings vary between trials: anything else would need another cache")
+    if key in FIXED:
+        raise SherlError(f"{where}: a trial cannot vary train.{key} ({FIXED[key]})")
+    if isinstance(spec, list):
+        if not spec:
+            raise SherlError(f"{where}: an empty list; give the values to try")
+        return Param(key, "categorical", tuple(tuple(v) if isinstance(v, list) else v for v in spec))
+    if isinstance(spec, dict) and {"low", "high"} <= set(spec) <= {"low", "high", "log"}:
+        hint = _train_field_type(key)
+        if hint not in (int, float):
+            raise SherlError(f"{where}: a range needs a numeric setting; give a list of values")
+        low, high, log = spec["low"], spec["high"], spec.get("log", False)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
+            raise SherlError(f"{where}: low and high must be numbers with low <= high")
+        if hint is int and not (float(low).is_integer() and float(high).is_integer()):
+            raise SherlError(f"{where}: train.{key} is an integer; give integer bounds")
+        if log and low <= 0:
+            raise SherlError(f"{where}: a log range needs low > 0")
+        return Param(key, "int" if hint is int else "float", (), float(low), float(high), bool(log))
+    raise SherlError(f"{where}: give a list of values, or {{low = ..., high = ..., log = true|false}}")
+
+
+def parse_space(raw: dict, origin: str) -> list[Param]:
+    if "train" in raw and isinstance(raw["train"], dict):  # train.lr = ... written as a dotted key
+        raw = {**{k: v for k, v in raw.items() if k != "train"}, **raw["train"]}
+    for key, value in raw.items():
+        if isinstance(value, dict) and not {"low", "high"} & set(value):
+            raise SherlError(f"{origin}: sweep.space.{key}: only train settings vary between trials "
+                             f"({key}.* would need another cache)")
+    return [parse_param(key, spec, origin) for key, spec in raw.items()]
+
+
+def values_to_check(p: Param) -> list:
+    if p.kind == "categorical":
+        return list(p.choices)
+    if p.kind == "int":
+        return sorted({int(p.low), int(p.high)})
+    return [p.low, p.high]
+
+
+def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, origin: str) -> None:
+    """Every value valid for its setting, and every late_layers x tiers combination served by the cache."""
+    base = section_to_dict(pipeline.train)
+    for p in params:
+        for v in values_to_check(p):
+            try:
+                build_section("train", {**base, p.key: list(v) if isinstance(v, tuple) else v}, "sweep")
+            except SherlError as exc:
+                raise SherlError(f"{origin}: sweep.space.{p.key} = {v!r}: {str(exc).split(': ', 1)[-1]}") from None
+    by_key = {p.key: p for p in params}
+    layers = _candidates(by_key.get("late_layers"), pipeline.train.late_layers)
+    tiers = by_key["tiers"].choices if "tiers" in by_key else (pipeline.train.tiers,)
+    for k, t in itertools.product(layers, tiers):
+        cfg = dataclasses.replace(pipeline.train, late_layers=k, tiers=tuple(t))
+        try:
+            make_spec(cfg, manifest)
+        except SherlError as exc:
+            raise SherlError(f"{origin}: sweep.space: late_layers = {k} with tiers = {list(t)}: the cache cannot "
+                             f"serve it ({exc})") from None
+
+
+def _candidates(p: Param | None, default: int) -> list[int]:
+    if p is None:
+        return [default]
+    if p.kind == "categorical":
+        return [int(v) for v in p.choices]
+    return list(range(int(p.low), int(p.high) + 1))
+
+
+def grid(params: list[Param], origin: str) -> dict[str, list]:
+    """The grid sampler's search space: every parameter must be a list of values."""
+    ranges = [p.key for p in params if p.kind != "categorical"]
+    if ranges:
+        raise SherlError(f"{origin}: sweep.sampler = 'grid' needs lists of values; sweep.space.{ranges[0]} is a "
+                         f"range (use the random or tpe sampler, or list the values)")
+    return {p.key: [encode(c) for c in p.choices] for p in params}
+
+
+def grid_size(params: list[Param]) -> int:
+    size = 1
+    for p in params:
+        size *= len(p.choices)
+    return size

@@ -1,0 +1,103 @@
+"""One trial, run in-process on a dask worker: `sherl-pipe train` with the trial's settings.
+
+The trial sets its own torch thread count, trains in its own run folder, opens the cache read-only
+and changes nothing process-wide that outlives it (training forks the RNG), so trials sharing a
+worker process give what they would in fresh processes. Each epoch's value goes to the sweep through
+a dask Queue; with a pruner, the trial then waits for the sweep's decision on its own Queue and
+stops (recorded as pruned) if told to.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from sherl_pipe.atomic import write_atomically
+
+DECISION_TIMEOUT = 600.0  # seconds a trial waits for a prune decision before it carries on
+
+
+def rss_mb() -> float | None:
+    """This process's resident memory now (Linux), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakMemory:
+    """The highest resident memory of this process while a trial runs, sampled every 0.1 s."""
+
+    def __init__(self):
+        self.peak, self._stop = rss_mb() or 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, rss_mb() or 0.0)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb() or 0.0)
+
+
+def epoch_value(record: dict, metric: str) -> float:
+    return record["train_loss"] if metric == "train_loss" else record["eval"][metric]
+
+
+class Reporter:
+    """The trainer's epoch callback inside a trial: send the epoch's value, follow a prune decision."""
+
+    def __init__(self, spec: dict):
+        self.number, self.metric, self.spec = spec["number"], spec["metric"], spec
+        self.values: list[float] = []
+
+    def __call__(self, record: dict) -> None:
+        from distributed import Queue
+
+        from sherl_pipe.training.loop import StopTraining
+
+        value = epoch_value(record, self.metric)
+        self.values.append(value)
+        report = {"number": self.number, "epoch": record["epoch"], "value": value, "complete": record["complete"]}
+        Queue(self.spec["reports"]).put(report)
+        if self.spec["decide"] and record["complete"]:
+            decision = Queue(f"{self.spec['decisions']}-{self.number}").get(timeout=DECISION_TIMEOUT)
+            if decision == "prune":
+                raise StopTraining("pruned")
+
+
+def run_trial(spec: dict) -> dict:
+    """What the sweep submits to a worker. SPEC: number, pipeline (a dict), threads, metric,
+    reports/decisions (queue names), decide (whether to wait for prune decisions)."""
+    import torch
+
+    from sherl_pipe.config import Pipeline
+    from sherl_pipe.training import train
+
+    torch.set_num_threads(spec["threads"])
+    pipeline = Pipeline.from_dict(spec["pipeline"], f"sweep trial {spec['number']}")
+    reporter = Reporter(spec)
+    t0 = time.perf_counter()
+    with PeakMemory() as memory:
+        result = train(pipeline, overwrite=True, log=lambda m: None, on_epoch=reporter)
+    out = {
+        "number": spec["number"], "state": "pruned" if result.stop_reason == "pruned" else "complete",
+        "stop_reason": result.stop_reason, "epochs": result.epochs_done, "steps": result.steps,
+        "values": reporter.values, "final": reporter.values[-1] if reporter.values else None,
+        "best": result.best, "last_eval": result.last_eval, "train_seconds": result.seconds,
+        "seconds": time.perf_counter() - t0, "samples_per_s": result.samples_per_s,
+        "peak_rss_mb": memory.peak, "threads": torch.get_num_threads(), "run_dir": str(result.run_dir)}
+    write_atomically(Path(result.run_dir) / "trial.json", (json.dumps(out, indent=2) + "\n").encode())
+    return out

@@ -1,0 +1,200 @@
+"""sherl-pipe sweep: trials on a 2-worker dask LocalCluster over one cache, failures and pruning
+recorded, a killed sweep resumed, bad sweep files refused before any trial starts."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from conftest import write_full_pipeline
+from sherl_pipe.cli import main
+from sherl_pipe.config import load_pipeline
+from sherl_pipe.errors import SherlError
+
+
+def sweep_pipeline(tmp_path, bert_dir, labeled_csv, cache, sweep_table, train_extra="epochs = 2"):
+    path = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, cache, tmp_path / "run",
+                               'dtype = "float32"', f'{train_extra}\neval_split = "validation"')
+    path.write_text(path.read_text() + "\n" + sweep_table.replace("{dir}", str(tmp_path / "sweep")))
+    return path
+
+
+def rows(sweep_dir):
+    with open(sweep_dir / "trials.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+GRID = """
+[sweep]
+sampler = "grid"
+dir = "{dir}"
+workers = 1
+threads = 1
+[sweep.space]
+lr = [0.001, 0.003]
+"""
+
+
+def test_trials_equal_sherl_pipe_train_and_fresh_processes(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """Two trials run in a row in one worker process; each equals `sherl-pipe train` of the same
+    settings run in a fresh process."""
+    from sherl_pipe.sweep import run_sweep
+
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, GRID, "epochs = 2\ndropout = 0.1")
+    result = run_sweep(load_pipeline(str(path)), log=lambda m: None)
+    got = rows(tmp_path / "sweep")
+    assert [r["state"] for r in got] == ["complete", "complete"] and result.threads == 1
+    for r in got:
+        run = tmp_path / f"fresh-{r['number']}"
+        subprocess.run([sys.executable, "-m", "sherl_pipe", "train", "-q", str(path), "--run-dir", str(run),
+                        "--set", f"train.lr={r['lr']}", "--set", "train.threads=1"], check=True, capture_output=True)
+        a = load_file(tmp_path / "sweep" / "trials" / f"{int(r['number']):04d}" / "checkpoints" / "last.safetensors")
+        b = load_file(run / "checkpoints" / "last.safetensors")
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    for name in ("best.toml", "leaderboard.txt", "metric_by_setting.png", "history.png", "learning_curves.png"):
+        assert (tmp_path / "sweep" / name).is_file(), name
+    best = load_pipeline(str(tmp_path / "sweep" / "best.toml"))
+    assert best.train.lr == float(result.report.best["lr"]) and best.data.source == str(labeled_csv)
+
+
+def test_late_layers_and_tiers_vary_over_one_cache(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    from sherl_pipe.sweep import run_sweep
+
+    table = '[sweep]\nsampler = "grid"\ndir = "{dir}"\nworkers = 2\n[sweep.space]\nlate_layers = [1, 2]\ntiers = [[0], [0, 1]]\n'
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 1")
+    manifest = (fp32_cache / "zarr.json").stat().st_mtime_ns
+    result = run_sweep(load_pipeline(str(path)), log=lambda m: None)
+    got = rows(tmp_path / "sweep")
+    assert {(r["late_layers"], r["tiers"]) for r in got} == {("1", "[0]"), ("1", "[0, 1]"), ("2", "[0]"),
+                                                             ("2", "[0, 1]")}
+    assert all(r["state"] == "complete" for r in got) and result.report.best is not None
+    assert (fp32_cache / "zarr.json").stat().st_mtime_ns == manifest  # never re-extracted
+
+
+def failing_trial(spec):
+    """Trial 1 raises; trial 2's worker process dies."""
+    from sherl_pipe.sweep.trial import run_trial
+
+    if spec["number"] == 1:
+        raise RuntimeError("this trial breaks")
+    if spec["number"] == 2:
+        os._exit(1)
+    return run_trial(spec)
+
+
+def test_a_failing_trial_or_a_dead_worker_does_not_stop_the_sweep(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    import cloudpickle
+
+    from sherl_pipe.sweep import run_sweep
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    table = '[sweep]\nsampler = "random"\ntrials = 4\ndir = "{dir}"\nworkers = 2\n[sweep.space]\nlr = {low = 1e-4, high = 1e-2, log = true}\n'
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 1")
+    run_sweep(load_pipeline(str(path)), log=lambda m: None, trial_fn=failing_trial)
+    got = {int(r["number"]): r for r in rows(tmp_path / "sweep")}
+    assert len(got) == 4 and [got[n]["state"] for n in range(4)] == ["complete", "failed", "failed", "complete"]
+    assert "RuntimeError: this trial breaks" in got[1]["error"]
+    assert "KilledWorker" in got[2]["error"] or "died" in got[2]["error"]
+
+
+def test_a_pruned_trial_is_recorded_with_its_epoch(tmp_path, bert_dir, labeled_csv, fp32_cache, monkeypatch):
+    import optuna
+
+    import sherl_pipe.sweep.study as study_mod
+    from sherl_pipe.sweep import run_sweep
+
+    class PruneTrialOne(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number == 1
+
+    monkeypatch.setattr(study_mod, "make_pruner", lambda cfg: PruneTrialOne())
+    table = GRID.replace("sampler = \"grid\"", "sampler = \"grid\"\npruner = \"median\"")
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 3")
+    run_sweep(load_pipeline(str(path)), log=lambda m: None)
+    got = {int(r["number"]): r for r in rows(tmp_path / "sweep")}
+    assert got[0]["state"] == "complete" and got[0]["epochs"] == "3"
+    assert got[1]["state"] == "pruned" and got[1]["epochs"] == "1"
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    from optuna.trial import TrialState
+
+    from sherl_pipe.sweep.study import load_study
+
+    table = '[sweep]\nsampler = "grid"\ndir = "{dir}"\nworkers = 1\nthreads = 1\n[sweep.space]\nseed = [0, 1, 2]\n'
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 8")
+    proc = subprocess.Popen([sys.executable, "-m", "sherl_pipe", "sweep", "-q", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    journal = tmp_path / "sweep" / "study.journal"
+    deadline, complete = time.time() + 240, []
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file():
+            study = load_study(tmp_path / "sweep")
+            complete = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))]
+            if complete and study.get_trials(states=(TrialState.RUNNING,)):
+                break
+        time.sleep(0.3)
+    assert proc.poll() is None, "the sweep ended before it could be killed: " + proc.stderr.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its workers
+    proc.wait()
+    finished = {n: (tmp_path / "sweep" / "trials" / f"{n:04d}" / "trial.json").stat().st_mtime_ns for n in complete}
+    r = CliRunner().invoke(main, ["sweep", str(path), "-q"])
+    assert r.exit_code == 0, r.output
+    got = {int(x["number"]): x for x in rows(tmp_path / "sweep")}
+    for n, mtime in finished.items():  # not rerun
+        assert (tmp_path / "sweep" / "trials" / f"{n:04d}" / "trial.json").stat().st_mtime_ns == mtime
+    interrupted = [x for x in got.values() if x["state"] == "failed"]
+    assert interrupted and all(x["error"].startswith("interrupted") for x in interrupted)
+    assert sorted(x["seed"] for x in got.values() if x["state"] == "complete") == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[sweep]\n[sweep.space]\nextract = {dtype = ["float32"]}\n', r"sweep.space.extract: only train settings vary"),
+    ('[sweep]\n[sweep.space]\nrun_dir = ["a", "b"]\n', r"a trial cannot vary train.run_dir"),
+    ('[sweep]\n[sweep.space]\nlearning_rate = [0.1]\n', r"sweep.space.learning_rate: not a train setting"),
+    ('[sweep]\n[sweep.space]\nlate_tuning = ["frozen", "bogus"]\n',
+     r"sweep.space.late_tuning = 'bogus': .*is not one of"),
+    ('[sweep]\n[sweep.space]\npooling = {low = 1, high = 2}\n', r"a range needs a numeric setting"),
+    ('[sweep]\nsampler = "grid"\n[sweep.space]\nlr = {low = 0.001, high = 0.01}\n',
+     r"sampler = 'grid' needs lists of values"),
+    ('[sweep]\n[sweep.space]\nlate_layers = [1, 4]\n', r"late_layers = 4 .*the cache cannot serve it"),
+    ('[sweep]\n[sweep.space]\ntiers = [[0, 7]]\n', r"tiers = \[0, 7\]: the cache cannot serve it"),
+    ('[sweep]\nmetric = "pearson"\n[sweep.space]\nlr = [0.1]\n', r"sweep.metric = 'pearson' is not a classification"),
+    ('[sweep]\ntrials = 0\n[sweep.space]\nlr = [0.1]\n', r"sweep.trials = 0 means every combination"),
+    ('[sweep]\npruner = "hyperband"\n[sweep.space]\nlr = [0.1]\n', r"sweep.pruner = 'hyperband' is not one of"),
+    ('[sweep]\nmetric = "accuracy"\n', r"\[sweep.space\] is missing or empty"),
+])
+def test_bad_sweep_files_are_refused_before_any_trial(tmp_path, bert_dir, labeled_csv, fp32_cache, table, message):
+    from sherl_pipe.sweep import plan_sweep
+
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table)
+    with pytest.raises(SherlError, match=message):
+        plan_sweep(load_pipeline(str(path)), None, None)
+    r = CliRunner().invoke(main, ["sweep", str(path), "-q"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_changed_space_is_refused_unless_overwrite(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    from sherl_pipe.sweep import run_sweep
+
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, GRID, "epochs = 1")
+    run_sweep(load_pipeline(str(path)), log=lambda m: None)
+    changed = load_pipeline(str(path), ["sweep.sampler=random", "sweep.trials=1"])
+    with pytest.raises(SherlError, match=r"holds a sweep with another sampler; .*--overwrite"):
+        run_sweep(changed, log=lambda m: None)
+    assert len(rows(tmp_path / "sweep")) == 2
+    run_sweep(changed, overwrite=True, log=lambda m: None)
+    assert len(rows(tmp_path / "sweep")) == 1
+    r = CliRunner().invoke(main, ["sweep-report", str(tmp_path / "sweep")])
+    assert r.exit_code == 0 and "1 trials: 1 complete" in r.output, r.output
