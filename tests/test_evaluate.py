@@ -63,8 +63,11 @@ def test_broken_and_foreign_run_folders(trained, tmp_path):
         evaluate(broken)
     shutil.copy(root / "run" / "model.json", broken / "model.json")
     (broken / "checkpoints" / "best.safetensors").unlink()
-    with pytest.raises(SherlError, match=r"best.safetensors: not found"):
+    with pytest.raises(SherlError, match=r"best.safetensors: not found; .*use --checkpoint last"):
         evaluate(broken)
+    (broken / "checkpoints" / "last.safetensors").unlink()
+    with pytest.raises(SherlError, match=r"last.safetensors: not found; .*use --checkpoint best"):
+        evaluate(broken, checkpoint="last")
     # a run whose cache was made from another backbone
     other = make_backbone(tmp_path / "other", "bert", seed=9)
     foreign_pipe = pipe.with_overrides("backbone", source=str(other)).with_overrides(

@@ -46,7 +46,7 @@ class StepBomb:
 
 def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_one(tmp_path, bert_dir, labeled_csv, fp32_cache,
                                                                      monkeypatch):
-    extra = 'epochs = 3\nsave_every = 4\neval_split = "validation"\ndropout = 0.1'
+    extra = 'epochs = 3\nsave_every = 4\neval_split = "validation"\ndropout = 0.1\nlog_every = 1'
     # 120 training rows in batches of 8: 15 steps an epoch; the bomb goes off in epoch 2, step 23,
     # after the checkpoint at step 20, so steps 21-22 are redone from the saved state.
     cut = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "cut", extra)
@@ -69,8 +69,9 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_one(tmp_path, b
         assert r["train_loss"] == pytest.approx(w["train_loss"], abs=1e-6)
         assert r["eval"] == pytest.approx(w["eval"], abs=1e-6) if "eval" in w else True
     got_train, want_train = records(tmp_path / "cut", "train"), records(tmp_path / "whole", "train")
-    assert [r["step"] for r in got_train] == [r["step"] for r in want_train]
-    assert [r["loss"] for r in got_train] == pytest.approx([r["loss"] for r in want_train], abs=1e-6)
+    assert [r["step"] for r in got_train] == [r["step"] for r in want_train] == list(range(1, 46))
+    for key in ("step_loss", "loss", "lr"):  # every step's own loss, the epoch's running loss, the rate
+        assert [r[key] for r in got_train] == pytest.approx([r[key] for r in want_train], abs=1e-6), key
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["best"] == pytest.approx(
         json.loads((tmp_path / "whole" / "summary.json").read_text())["best"], abs=1e-6)
 
