@@ -198,3 +198,21 @@ def test_a_changed_space_is_refused_unless_overwrite(tmp_path, bert_dir, labeled
     assert len(rows(tmp_path / "sweep")) == 1
     r = CliRunner().invoke(main, ["sweep-report", str(tmp_path / "sweep")])
     assert r.exit_code == 0 and "1 trials: 1 complete" in r.output, r.output
+
+
+def test_a_sweep_leaves_dasks_configuration_as_it_found_it(tmp_path):
+    """In a fresh interpreter (distributed not yet imported), entering and leaving the sweep's
+    cluster once dropped distributed's configuration: the next sweep in the process failed."""
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "import dask\n"
+        "from sherl_pipe.sweep.cluster import engine\n"
+        "from sherl_pipe.sweep.config import SweepConfig\n"
+        "if __name__ == '__main__':\n"
+        "    for _ in range(2):\n"
+        "        with engine(SweepConfig(workers=1), None) as eng:\n"
+        "            assert eng.workers == 1\n"
+        "        assert 'comm' in dask.config.get('distributed')\n"
+        "    print('ok')\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -39,6 +39,7 @@ def plot_by_setting(sweep_dir: Path, done: list[dict], keys: list[str], metric: 
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
     fig.suptitle(f"{metric} of complete trials against each swept setting")
+    fig.tight_layout()
     _save(fig, sweep_dir / "metric_by_setting.png")
     plt.close(fig)
 
@@ -53,6 +54,9 @@ def plot_history(sweep_dir: Path, done: list[dict], metric: str, direction: str)
         best = r["value"] if best is None else (max if direction == "maximize" else min)(best, r["value"])
         line.append(best)
     ax.step([r["number"] for r in done], line, where="post", color="C1", label="best so far")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
     ax.legend()
@@ -72,6 +76,9 @@ def plot_learning_curves(sweep_dir: Path, ranked: list[dict], metric: str) -> No
         epochs = [x for x in records if x["event"] == "epoch" and "eval" in x]
         ys = [x["train_loss"] if metric == "train_loss" else x["eval"].get(metric) for x in epochs]
         ax.plot([x["epoch"] for x in epochs], ys, marker="o", label=f"#{r['number']}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title("learning curves of the best trials")

@@ -83,10 +83,12 @@ def run_trial(spec: dict) -> dict:
     reports/decisions (queue names), decide (whether to wait for prune decisions)."""
     import torch
 
+    from sherl_pipe.cache import set_codec_threads
     from sherl_pipe.config import Pipeline
     from sherl_pipe.training import train
 
     torch.set_num_threads(spec["threads"])
+    set_codec_threads(spec["threads"])  # the decompressor's threads too: trials share the machine's cores
     pipeline = Pipeline.from_dict(spec["pipeline"], f"sweep trial {spec['number']}")
     reporter = Reporter(spec)
     t0 = time.perf_counter()
