@@ -374,15 +374,20 @@ def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quie
     from sherl_pipe.errors import CacheMismatch
     from sherl_pipe.sweep import run_sweep
 
+    from sherl_pipe.request import cache_ready
+
     pipe = load_pipeline(pipeline, overrides)
     if not quiet:
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
-    try:
-        _print_extract_summary(_run_extract(pipe, False, quiet))
-    except CacheMismatch:
-        if not overwrite:
-            raise
-        _print_extract_summary(_run_extract(pipe, True, quiet))
+    if cache_ready(pipe):  # complete and matching: no need to load the model to compare module hashes
+        click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
+    else:
+        try:
+            _print_extract_summary(_run_extract(pipe, False, quiet))
+        except CacheMismatch:
+            if not overwrite:
+                raise
+            _print_extract_summary(_run_extract(pipe, True, quiet))
     bar = Progress("sweep", "trial", quiet)
     try:
         with StopOnInterrupt(bar.write):

@@ -5,6 +5,7 @@ it; `train` compares it with the cache it is given, so a stale cache is refused,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from sherl_pipe.backbone import describe_backbone, load_config, load_tokenizer, position_limit, tokenizer_identity
 from sherl_pipe.cache import Cache
@@ -49,3 +50,24 @@ def check_cache_matches(cache: Cache, pipeline: Pipeline) -> None:
         raise SherlError(f"cache {cache.path}: was made for other data or settings than this pipeline describes "
                          f"({shown}); rerun `sherl-pipe extract` (or `sherl-pipe run`) to rebuild it, or point "
                          f"extract.cache at the cache made for this pipeline")
+
+
+def cache_ready(pipeline: Pipeline) -> bool:
+    """Whether the pipeline's cache exists, is complete and matches it (checked without the model's
+    weights): commands that only read the cache (sweep) then skip the extract step and its model load."""
+    from sherl_pipe.cache.store import is_sherl_cache
+
+    path = Path(pipeline.extract.cache)
+    if not is_sherl_cache(path):
+        return False
+    try:
+        cache = Cache(path)
+        wanted = list(pipeline.extract.splits) or cache.splits
+        if not all(s in cache.splits for s in wanted):
+            return False
+        for split in cache.splits:
+            cache.require_complete(split)
+        check_cache_matches(cache, pipeline)
+    except SherlError:
+        return False
+    return True

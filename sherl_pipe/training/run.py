@@ -74,11 +74,12 @@ class Session:
     budget: Budget | None = None
 
 
-def open_training_cache(pipeline: Pipeline) -> tuple[Cache, ModelSpec, str | None]:
+def open_training_cache(pipeline: Pipeline, check_cache: bool = True) -> tuple[Cache, ModelSpec, str | None]:
     """The cache, the model spec and the evaluation split, checked before any work."""
     cfg = pipeline.train
     cache = Cache(pipeline.extract.cache)
-    check_cache_matches(cache, pipeline)
+    if check_cache:
+        check_cache_matches(cache, pipeline)
     if "train" not in cache.splits:
         raise SherlError(f"cache {cache.path}: has no 'train' split (has: {', '.join(cache.splits)})")
     cache.require_complete("train")
@@ -180,13 +181,14 @@ def make_hooks(run: RunFolder, s: Session, progress, log, on_epoch, should_stop)
 
 
 def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, progress=None, log=print,
-          on_epoch: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None
-          ) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+          check_cache: bool = True) -> TrainResult:
     """Train the pipeline's stage two. `on_epoch(record)` sees each epoch's record (and may raise
     loop.StopTraining); `should_stop()` is polled at step boundaries (an interrupt: the state is
-    saved and the run can be resumed)."""
+    saved and the run can be resumed). check_cache=False skips comparing the cache with the
+    pipeline's data, backbone and extract sections (a sweep does that once for all its trials)."""
     device = pick_device(pipeline.train.device)
-    cache, spec, eval_split = open_training_cache(pipeline)
+    cache, spec, eval_split = open_training_cache(pipeline, check_cache)
     run = RunFolder(pipeline.train.run_dir)
     resuming = run.prepare(resume, overwrite)
     try:
