@@ -154,7 +154,8 @@ class TrainConfig:
     grad_accum: int = _at_least(1, 1)
     lr: float = _at_least(0.0, 0.0)  # new modules and head; 0: 1e-3
     lr_late: float = _at_least(0.0, 0.0)  # pretrained weights being tuned; 0: the late_tuning mode's default
-    weight_decay: float = _at_least(0.01, 0.0)  # pretrained weights only
+    weight_decay: float = _at_least(0.01, 0.0)  # pretrained weights (not their norms and biases)
+    weight_decay_new: float = _at_least(0.0, 0.0)  # the new modules (consolidation, head, LoRA)
     warmup_ratio: float = _between(0.06, 0.0, 1.0)
     grad_clip: float = _at_least(1.0, 0.0)
     lora_rank: int = _at_least(8, 1)

@@ -171,9 +171,11 @@ def apply_late_tuning(model: SherlModel) -> None:
             p.requires_grad_("lora_" in name)
 
 
-def parameter_groups(model: nn.Module, lr_new: float, lr_pretrained: float, weight_decay: float) -> list[dict]:
-    """New modules (consolidation, head, LoRA) without weight decay; pretrained weights with it,
-    except their norms and biases, at fine-tuning rates."""
+def parameter_groups(model: nn.Module, lr_new: float, lr_pretrained: float, weight_decay: float,
+                     weight_decay_new: float = 0.0) -> list[dict]:
+    """New modules (consolidation, head, LoRA) at lr_new with weight_decay_new (0 by default, as in
+    SHERL's recipe); pretrained weights at fine-tuning rates with weight_decay, except their norms
+    and biases."""
     new, decay, no_decay = [], [], []
     norm_bias = norm_and_bias_parameters(model)
     for name, p in model.named_parameters():
@@ -185,7 +187,7 @@ def parameter_groups(model: nn.Module, lr_new: float, lr_pretrained: float, weig
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = [{"params": new, "lr": lr_new, "weight_decay": 0.0, "name": "new"}]
+    groups = [{"params": new, "lr": lr_new, "weight_decay": weight_decay_new, "name": "new"}]
     if decay:
         groups.append({"params": decay, "lr": lr_pretrained, "weight_decay": weight_decay, "name": "pretrained"})
     if no_decay:

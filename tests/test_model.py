@@ -70,3 +70,20 @@ def test_non_finite_padding_changes_neither_the_loss_nor_the_gradients(fp32_cach
             torch.testing.assert_close(loss, results[0][0], atol=1e-6, rtol=0)
             for g, g0 in zip(grads, results[0][1]):
                 torch.testing.assert_close(g, g0, atol=1e-6, rtol=0)
+
+
+def test_parameter_groups_decay_what_they_say(fp32_cache):
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.model import build_sherl_model, empty_late_modules, parameter_groups
+
+    cache = Cache(fp32_cache)
+    config = config_from_manifest(cache.manifest)
+    spec = spec_for(3, 1).__class__(**{**spec_for(3, 1).to_dict(), "tiers": (0, 1), "late_tuning": "full"})
+    late, pooler = empty_late_modules(spec, config)
+    model = build_sherl_model(spec, config, late, pooler)
+    groups = {g["name"]: g for g in parameter_groups(model, 1e-3, 3e-5, 0.01, 0.05)}
+    assert groups["new"]["weight_decay"] == 0.05 and groups["new"]["lr"] == 1e-3
+    assert groups["pretrained"]["weight_decay"] == 0.01 and groups["pretrained-norm-bias"]["weight_decay"] == 0.0
+    new = {id(p) for p in groups["new"]["params"]}
+    assert new == {id(p) for n, p in model.named_parameters() if n.startswith(("consolidation.", "head."))}
+    assert parameter_groups(model, 1e-3, 3e-5, 0.01)[0]["weight_decay"] == 0.0  # SHERL's recipe: none

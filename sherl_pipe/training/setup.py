@@ -97,7 +97,8 @@ def learning_rates(spec: ModelSpec, cfg: TrainConfig) -> tuple[float, float]:
 
 def build_optimizer(model: nn.Module, spec: ModelSpec, cfg: TrainConfig) -> torch.optim.Optimizer:
     lr_new, lr_pre = learning_rates(spec, cfg)
-    return torch.optim.AdamW(parameter_groups(model, lr_new, lr_pre, cfg.weight_decay), lr=lr_new)
+    return torch.optim.AdamW(parameter_groups(model, lr_new, lr_pre, cfg.weight_decay, cfg.weight_decay_new),
+                             lr=lr_new)
 
 
 def warmup_linear(total_steps: int, warmup_steps: int):
