@@ -194,6 +194,15 @@ def phase_runs(task: str, pipe_file: Path, work: Path, phases: list[str]) -> dic
     return scores
 
 
+def print_settings(task: str, scores: dict[str, list[dict]]) -> None:
+    """Every swept setting of a task: validation and test means over its seeds."""
+    swept = mean_by_setting(scores.get("structure", []) + scores.get("variants", []))
+    for setting, m in sorted(swept.items(), key=lambda kv: -kv[1]["val"]):
+        shown = ", ".join(f"{k}={v}" for k, v in setting)
+        print(f"   {task:<8} {shown:<55} val {100 * m['val']:6.2f}  test {100 * m['test']:6.2f} "
+              f"+- {100 * m['test_sd']:.2f} (n={m['n']})")
+
+
 def summarize(task: str, scores: dict[str, list[dict]]) -> dict:
     swept = mean_by_setting(scores.get("structure", []) + scores.get("variants", []))
     out: dict = {"task": task}
@@ -254,6 +263,7 @@ def main() -> None:
         print(f"== {task}", flush=True)
         extract_cache(pipe_file)
         scores = phase_runs(task, pipe_file, work, args.phases.split(","))
+        print_settings(task, scores)
         rows.append(summarize(task, scores))
         print(json.dumps(rows[-1]), flush=True)
         if scores.get("structure"):
