@@ -216,3 +216,25 @@ def test_a_sweep_leaves_dasks_configuration_as_it_found_it(tmp_path):
         "    print('ok')\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_a_local_cluster_does_not_claim_dasks_dashboard_port(tmp_path):
+    """Two sweeps at once (or a sweep beside another dask cluster): the second's scheduler found
+    port 8787 taken and warned "Perhaps you already have a cluster running?"."""
+    import socket
+    import warnings
+
+    from sherl_pipe.sweep.cluster import engine
+    from sherl_pipe.sweep.config import SweepConfig
+
+    with socket.socket() as taken:
+        try:
+            taken.bind(("", 8787))
+        except OSError:
+            pass  # somebody holds it already: the case under test either way
+        taken.listen()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with engine(SweepConfig(workers=1), None) as eng:
+                assert eng.workers == 1
+    assert not [w for w in seen if "8787" in str(w.message)], [str(w.message) for w in seen]

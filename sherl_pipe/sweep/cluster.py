@@ -70,7 +70,9 @@ def _local(cfg: SweepConfig):
     threads = cfg.threads or max(1, cores // n)
     environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, "distributed.worker.profile.enabled": False}):
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+        # The scheduler serves HTTP even without a dashboard, on 8787 unless told otherwise; ":0"
+        # takes a free port, so a second sweep (or another dask cluster) causes no port warning.
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                           silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             _pin(client, threads)
             yield Engine(client, n, threads, f"a local cluster of {n} worker processes")
