@@ -13,7 +13,6 @@ from pathlib import Path
 
 from sherl_pipe.atomic import write_atomically
 from sherl_pipe.config import Pipeline, to_toml
-from sherl_pipe.sweep.space import decode
 from sherl_pipe.sweep.study import load_study, trial_dir
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
@@ -36,8 +35,7 @@ def _trial_row(t, sweep_dir: Path, keys: list[str]) -> dict:
     values = t.user_attrs.get("train", {})
     steps = sorted(t.intermediate_values)
     return {"number": t.number, "state": STATES.get(t.state.name, t.state.name.lower()),
-            **{k: json.dumps(list(decode(values[k]))) if str(values.get(k, "")).startswith("[") else values.get(k)
-               for k in keys},
+            **{k: values.get(k) for k in keys},  # as the study holds them: lists already JSON text (space.encode)
             "value": t.value, "final": t.intermediate_values[steps[-1]] if steps else info.get("final"),
             "epochs": steps[-1] if steps else info.get("epochs"), "seconds": info.get("seconds"),
             "samples_per_s": info.get("samples_per_s"), "peak_rss_mb": info.get("peak_rss_mb"),
