@@ -1,68 +1,27 @@
 """Pretrained encoders: load, fingerprint per module, split at the cut, run the early route.
 
-A family is supported through a small `Family` adapter keyed by the config's `model_type`. Adding
-one (say `electra`) means telling where its embeddings, layers and pooler live and which classes
-build a single layer and the pooler from a config.
+What differs between families (where modules live, how a layer is called, what it needs beside
+the hidden states) is asked of the family's adapter in `sherl_pipe.families`; nothing here names
+a family.
 
-Stage two never loads the whole model: `load_modules` builds only the requested modules from the
-config and reads only their tensors from the weights file.
+Stage two never loads the whole model: `load_module` builds only the requested module from the
+config and reads only its tensors from the weights file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from sherl_pipe.errors import SherlError
+from sherl_pipe.families import FAMILIES, Family, family_of
 from sherl_pipe.resources import resolve_model
 
-
-@dataclass(frozen=True)
-class Family:
-    model_type: str
-    layer_cls: Callable[[], type]  # builds one encoder layer: cls(config, layer_idx=i)
-    pooler_cls: Callable[[], type]  # builds the pooler: cls(config)
-    checkpoint_prefixes: tuple[str, ...]  # what a task checkpoint puts before "embeddings." etc.
-    post_ln: bool = True  # post-LN blocks: the consolidation output is wrapped in LayerNorm
-    default_pooling: str = "cls-pooler"
-
-
-def _bert_layer():
-    from transformers.models.bert.modeling_bert import BertLayer
-    return BertLayer
-
-
-def _bert_pooler():
-    from transformers.models.bert.modeling_bert import BertPooler
-    return BertPooler
-
-
-def _roberta_layer():
-    from transformers.models.roberta.modeling_roberta import RobertaLayer
-    return RobertaLayer
-
-
-def _roberta_pooler():
-    from transformers.models.roberta.modeling_roberta import RobertaPooler
-    return RobertaPooler
-
-
-FAMILIES = {
-    "bert": Family("bert", _bert_layer, _bert_pooler, ("", "bert.")),
-    "roberta": Family("roberta", _roberta_layer, _roberta_pooler, ("", "roberta.")),
-}
-
-
-def family_of(model_type: str) -> Family:
-    if model_type not in FAMILIES:
-        raise SherlError(f"backbone model_type '{model_type}' is not supported; supported: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
+__all__ = ["FAMILIES", "Backbone", "family_of", "load_config", "load_module", "module_hash"]
 
 
 def load_config(folder: Path, attn_implementation: str = "sdpa"):
@@ -72,8 +31,8 @@ def load_config(folder: Path, attn_implementation: str = "sdpa"):
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise SherlError(f"backbone folder {folder}: cannot read config.json ({exc})") from None
-    family_of(config.model_type)
-    config._attn_implementation = attn_implementation
+    # MPNet and DeBERTa have eager attention only: they run with it whatever was asked for
+    config._attn_implementation = family_of(config.model_type).attention_for(attn_implementation)
     return config
 
 
@@ -140,9 +99,7 @@ def describe_backbone(config, folder: Path) -> dict:
 
 def position_limit(config, tokenizer) -> int:
     """The longest input (in tokens) the model's position embeddings cover."""
-    limit = config.max_position_embeddings
-    if config.model_type == "roberta":  # positions start after the padding index
-        limit -= (config.pad_token_id or 0) + 1
+    limit = family_of(config.model_type).position_limit(config)
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < 10**6:
         limit = min(limit, tok_max)
@@ -168,55 +125,60 @@ class Backbone:
         self.tokenizer = load_tokenizer(self.folder)
         try:
             self.model = AutoModel.from_pretrained(self.folder, config=self.config, local_files_only=True,
-                                                   attn_implementation=attn_implementation, dtype=torch.float32)
+                                                   attn_implementation=self.config._attn_implementation,
+                                                   dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise SherlError(f"backbone folder {self.folder}: cannot load the weights ({exc})") from None
         self.model.eval().to(device)
         self.device = torch.device(device)
         self.num_layers = self.config.num_hidden_layers
-        self.has_pooler = getattr(self.model, "pooler", None) is not None and _file_has_pooler(self.folder)
+        self.has_pooler = self.family.pooler(self.model) is not None and _file_has_pooler(self.folder, self.family)
+        # the modules the layers need beside the hidden states, as stage two builds them
+        self.modules = {s.name: shared_from_model(self.model, self.family, s.name) for s in self.family.shared}
+        self.modules.update({k: m.to(device) for k, m in self.family.helpers(self.config).items()})
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.model.encoder.layer
+        return self.family.layers(self.model)
 
     def module_hashes(self) -> dict[str, str]:
-        out = {"embeddings": module_hash(self.model.embeddings)}
+        out = {"embeddings": module_hash(self.family.embedding_modules(self.model))}
         out.update({f"layer.{i}": module_hash(layer) for i, layer in enumerate(self.layers)})
         if self.has_pooler:
-            out["pooler"] = module_hash(self.model.pooler)
+            out["pooler"] = module_hash(self.family.pooler(self.model))
+        out.update({s.name: module_hash(self.modules[s.name]) for s in self.family.shared})
         return out
 
     def identity(self) -> dict:
         return {"source": self.source, **describe_backbone(self.config, self.folder),
                 "module_hashes": self.module_hashes()}
 
-    def embed(self, input_ids, token_type_ids=None):
-        return self.model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-
     def early_states(self, input_ids, attention_mask, token_type_ids=None, upto: int | None = None):
         """[h[0], ..., h[upto]] for a padded batch: the embedding output and each early layer's output."""
         upto = self.num_layers if upto is None else upto
-        hidden = self.embed(input_ids, token_type_ids)
-        mask = attention_mask_for(self.config, hidden, attention_mask)
+        family = self.family
+        hidden = family.embed(self.model, input_ids, attention_mask, token_type_ids)
+        context = family.prepare(self.config, self.modules, hidden, attention_mask)
         states = [hidden]
-        for layer in self.layers[:upto]:
-            hidden = run_layer(layer, hidden, mask)
+        for i, layer in enumerate(self.layers[:upto]):
+            hidden = family.run_layer(layer, hidden, context, i, self.modules)
             states.append(hidden)
         return states
 
 
-def attention_mask_for(config, hidden: torch.Tensor, attention_mask: torch.Tensor):
-    """The mask a layer expects, made by transformers itself for the attention implementation in use."""
-    from transformers.masking_utils import create_bidirectional_mask
+def shared_from_model(model: nn.Module, family: Family, name: str) -> nn.Module:
+    """A shared module built as stage two builds it, holding the whole model's tensors: both stages
+    then hash the same module."""
+    spec = next(s for s in family.shared if s.name == name)
+    state = {k[len(spec.prefix):]: v for k, v in model.state_dict().items() if _is_part(k, spec.prefix, spec.exclude)}
+    module = family.build_shared(model.config, name)
+    module.load_state_dict(state, strict=True)
+    device = next(iter(model.parameters())).device
+    return module.to(device).eval()
 
-    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
 
-
-def run_layer(layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:
-    out = layer(hidden, mask)
-    # transformers 5 layers return a tensor; older releases returned a tuple.
-    return out[0] if isinstance(out, tuple) else out
+def _is_part(key: str, prefix: str, exclude: tuple[str, ...]) -> bool:
+    return key.startswith(prefix) and not key[len(prefix):].startswith(exclude)
 
 
 # --- partial loading for stage two -------------------------------------------------------------
@@ -232,7 +194,22 @@ def _weight_files(folder: Path) -> list[Path]:
     raise SherlError(f"backbone folder {folder}: no model.safetensors or pytorch_model.bin")
 
 
-def _iter_tensor_names(path: Path):
+def _iter_tensors(path: Path, wanted):
+    """(key, tensor) for the keys of one weights file that `wanted(key)` accepts; only those are read."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if wanted(key):
+                    yield key, f.get_tensor(key)
+    else:
+        for key, value in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items():
+            if wanted(key):
+                yield key, value
+
+
+def _keys(path: Path):
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -242,46 +219,43 @@ def _iter_tensor_names(path: Path):
         yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
 
 
-def _file_has_pooler(folder: Path) -> bool:
-    return any(".pooler." in "." + k or k.startswith("pooler.") for f in _weight_files(folder) for k in _iter_tensor_names(f))
+def _file_has_pooler(folder: Path, family: Family) -> bool:
+    prefixes = [p + family.pooler_path + "." for p in family.checkpoint_prefixes]
+    return any(k.startswith(p) for f in _weight_files(folder) for k in _keys(f) for p in prefixes)
 
 
-def read_tensors(folder: Path, module_prefix: str, family: Family) -> dict[str, torch.Tensor]:
-    """Only the tensors of one module (e.g. 'encoder.layer.5.'), keys relative to it."""
+def read_tensors(folder: Path, family: Family, prefix: str, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Only the tensors of one module (keys under `prefix`, say 'encoder.layer.5.'), keys relative to it."""
+    def relative(key: str) -> str | None:
+        for p in family.checkpoint_prefixes:
+            if _is_part(key, p + prefix, exclude):
+                return key[len(p + prefix):]
+        return None
+
     out: dict[str, torch.Tensor] = {}
     for path in _weight_files(folder):
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    rel = _relative_key(key, module_prefix, family)
-                    if rel is not None:
-                        out[rel] = f.get_tensor(key)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            for key, value in state.items():
-                rel = _relative_key(key, module_prefix, family)
-                if rel is not None:
-                    out[rel] = value
+        for key, tensor in _iter_tensors(path, lambda k: relative(k) is not None):
+            out[relative(key)] = tensor
     return out
 
 
-def _relative_key(key: str, module_prefix: str, family: Family) -> str | None:
-    for p in family.checkpoint_prefixes:
-        if key.startswith(p + module_prefix):
-            return key[len(p + module_prefix):]
-    return None
+def empty_module(config, family: Family, name: str) -> tuple[nn.Module, str, tuple[str, ...]]:
+    """(module built from the config, the key prefix its tensors have, keys under it that are not its)."""
+    if name == "pooler":
+        return family.build_pooler(config), family.pooler_path + ".", ()
+    if name.startswith("layer."):
+        i = int(name.split(".")[1])
+        return family.build_layer(config, i), family.layer_prefix(i), ()
+    spec = next((s for s in family.shared if s.name == name), None)
+    if spec is None:
+        raise SherlError(f"backbone module '{name}' is not one of the {family.model_type} family's")
+    return family.build_shared(config, name), spec.prefix, spec.exclude
 
 
 def load_module(folder: Path, config, family: Family, name: str) -> nn.Module:
-    """Build 'layer.i' or 'pooler' from the config and load just its weights (strictly)."""
-    if name == "pooler":
-        module, prefix = family.pooler_cls()(config), "pooler."
-    else:
-        i = int(name.split(".")[1])
-        module, prefix = family.layer_cls()(config, layer_idx=i), f"encoder.layer.{i}."
-    tensors = read_tensors(folder, prefix, family)
+    """Build 'layer.i', 'pooler' or a shared module from the config and load just its weights (strictly)."""
+    module, prefix, exclude = empty_module(config, family, name)
+    tensors = read_tensors(folder, family, prefix, exclude)
     if not tensors:
         raise SherlError(f"backbone folder {folder}: the weights file has no tensors for '{name}' "
                          f"(expected keys starting with '{prefix}')")

@@ -70,8 +70,8 @@ def load_trained(run_dir, checkpoint: str = "best", device: str = "auto") -> Tra
 
         model = FullFinetuneModel(spec, AutoModel.from_config(config, dtype=torch.float32))
     else:
-        late, pooler = empty_late_modules(spec, config)
-        model = build_sherl_model(spec, config, late, pooler)
+        late, pooler, shared = empty_late_modules(spec, config)
+        model = build_sherl_model(spec, config, late, pooler, shared)
     load_weights(run / "checkpoints" / f"{checkpoint}.safetensors", model, checkpoint)
     return Trained(run, pipeline, info, manifest, spec, model.to(device).eval(), device)
 

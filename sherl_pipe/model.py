@@ -12,14 +12,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from sherl_pipe.backbone import FAMILIES, attention_mask_for, family_of, run_layer
 from sherl_pipe.consolidation import Consolidation
 from sherl_pipe.errors import SherlError
+from sherl_pipe.families import family_of
 
 LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5}
 NEW_LR = 1e-3
 FULL_FT_LR = 3e-5
-LORA_TARGETS = ["query", "key", "value", "dense"]
 
 
 @dataclass(frozen=True)
@@ -57,19 +56,29 @@ def config_from_manifest(manifest: dict, attn_implementation: str | None = None)
     from transformers import AutoConfig
 
     stored = dict(manifest["backbone"]["config"])
-    family_of(stored["model_type"])
+    family = family_of(stored["model_type"])
     config = AutoConfig.for_model(stored.pop("model_type"), **stored)
-    config._attn_implementation = attn_implementation or manifest["backbone"]["attn_implementation"]
+    config._attn_implementation = family.attention_for(attn_implementation or
+                                                       manifest["backbone"]["attn_implementation"])
     return config
 
 
 def resolve_pooling(requested: str, manifest: dict) -> str:
-    if requested != "auto":
-        return requested
-    st = manifest["backbone"].get("sentence_transformers_pooling")
-    if st:
-        return st
-    return FAMILIES[manifest["backbone"]["model_type"]].default_pooling
+    """`auto`: what a sentence-transformers folder says, else the family's own task heads' pooling.
+    `cls-pooler` on a family without a pooler (or weights without one) is refused here."""
+    config = config_from_manifest(manifest)
+    family = family_of(config.model_type)
+    in_weights = "pooler" in manifest["backbone"].get("module_hashes", {"pooler": ""})
+    if requested == "auto":
+        requested = manifest["backbone"].get("sentence_transformers_pooling") or family.default_pooling(config)
+        return "cls" if requested == "cls-pooler" and not in_weights else requested
+    if requested == "cls-pooler" and family.pooler_path is None:
+        raise SherlError(f"train.pooling = 'cls-pooler': {config.model_type} backbones have no pooler; set "
+                         f"train.pooling to 'cls' or 'mean' (or 'auto': {family.default_pooling(config)})")
+    if requested == "cls-pooler" and not in_weights:
+        raise SherlError("train.pooling = 'cls-pooler': the backbone's weights file has no pooler; set "
+                         "train.pooling to 'cls' or 'mean'")
+    return requested
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: nn.Module | None) -> torch.Tensor:
@@ -95,26 +104,33 @@ class Head(nn.Module):
 
 
 class SherlModel(nn.Module):
-    """Consolidation of the cached tiers, then the late layers, pooling and the head."""
+    """Consolidation of the cached tiers, then the late layers, pooling and the head.
 
-    def __init__(self, spec: ModelSpec, config, late: list[nn.Module], pooler: nn.Module | None):
+    `shared` holds the pretrained modules the late layers need beside themselves (see
+    `sherl_pipe.families`); `helpers` the weightless ones built from the config (rotary tables)."""
+
+    def __init__(self, spec: ModelSpec, config, late: list[nn.Module], pooler: nn.Module | None,
+                 shared: dict[str, nn.Module] | None = None):
         super().__init__()
         self.spec = spec
         self.config = config
+        self.family = family_of(config.model_type)
         self.consolidation = Consolidation(
             config.hidden_size, list(spec.tiers), spec.anchor, spec.reduction, spec.projection,
-            post_ln=family_of(config.model_type).post_ln, dropout=spec.dropout,
-            layer_norm_eps=config.layer_norm_eps)
+            post_ln=self.family.post_ln, dropout=spec.dropout, layer_norm_eps=self.family.layer_norm_eps(config))
         self.late = nn.ModuleList(late)
+        self.shared = nn.ModuleDict(shared or {})
+        self.helpers = nn.ModuleDict(self.family.helpers(config))
         self.pooler = pooler
         self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout)
 
     def late_route(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The late layers on a (B, T, D) input with the usual attention mask: h[L]."""
-        m4 = attention_mask_for(self.config, hidden, mask)
-        for layer in self.late:
-            hidden = run_layer(layer, hidden, m4)
-        return hidden
+        """The late layers (and a pre-LN family's final norm) on a (B, T, D) input: h[L]."""
+        modules = {**self.shared, **self.helpers}
+        context = self.family.prepare(self.config, modules, hidden, mask)
+        for i, layer in enumerate(self.late):
+            hidden = self.family.run_layer(layer, hidden, context, self.spec.anchor + i, modules)
+        return self.family.finish(hidden, modules)
 
     def forward(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         hidden = self.late_route(self.consolidation(states, mask), mask)
@@ -128,23 +144,20 @@ class FullFinetuneModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone = backbone_model
+        self.family = family_of(backbone_model.config.model_type)
         self.head = Head(backbone_model.config.hidden_size, spec.num_outputs, spec.dropout)
 
     def forward(self, input_ids, mask, token_type_ids=None) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids)
-        pooler = getattr(self.backbone, "pooler", None)
-        return self.head(pool(out.last_hidden_state, mask, self.spec.pooling, pooler))
+        out = self.backbone(**self.family.forward_kwargs(self.backbone, input_ids, mask, token_type_ids))
+        return self.head(pool(out.last_hidden_state, mask, self.spec.pooling, self.family.pooler(self.backbone)))
 
 
-NORM_TYPES = (nn.LayerNorm,)
-
-
-def norm_and_bias_parameters(module: nn.Module) -> set[int]:
-    """ids of a module's norm weights and biases (norms by type) and of every bias."""
+def norm_and_bias_parameters(module: nn.Module, norm_types: tuple[type, ...]) -> set[int]:
+    """ids of a module's norm weights and biases (norms by type, as the family says) and of every bias."""
     out = set()
     for sub in module.modules():
         for name, p in sub.named_parameters(recurse=False):
-            if isinstance(sub, NORM_TYPES) or name == "bias":
+            if isinstance(sub, norm_types) or name == "bias":
                 out.add(id(p))
     return out
 
@@ -152,19 +165,19 @@ def norm_and_bias_parameters(module: nn.Module) -> set[int]:
 def apply_late_tuning(model: SherlModel) -> None:
     """Set which pretrained weights train; gradients always flow through the late layers."""
     mode = model.spec.late_tuning
-    pretrained = [model.late] + ([model.pooler] if model.pooler is not None else [])
+    pretrained = [model.late, model.shared] + ([model.pooler] if model.pooler is not None else [])
     for module in pretrained:
         module.requires_grad_(mode == "full")
     if mode == "norm-bias":
         for module in pretrained:
-            chosen = norm_and_bias_parameters(module)
+            chosen = norm_and_bias_parameters(module, model.family.norm_types)
             for p in module.parameters():
                 p.requires_grad_(id(p) in chosen)
     elif mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
         cfg = LoraConfig(r=model.spec.lora_rank, lora_alpha=model.spec.lora_alpha, lora_dropout=0.0,
-                         target_modules=LORA_TARGETS)
+                         target_modules=list(model.family.lora_targets))
         for i, layer in enumerate(model.late):
             model.late[i] = inject_adapter_in_model(cfg, layer)
         for name, p in model.late.named_parameters():
@@ -177,7 +190,7 @@ def parameter_groups(model: nn.Module, lr_new: float, lr_pretrained: float, weig
     SHERL's recipe); pretrained weights at fine-tuning rates with weight_decay, except their norms
     and biases."""
     new, decay, no_decay = [], [], []
-    norm_bias = norm_and_bias_parameters(model)
+    norm_bias = norm_and_bias_parameters(model, model.family.norm_types)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -195,15 +208,16 @@ def parameter_groups(model: nn.Module, lr_new: float, lr_pretrained: float, weig
     return [g for g in groups if g["params"]]
 
 
-def build_sherl_model(spec: ModelSpec, config, late: list[nn.Module], pooler: nn.Module | None) -> SherlModel:
-    model = SherlModel(spec, config, late, pooler if spec.pooling == "cls-pooler" else None)
+def build_sherl_model(spec: ModelSpec, config, late: list[nn.Module], pooler: nn.Module | None,
+                      shared: dict[str, nn.Module] | None = None) -> SherlModel:
+    model = SherlModel(spec, config, late, pooler if spec.pooling == "cls-pooler" else None, shared)
     apply_late_tuning(model)
     return model
 
 
-def empty_late_modules(spec: ModelSpec, config) -> tuple[list[nn.Module], nn.Module | None]:
-    """Late layers and pooler built from the config alone, for loading a checkpoint into."""
+def empty_late_modules(spec: ModelSpec, config) -> tuple[list[nn.Module], nn.Module | None, dict[str, nn.Module]]:
+    """Late layers, pooler and shared modules built from the config alone, for loading a checkpoint into."""
     family = family_of(config.model_type)
-    late = [family.layer_cls()(config, layer_idx=i) for i in range(spec.anchor, spec.num_layers)]
-    pooler = family.pooler_cls()(config) if spec.pooling == "cls-pooler" else None
-    return late, pooler
+    late = [family.build_layer(config, i) for i in range(spec.anchor, spec.num_layers)]
+    pooler = family.build_pooler(config) if spec.pooling == "cls-pooler" else None
+    return late, pooler, {s.name: family.build_shared(config, s.name) for s in family.shared}

@@ -25,10 +25,44 @@ def _vocab() -> list[str]:
             + WORDS + list(letters) + ["##" + c for c in letters] + [str(d) for d in range(10)])
 
 
+FAMILY_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "mpnet", "deberta-v2", "modernbert")
+
+
+def tiny_config(model_type: str, layers: int, hidden: int, dropout: float):
+    """A small config of each family, with the options that change its forward pass switched on:
+    ELECTRA's narrower embeddings, DeBERTa's relative attention, position buckets and convolution,
+    ModernBERT's local/global alternation (a window shorter than the inputs) and its biases."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=len(_vocab()), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  intermediate_size=2 * hidden, pad_token_id=0)
+    drop = dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    extra = {
+        "bert": dict(max_position_embeddings=128, **drop),
+        "roberta": dict(max_position_embeddings=130, type_vocab_size=1, bos_token_id=2, eos_token_id=3, **drop),
+        "xlm-roberta": dict(max_position_embeddings=130, type_vocab_size=1, bos_token_id=2, eos_token_id=3, **drop),
+        "electra": dict(max_position_embeddings=128, embedding_size=hidden // 2, **drop),
+        "distilbert": dict(max_position_embeddings=128, dropout=dropout, attention_dropout=dropout,
+                           hidden_dim=2 * hidden),
+        "mpnet": dict(max_position_embeddings=130, relative_attention_num_buckets=32, **drop),
+        "deberta-v2": dict(max_position_embeddings=128, type_vocab_size=0, relative_attention=True,
+                           position_buckets=8, norm_rel_ebd="layer_norm", share_att_key=True,
+                           pos_att_type=["p2c", "c2p"], position_biased_input=False, conv_kernel_size=3, **drop),
+        "modernbert": dict(max_position_embeddings=128, local_attention=6, norm_bias=True, attention_bias=True,
+                           mlp_bias=True, attention_dropout=dropout, mlp_dropout=dropout, embedding_dropout=dropout,
+                           layer_types=["full_attention" if i % 2 == 0 else "sliding_attention"
+                                        for i in range(layers)], cls_token_id=2, sep_token_id=3,
+                           bos_token_id=2, eos_token_id=3),
+    }[model_type]
+    if model_type == "distilbert":
+        common = dict(vocab_size=len(_vocab()), dim=hidden, n_layers=layers, n_heads=4, pad_token_id=0)
+    return AutoConfig.for_model(model_type, **common, **extra)
+
+
 def make_backbone(folder: Path, model_type: str = "bert", layers: int = 3, hidden: int = 32, seed: int = 0,
                   with_pooling_config: str | None = None, dropout: float = 0.1) -> Path:
     """A random encoder with a WordPiece tokenizer, saved like a Hugging Face model folder."""
-    from transformers import AutoModel, BertConfig, BertTokenizer, RobertaConfig
+    from transformers import AutoModel, BertTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     # transformers 5 builds a tokenizer from a vocab dict; a vocab_file argument is silently ignored
@@ -36,16 +70,7 @@ def make_backbone(folder: Path, model_type: str = "bert", layers: int = 3, hidde
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(_vocab())}, do_lower_case=True)
     assert tok.convert_ids_to_tokens(tok("good film")["input_ids"]) == ["[CLS]", "good", "film", "[SEP]"]
     tok.save_pretrained(folder)
-    common = dict(vocab_size=len(_vocab()), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                  intermediate_size=2 * hidden, pad_token_id=0, hidden_dropout_prob=dropout,
-                  attention_probs_dropout_prob=dropout)
-    if model_type == "bert":
-        config = BertConfig(max_position_embeddings=128, **common)
-    elif model_type == "roberta":
-        config = RobertaConfig(max_position_embeddings=130, type_vocab_size=1, bos_token_id=2, eos_token_id=3,
-                               **common)
-    else:
-        raise ValueError(model_type)
+    config = tiny_config(model_type, layers, hidden, dropout)
     torch.manual_seed(seed)
     model = AutoModel.from_config(config)
     with torch.no_grad():  # larger weights than the 0.02 init, so layers really change the states

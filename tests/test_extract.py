@@ -268,7 +268,7 @@ def test_unsupported_family_is_named(tmp_path, text_csv):
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "gpt2"}')
     pipe = write_pipeline(tmp_path / "p.toml", folder, text_csv, tmp_path / "cache")
-    with pytest.raises(SherlError, match=r"model_type 'gpt2' is not supported; supported: bert, roberta"):
+    with pytest.raises(SherlError, match=r"model_type .gpt2. is not supported; supported: bert, deberta-v2, distilbert, electra, modernbert, mpnet, roberta, xlm-roberta"):
         extract(load_pipeline(str(pipe)))
 
 

@@ -55,8 +55,8 @@ def test_non_finite_padding_changes_neither_the_loss_nor_the_gradients(fp32_cach
     for pooling in ("mean", "cls-pooler", "cls"):
         spec = spec_for(3, 1, pooling=pooling)
         torch.manual_seed(0)
-        late, pooler = empty_late_modules(spec, config)
-        model = build_sherl_model(spec, config, late, pooler).eval()
+        late, pooler, shared = empty_late_modules(spec, config)
+        model = build_sherl_model(spec, config, late, pooler, shared).eval()
         results = []
         for fill in (None, float("inf"), float("nan")):
             feed = states if fill is None else {t: s.masked_fill(pad[..., None], fill) for t, s in states.items()}
@@ -79,8 +79,8 @@ def test_parameter_groups_decay_what_they_say(fp32_cache):
     cache = Cache(fp32_cache)
     config = config_from_manifest(cache.manifest)
     spec = spec_for(3, 1).__class__(**{**spec_for(3, 1).to_dict(), "tiers": (0, 1), "late_tuning": "full"})
-    late, pooler = empty_late_modules(spec, config)
-    model = build_sherl_model(spec, config, late, pooler)
+    late, pooler, shared = empty_late_modules(spec, config)
+    model = build_sherl_model(spec, config, late, pooler, shared)
     groups = {g["name"]: g for g in parameter_groups(model, 1e-3, 3e-5, 0.01, 0.05)}
     assert groups["new"]["weight_decay"] == 0.05 and groups["new"]["lr"] == 1e-3
     assert groups["pretrained"]["weight_decay"] == 0.01 and groups["pretrained-norm-bias"]["weight_decay"] == 0.0

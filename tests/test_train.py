@@ -142,7 +142,7 @@ def test_late_tuning_modes_train_what_they_say(tmp_path, bert_dir, labeled_csv, 
                         f'late_tuning = "{tuning}"\nmax_steps = 3\neval_split = ""\nlr_late = 0.01')
     train(pipe, log=lambda m: None)
     after = load_file(tmp_path / "run" / "checkpoints" / "last.safetensors")
-    before = read_tensors(bert_dir, "encoder.layer.2.", FAMILIES["bert"])
+    before = read_tensors(bert_dir, FAMILIES["bert"], "encoder.layer.2.")
     changed = {k for k, v in before.items()
                if not torch.equal(after.get(f"late.0.{k}", after.get(f"late.0.{k.replace('.weight', '.base_layer.weight').replace('.bias', '.base_layer.bias')}")), v)}
     if tuning in ("frozen", "lora"):
@@ -305,7 +305,7 @@ def test_norm_bias_trains_the_pooler_bias_too(tmp_path, bert_dir, labeled_csv, f
                         'lr_late = 0.01')
     train(pipe, log=lambda m: None)
     after = load_file(tmp_path / "run" / "checkpoints" / "last.safetensors")
-    before = read_tensors(bert_dir, "pooler.", FAMILIES["bert"])
+    before = read_tensors(bert_dir, FAMILIES["bert"], "pooler.")
     assert not torch.equal(after["pooler.dense.bias"], before["dense.bias"])
     assert torch.equal(after["pooler.dense.weight"], before["dense.weight"])
 

@@ -78,7 +78,8 @@ def build_model(spec: ModelSpec, backbone_source: str, manifest: dict, device: s
     folder = resolve_model(backbone_source)
     late = [verified_module(folder, config, manifest, f"layer.{i}") for i in range(spec.anchor, spec.num_layers)]
     pooler = verified_module(folder, config, manifest, "pooler") if spec.pooling == "cls-pooler" else None
-    model = build_sherl_model(spec, config, late, pooler).to(device)
+    shared = {s.name: verified_module(folder, config, manifest, s.name) for s in family_of(config.model_type).shared}
+    model = build_sherl_model(spec, config, late, pooler, shared).to(device)
     live = None
     if spec.mode == "live":
         backbone = Backbone(backbone_source, attn, device)
