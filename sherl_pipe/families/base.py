@@ -15,6 +15,7 @@ Modules a stage works with, by name (the names the manifest hashes and stage two
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from torch import nn
@@ -27,6 +28,14 @@ class Shared:
     name: str
     prefix: str
     exclude: tuple[str, ...] = ()
+
+
+def without_layers(config):
+    """A copy of the config with no layers: an encoder built from it holds only its own modules
+    (the relative position tables some families keep beside the layers)."""
+    bare = copy.deepcopy(config)
+    bare.num_hidden_layers = 0
+    return bare
 
 
 def submodule(model: nn.Module, path: str) -> nn.Module | None:
@@ -49,6 +58,7 @@ class Family:
     lora_targets: tuple[str, ...] = ("query", "key", "value", "dense")
     norm_types: tuple[type, ...] = (nn.LayerNorm,)
     position_offset = False  # positions start after the padding index (RoBERTa's scheme)
+    layer_takes_index = True  # the layer class's constructor takes layer_idx
 
     # --- classes ------------------------------------------------------------------------------
     def layer_class(self):
@@ -60,7 +70,7 @@ class Family:
         return BertPooler
 
     def build_layer(self, config, i: int) -> nn.Module:
-        return self.layer_class()(config, layer_idx=i)
+        return self.layer_class()(config, layer_idx=i) if self.layer_takes_index else self.layer_class()(config)
 
     def build_pooler(self, config) -> nn.Module:
         return self.pooler_class()(config)

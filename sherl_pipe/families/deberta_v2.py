@@ -5,9 +5,7 @@ when the config has one. The late route needs these: the shared module `encoder`
 without its layers). Padded positions are zeroed in the embeddings, as the model does. Eager
 attention only (transformers has no SDPA path for DeBERTa)."""
 
-import copy
-
-from sherl_pipe.families.base import Family, Shared
+from sherl_pipe.families.base import Family, Shared, without_layers
 
 
 class DebertaV2(Family):
@@ -17,20 +15,16 @@ class DebertaV2(Family):
     shared = (Shared("encoder", "encoder.", exclude=("layer.",)),)
     attention = ("eager",)
     lora_targets = ("query_proj", "key_proj", "value_proj", "pos_query_proj", "pos_key_proj", "dense")
+    layer_takes_index = False
 
     def layer_class(self):
         from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Layer
         return DebertaV2Layer
 
-    def build_layer(self, config, i):
-        return self.layer_class()(config)
-
     def build_shared(self, config, name):
         from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Encoder
 
-        bare = copy.deepcopy(config)
-        bare.num_hidden_layers = 0
-        return DebertaV2Encoder(bare)
+        return DebertaV2Encoder(without_layers(config))
 
     def uses_token_types(self, config):
         return (getattr(config, "type_vocab_size", 0) or 0) > 0

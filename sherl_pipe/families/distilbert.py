@@ -10,13 +10,11 @@ class DistilBert(Family):
     layers_path = "transformer.layer"
     pooler_path = None
     lora_targets = ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")
+    layer_takes_index = False
 
     def layer_class(self):
         from transformers.models.distilbert.modeling_distilbert import TransformerBlock
         return TransformerBlock
-
-    def build_layer(self, config, i):
-        return self.layer_class()(config)
 
     def uses_token_types(self, config):
         return False

@@ -3,9 +3,7 @@ computes that bias once per batch from its own `relative_attention_bias` table a
 every layer, so the late route needs the table: the shared module `encoder` (the encoder without
 its layers). transformers has only eager attention for MPNet."""
 
-import copy
-
-from sherl_pipe.families.base import Family, Shared
+from sherl_pipe.families.base import Family, Shared, without_layers
 
 
 class MPNet(Family):
@@ -14,6 +12,7 @@ class MPNet(Family):
     shared = (Shared("encoder", "encoder.", exclude=("layer.",)),)
     attention = ("eager",)
     lora_targets = ("q", "k", "v", "o", "dense")
+    layer_takes_index = False
     position_offset = True
 
     def layer_class(self):
@@ -24,15 +23,10 @@ class MPNet(Family):
         from transformers.models.mpnet.modeling_mpnet import MPNetPooler
         return MPNetPooler
 
-    def build_layer(self, config, i):
-        return self.layer_class()(config)
-
     def build_shared(self, config, name):
         from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
 
-        bare = copy.deepcopy(config)
-        bare.num_hidden_layers = 0
-        return MPNetEncoder(bare)
+        return MPNetEncoder(without_layers(config))
 
     def uses_token_types(self, config):
         return False
