@@ -319,13 +319,18 @@ def run(pipeline, overrides, run_dir, mode, late_tuning, epochs, resume, overwri
 
 
 @main.command()
-@click.argument("cache")
+@click.argument("cache", metavar="CACHE_OR_RUN")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
 @_fail_cleanly
 def info(cache, as_json):
-    """Show a cache's manifest, splits, arrays, sizes and completeness."""
-    from sherl_pipe.inspect import cache_report, format_report
+    """Show a cache's manifest, splits, arrays, sizes and completeness; or, for a run folder, its
+    model, training summary and learned tier weights."""
+    from sherl_pipe.inspect import cache_report, format_report, format_run_report, is_run_folder, run_report
 
+    if is_run_folder(cache):
+        report = run_report(cache)
+        click.echo(json.dumps(report, indent=2) if as_json else format_run_report(report))
+        return
     report = cache_report(cache)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 

@@ -87,17 +87,31 @@ class Consolidation(nn.Module):
         """Every tier the module reads, anchor last."""
         return self.tiers + [self.anchor]
 
-    def forward(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """states: tier -> (B, T, D); mask: (B, T), 1 for real tokens. Returns (B, T, D)."""
+    def _projected(self, states: dict[int, torch.Tensor], mask: torch.Tensor):
+        """(padding, anchor, guide g, the other tiers' projections (B, T, n, d) or None), padding cleared."""
         pad = ~mask.bool().unsqueeze(-1)
         states = {t: states[t].masked_fill(pad, 0.0) for t in self.inputs}
-        anchor = states[self.anchor]
-        guide = self.project[str(self.anchor)](anchor)
+        guide = self.project[str(self.anchor)](states[self.anchor])
+        others = (torch.stack([self.project[str(t)](states[t]) for t in self.tiers], dim=-2)  # (B, T, n, d)
+                  if self.tiers else None)
+        return pad, states[self.anchor], guide, others
+
+    def forward(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """states: tier -> (B, T, D); mask: (B, T), 1 for real tokens. Returns (B, T, D)."""
+        pad, anchor, guide, others = self._projected(states, mask)
         z = guide
-        if self.tiers:
-            others = torch.stack([self.project[str(t)](states[t]) for t in self.tiers], dim=-2)  # (B, T, n, d)
+        if others is not None:
             alpha = anti_redundancy_weights(others, guide, self.score)
             z = (alpha.unsqueeze(-1) * others).sum(-2) + guide
         y = self.dropout(self.norm(self.up(F.relu(z))))
         y = y + torch.tanh(self.gate / GATE_TEMPERATURE) * anchor
         return y.masked_fill(pad, 0.0)
+
+    def tier_weights(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor | None:
+        """alpha of every token over the tiers of S, (B, T, n) in `self.tiers` order; None without S."""
+        _, _, guide, others = self._projected(states, mask)
+        return anti_redundancy_weights(others, guide, self.score) if others is not None else None
+
+    def gate_value(self) -> float:
+        """tanh(gamma / T): how much of h[c] passes the anchor residual (0 shut, 1 open)."""
+        return float(torch.tanh(self.gate.detach() / GATE_TEMPERATURE))

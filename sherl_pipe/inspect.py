@@ -1,8 +1,14 @@
-"""`sherl-pipe info`: what a cache holds, how big it is and whether it is complete."""
+"""`sherl-pipe info`: what a cache holds, how big it is and whether it is complete; for a run
+folder, what was trained and which tiers its consolidation leans on."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from sherl_pipe.cache import Cache
+from sherl_pipe.errors import SherlError
+from sherl_pipe.tier_weights import format_tier_weights
 
 
 def _array_order(item) -> tuple:
@@ -24,9 +30,11 @@ def cache_report(path: str) -> dict:
                                 "bytes_on_disk": cache.bytes_on_disk(name, arr_name)}
         tier_bytes = sum(a["bytes_on_disk"] for n, a in arrays.items() if n.startswith("h"))
         real_fp16 = info["tokens"] * m["backbone"]["hidden_size"] * 2 * len(m["tiers"])
+        tokens = max(info["tokens"], 1)
+        per_token = {n: round(a["bytes_on_disk"] / tokens, 1) for n, a in arrays.items() if n[1:].isdigit()}
         splits[name] = {**info, "blocks_done": done, "missing_chunks": missing,
                         "complete": done == total and not missing, "arrays": arrays,
-                        "tier_bytes_on_disk": tier_bytes,
+                        "tier_bytes_per_real_token": per_token, "tier_bytes_on_disk": tier_bytes,
                         "tier_bytes_over_real_fp16": round(tier_bytes / real_fp16, 4) if real_fp16 else None}
     return {
         "path": str(cache.path),
@@ -51,7 +59,7 @@ def format_report(r: dict) -> str:
         f"tokenizer  {m['tokenizer']['class']} max_length {m['tokenizer']['max_length']} "
         f"(hash {m['tokenizer']['hash'][:12]})",
         f"cut        c = {m['cut']} (late layers {m['late_layers']}); tiers {m['tiers']}",
-        f"storage    {m['dtype']}, codec {m['codec']['name']} level {m['codec']['level']}, "
+        f"storage    {m['dtype']}{' (lossy: codes + a float32 scale per token)' if m['dtype'] in ('int8', 'float8') else ''}, codec {m['codec']['name']} level {m['codec']['level']}, "
         f"{m['chunk_size']} samples per chunk",
         f"task       {m['task']['type']}: text '{m['task']['text_column']}'"
         + (f" + '{m['task']['text_pair_column']}'" if m['task']['text_pair_column'] else "")
@@ -66,7 +74,42 @@ def format_report(r: dict) -> str:
                      f"{s['blocks_done']}/{s['blocks']} blocks ({state}); tiers on disk "
                      f"{s['tier_bytes_on_disk'] / 2**20:.2f} MiB = {s['tier_bytes_over_real_fp16']}x raw fp16 of real tokens")
         lines.append(f"  source {s['source']} (rows fingerprint {s['fingerprint'][:12]})")
+        lines.append("  bytes per real token: " + ", ".join(f"{n} {b:g}" for n, b in s["tier_bytes_per_real_token"].items()))
         for arr_name, a in s["arrays"].items():
             lines.append(f"  {arr_name:<15} {str(tuple(a['shape'])):<18} {a['dtype']:<8} chunks "
                          f"{str(tuple(a['chunks'])):<16} {a['bytes_on_disk'] / 2**20:8.2f} MiB")
+    return "\n".join(lines)
+
+
+def is_run_folder(path: str) -> bool:
+    return (Path(path) / "model.json").is_file()
+
+
+def run_report(path: str) -> dict:
+    """A run folder's model, its training summary (with the learned tier weights) and its cache."""
+    folder = Path(path)
+    try:
+        info = json.loads((folder / "model.json").read_text())
+        summary_file = folder / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise SherlError(f"run folder {folder}: cannot read model.json or summary.json ({exc}); the folder "
+                         f"is damaged") from None
+    return {"path": str(folder), "spec": info.get("spec", {}), "cache": info.get("cache"),
+            "backbone": info.get("backbone_source"), "summary": summary}
+
+
+def format_run_report(r: dict) -> str:
+    spec, summary = r["spec"], r["summary"]
+    lines = [f"run        {r['path']}",
+             f"model      {spec.get('mode')}: late layers {spec.get('late_layers')} ({spec.get('late_tuning')}), "
+             f"tiers {spec.get('tiers')} + anchor h[{spec.get('num_layers', 0) - spec.get('late_layers', 0)}], "
+             f"pooling {spec.get('pooling')}",
+             f"cache      {r['cache']}  backbone {r['backbone']}"]
+    if summary is None:
+        lines.append("summary    none yet (the run has not finished)")
+        return "\n".join(lines)
+    lines.append(f"training   {summary['steps']} steps, {summary['epochs']} epochs, {summary['stop_reason']}; "
+                 f"best {summary.get('best')}")
+    lines.append(format_tier_weights(summary.get("tier_weights")))
     return "\n".join(lines)

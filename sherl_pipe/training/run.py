@@ -26,6 +26,7 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.model import ModelSpec
 from sherl_pipe.request import check_cache_matches
 from sherl_pipe.resources import resolve_model
+from sherl_pipe.tier_weights import measure_tier_weights
 from sherl_pipe.training.checkpoint import RunFolder
 from sherl_pipe.training.inference import compute_metrics, predict_split
 from sherl_pipe.training.loop import Budget, Hooks, RunState, Trainer
@@ -218,9 +219,10 @@ def finish(run: RunFolder, s: Session, state: RunState) -> TrainResult:
         run.save_weights("best", s.model)
     result = result_of(run, state)
     if state.stop_reason != "interrupted":
+        weights = measure_tier_weights(s.model, s.train_src, s.live, s.pipeline.evaluate.batch_size, s.device)
         run.write_json("summary.json", {
             "steps": result.steps, "epochs": result.epochs_done, "best": result.best,
             "last_eval": result.last_eval, "train_seconds": round(result.seconds, 2),
             "samples_per_s": round(result.samples_per_s, 1), "stop_reason": result.stop_reason,
-            "stopped_early": result.stopped_early})
+            "stopped_early": result.stopped_early, "tier_weights": weights})
     return result

@@ -1,0 +1,42 @@
+"""Which cached tiers a trained consolidation leans on: the mean of alpha per tier over the real
+tokens of a split (the training split after training), and the anchor residual's gate. A tier
+whose mean alpha stays near 0 contributes little, so a user can drop it from the cache
+(`extract.tiers`) or from training (`train.tiers`)."""
+
+from __future__ import annotations
+
+import torch
+
+from sherl_pipe.devices import autocast
+from sherl_pipe.training.batches import ChunkSampler, SplitSource
+
+
+@torch.no_grad()
+def measure_tier_weights(model, source: SplitSource, live, batch_size: int, device) -> dict | None:
+    """{'alpha': {'h<t>': mean alpha}, 'gate': tanh(gamma/T), 'anchor': 'h<c>', 'tokens': n}, or None
+    for models without a consolidation (full fine-tuning)."""
+    consolidation = getattr(model, "consolidation", None)
+    if consolidation is None:
+        return None
+    model.eval()
+    sums = torch.zeros(len(consolidation.tiers), dtype=torch.float64)
+    tokens = 0
+    sampler = ChunkSampler(source.n, source.chunk_size, batch_size, 1, 0, shuffle=False)
+    for batch in source.iterate(sampler.batches(0)) if consolidation.tiers else ():
+        batch = (live(batch) if live is not None else batch).to(device)
+        with autocast(device):
+            alpha = consolidation.tier_weights(batch.states, batch.mask)
+        sums += alpha[batch.mask.bool()].double().sum(0).cpu()
+        tokens += int(batch.mask.sum())
+    means = (sums / max(tokens, 1)).tolist()
+    return {"alpha": {f"h{t}": round(a, 6) for t, a in zip(consolidation.tiers, means)},
+            "gate": round(consolidation.gate_value(), 6), "anchor": f"h{consolidation.anchor}", "tokens": tokens}
+
+
+def format_tier_weights(weights: dict | None) -> str:
+    if not weights:
+        return "tier weights: none (no consolidation in this run)"
+    ranked = sorted(weights["alpha"].items(), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{t} {a:.3f}" for t, a in ranked) or "no tiers besides the anchor"
+    return (f"tier weights (mean alpha over {weights['tokens']} training tokens, largest first): {shown}; "
+            f"anchor {weights['anchor']} gate {weights['gate']:.3f}")
