@@ -150,7 +150,8 @@ def _run_extract(pipe, overwrite: bool, quiet: bool):
 @main.command()
 @_pipeline_args
 @click.option("--cache", default=None, help="Cache folder (overrides extract.cache).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="Storage dtype.")
+@click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "float8"]), default=None,
+              help="Storage format of the tiers (int8, float8: lossy, half the bytes).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing sherl-pipe cache whose manifest differs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or resolved config.")
 @_fail_cleanly

@@ -122,7 +122,7 @@ class ExtractConfig:
     cache: str = "sherl-cache/default"
     late_layers: int = _at_least(1, 1)  # k: the cut is c = L - k
     tiers: tuple[int, ...] = ()  # tiers h[t] to store; empty: all of h[0..c]; h[c] is always stored
-    dtype: str = _choice("float16", "float32")
+    dtype: str = _choice("float16", "float32", "int8", "float8")  # storage format (see storage.py)
     # lz4 keeps extraction within ~6% of the bare forward pass; zstd stores ~8% less but costs ~30%
     # more time (benchmarks/extract.py). Real-valued fp16 activations barely compress either way.
     codec: str = _choice("blosc-lz4", "blosc-zstd", "zstd", "none")

@@ -27,7 +27,7 @@ from sherl_pipe.data import Split
 from sherl_pipe.devices import pick_device
 from sherl_pipe.errors import CacheMismatch, SherlError
 from sherl_pipe.request import read_request
-from sherl_pipe.storage import to_storage
+from sherl_pipe.storage import stored_dtype, stored_width, to_storage
 
 
 @dataclass
@@ -110,8 +110,8 @@ def forward_batches(tok: Tokenized, idx: np.ndarray, batch_size: int, pad_id: in
 def forward_block(backbone: Backbone, tok: Tokenized, idx: np.ndarray, tiers: list[int], width: int,
                   batch_size: int, dtype: str, device, where: str) -> dict[str, np.ndarray]:
     """Tiers for the samples `idx`, as (len(idx), width, D) arrays with zeros past each length."""
-    d = backbone.config.hidden_size
-    out = {tier_name(t): np.zeros((len(idx), width, d), dtype=np.dtype(dtype)) for t in tiers}
+    d = stored_width(backbone.config.hidden_size, dtype)
+    out = {tier_name(t): np.zeros((len(idx), width, d), dtype=np.dtype(stored_dtype(dtype))) for t in tiers}
     pad_id = backbone.tokenizer.pad_token_id or 0
     for pos, ids, mask, types in forward_batches(tok, idx, batch_size, pad_id, device):
         states = backbone.early_states(ids, mask, types, upto=max(tiers))
@@ -255,13 +255,14 @@ def cut_mismatch_message(pipeline: Pipeline, diffs) -> str:
 
 def plan_blocks(writer: CacheWriter, plan: Plan, cfg, summary: ExtractSummary) -> list[tuple[str, int]]:
     """Create the split arrays (or check them) and list the blocks still to write."""
-    compressors = make_compressors(cfg.codec, cfg.clevel, cfg.dtype)
+    compressors = make_compressors(cfg.codec, cfg.clevel, stored_dtype(cfg.dtype))
     label_dtype = "int64" if plan.dataset.task_type == "classification" else "float32"
     pad_id = plan.backbone.tokenizer.pad_token_id or 0
     blocks = []
     for name, split in plan.dataset.splits.items():
         tok = plan.tokenized[name]
-        writer.create_split(name, len(split), tok.max_len, plan.backbone.config.hidden_size, plan.tiers, cfg.dtype,
+        writer.create_split(name, len(split), tok.max_len, stored_width(plan.backbone.config.hidden_size, cfg.dtype),
+                            plan.tiers, stored_dtype(cfg.dtype),
                             compressors, cfg.chunk_size, cfg.time_chunk, label_dtype, pad_id, tok.types is not None)
         pending, repaired = writer.pending_blocks(name)
         summary.splits[name] = SplitSummary(blocks_total=plan.manifest["splits"][name]["blocks"],

@@ -22,7 +22,7 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.evaluation import OUTPUT_SUFFIXES, Trained, load_trained, write_predictions
 from sherl_pipe.extraction import forward_batches, storage_order, tokenize
 from sherl_pipe.folders import ensure_writable
-from sherl_pipe.storage import to_storage
+from sherl_pipe.storage import through_storage
 from sherl_pipe.training.setup import verify_backbone
 
 PREDICT_NAMES = Names(encoding="--encoding", format="--format", columns="--text-column (and --text-pair-column)",
@@ -80,7 +80,7 @@ class Predictor:
                 return t.model(input_ids, mask, types)
         states = self.backbone.early_states(input_ids, mask, types, upto=t.spec.anchor)
         tiers = list(t.spec.tiers) + [t.spec.anchor]
-        feed = {k: to_storage(states[k], mask, t.manifest["dtype"], "predict", k).float() for k in tiers}
+        feed = {k: through_storage(states[k], mask, t.manifest["dtype"], "predict", k) for k in tiers}
         with autocast(t.device):
             return t.model(feed, mask)
 

@@ -1,13 +1,45 @@
-"""Tier values as the cache stores them: padding cleared, then rounded to the storage dtype with
-a range check. Extraction, live training and prediction all go through here, so the values they
-feed stage two are the ones the cache would hold, and an overflow is always the same error."""
+"""Tier values as the cache stores them: padding cleared, range checked, then encoded in the
+storage format (`extract.dtype`). Extraction, live training and prediction all go through here,
+so the values they feed stage two are the ones the cache would hold, and an overflow is always
+the same error.
+
+Formats:
+  float32, float16  the values themselves.
+  int8              symmetric per token: q = round(x / s) in [-127, 127] with s = max|x| / 127 over
+                    the token's D values; |x - q s| <= s / 2 = max|x| / 254.
+  float8            e4m3 (torch.float8_e4m3fn, 3 mantissa bits) of x / s with s = max|x| / 448 (its
+                    largest value), stored as its bytes: |x - decoded| <= |x| / 16, or s / 1024 for
+                    the smallest values (e4m3's subnormals).
+The lossy formats store each token's scale s (float32) as 4 extra bytes after its D codes, so a
+tier array is (N, T, D + 4) of int8 or uint8 and every chunk holds its own scales: the cache's
+layout, chunking, checksums and readers are the same for every format.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sherl_pipe.cache import FP16_MAX
 from sherl_pipe.errors import SherlError
+
+LOSSY = {"int8": (torch.int8, 127.0), "float8": (torch.uint8, 448.0)}  # stored dtype, largest code
+SCALE_BYTES = 4
+
+
+def stored_dtype(fmt: str) -> str:
+    """The numpy dtype of a tier array in this format."""
+    return {"int8": "int8", "float8": "uint8"}.get(fmt, fmt)
+
+
+def stored_width(width: int, fmt: str) -> int:
+    return width + SCALE_BYTES if fmt in LOSSY else width
+
+
+def nominal_itemsize(fmt: str) -> int:
+    """Bytes per value used to size the reader's windows: the lossy formats count as float16, so
+    their batches are the float16 cache's batches for a seed (formats compare on the same data)."""
+    return 4 if fmt == "float32" else 2
 
 
 def clear_padding(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -15,8 +47,8 @@ def clear_padding(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return h.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
 
 
-def check_range(h: torch.Tensor, dtype: str, where: str, tier: int) -> None:
-    if dtype == "float16":
+def check_range(h: torch.Tensor, fmt: str, where: str, tier: int) -> None:
+    if fmt == "float16":
         peak = float(h.abs().amax()) if h.numel() else 0.0
         if not peak <= FP16_MAX:  # also catches NaN
             raise SherlError(f"{where}: tier h[{tier}] has values up to {peak:g}, beyond float16's range; "
@@ -25,8 +57,42 @@ def check_range(h: torch.Tensor, dtype: str, where: str, tier: int) -> None:
         raise SherlError(f"{where}: tier h[{tier}] has non-finite values; the backbone's weights are broken")
 
 
-def to_storage(h: torch.Tensor, mask: torch.Tensor, dtype: str, where: str, tier: int) -> torch.Tensor:
-    """A tier as stored: padding zero, range checked, rounded to DTYPE (returned in that dtype)."""
+def encode(h: torch.Tensor, fmt: str) -> torch.Tensor:
+    """(..., D) float values -> the stored tensor: (..., D) of the format's dtype, or, for the lossy
+    formats, (..., D + 4) codes followed by the token's float32 scale as bytes."""
+    if fmt not in LOSSY:
+        return h.to(getattr(torch, fmt))
+    dtype, top = LOSSY[fmt]
+    h = h.float()
+    scale = h.abs().amax(-1, keepdim=True) / top
+    scaled = torch.where(scale > 0, h / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    if fmt == "int8":
+        codes = scaled.round().clamp(-top, top).to(torch.int8)
+    else:
+        codes = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.cat([codes, scale.contiguous().view(dtype)], dim=-1)
+
+
+def decode(stored: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The stored tensor -> float32 values (..., D)."""
+    if fmt not in LOSSY:
+        return stored.float()
+    codes, scale = stored[..., :-SCALE_BYTES], stored[..., -SCALE_BYTES:].contiguous().view(torch.float32)
+    values = codes.float() if fmt == "int8" else codes.view(torch.float8_e4m3fn).float()
+    return values * scale
+
+
+def decode_numpy(stored: np.ndarray, fmt: str) -> np.ndarray:
+    return decode(torch.from_numpy(np.ascontiguousarray(stored)), fmt).numpy()
+
+
+def to_storage(h: torch.Tensor, mask: torch.Tensor, fmt: str, where: str, tier: int) -> torch.Tensor:
+    """A tier as stored: padding zero, range checked, encoded in FMT."""
     h = clear_padding(h, mask)
-    check_range(h, dtype, where, tier)
-    return h.to(getattr(torch, dtype))
+    check_range(h, fmt, where, tier)
+    return encode(h, fmt)
+
+
+def through_storage(h: torch.Tensor, mask: torch.Tensor, fmt: str, where: str, tier: int) -> torch.Tensor:
+    """The float32 values stage two would read back from the cache for these states."""
+    return decode(to_storage(h, mask, fmt, where, tier), fmt)

@@ -161,7 +161,14 @@ class Cache:
         import dask.array as da
 
         self.require_complete(split)
-        return da.from_zarr(self.array(split, name))
+        arr = da.from_zarr(self.array(split, name))
+        fmt = self.manifest["dtype"]
+        if name.startswith("h") and name[1:].isdigit() and fmt in ("int8", "float8"):  # decoded values
+            from sherl_pipe.storage import SCALE_BYTES, decode_numpy
+
+            return arr.map_blocks(decode_numpy, fmt, dtype="float32",
+                                  chunks=arr.chunks[:2] + ((arr.shape[2] - SCALE_BYTES,),))
+        return arr
 
     def blocks_done(self, split: str) -> tuple[int, int]:
         return int(self.done_flags(split).sum()), self.split_info(split)["blocks"]

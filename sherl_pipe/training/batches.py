@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sherl_pipe.cache import BlockReader, Cache, tier_name
-from sherl_pipe.storage import to_storage
+from sherl_pipe.storage import decode, nominal_itemsize, through_storage
 
 
 def _libc_trim():
@@ -136,6 +136,7 @@ class SplitSource:
         cache.require_complete(split)
         self.cache, self.split, self.tiers = cache, split, list(tiers) if read_tiers else []
         self.chunk_size = cache.manifest["chunk_size"]
+        self.format = cache.manifest["dtype"]  # the storage format: decoded to float32 when handed out
         self.time_chunk = cache.array(split, tier_name(cache.tiers[-1])).chunks[1]
         self.lengths = cache.read(split, "lengths").astype(np.int64)
         self.labels = cache.read(split, "labels")
@@ -166,7 +167,7 @@ class SplitSource:
         every tier the cache stores: the windows, and so the batches, are the same for every
         method and every choice of train.tiers."""
         d = self.cache.manifest["backbone"]["hidden_size"]
-        itemsize = 2 if self.cache.manifest["dtype"] == "float16" else 4
+        itemsize = nominal_itemsize(self.cache.manifest["dtype"])
         slab = self.chunk_size * self.time_chunk * d * itemsize
         return [slab * self._time_chunks(c) * len(self.cache.tiers) for c in range(self.n_chunks)]
 
@@ -202,7 +203,7 @@ class SplitSource:
                         break
                     hi = min(lo + self.time_chunk, width)
                     rows[sel, lo:hi] = slab[local, :hi - lo]
-            states[t] = torch.from_numpy(rows)  # trimmed; converted to float32 by the consumer
+            states[t] = torch.from_numpy(rows)  # trimmed; decoded to float32 by the consumer
         lengths = torch.from_numpy(self.lengths[idx])
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         labels = torch.from_numpy(self.labels[idx])
@@ -228,7 +229,7 @@ class SplitSource:
                 item = out.get()
                 if isinstance(item, BaseException):
                     raise item
-                item.states = {t: v.float() for t, v in item.states.items()}
+                item.states = {t: decode(v, self.format) for t, v in item.states.items()}
                 yield item
         finally:
             stop.set()
@@ -280,6 +281,6 @@ class LiveStates:
             states = self.backbone.early_states(batch.input_ids, batch.mask, batch.token_type_ids,
                                                 upto=max(self.tiers))
         # outside inference mode: the converted tiers are ordinary tensors autograd may save
-        batch.states = {t: to_storage(states[t], batch.mask, self.dtype, "live early layers", t).float()
+        batch.states = {t: through_storage(states[t], batch.mask, self.dtype, "live early layers", t)
                         for t in self.tiers}
         return batch
