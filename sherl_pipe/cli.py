@@ -398,7 +398,7 @@ def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quie
     try:
         with StopOnInterrupt(bar.write):
             result = run_sweep(pipe, sweep_file, sweep_dir, scheduler, overwrite, progress=bar,
-                               log=(lambda m: None) if quiet else bar.write)
+                               log=(lambda m: None) if quiet else bar.write, check_cache=False)
     finally:
         bar.close()
     _print_sweep(result.report, result.sweep_dir)

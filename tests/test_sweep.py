@@ -107,6 +107,26 @@ def test_a_failing_trial_or_a_dead_worker_does_not_stop_the_sweep(tmp_path, bert
     assert "KilledWorker" in got[2]["error"] or "died" in got[2]["error"]
 
 
+def evaluation_less_trial(spec):
+    """A trial that ends normally but never evaluated (no value for the study)."""
+    return {"number": spec["number"], "state": "complete", "values": [], "final": None}
+
+
+def test_a_trial_that_ends_without_an_evaluation_is_said_to_have_failed(tmp_path, bert_dir, labeled_csv,
+                                                                        fp32_cache):
+    import cloudpickle
+
+    from sherl_pipe.sweep import run_sweep
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    lines = []
+    run_sweep(load_pipeline(str(sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, GRID))),
+              log=lines.append, trial_fn=evaluation_less_trial)
+    assert [r["state"] for r in rows(tmp_path / "sweep")] == ["failed", "failed"]
+    said = [line for line in lines if "ended without an evaluation" in line]
+    assert len(said) == 2 and all(line.startswith("trial ") and "failed" in line for line in said)
+
+
 def test_a_pruned_trial_is_recorded_with_its_epoch(tmp_path, bert_dir, labeled_csv, fp32_cache, monkeypatch):
     import optuna
 
@@ -238,3 +258,28 @@ def test_a_local_cluster_does_not_claim_dasks_dashboard_port(tmp_path):
             with engine(SweepConfig(workers=1), None) as eng:
                 assert eng.workers == 1
     assert not [w for w in seen if "8787" in str(w.message)], [str(w.message) for w in seen]
+
+
+def test_the_sweep_command_compares_the_cache_with_the_pipeline_once(tmp_path, bert_dir, labeled_csv, fp32_cache,
+                                                                      monkeypatch):
+    """The command checks the cache (and extracts only if it must); the sweep then skips the check."""
+    import sherl_pipe.request as request
+    import sherl_pipe.sweep as sweep
+
+    reads, calls = [], []
+    real_read = request.read_request
+    monkeypatch.setattr(request, "read_request", lambda p: (reads.append(1), real_read(p))[1])
+
+    def fake_run_sweep(pipe, *args, **kwargs):
+        calls.append(kwargs)
+        if kwargs.get("check_cache", True):
+            request.check_cache_matches(__import__("sherl_pipe.cache", fromlist=["Cache"]).Cache(pipe.extract.cache),
+                                        pipe)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, GRID)
+    out = CliRunner().invoke(main, ["sweep", "-q", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "complete, matches the pipeline" in out.output
+    assert calls and calls[0].get("check_cache") is False and len(reads) == 1

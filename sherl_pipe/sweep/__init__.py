@@ -56,8 +56,10 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
 
 def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str | None = None,
               scheduler: str | None = None, overwrite: bool = False, progress=None,
-              log: Callable[[str], None] = print, trial_fn: Callable | None = None) -> SweepResult:
-    """Run (or resume) the pipeline's sweep over its cache, which must exist and match."""
+              log: Callable[[str], None] = print, trial_fn: Callable | None = None,
+              check_cache: bool = True) -> SweepResult:
+    """Run (or resume) the pipeline's sweep over its cache, which must exist and match (checked here
+    unless check_cache=False: the caller has just checked or made it)."""
     from sherl_pipe.request import check_cache_matches
     from sherl_pipe.cache import Cache
     from sherl_pipe.sweep.cluster import engine
@@ -66,7 +68,8 @@ def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str 
     from sherl_pipe.sweep.study import open_study, prepare_folder, recover_interrupted, signature
     from sherl_pipe.sweep.trial import run_trial
 
-    check_cache_matches(Cache(pipeline.extract.cache), pipeline)
+    if check_cache:
+        check_cache_matches(Cache(pipeline.extract.cache), pipeline)
     cfg, plan = plan_sweep(pipeline, sweep_file, sweep_dir)
     prepare_folder(plan.sweep_dir, overwrite)
     sig = signature(cfg, plan.params, pipeline.to_dict(), plan.metric, plan.direction)

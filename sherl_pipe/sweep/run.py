@@ -131,6 +131,7 @@ class Coordinator:
             record_error(self.plan.sweep_dir, trial.number, "the trial ended without an evaluation")
             self.study.tell(trial, state=TrialState.FAIL)
             self.tally.failed += 1
+            self.event(f"trial {trial.number} failed: the trial ended without an evaluation")
         else:
             self.study.tell(trial, value)
             self.tally.done += 1
