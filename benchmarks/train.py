@@ -39,9 +39,10 @@ from common import DEFAULT_DATA, Jobs, extract_job, mean_sd, paired_bootstrap, t
 STATE_BATCH, STATE_LEN = 32, 64
 
 
-def pipeline_text(args, cache: Path, train_rows: int) -> str:
+def pipeline_text(args, cache: Path, train_rows: int, with_test: bool = True) -> str:
     limit = f"limit = {train_rows}\n" if train_rows else ""
-    return (f'[data]\ntrain = "{args.data / "train.tsv"}"\ntest = "{args.data / "test.tsv"}"\n'
+    test = f'test = "{args.data / "test.tsv"}"\n' if with_test else ""
+    return (f'[data]\ntrain = "{args.data / "train.tsv"}"\n{test}'
             f'text_column = "sentence"\nlabel_column = "label"\n{limit}'
             f'[extract]\ncache = "{cache}"\nthreads = {args.threads}\n'
             f'[train]\nthreads = {args.threads}\nbatch_size = 32\neval_split = ""\n')
@@ -143,7 +144,8 @@ def main() -> None:
     other_modes = [] if args.quick else ["full", "norm-bias", "lora"]
 
     speed_pipe, acc_pipe = work / "speed.toml", work / "accuracy.toml"
-    speed_pipe.write_text(pipeline_text(args, work / "cache-speed", speed_rows))
+    # no test split: speed runs are not evaluated, and a pipeline must describe its cache exactly
+    speed_pipe.write_text(pipeline_text(args, work / "cache-speed", speed_rows, with_test=False))
     acc_pipe.write_text(pipeline_text(args, work / "cache-accuracy", acc_rows))
 
     parts = set(args.parts.split(","))
@@ -193,7 +195,7 @@ def speed_jobs(job, speed_pipe: Path, work: Path, repeats: int) -> tuple[list[di
     drifts by tens of percent over minutes. Full fine-tuning runs once (for its memory)."""
     def argv(name, sets):
         out = ["--job", "train", "--pipe", str(speed_pipe), "--set", "train.epochs=1",
-               "--set", f"train.run_dir={work / 'runs' / ('speed-' + name)}", "--set", "data.test=''"]
+               "--set", f"train.run_dir={work / 'runs' / ('speed-' + name)}"]
         for s in sets:
             out += ["--set", s]
         return out
