@@ -14,7 +14,8 @@ from sherl_pipe.training.batches import ChunkSampler, SplitSource
 @torch.no_grad()
 def measure_tier_weights(model, source: SplitSource, live, batch_size: int, device) -> dict | None:
     """{'alpha': {'h<t>': mean alpha}, 'gate': tanh(gamma/T), 'anchor': 'h<c>', 'tokens': n}, or None
-    for models without a consolidation (full fine-tuning)."""
+    for models without a consolidation (full fine-tuning). LIVE runs the early layers on each batch
+    (None: the source reads the tiers from the cache)."""
     consolidation = getattr(model, "consolidation", None)
     if consolidation is None:
         return None
@@ -35,7 +36,7 @@ def measure_tier_weights(model, source: SplitSource, live, batch_size: int, devi
 
 def format_tier_weights(weights: dict | None) -> str:
     if not weights:
-        return "tier weights: none (no consolidation in this run)"
+        return "tier weights: none (measured after training from the cache; not for live or full fine-tuning runs)"
     ranked = sorted(weights["alpha"].items(), key=lambda kv: -kv[1])
     shown = ", ".join(f"{t} {a:.3f}" for t, a in ranked) or "no tiers besides the anchor"
     return (f"tier weights (mean alpha over {weights['tokens']} training tokens, largest first): {shown}; "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -45,10 +46,11 @@ def test_summary_holds_the_mean_alpha_of_every_tier_over_the_training_tokens(tmp
     assert as_json["summary"]["tier_weights"] == weights
 
 
-def test_full_finetuning_has_no_tier_weights(tmp_path, bert_dir, labeled_csv, fp32_cache):
+@pytest.mark.parametrize("mode", ["full-finetune", "live"])
+def test_full_finetuning_and_live_runs_have_no_tier_weights(tmp_path, bert_dir, labeled_csv, fp32_cache, mode):
     pipe = load_pipeline(str(write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache,
                                                  tmp_path / "run", 'dtype = "float32"',
-                                                 'mode = "full-finetune"\nmax_steps = 2')))
+                                                 f'mode = "{mode}"\nmax_steps = 2')))
     train(pipe, log=lambda m: None)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["tier_weights"] is None
     shown = CliRunner().invoke(main, ["info", str(tmp_path / "run")])

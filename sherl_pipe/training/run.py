@@ -219,7 +219,9 @@ def finish(run: RunFolder, s: Session, state: RunState) -> TrainResult:
         run.save_weights("best", s.model)
     result = result_of(run, state)
     if state.stop_reason != "interrupted":
-        weights = measure_tier_weights(s.model, s.train_src, s.live, s.pipeline.evaluate.batch_size, s.device)
+        # cached mode only: in live mode the pass would rerun the early layers over the training split
+        weights = (measure_tier_weights(s.model, s.train_src, None, s.pipeline.evaluate.batch_size, s.device)
+                   if s.spec.mode == "cached" else None)
         run.write_json("summary.json", {
             "steps": result.steps, "epochs": result.epochs_done, "best": result.best,
             "last_eval": result.last_eval, "train_seconds": round(result.seconds, 2),
