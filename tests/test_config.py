@@ -76,7 +76,7 @@ def test_override_order(tmp_path):
 @pytest.mark.parametrize("text, setting, message", [
     ('[data]\ntrain = "x"\ntxt = 1\n', None, r"unknown key 'data.txt'; known keys of \[data\]"),
     ('[datum]\n', None, r"unknown section\(s\) \['datum'\]"),
-    ('[data]\ntrain = "x"\n[extract]\ndtype = "float8"\n', None, r"extract.dtype = 'float8' is not one of"),
+    ('[data]\ntrain = "x"\n[extract]\ndtype = "bfloat16"\n', None, r"extract.dtype = 'bfloat16' is not one of"),
     ('[data]\ntrain = "x"\n[extract]\nchunk_size = 0\n', None, r"extract.chunk_size = 0 must be >= 1"),
     ('[data]\ntrain = "x"\n[extract]\nchunk_size = "big"\n', None, r"extract.chunk_size: expected an integer"),
     ('[data]\ntrain = "x"\ndeduplicate = 1\n', None, r"data.deduplicate: expected true or false"),
