@@ -4,8 +4,10 @@ Over the same pre-tokenized forward batches (SST-2 train rows, MiniLM, all tiers
   forward  - embeddings + early layers only, under inference_mode, no conversion or storage;
   extract  - the full stage one from cache creation (manifest write) to the last block's done flag:
              forward, masking, fp16 conversion and range check, compression, writes.
-Each is the median of --repeats runs. Fixed costs (imports, model load, data, tokenization,
-hashing) are reported separately. The last line is one JSON object.
+Each repeat runs the two back to back (--repeats, default 5); extract_over_forward is the median of
+the per-repeat ratios, printed with their range and the machine's load average before and after
+(`os.getloadavg()`: a figure taken under load can be discarded). Fixed costs (imports, model load,
+data, tokenization, hashing) are reported separately. The last line is one JSON object.
 
     python benchmarks/extract.py --rows 4000
 """
@@ -24,6 +26,9 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_avg  # noqa: E402
 import torch  # noqa: E402
 
 from sherl_pipe.backbone import Backbone  # noqa: E402
@@ -40,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--rows", type=int, default=4000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     defaults = ExtractConfig()  # the product's defaults unless a flag says otherwise
     ap.add_argument("--codec", default=defaults.codec)
@@ -91,11 +96,14 @@ def main() -> None:
         return summary.timings["extract"]
 
     forward_s, extract_s = [], []
+    load_before = load_avg()
     bare_forward()  # warm-up: first-call allocations and kernel selection
-    for _ in range(args.repeats):  # interleaved, so drift in machine speed hits both alike
+    for _ in range(args.repeats):  # back to back, so drift in machine speed hits both alike
         forward_s.append(bare_forward())
         extract_s.append(full_extract())
     fwd, ext = statistics.median(forward_s), statistics.median(extract_s)
+    ratios = [e / f for e, f in zip(extract_s, forward_s)]
+    ratio = statistics.median(ratios)
 
     cache = Cache(tmp / "cache")
     m = cache.manifest
@@ -113,14 +121,17 @@ def main() -> None:
           f"tokenization {tok_s:.2f} s, module hashing {hash_s:.2f} s")
     print(f"bare forward: median {fwd:.2f} s ({n / fwd:.1f} samples/s)  runs {[round(x, 2) for x in forward_s]}")
     print(f"extraction:   median {ext:.2f} s ({n / ext:.1f} samples/s)  runs {[round(x, 2) for x in extract_s]}")
-    print(f"extract / forward = {ext / fwd:.3f}")
+    print(f"extract / forward = {ratio:.3f} (median of {len(ratios)} back-to-back pairs) [{min(ratios):.3f}, "
+          f"{max(ratios):.3f}]  pairs {[round(r, 3) for r in ratios]}")
+    print(f"before: {load_before}; after: {load_avg()}")
     print(f"disk: tiers {tier_bytes / 2**20:.1f} MiB = {tier_bytes / tokens:.0f} B per real token; raw fp16 of "
           f"real tokens {real_fp16 / tokens:.0f} B per token -> {tier_bytes / real_fp16:.3f}x; "
           f"compression of the stored (padded) arrays {stored_raw / tier_bytes:.2f}x")
     print(json.dumps({
         "rows": n, "real_tokens": tokens, "forward_s": round(fwd, 3), "extract_s": round(ext, 3),
         "forward_samples_per_s": round(n / fwd, 1), "extract_samples_per_s": round(n / ext, 1),
-        "extract_over_forward": round(ext / fwd, 4), "disk_over_real_fp16": round(tier_bytes / real_fp16, 4),
+        "extract_over_forward": round(ratio, 4), "ratio_range": [round(min(ratios), 4), round(max(ratios), 4)],
+        "load_avg_before": load_before, "disk_over_real_fp16": round(tier_bytes / real_fp16, 4),
         "compression_ratio": round(stored_raw / tier_bytes, 3),
         "fixed_s": {"imports": round(IMPORT_S, 2), "model_load": round(load_s, 2), "data": round(data_s, 2),
                     "tokenize": round(tok_s, 2), "hash": round(hash_s, 2)},

@@ -265,3 +265,25 @@ def test_predict_gives_evaluates_probabilities(tmp_path, family_env, labeled_csv
     names = [k for k in want[0] if k.startswith("prob_")]
     np.testing.assert_allclose([[g[n] for n in names] for g in got], [[float(w[n]) for n in names] for w in want],
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_a_bf16_checkpoint_is_extracted_and_trained_in_fp32(tmp_path, labeled_csv, family):
+    """Weights saved in bf16: both stages build fp32 modules holding the upcast weights, so the
+    module hashes agree (a bf16 extraction would be refused at training by its hashes)."""
+    from transformers import AutoModel
+
+    folder = make_backbone(tmp_path / "model", family, layers=LAYERS, dropout=0.0)
+    AutoModel.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)
+    assert '"bfloat16"' in (folder / "config.json").read_text()
+    pipe = pipeline(tmp_path, folder, labeled_csv, tmp_path / "cache", tmp_path / "run",
+                    'max_steps = 2\neval_split = ""\nlate_tuning = "full"')
+    extract(pipe)
+    cache = Cache(tmp_path / "cache")
+    assert cache.array("train", "h0").dtype == np.float32
+    _, out, mask = reference(folder, split_texts(tmp_path / "p.toml", "train", cache))
+    h1 = cache.array("train", "h1")[:]
+    t_len = h1.shape[1]
+    np.testing.assert_allclose(h1, out.hidden_states[1].numpy()[:, :t_len] * mask.numpy()[:, :t_len, None],
+                               atol=1e-5, rtol=0)
+    assert train(pipe, log=lambda m: None).steps == 2
