@@ -229,7 +229,7 @@ def read_tensors(folder: Path, family: Family, prefix: str, exclude: tuple[str, 
     def relative(key: str) -> str | None:
         for p in family.checkpoint_prefixes:
             if _is_part(key, p + prefix, exclude):
-                return key[len(p + prefix):]
+                return _modern_name(key[len(p + prefix):])
         return None
 
     out: dict[str, torch.Tensor] = {}
@@ -237,6 +237,16 @@ def read_tensors(folder: Path, family: Family, prefix: str, exclude: tuple[str, 
         for key, tensor in _iter_tensors(path, lambda k: relative(k) is not None):
             out[relative(key)] = tensor
     return out
+
+
+def _modern_name(key: str) -> str:
+    """Older checkpoints name LayerNorm parameters gamma/beta; transformers renames them on load,
+    and so does stage two's partial loading."""
+    if key.endswith("LayerNorm.gamma"):
+        return key[:-len("gamma")] + "weight"
+    if key.endswith("LayerNorm.beta"):
+        return key[:-len("beta")] + "bias"
+    return key
 
 
 def empty_module(config, family: Family, name: str) -> tuple[nn.Module, str, tuple[str, ...]]:

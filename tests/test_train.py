@@ -378,3 +378,19 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, bert_dir, 
     r = CliRunner().invoke(main, ["train", str(path), "--run-dir", ".", "--overwrite", "-q"])
     assert r.exit_code == 2 and "is the current directory" in r.stderr, r.output
     assert (tmp_path / "r" / "model.json").is_file()
+
+
+def test_a_checkpoint_with_legacy_layernorm_names_trains(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """Older BERT checkpoints name LayerNorm parameters gamma/beta; transformers renames them when
+    it loads a whole model, so stage two's partial loading must too (or training fails on a
+    backbone that extracted fine)."""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(bert_dir, legacy)
+    state = load_file(legacy / "model.safetensors")
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in state.items()}
+    assert any(k.endswith("LayerNorm.gamma") for k in renamed)
+    save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
+    pipe = pipeline_for(tmp_path, legacy, labeled_csv, fp32_cache, tmp_path / "run",
+                        'max_steps = 2\neval_split = ""\npooling = "cls-pooler"\nlate_tuning = "full"')
+    assert train(pipe, log=lambda m: None).steps == 2
