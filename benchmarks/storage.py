@@ -112,7 +112,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--parts", default="storage,tiers")
+    ap.add_argument("--parts", default="storage,tiers",
+                    help="storage always runs (the tiers part reads its float16 runs); 'storage' alone skips tiers")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--pipe", help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)

@@ -64,8 +64,10 @@ def config_from_manifest(manifest: dict, attn_implementation: str | None = None)
 
 
 def resolve_pooling(requested: str, manifest: dict) -> str:
-    """`auto`: what a sentence-transformers folder says, else the family's own task heads' pooling.
-    `cls-pooler` on a family without a pooler (or weights without one) is refused here."""
+    """`auto`: what a sentence-transformers folder says, else the family's default: `cls-pooler`
+    where the family and its weights have a pooler (BERT, RoBERTa, XLM-R, MPNet), otherwise `cls`
+    (ModernBERT: its config's classifier_pooling). `cls-pooler` on a family without a pooler (or
+    weights without one) is refused here."""
     config = config_from_manifest(manifest)
     family = family_of(config.model_type)
     in_weights = "pooler" in manifest["backbone"].get("module_hashes", {"pooler": ""})

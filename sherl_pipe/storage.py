@@ -10,9 +10,10 @@ Formats:
   float8            e4m3 (torch.float8_e4m3fn, 3 mantissa bits) of x / s with s = max|x| / 448 (its
                     largest value), stored as its bytes: |x - decoded| <= |x| / 16, or s / 1024 for
                     the smallest values (e4m3's subnormals).
-The lossy formats store each token's scale s (float32) as 4 extra bytes after its D codes, so a
-tier array is (N, T, D + 4) of int8 or uint8 and every chunk holds its own scales: the cache's
-layout, chunking, checksums and readers are the same for every format.
+The lossy formats store each token's scale s (float32, in the machine's byte order: little-endian
+on every platform torch builds for) as 4 extra bytes after its D codes, so a tier array is
+(N, T, D + 4) of int8 or uint8 and every chunk holds its own scales: the cache's layout, chunking,
+checksums and readers are the same for every format.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ recorded, a killed sweep resumed, bad sweep files refused before any trial start
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -61,6 +62,10 @@ def test_trials_equal_sherl_pipe_train_and_fresh_processes(tmp_path, bert_dir, l
         b = load_file(run / "checkpoints" / "last.safetensors")
         for key in b:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+        # a trial skips the tier-weight pass (another read of the training split); train does it
+        trial_summary = tmp_path / "sweep" / "trials" / f"{int(r['number']):04d}" / "summary.json"
+        assert json.loads(trial_summary.read_text())["tier_weights"] is None
+        assert json.loads((run / "summary.json").read_text())["tier_weights"]["anchor"] == "h2"
     for name in ("best.toml", "leaderboard.txt", "metric_by_setting.png", "history.png", "learning_curves.png"):
         assert (tmp_path / "sweep" / name).is_file(), name
     best = load_pipeline(str(tmp_path / "sweep" / "best.toml"))

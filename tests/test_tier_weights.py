@@ -55,3 +55,22 @@ def test_full_finetuning_and_live_runs_have_no_tier_weights(tmp_path, bert_dir, 
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["tier_weights"] is None
     shown = CliRunner().invoke(main, ["info", str(tmp_path / "run")])
     assert "tier weights: none" in shown.output
+
+
+def test_an_interrupted_tier_measurement_keeps_the_summary(tmp_path, bert_dir, labeled_csv, fp32_cache,
+                                                           monkeypatch):
+    import pytest as _pytest
+
+    import sherl_pipe.training.run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "measure_tier_weights", interrupted)
+    pipe = load_pipeline(str(write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache,
+                                                 tmp_path / "run", 'dtype = "float32"', "max_steps = 2")))
+    with _pytest.raises(KeyboardInterrupt):
+        train(pipe, log=lambda m: None)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["tier_weights"] is None
+    assert train(pipe, resume=True, log=lambda m: None).steps == 2  # finished: nothing to redo

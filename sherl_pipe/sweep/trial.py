@@ -95,7 +95,9 @@ def run_trial(spec: dict) -> dict:
     with PeakMemory() as memory:
         # the sweep checked the cache against the pipeline's data, backbone and extract sections once
         # for all its trials, which vary only train settings
-        result = train(pipeline, overwrite=True, log=lambda m: None, on_epoch=reporter, check_cache=False)
+        # no tier-weight pass after each trial: it reads the training split once more
+        result = train(pipeline, overwrite=True, log=lambda m: None, on_epoch=reporter, check_cache=False,
+                       tier_weights=False)
     out = {
         "number": spec["number"], "state": "pruned" if result.stop_reason == "pruned" else "complete",
         "stop_reason": result.stop_reason, "epochs": result.epochs_done, "steps": result.steps,

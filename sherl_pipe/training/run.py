@@ -183,11 +183,12 @@ def make_hooks(run: RunFolder, s: Session, progress, log, on_epoch, should_stop)
 
 def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, progress=None, log=print,
           on_epoch: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          check_cache: bool = True) -> TrainResult:
+          check_cache: bool = True, tier_weights: bool = True) -> TrainResult:
     """Train the pipeline's stage two. `on_epoch(record)` sees each epoch's record (and may raise
     loop.StopTraining); `should_stop()` is polled at step boundaries (an interrupt: the state is
     saved and the run can be resumed). check_cache=False skips comparing the cache with the
-    pipeline's data, backbone and extract sections (a sweep does that once for all its trials)."""
+    pipeline's data, backbone and extract sections (a sweep does that once for all its trials);
+    tier_weights=False skips measuring the tier weights after training (sweep trials)."""
     device = pick_device(pipeline.train.device)
     cache, spec, eval_split = open_training_cache(pipeline, check_cache)
     run = RunFolder(pipeline.train.run_dir)
@@ -204,7 +205,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
             trainer = Trainer(s.model, spec, s.optimizer, s.scheduler, s.budget, device, s.live)
             state = trainer.fit(state, s.sampler, s.train_src, make_hooks(run, s, progress, log, on_epoch,
                                                                          should_stop))
-            return finish(run, s, state)
+            return finish(run, s, state, tier_weights)
     finally:
         run.release()
 
@@ -214,17 +215,20 @@ def result_of(run: RunFolder, state: RunState) -> TrainResult:
                        state.samples / state.seconds if state.seconds > 0 else 0.0, state.stop_reason)
 
 
-def finish(run: RunFolder, s: Session, state: RunState) -> TrainResult:
+def finish(run: RunFolder, s: Session, state: RunState, tier_weights: bool = True) -> TrainResult:
     if s.eval_src is None and state.finished:  # without evaluation the best checkpoint is the last one
         run.save_weights("best", s.model)
     result = result_of(run, state)
-    if state.stop_reason != "interrupted":
-        # cached mode only: in live mode the pass would rerun the early layers over the training split
-        weights = (measure_tier_weights(s.model, s.train_src, None, s.pipeline.evaluate.batch_size, s.device)
-                   if s.spec.mode == "cached" else None)
-        run.write_json("summary.json", {
-            "steps": result.steps, "epochs": result.epochs_done, "best": result.best,
-            "last_eval": result.last_eval, "train_seconds": round(result.seconds, 2),
-            "samples_per_s": round(result.samples_per_s, 1), "stop_reason": result.stop_reason,
-            "stopped_early": result.stopped_early, "tier_weights": weights})
+    if state.stop_reason == "interrupted":
+        return result
+    summary = {"steps": result.steps, "epochs": result.epochs_done, "best": result.best,
+               "last_eval": result.last_eval, "train_seconds": round(result.seconds, 2),
+               "samples_per_s": round(result.samples_per_s, 1), "stop_reason": result.stop_reason,
+               "stopped_early": result.stopped_early, "tier_weights": None}
+    run.write_json("summary.json", summary)  # first: an interrupted measurement loses nothing else
+    # from the cache only (live runs would rerun the early layers), and not for pruned trials
+    if tier_weights and s.spec.mode == "cached" and state.stop_reason != "pruned":
+        summary["tier_weights"] = measure_tier_weights(s.model, s.train_src, None,
+                                                       s.pipeline.evaluate.batch_size, s.device)
+        run.write_json("summary.json", summary)
     return result
