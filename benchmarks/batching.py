@@ -21,17 +21,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, Jobs, extract_job, load_avg, mean_sd, paired_bootstrap, train_job  # noqa: E402
+from common import (DEFAULT_DATA, Jobs, extract_job, load_avg, mean_sd, paired_bootstrap,  # noqa: E402
+                    sst2_pipeline_text, train_job)
 
 POLICIES = ("bucketed", "shuffled")
-
-
-def pipeline_text(args, work: Path) -> str:
-    limit = f"limit = {args.rows}\n" if args.rows else ""
-    return (f'[data]\ntrain = "{args.data / "train.tsv"}"\ntest = "{args.data / "test.tsv"}"\n'
-            f'text_column = "sentence"\nlabel_column = "label"\n{limit}'
-            f'[extract]\ncache = "{work / "cache"}"\nthreads = {args.threads}\n'
-            f'[train]\nthreads = {args.threads}\neval_split = ""\nepochs = {args.epochs}\n')
 
 
 def length_spread(pipe_file: str) -> dict:
@@ -98,7 +91,7 @@ def main() -> None:
     work = args.work / (f"rows{args.rows}" if args.rows else "all")
     work.mkdir(parents=True, exist_ok=True)
     pipe = work / "pipeline.toml"
-    pipe.write_text(pipeline_text(args, work))
+    pipe.write_text(sst2_pipeline_text(args, work / "cache"))
     print(load_avg(), flush=True)
     job = Jobs(__file__, work / "results.jsonl")
     job("extract", ["--job", "extract", "--pipe", str(pipe)])

@@ -17,6 +17,16 @@ from pathlib import Path
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 
+def sst2_pipeline_text(args, cache: Path, extract_extra: str = "") -> str:
+    """SST-2 train.tsv (args.rows of it, 0: all) and test.tsv, a cache, one fixed epoch budget,
+    no evaluation during training: the accuracy benchmarks' pipeline."""
+    limit = f"limit = {args.rows}\n" if args.rows else ""
+    return (f'[data]\ntrain = "{args.data / "train.tsv"}"\ntest = "{args.data / "test.tsv"}"\n'
+            f'text_column = "sentence"\nlabel_column = "label"\n{limit}'
+            f'[extract]\ncache = "{cache}"\nthreads = {args.threads}\n{extract_extra}'
+            f'[train]\nthreads = {args.threads}\neval_split = ""\nepochs = {args.epochs}\n')
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

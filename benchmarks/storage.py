@@ -24,17 +24,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, Jobs, extract_job, load_avg, mean_sd, paired_bootstrap, train_job  # noqa: E402
+from common import (DEFAULT_DATA, Jobs, extract_job, load_avg, mean_sd, paired_bootstrap,  # noqa: E402
+                    sst2_pipeline_text, train_job)
 
 FORMATS = ("float16", "int8", "float8")
-
-
-def pipeline_text(args, work: Path, fmt: str) -> str:
-    limit = f"limit = {args.rows}\n" if args.rows else ""
-    return (f'[data]\ntrain = "{args.data / "train.tsv"}"\ntest = "{args.data / "test.tsv"}"\n'
-            f'text_column = "sentence"\nlabel_column = "label"\n{limit}'
-            f'[extract]\ncache = "{work / ("cache-" + fmt)}"\nthreads = {args.threads}\ndtype = "{fmt}"\n'
-            f'[train]\nthreads = {args.threads}\neval_split = ""\nepochs = {args.epochs}\n')
 
 
 def bytes_per_real_token(cache_path: Path) -> float:
@@ -70,7 +63,7 @@ def storage_part(args, work: Path, job, seeds: list[int]) -> tuple[dict, dict]:
     runs, sizes, extract_s = {}, {}, {}
     for fmt in FORMATS:
         pipe = work / f"{fmt}.toml"
-        pipe.write_text(pipeline_text(args, work, fmt))
+        pipe.write_text(sst2_pipeline_text(args, work / f"cache-{fmt}", f'dtype = "{fmt}"\n'))
         extract_s[fmt] = job(f"extract-{fmt}", ["--job", "extract", "--pipe", str(pipe)])["seconds"]
         sizes[fmt] = bytes_per_real_token(work / f"cache-{fmt}")
     for i, seed in enumerate(seeds):  # the formats take turns, the order reversed every other seed
