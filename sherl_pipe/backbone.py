@@ -194,34 +194,26 @@ def _weight_files(folder: Path) -> list[Path]:
     raise SherlError(f"backbone folder {folder}: no model.safetensors or pytorch_model.bin")
 
 
-def _iter_tensors(path: Path, wanted):
-    """(key, tensor) for the keys of one weights file that `wanted(key)` accepts; only those are read."""
+def _iter_tensors(path: Path, rename):
+    """(rename(key), tensor) for the keys of one weights file that `rename` maps to a name (not
+    None); only those tensors are read."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                if wanted(key):
-                    yield key, f.get_tensor(key)
+                if (name := rename(key)) is not None:
+                    yield name, f.get_tensor(key)
     else:
         for key, value in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items():
-            if wanted(key):
-                yield key, value
-
-
-def _keys(path: Path):
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            yield from f.keys()
-    else:
-        yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
+            if (name := rename(key)) is not None:
+                yield name, value
 
 
 def _file_has_pooler(folder: Path, family: Family) -> bool:
-    prefixes = [p + family.pooler_path + "." for p in family.checkpoint_prefixes]
-    return any(k.startswith(p) for f in _weight_files(folder) for k in _keys(f) for p in prefixes)
+    prefixes = tuple(p + family.pooler_path + "." for p in family.checkpoint_prefixes)
+    return any(True for f in _weight_files(folder)  # stops at the first pooler tensor
+               for _ in _iter_tensors(f, lambda k: k if k.startswith(prefixes) else None))
 
 
 def read_tensors(folder: Path, family: Family, prefix: str, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -232,11 +224,7 @@ def read_tensors(folder: Path, family: Family, prefix: str, exclude: tuple[str, 
                 return _modern_name(key[len(p + prefix):])
         return None
 
-    out: dict[str, torch.Tensor] = {}
-    for path in _weight_files(folder):
-        for key, tensor in _iter_tensors(path, lambda k: relative(k) is not None):
-            out[relative(key)] = tensor
-    return out
+    return {name: tensor for path in _weight_files(folder) for name, tensor in _iter_tensors(path, relative)}
 
 
 def _modern_name(key: str) -> str:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sherl_pipe.cache import Cache
+from sherl_pipe.cache import Cache, is_tier_name
 from sherl_pipe.errors import SherlError
+from sherl_pipe.storage import LOSSY
 from sherl_pipe.tier_weights import format_tier_weights
 
 
 def _array_order(item) -> tuple:
     name = item[0]
-    return (0, int(name[1:])) if name[1:].isdigit() else (1, name)
+    return (0, int(name[1:])) if is_tier_name(name) else (1, name)
 
 
 def cache_report(path: str) -> dict:
@@ -28,10 +29,10 @@ def cache_report(path: str) -> dict:
         for arr_name, arr in sorted(cache.group[name].arrays(), key=_array_order):
             arrays[arr_name] = {"shape": list(arr.shape), "chunks": list(arr.chunks), "dtype": str(arr.dtype),
                                 "bytes_on_disk": cache.bytes_on_disk(name, arr_name)}
-        tier_bytes = sum(a["bytes_on_disk"] for n, a in arrays.items() if n.startswith("h"))
+        tier_bytes = sum(a["bytes_on_disk"] for n, a in arrays.items() if is_tier_name(n))
         real_fp16 = info["tokens"] * m["backbone"]["hidden_size"] * 2 * len(m["tiers"])
         tokens = max(info["tokens"], 1)
-        per_token = {n: round(a["bytes_on_disk"] / tokens, 1) for n, a in arrays.items() if n[1:].isdigit()}
+        per_token = {n: round(a["bytes_on_disk"] / tokens, 1) for n, a in arrays.items() if is_tier_name(n)}
         splits[name] = {**info, "blocks_done": done, "missing_chunks": missing,
                         "complete": done == total and not missing, "arrays": arrays,
                         "tier_bytes_per_real_token": per_token, "tier_bytes_on_disk": tier_bytes,
@@ -59,7 +60,7 @@ def format_report(r: dict) -> str:
         f"tokenizer  {m['tokenizer']['class']} max_length {m['tokenizer']['max_length']} "
         f"(hash {m['tokenizer']['hash'][:12]})",
         f"cut        c = {m['cut']} (late layers {m['late_layers']}); tiers {m['tiers']}",
-        f"storage    {m['dtype']}{' (lossy: codes + a float32 scale per token)' if m['dtype'] in ('int8', 'float8') else ''}, codec {m['codec']['name']} level {m['codec']['level']}, "
+        f"storage    {m['dtype']}{' (lossy: codes + a float32 scale per token)' if m['dtype'] in LOSSY else ''}, codec {m['codec']['name']} level {m['codec']['level']}, "
         f"{m['chunk_size']} samples per chunk",
         f"task       {m['task']['type']}: text '{m['task']['text_column']}'"
         + (f" + '{m['task']['text_pair_column']}'" if m['task']['text_pair_column'] else "")

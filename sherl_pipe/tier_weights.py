@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from sherl_pipe.devices import autocast
-from sherl_pipe.training.batches import ChunkSampler, SplitSource
+from sherl_pipe.training.batches import SplitSource
+from sherl_pipe.training.inference import in_storage_order
 
 
 @torch.no_grad()
@@ -22,9 +23,7 @@ def measure_tier_weights(model, source: SplitSource, live, batch_size: int, devi
     model.eval()
     sums = torch.zeros(len(consolidation.tiers), dtype=torch.float64)
     tokens = 0
-    sampler = ChunkSampler(source.n, source.chunk_size, batch_size, 1, 0, shuffle=False)
-    for batch in source.iterate(sampler.batches(0)) if consolidation.tiers else ():
-        batch = (live(batch) if live is not None else batch).to(device)
+    for batch in in_storage_order(source, live, batch_size, device) if consolidation.tiers else ():
         with autocast(device):
             alpha = consolidation.tier_weights(batch.states, batch.mask)
         sums += alpha[batch.mask.bool()].double().sum(0).cpu()

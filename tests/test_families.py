@@ -8,7 +8,6 @@ that change a family's forward pass switched on."""
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 
 import numpy as np
@@ -27,6 +26,7 @@ from sherl_pipe.model import ModelSpec, SherlModel, config_from_manifest, pool
 from sherl_pipe.training import train
 from sherl_pipe.training.setup import build_model, make_spec
 from test_extract import assert_within_one_fp16_step, read_split, split_texts
+from test_train import step_losses
 
 LAYERS = 3
 TEXTS = ["good film", "a very very boring plot and a bad actor but the story is quite fine", "fine",
@@ -139,17 +139,16 @@ def test_training_from_the_cache_equals_training_live(tmp_path, family_env, labe
     1e-4, DeBERTa's consolidation.score.bias differed by 4.4e-5). The step losses, which any data
     mismatch moves from the first step, agree to 1e-5 too."""
     folder, cache = family_env(family)
-    weights, step_losses = {}, {}
+    weights, losses = {}, {}
     for mode in ("cached", "live"):
         pipe = pipeline(tmp_path, folder, labeled_csv, cache, tmp_path / mode,
                         f'mode = "{mode}"\nmax_steps = 20\neval_split = ""\ndropout = 0.0\nlog_every = 1\n'
                         f'late_tuning = "full"\nlr = 1e-5\nlr_late = 1e-5')
         train(pipe, log=lambda m: None)
         weights[mode] = load_file(tmp_path / mode / "checkpoints" / "last.safetensors")
-        step_losses[mode] = [json.loads(x)["step_loss"] for x in (tmp_path / mode / "metrics.jsonl").read_text()
-                             .splitlines() if json.loads(x)["event"] == "train"]
-    assert len(step_losses["cached"]) == 20
-    np.testing.assert_allclose(step_losses["cached"], step_losses["live"], atol=1e-5, rtol=0)
+        losses[mode] = step_losses(tmp_path / mode)
+    assert len(losses["cached"]) == 20
+    np.testing.assert_allclose(losses["cached"], losses["live"], atol=1e-5, rtol=0)
     assert weights["cached"].keys() == weights["live"].keys()
     for key, value in weights["cached"].items():
         torch.testing.assert_close(value, weights["live"][key], atol=1e-5, rtol=0, msg=key)

@@ -30,6 +30,11 @@ def losses(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def step_losses(run_dir) -> list[float]:
+    """The loss of every optimizer step (with log_every = 1)."""
+    return [r["step_loss"] for r in losses(run_dir) if r["event"] == "train"]
+
+
 def test_sampler_is_seeded_chunk_aware_and_complete():
     s = ChunkSampler(n=96, chunk_size=16, batch_size=8, buffer_chunks=2, seed=3)
     batches = s.batches(0)
@@ -107,8 +112,7 @@ def test_cached_and_live_training_stay_together(tmp_path, bert_dir, labeled_csv,
                             f'lr = 0.001')
         train(pipe, log=lambda m: None)
         results[mode] = load_file(tmp_path / mode / "checkpoints" / "last.safetensors")
-    cached_loss = [r["step_loss"] for r in losses(tmp_path / "cached") if r["event"] == "train"]
-    live_loss = [r["step_loss"] for r in losses(tmp_path / "live") if r["event"] == "train"]
+    cached_loss, live_loss = step_losses(tmp_path / "cached"), step_losses(tmp_path / "live")
     assert len(cached_loss) == 20 and abs(cached_loss[0] - live_loss[0]) <= 1e-6
     assert np.allclose(cached_loss, live_loss, atol=1e-3, rtol=0)
     assert results["cached"].keys() == results["live"].keys()

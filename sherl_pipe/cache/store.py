@@ -26,6 +26,10 @@ def tier_name(t: int) -> str:
     return f"h{t}"
 
 
+def is_tier_name(name: str) -> bool:
+    return name[:1] == "h" and name[1:].isdigit()
+
+
 def is_sherl_cache(path: Path) -> bool:
     """A folder whose Zarr group attributes hold a sherl-pipe manifest."""
     try:
@@ -160,12 +164,12 @@ class Cache:
         beyond sherl-pipe: `cache.dask_array("train", "h5")[:, 0].mean(0).compute()`."""
         import dask.array as da
 
+        from sherl_pipe.storage import LOSSY, SCALE_BYTES, decode_numpy  # here: storage imports this package
+
         self.require_complete(split)
         arr = da.from_zarr(self.array(split, name))
         fmt = self.manifest["dtype"]
-        if name.startswith("h") and name[1:].isdigit() and fmt in ("int8", "float8"):  # decoded values
-            from sherl_pipe.storage import SCALE_BYTES, decode_numpy
-
+        if is_tier_name(name) and fmt in LOSSY:  # decoded values
             return arr.map_blocks(decode_numpy, fmt, dtype="float32",
                                   chunks=arr.chunks[:2] + ((arr.shape[2] - SCALE_BYTES,),))
         return arr

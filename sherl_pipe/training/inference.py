@@ -24,16 +24,19 @@ def loss_fn(spec: ModelSpec, out: torch.Tensor, labels: torch.Tensor) -> torch.T
     return F.mse_loss(out.float().squeeze(-1), labels.float())
 
 
+def in_storage_order(source: SplitSource, live, batch_size: int, device):
+    """A whole split's batches in storage order, on the device (early layers run by LIVE, if given)."""
+    sampler = ChunkSampler(source.n, source.chunk_size, batch_size, 1, 0, shuffle=False)
+    for batch in source.iterate(sampler.batches(0)):
+        yield (live(batch) if live is not None else batch).to(device)
+
+
 @torch.no_grad()
 def predict_split(model, spec: ModelSpec, source: SplitSource, live, batch_size: int, device) -> tuple:
     """(outputs, labels, positions) over a whole split in storage order, model in eval mode."""
     model.eval()
-    sampler = ChunkSampler(source.n, source.chunk_size, batch_size, 1, 0, shuffle=False)
     outs, labels, index = [], [], []
-    for batch in source.iterate(sampler.batches(0)):
-        if live is not None:
-            batch = live(batch)
-        batch = batch.to(device)
+    for batch in in_storage_order(source, live, batch_size, device):
         with autocast(device):
             outs.append(forward(model, spec, batch).float().cpu())
         labels.append(batch.labels.cpu())
