@@ -37,6 +37,18 @@ class GatedMLPProjection(nn.Module):
         u = F.relu(self.down(h))
         return (self.mix(u) + u) * torch.sigmoid(self.gate(u))
 
+    @staticmethod
+    def grouped(modules: list["GatedMLPProjection"], x: torch.Tensor) -> torch.Tensor:
+        """Every tier's projection at once: x (n, N, D) -> (n, N, d), tier i through modules[i].
+        Two batched matmuls (mix and gate share one) instead of three Linear calls per tier."""
+        down_w, down_b = _stacked(modules, "down")
+        u = F.relu(torch.baddbmm(down_b, x, down_w))
+        mix_w, mix_b = _stacked(modules, "mix")
+        gate_w, gate_b = _stacked(modules, "gate")
+        mg = torch.baddbmm(torch.cat([mix_b, gate_b], -1), u, torch.cat([mix_w, gate_w], -1))
+        mix, gate = mg.chunk(2, dim=-1)
+        return (mix + u) * torch.sigmoid(gate)
+
 
 class LinearLNProjection(nn.Module):
     """a = LayerNorm(W h)   (the official code's other form)."""
@@ -49,17 +61,42 @@ class LinearLNProjection(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(self.down(h))
 
+    @staticmethod
+    def grouped(modules: list["LinearLNProjection"], x: torch.Tensor) -> torch.Tensor:
+        """x (n, N, D) -> (n, N, d): one batched matmul, one normalisation, per-tier scale and shift."""
+        down_w, down_b = _stacked(modules, "down")
+        y = F.layer_norm(torch.baddbmm(down_b, x, down_w), (down_w.shape[-1],), eps=modules[0].norm.eps)
+        scale = torch.stack([m.norm.weight for m in modules]).unsqueeze(1)
+        shift = torch.stack([m.norm.bias for m in modules]).unsqueeze(1)
+        return torch.addcmul(shift, y, scale)
+
+
+def _stacked(modules: list[nn.Module], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The named Linear of every module as batched-matmul operands: weights (n, in, out), biases (n, 1, out).
+    Stacked at every call (a few hundred KB), so the parameters and checkpoints stay one Linear per tier."""
+    linears = [getattr(m, name) for m in modules]
+    return (torch.stack([lin.weight for lin in linears]).transpose(1, 2),
+            torch.stack([lin.bias for lin in linears]).unsqueeze(1))
+
 
 PROJECTIONS = {"gated-mlp": GatedMLPProjection, "linear-ln": LinearLNProjection}
 
 
 def anti_redundancy_weights(others: torch.Tensor, guide: torch.Tensor, score: nn.Linear) -> torch.Tensor:
     """alpha over the tiers of S: others (..., n, d), guide (..., d) -> (..., n), rows summing to 1 or 0."""
+    return _tier_major_weights(others.movedim(-2, 0), guide, score).movedim(0, -1)
+
+
+def _tier_major_weights(others: torch.Tensor, guide: torch.Tensor, score: nn.Linear) -> torch.Tensor:
+    """anti_redundancy_weights with the tiers first: others (n, ..., d), guide (..., d) -> (n, ...).
+    Tier-major keeps every operand contiguous, as the grouped projections produce them."""
     unit = others / others.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    redundancy = F.relu(unit @ unit.transpose(-1, -2)).sum(-1)  # (..., n): sum_j relu(cos(a_t, a_j))
-    s = score(others * guide.unsqueeze(-2)).squeeze(-1)  # (..., n)
+    # sum_j relu(cos(a_t, a_j)) by broadcasting: n is a handful of tiers, and a batch of n x n matmuls
+    # per token costs more in dispatch than the n * n * d products it computes
+    redundancy = F.relu((unit.unsqueeze(1) * unit.unsqueeze(0)).sum(-1)).sum(1)  # (n, ...)
+    s = F.linear(others * guide, score.weight, score.bias).squeeze(-1)  # (n, ...)
     alpha = F.relu(s) / redundancy.clamp_min(EPS)
-    return alpha / alpha.sum(-1, keepdim=True).clamp_min(EPS)
+    return alpha / alpha.sum(0, keepdim=True).clamp_min(EPS)
 
 
 class Consolidation(nn.Module):
@@ -87,30 +124,44 @@ class Consolidation(nn.Module):
         """Every tier the module reads, anchor last."""
         return self.tiers + [self.anchor]
 
+    def _inputs(self, states: dict[int, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        """(n + 1, B, T, D) float32, the tiers in `inputs` order, padding cleared. Each tier is copied
+        once, converting from its storage dtype (float16 from the cache) on the way, into one buffer
+        that is cleared in one pass."""
+        tiers = [states[t] for t in self.inputs]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tiers):  # `out=`/copy_ record no gradient
+            return torch.stack([t.float() for t in tiers]).masked_fill(~keep, 0.0)
+        x = tiers[0].new_empty((len(tiers),) + tuple(tiers[0].shape), dtype=torch.float32)
+        for i, t in enumerate(tiers):
+            x[i].copy_(t)
+        return x.masked_fill_(~keep, 0.0)
+
     def _projected(self, states: dict[int, torch.Tensor], mask: torch.Tensor):
-        """(padding, anchor, guide g, the other tiers' projections (B, T, n, d) or None), padding cleared."""
-        pad = ~mask.bool().unsqueeze(-1)
-        states = {t: states[t].masked_fill(pad, 0.0) for t in self.inputs}
-        guide = self.project[str(self.anchor)](states[self.anchor])
-        others = (torch.stack([self.project[str(t)](states[t]) for t in self.tiers], dim=-2)  # (B, T, n, d)
-                  if self.tiers else None)
-        return pad, states[self.anchor], guide, others
+        """(keep, inputs (n + 1, B, T, D), guide g (N, d), the other tiers' projections (n, N, d) or None),
+        N = B * T tokens; every tier is projected by one grouped call."""
+        keep = mask.bool().unsqueeze(-1)
+        x = self._inputs(states, keep)
+        modules = [self.project[str(t)] for t in self.inputs]
+        a = type(modules[0]).grouped(modules, x.flatten(1, 2))  # (n + 1, N, d)
+        return keep, x, a[-1], (a[:-1] if self.tiers else None)
 
     def forward(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """states: tier -> (B, T, D); mask: (B, T), 1 for real tokens. Returns (B, T, D)."""
-        pad, anchor, guide, others = self._projected(states, mask)
+        """states: tier -> (B, T, D) in any float dtype; mask: (B, T), 1 for real tokens. Returns (B, T, D)."""
+        keep, x, guide, others = self._projected(states, mask)
         z = guide
         if others is not None:
-            alpha = anti_redundancy_weights(others, guide, self.score)
-            z = (alpha.unsqueeze(-1) * others).sum(-2) + guide
-        y = self.dropout(self.norm(self.up(F.relu(z))))
-        y = y + torch.tanh(self.gate / GATE_TEMPERATURE) * anchor
-        return y.masked_fill(pad, 0.0)
+            alpha = _tier_major_weights(others, guide, self.score)  # (n, N)
+            z = (alpha.unsqueeze(-1) * others).sum(0) + guide
+        y = self.dropout(self.norm(self.up(F.relu(z)))).view(x.shape[1:])
+        y = y + torch.tanh(self.gate / GATE_TEMPERATURE) * x[-1]
+        return y.masked_fill(~keep, 0.0)
 
     def tier_weights(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor | None:
         """alpha of every token over the tiers of S, (B, T, n) in `self.tiers` order; None without S."""
-        _, _, guide, others = self._projected(states, mask)
-        return anti_redundancy_weights(others, guide, self.score) if others is not None else None
+        keep, _, guide, others = self._projected(states, mask)
+        if others is None:
+            return None
+        return _tier_major_weights(others, guide, self.score).t().reshape(keep.shape[:2] + (len(self.tiers),))
 
     def gate_value(self) -> float:
         """tanh(gamma / T): how much of h[c] passes the anchor residual (0 shut, 1 open)."""

@@ -15,8 +15,10 @@ depend on the method or on train.tiers.
 
 A reader touches each chunk once per epoch. The
 cache reader decodes whole chunks in a background thread, keeps only the chunks the coming batches
-need, trims every batch to its longest sample and only then converts it to float32. The trainer
-gets plain tensors and never touches Zarr.
+need, trims every batch to its longest sample and only then decodes it: int8 and float8 codes to
+float32; float16 stays float16, since the consolidation converts each tier as it copies it into its
+input buffer anyway (a second float32 copy per tier cost a pass over every tier each step). The
+trainer gets plain tensors and never touches Zarr.
 
 Decoded chunks live in slabs of one fixed shape (the Zarr chunk: samples x time chunk x width)
 that the reader recycles: a chunk needs as many slabs per tier as its longest sample needs time
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from sherl_pipe.cache import BlockReader, Cache, tier_name
-from sherl_pipe.storage import decode, nominal_itemsize, through_storage
+from sherl_pipe.storage import LOSSY, decode, nominal_itemsize, through_storage
 
 
 def _libc_trim():
@@ -70,7 +72,7 @@ class SlabPool:
 @dataclass
 class Batch:
     index: np.ndarray  # positions in the split (storage order)
-    states: dict[int, torch.Tensor]  # tier -> (B, T_batch, D) float32
+    states: dict[int, torch.Tensor]  # tier -> (B, T_batch, D) float32, or float16 as a float16 cache stores it
     mask: torch.Tensor  # (B, T_batch) int64
     labels: torch.Tensor
     input_ids: torch.Tensor  # (B, T_batch) int64
@@ -203,7 +205,7 @@ class SplitSource:
                         break
                     hi = min(lo + self.time_chunk, width)
                     rows[sel, lo:hi] = slab[local, :hi - lo]
-            states[t] = torch.from_numpy(rows)  # trimmed; decoded to float32 by the consumer
+            states[t] = torch.from_numpy(rows)  # trimmed; decoded when handed out (iterate)
         lengths = torch.from_numpy(self.lengths[idx])
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         labels = torch.from_numpy(self.labels[idx])
@@ -215,7 +217,7 @@ class SplitSource:
 
     def iterate(self, batches: list[np.ndarray], prefetch: int = 8):
         """Yield a Batch for each index array, reading chunks in a background thread. Batches wait
-        in the queue in the storage dtype and become float32 only when handed out."""
+        in the queue in the storage dtype; lossy codes are decoded to float32 when handed out."""
         if not self.tiers:
             for idx in batches:
                 yield self.make_batch(idx, {})
@@ -229,7 +231,8 @@ class SplitSource:
                 item = out.get()
                 if isinstance(item, BaseException):
                     raise item
-                item.states = {t: decode(v, self.format) for t, v in item.states.items()}
+                if self.format in LOSSY:
+                    item.states = {t: decode(v, self.format) for t, v in item.states.items()}
                 yield item
         finally:
             stop.set()
