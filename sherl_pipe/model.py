@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sherl_pipe.consolidation import Consolidation
+from sherl_pipe.dropout import use_fast_dropout
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
 
@@ -125,6 +126,15 @@ class SherlModel(nn.Module):
         self.helpers = nn.ModuleDict(self.family.helpers(config))
         self.pooler = pooler
         self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout)
+        use_fast_dropout(self)  # the late layers' dropouts too (see dropout.py)
+        self._compiled = None  # a CompiledOrEager of the consolidation, after compile_consolidation()
+
+    def compile_consolidation(self, log) -> None:
+        """train.compile: training steps call torch.compile(consolidation), falling back to eager.
+        A plain attribute, not a submodule: the state dict keeps the consolidation's own names."""
+        from sherl_pipe.compiled import CompiledOrEager
+
+        object.__setattr__(self, "_compiled", CompiledOrEager(self.consolidation, log, "consolidation"))
 
     def late_route(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The late layers (and a pre-LN family's final norm) on a (B, T, D) input: h[L]."""
@@ -135,7 +145,7 @@ class SherlModel(nn.Module):
         return self.family.finish(hidden, modules)
 
     def forward(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.late_route(self.consolidation(states, mask), mask)
+        hidden = self.late_route((self._compiled or self.consolidation)(states, mask), mask)
         return self.head(pool(hidden, mask, self.spec.pooling, self.pooler))
 
 
@@ -148,6 +158,7 @@ class FullFinetuneModel(nn.Module):
         self.backbone = backbone_model
         self.family = family_of(backbone_model.config.model_type)
         self.head = Head(backbone_model.config.hidden_size, spec.num_outputs, spec.dropout)
+        use_fast_dropout(self)  # the same dropout as SHERL's, so the speed comparison stays fair
 
     def forward(self, input_ids, mask, token_type_ids=None) -> torch.Tensor:
         out = self.backbone(**self.family.forward_kwargs(self.backbone, input_ids, mask, token_type_ids))

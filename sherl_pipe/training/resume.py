@@ -17,8 +17,9 @@ from sherl_pipe.model import ModelSpec
 from sherl_pipe.training.loop import RunState
 
 # Settings that do not change what is computed: where the run lives and how it is checkpointed,
-# how many threads and which device run it, whether the split is read ahead into memory, logging.
-FREE_ON_RESUME = {"run_dir", "threads", "device", "preload", "save_every", "save_minutes", "log_every"}
+# how many threads and which device run it, whether the split is read ahead into memory or the
+# consolidation compiled (the same operations, fused), logging.
+FREE_ON_RESUME = {"run_dir", "threads", "device", "preload", "compile", "save_every", "save_minutes", "log_every"}
 
 
 def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, cfg: TrainConfig) -> None:

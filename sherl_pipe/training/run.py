@@ -95,10 +95,13 @@ def open_training_cache(pipeline: Pipeline, check_cache: bool = True) -> tuple[C
     return cache, spec, eval_split
 
 
-def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split, device: str) -> Session:
+def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split, device: str,
+                  log=print) -> Session:
     cfg = pipeline.train
     s = Session(pipeline, cache, spec, device, eval_split)
     s.model, s.live = build_model(spec, pipeline.backbone.source, cache.manifest, device)
+    if cfg.compile and spec.mode != "full-finetune":
+        s.model.compile_consolidation(log)
     s.optimizer = build_optimizer(s.model, spec, cfg)
     s.train_src = source_for(cache, "train", spec, preload=cfg.preload)
     s.eval_src = source_for(cache, eval_split, spec) if eval_split else None
@@ -195,7 +198,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
     resuming = run.prepare(resume, overwrite)
     try:
         with run_rng(pipeline.train.seed, device):
-            s = build_session(pipeline, cache, spec, eval_split, device)
+            s = build_session(pipeline, cache, spec, eval_split, device, log)
             state = resume_run(run, s, log) if resuming else start_run(run, s)
             if progress is not None and hasattr(progress, "set_total"):
                 progress.set_total(s.budget.total_steps)
