@@ -137,3 +137,24 @@ def test_info_reports_bytes_per_real_token_per_tier(caches):
     assert list(per_token["int8"]) == ["h0", "h1", "h2"]
     for fmt in ("int8", "float8"):  # width 32: 32 codes + 4 scale bytes against 64 bytes of fp16
         assert all(per_token[fmt][t] < 0.7 * per_token["float16"][t] for t in per_token[fmt])
+
+
+def test_float16_fast_path_equals_clear_check_encode():
+    """to_storage's float16 path (convert, clear in place, check the converted values) gives what
+    clearing, checking and converting one after the other gives, and refuses the same inputs."""
+    from sherl_pipe.errors import SherlError
+    from sherl_pipe.storage import check_range, clear_padding, encode, to_storage
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 8) * 100
+    mask = torch.tensor([[1] * 5, [1] * 2 + [0] * 3, [1] + [0] * 4])
+    h[1, 3] = float("nan")  # garbage at padded positions is cleared, not refused
+    h[2, 1:] = float("inf")
+    expect = clear_padding(h, mask)
+    check_range(expect, "float16", "here", 0)
+    assert torch.equal(to_storage(h, mask, "float16", "here", 0), encode(expect, "float16"))
+    for bad in (7e4, float("nan"), float("-inf")):
+        g = h.clone()
+        g[0, 2, 3] = bad
+        with pytest.raises(SherlError, match=r"here: tier h\[0\] has values up to .*beyond float16's range"):
+            to_storage(g, mask, "float16", "here", 0)
