@@ -7,6 +7,9 @@ from sherl_pipe import compiled
 from sherl_pipe.compiled import CompiledOrEager
 from sherl_pipe.consolidation import Consolidation
 
+# torch.compile's own machinery calls the deprecated torch.jit.script_method; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 
 def module_and_batch():
     torch.manual_seed(0)
