@@ -4,7 +4,10 @@ Measured by benchmarks/step.py on 2 CPU cores (MiniLM, SST-2 batches): the compi
 is no faster than the eager one and costs tens of seconds of compilation (again for new sequence
 lengths), so it is off by default; on a GPU, where eager elementwise kernels are launch-bound, it
 may help. Compiled code is used for training steps only: evaluation (eval mode) would compile a
-second graph for a handful of batches.
+second graph for a handful of batches. The compiler replaces the dropout masks' random numbers by
+its own generator's, so a compiled run is not bit-identical to an eager one (resume refuses a
+changed train.compile). An error of the module itself also lands in the fallback: it is said as
+such, and the eager call raises it again.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ class CompiledOrEager:
 
     def fall_back(self, exc: Exception) -> None:
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
-        self.log(f"warning: torch.compile of the {self.what} failed ({type(exc).__name__}: {reason}); "
-                 f"running it eagerly (set train.compile = false to skip compiling)")
+        self.log(f"warning: the compiled {self.what} could not run ({type(exc).__name__}: {reason}); "
+                 f"running it eagerly from now on (set train.compile = false to skip compiling)")
         self.compiled = None
 
     def __call__(self, *args, **kwargs):

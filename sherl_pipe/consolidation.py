@@ -91,9 +91,10 @@ def _tier_major_weights(others: torch.Tensor, guide: torch.Tensor, score: nn.Lin
     """anti_redundancy_weights with the tiers first: others (n, ..., d), guide (..., d) -> (n, ...).
     Tier-major keeps every operand contiguous, as the grouped projections produce them."""
     unit = others / others.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    # sum_j relu(cos(a_t, a_j)) by broadcasting: n is a handful of tiers, and a batch of n x n matmuls
-    # per token costs more in dispatch than the n * n * d products it computes
-    redundancy = F.relu((unit.unsqueeze(1) * unit.unsqueeze(0)).sum(-1)).sum(1)  # (n, ...)
+    # sum_j relu(cos(a_t, a_j)): one n x n Gram matrix per token, so memory grows with n^2, not n^2 d
+    # (a broadcast product over (n, n, ..., d) was 190 MB a step for BERT-base's 11 tiers)
+    tokens = unit.movedim(0, -2)  # (..., n, d)
+    redundancy = F.relu(tokens @ tokens.transpose(-1, -2)).sum(-1).movedim(-1, 0)  # (n, ...)
     s = F.linear(others * guide, score.weight, score.bias).squeeze(-1)  # (n, ...)
     alpha = F.relu(s) / redundancy.clamp_min(EPS)
     return alpha / alpha.sum(0, keepdim=True).clamp_min(EPS)

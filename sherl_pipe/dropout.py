@@ -3,6 +3,8 @@
 torch's CPU dropout draws one Bernoulli sample per element from the 32-bit Mersenne Twister, and that
 drawing was 9% of a stage-two step on 2 cores: five masks a step (consolidation, attention output,
 feed-forward output, head and the attention probabilities), each as costly as a matmul of the layer.
+The modules' masks come from here; the attention probabilities' stay torch's (transformers applies
+that dropout with F.dropout or inside SDPA, not through a module).
 Here one 64-bit draw gives four 16-bit numbers, each compared with a threshold: 4-5x less time for
 the same mask distribution up to the 16-bit rounding of p (p = 0.1 drops with probability
 6554/65536 = 0.100006; the kept values are scaled by 1 / (1 - that), so the expectation is exact).
@@ -33,7 +35,8 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class FastDropout(nn.Dropout):
-    """nn.Dropout (same `p`, same train/eval behaviour) with fast_dropout's masks on CPU."""
+    """nn.Dropout (same `p`, same train/eval behaviour) with fast_dropout's masks on CPU (never in
+    place: the masked copy is returned, which autograd needs anyway)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":

@@ -101,7 +101,7 @@ def _to_float16(h: torch.Tensor, mask: torch.Tensor, where: str, tier: int) -> t
     every batch of an extraction, beside the forward pass): convert, clear padding in place, then
     check the range on the converted values, where anything beyond float16's range became inf
     (values within half a step of the largest float16 round to it, as any conversion would)."""
-    out = h.to(torch.float16)
+    out = h.to(torch.float16, copy=True)  # never the caller's tensor, cleared in place below
     out.masked_fill_(~mask.bool().unsqueeze(-1), 0.0)
     if out.numel():
         lo, hi = torch.aminmax(out)

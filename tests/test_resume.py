@@ -87,6 +87,8 @@ def test_resume_refuses_changed_training_settings(tmp_path, bert_dir, labeled_cs
         ("train.seed=3", r"train.seed: run has 0, request has 3"),
         ("train.epochs=2", r"cannot resume with train.epochs 1 -> 2: the learning-rate schedule"),
         ("train.max_steps=40", r"cannot resume with train.max_steps 0 -> 40"),
+        # the compiler draws the dropout masks from its own generator
+        ("train.compile=true", r"train.compile: run has False, request has True"),
     ]:
         with pytest.raises(SherlError, match=message):
             train(load_pipeline(str(tmp_path / "run.toml"), [setting]), resume=True, log=lambda m: None)
@@ -130,3 +132,20 @@ def test_a_failed_overwrite_keeps_the_run_it_was_to_replace(tmp_path, bert_dir, 
         train(pipeline_for(tmp_path, other, labeled_csv, fp32_cache, run, "max_steps = 2"), overwrite=True,
               log=lambda m: None)
     assert (run / "summary.json").is_file() and (run / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """A checkpoint written by an earlier version lacks keys added since (train.compile): they
+    compare as their defaults, so the run resumes instead of being refused as changed."""
+    import torch
+
+    run = tmp_path / "run"
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run, "epochs = 1\neval_split = \"\"")
+    train(pipe, log=lambda m: None)
+    state_file = run / "checkpoints" / "state.pt"
+    saved = torch.load(state_file, weights_only=False)
+    del saved["train"]["compile"]
+    torch.save(saved, state_file)
+    messages = []
+    train(pipe, resume=True, log=messages.append)
+    assert any("already finished" in m for m in messages)

@@ -158,3 +158,12 @@ def test_float16_fast_path_equals_clear_check_encode():
         g[0, 2, 3] = bad
         with pytest.raises(SherlError, match=r"here: tier h\[0\] has values up to .*beyond float16's range"):
             to_storage(g, mask, "float16", "here", 0)
+
+
+def test_float16_input_is_not_changed_in_place():
+    from sherl_pipe.storage import to_storage
+
+    h = torch.ones(2, 3, 4, dtype=torch.float16)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = to_storage(h, mask, "float16", "here", 0)
+    assert torch.all(h == 1) and torch.all(out[mask == 0] == 0)

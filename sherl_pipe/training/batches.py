@@ -138,7 +138,7 @@ class SplitSource:
         cache.require_complete(split)
         self.cache, self.split, self.tiers = cache, split, list(tiers) if read_tiers else []
         self.chunk_size = cache.manifest["chunk_size"]
-        self.format = cache.manifest["dtype"]  # the storage format: decoded to float32 when handed out
+        self.format = cache.manifest["dtype"]  # the storage format: lossy codes are decoded when handed out
         self.time_chunk = cache.array(split, tier_name(cache.tiers[-1])).chunks[1]
         self.lengths = cache.read(split, "lengths").astype(np.int64)
         self.labels = cache.read(split, "labels")

@@ -17,16 +17,18 @@ from sherl_pipe.model import ModelSpec
 from sherl_pipe.training.loop import RunState
 
 # Settings that do not change what is computed: where the run lives and how it is checkpointed,
-# how many threads and which device run it, whether the split is read ahead into memory or the
-# consolidation compiled (the same operations, fused), logging.
-FREE_ON_RESUME = {"run_dir", "threads", "device", "preload", "compile", "save_every", "save_minutes", "log_every"}
+# how many threads and which device run it, whether the split is read ahead into memory, logging.
+# Not `compile`: the compiler draws the consolidation's dropout masks from its own generator.
+FREE_ON_RESUME = {"run_dir", "threads", "device", "preload", "save_every", "save_minutes", "log_every"}
 
 
 def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, cfg: TrainConfig) -> None:
     if saved.get("cache") != fingerprint:
         raise SherlError(f"run folder {run_dir}: was trained from another cache than extract.cache "
                          f"(its manifest fingerprint differs); resume with the cache it was trained on")
-    old, new = saved.get("train", {}), section_to_dict(cfg)
+    # a key the run's version of sherl-pipe did not have yet was at its default there
+    old = {**section_to_dict(TrainConfig()), **saved.get("train", {})}
+    new = section_to_dict(cfg)
     changed = sorted(k for k in set(old) | set(new) if k not in FREE_ON_RESUME and old.get(k) != new.get(k))
     budget = [k for k in changed if k in ("epochs", "max_steps")]
     if budget and budget == changed:
