@@ -7,7 +7,7 @@ frozen late layer, batch 32), timed piece by piece, eager against `train.compile
                   the consolidation's and the late layers' outputs)
   late            the late layer(s), forward and backward
   head            pooling, head and loss, forward and backward
-  optimizer       AdamW step and zero_grad
+  optimizer       gradient clipping, AdamW step, schedule step and zero_grad
 
 Each variant runs in its own process, two epochs in a row: the first epoch includes the fixed costs
 (first reader window, allocator warm-up, compilation), the second is the steady state. Variants take
@@ -65,7 +65,10 @@ def timed_epoch(s, spec, epoch: int) -> dict:
         h.register_hook(lambda g: marks.__setitem__("head done", clock()))
         loss.backward()
         t4 = clock()
+        if s.budget.grad_clip > 0:  # as the trainer's step does
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.budget.grad_clip)
         s.optimizer.step()
+        s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         t5 = clock()
         for part, seconds in zip(PARTS, [t0 - last, t1 - t0, t4 - marks["late done"], t2 - t1,
