@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_DATA, Jobs, extract_job, load_avg, mean_sd, paired_bootstrap,  # noqa: E402
+from common import (DEFAULT_DATA, Jobs, add_job_args, extract_job, load_avg, mean_sd, paired_bootstrap,  # noqa: E402
                     sst2_pipeline_text, train_job)
 
 POLICIES = ("bucketed", "shuffled")
@@ -78,9 +78,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    ap.add_argument("--pipe", help=argparse.SUPPRESS)
-    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    add_job_args(ap)
     args = ap.parse_args()
     if args.job:  # inside a job process
         out = extract_job(args.pipe) if args.job == "extract" else train_job(args.pipe, args.set)

@@ -4,6 +4,7 @@ statistics (mean +- sd, paired bootstrap over test sentences)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -34,6 +35,13 @@ def peak_rss_mb() -> float:
 def load_avg() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {os.cpu_count()} cores"
+
+
+def add_job_args(ap) -> None:
+    """The hidden arguments Jobs passes to a job process: `--job NAME --pipe FILE [--set KEY=VALUE ...]`."""
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--pipe", help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
 
 
 class Jobs:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, Jobs, extract_job, load_avg  # noqa: E402
+from common import DEFAULT_DATA, Jobs, add_job_args, extract_job, load_avg  # noqa: E402
 
 PARTS = ["read", "consolidation_forward", "consolidation_backward", "late_forward", "late_backward",
          "head_forward", "head_backward", "optimizer"]
@@ -55,7 +55,7 @@ def timed_epoch(s, spec, epoch: int) -> dict:
     start = last = clock()
     for batch in s.train_src.iterate(s.sampler.batches(epoch)):
         t0 = clock()
-        x = (model._compiled or model.consolidation)(batch.states, batch.mask)
+        x = model.consolidate(batch.states, batch.mask)
         t1 = clock()
         h = model.late_route(x, batch.mask)
         t2 = clock()
@@ -76,7 +76,6 @@ def timed_epoch(s, spec, epoch: int) -> dict:
                                          marks["head done"] - t3, t5 - t4]):
             spent[part] += seconds
         last = t5
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
     return {"epoch": last - start, **spent}
 
 
@@ -136,9 +135,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    ap.add_argument("--pipe", help=argparse.SUPPRESS)
-    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    add_job_args(ap)
     args = ap.parse_args()
     if args.job:
         out = extract_job(args.pipe) if args.job == "extract" else job_profile(args.pipe, args.set)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_DATA, Jobs, extract_job, load_avg, mean_sd, paired_bootstrap,  # noqa: E402
+from common import (DEFAULT_DATA, Jobs, add_job_args, extract_job, load_avg, mean_sd, paired_bootstrap,  # noqa: E402
                     sst2_pipeline_text, train_job)
 
 FORMATS = ("float16", "int8", "float8")
@@ -85,7 +85,7 @@ def tiers_part(work: Path, job, seeds: list[int], fp16_runs: list[dict]) -> dict
               for s in seeds]
     mean = {t: statistics.mean(a[t] for a in alphas) for t in alphas[0]}
     ranked = sorted(mean, key=lambda t: -mean[t])
-    print(f"\nlearned tier weights (mean alpha over the float16 runs): "
+    print("\nlearned tier weights (mean alpha over the float16 runs): "
           + ", ".join(f"{t} {mean[t]:.3f}" for t in ranked))
     out = {"mean_alpha": {t: round(mean[t], 4) for t in ranked}}
     pipe = work / "float16.toml"
@@ -107,9 +107,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parts", default="storage,tiers",
                     help="storage always runs (the tiers part reads its float16 runs); 'storage' alone skips tiers")
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    ap.add_argument("--pipe", help=argparse.SUPPRESS)
-    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    add_job_args(ap)
     args = ap.parse_args()
     if args.job:  # inside a job process
         print(json.dumps(extract_job(args.pipe) if args.job == "extract" else train_job(args.pipe, args.set)))

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, Jobs, extract_job, mean_sd, paired_bootstrap, train_job  # noqa: E402
+from common import DEFAULT_DATA, Jobs, add_job_args, extract_job, mean_sd, paired_bootstrap, train_job  # noqa: E402
 
 STATE_BATCH, STATE_LEN = 32, 64
 
@@ -120,10 +120,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="fixed epoch budget of every accuracy run")
     ap.add_argument("--repeats", type=int, default=4, help="rounds of the speed comparison (ratios: median)")
     ap.add_argument("--parts", default="speed,state,accuracy", help="comma-separated parts to run and report")
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    ap.add_argument("--pipe", help=argparse.SUPPRESS)
+    add_job_args(ap)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
-    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.job:  # inside a job process

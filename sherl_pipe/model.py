@@ -136,6 +136,10 @@ class SherlModel(nn.Module):
 
         object.__setattr__(self, "_compiled", CompiledOrEager(self.consolidation, log, "consolidation"))
 
+    def consolidate(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """The consolidation's output, the late route's input: compiled in training steps if asked."""
+        return (self._compiled or self.consolidation)(states, mask)
+
     def late_route(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The late layers (and a pre-LN family's final norm) on a (B, T, D) input: h[L]."""
         modules = {**self.shared, **self.helpers}
@@ -145,7 +149,7 @@ class SherlModel(nn.Module):
         return self.family.finish(hidden, modules)
 
     def forward(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.late_route((self._compiled or self.consolidation)(states, mask), mask)
+        hidden = self.late_route(self.consolidate(states, mask), mask)
         return self.head(pool(hidden, mask, self.spec.pooling, self.pooler))
 
 
