@@ -20,6 +20,7 @@ T_IMPORT = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -56,6 +57,13 @@ def main() -> None:
         sys.exit(f"benchmark skipped: {args.data} is absent (pass --data PATH to SST-2 train.tsv)")
 
     tmp = Path(tempfile.mkdtemp(prefix="sherl-bench-"))
+    try:  # the cache is hundreds of MB: never left behind, also when a run fails or is interrupted
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, tmp: Path) -> None:
     pipe_file = tmp / "p.toml"
     pipe_file.write_text(f'[data]\ntrain = "{args.data}"\ntext_column = "sentence"\nlimit = {args.rows}\n'
                          f'[extract]\ncache = "{tmp / "cache"}"\nthreads = {args.threads}\ncodec = "{args.codec}"\nclevel = {args.clevel}\ntime_chunk = {args.time_chunk}\n')

@@ -123,8 +123,9 @@ class ExtractConfig:
     late_layers: int = _at_least(1, 1)  # k: the cut is c = L - k
     tiers: tuple[int, ...] = ()  # tiers h[t] to store; empty: all of h[0..c]; h[c] is always stored
     dtype: str = _choice("float16", "float32", "int8", "float8")  # storage format (see storage.py)
-    # lz4 keeps extraction within ~6% of the bare forward pass; zstd stores ~8% less but costs ~30%
-    # more time (benchmarks/extract.py). Real-valued fp16 activations barely compress either way.
+    # lz4: the whole write path (codec, checksums, files) costs about a tenth of the bare forward pass
+    # on 2 CPU cores; zstd stores ~8% less but costs ~30% more time (benchmarks/extract.py).
+    # Real-valued fp16 activations barely compress either way.
     codec: str = _choice("blosc-lz4", "blosc-zstd", "zstd", "none")
     clevel: int = _at_least(3, 0)
     chunk_size: int = _at_least(256, 1)  # samples per chunk; one write block = one chunk
