@@ -25,7 +25,7 @@ def sst2_pipeline_text(args, cache: Path, extract_extra: str = "") -> str:
     return (f'[data]\ntrain = "{args.data / "train.tsv"}"\ntest = "{args.data / "test.tsv"}"\n'
             f'text_column = "sentence"\nlabel_column = "label"\n{limit}'
             f'[extract]\ncache = "{cache}"\nthreads = {args.threads}\n{extract_extra}'
-            f'[train]\nthreads = {args.threads}\neval_split = ""\nepochs = {args.epochs}\n')
+            f'[train]\nlate_layers = 1\nthreads = {args.threads}\neval_split = ""\nepochs = {args.epochs}\n')
 
 
 def peak_rss_mb() -> float:

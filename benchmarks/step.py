@@ -39,7 +39,7 @@ VARIANTS = {"eager": [], "compiled": ["train.compile=true"]}
 def pipeline_text(args, cache: Path) -> str:
     return (f'[data]\ntrain = "{args.data / "train.tsv"}"\ntext_column = "sentence"\nlabel_column = "label"\n'
             f'limit = {args.rows}\n[extract]\ncache = "{cache}"\nthreads = {args.threads}\n'
-            f'[train]\nthreads = {args.threads}\nbatch_size = 32\neval_split = ""\nlate_tuning = "frozen"\n')
+            f'[train]\nlate_layers = 1\nthreads = {args.threads}\nbatch_size = 32\neval_split = ""\nlate_tuning = "frozen"\n')
 
 
 def timed_epoch(s, spec, epoch: int) -> dict:

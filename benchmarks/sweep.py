@@ -36,7 +36,7 @@ def pipeline_text(args, work: Path) -> str:
     return (f'[data]\ntrain = "{args.data / "train.tsv"}"\nvalidation_size = {args.validation}\n'
             f'text_column = "sentence"\nlabel_column = "label"\nlimit = {args.rows + args.validation}\n'
             f'[extract]\ncache = "{work / "cache"}"\nthreads = 2\n'
-            f'[train]\nepochs = 1\nrun_dir = "{work / "run"}"\n'
+            f'[train]\nlate_layers = 1\nepochs = 1\nrun_dir = "{work / "run"}"\n'
             f'[sweep]\nsampler = "grid"\nthreads = 1\ndir = "{work / "sweep"}"\n[sweep.space]\n{space}\n')
 
 

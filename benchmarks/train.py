@@ -45,7 +45,7 @@ def pipeline_text(args, cache: Path, train_rows: int, with_test: bool = True) ->
     return (f'[data]\ntrain = "{args.data / "train.tsv"}"\n{test}'
             f'text_column = "sentence"\nlabel_column = "label"\n{limit}'
             f'[extract]\ncache = "{cache}"\nthreads = {args.threads}\n'
-            f'[train]\nthreads = {args.threads}\nbatch_size = 32\neval_split = ""\n')
+            f'[train]\nlate_layers = 1\nthreads = {args.threads}\nbatch_size = 32\neval_split = ""\n')
 
 
 def job_state(pipe_file: str, mode: str) -> dict:

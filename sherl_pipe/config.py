@@ -142,7 +142,7 @@ class TrainConfig:
 
     run_dir: str = "sherl-runs/default"
     mode: str = _choice("cached", "live", "full-finetune")
-    late_layers: int = _at_least(1, 1)
+    late_layers: int = _at_least(2, 1)  # k: the last k pretrained layers form the late route (see README, Defaults)
     tiers: tuple[int, ...] = ()  # tiers fed to the consolidation; empty: every cached tier up to the anchor
     late_tuning: str = _choice("frozen", "norm-bias", "lora", "full")
     projection: str = _choice("gated-mlp", "linear-ln")

@@ -37,6 +37,7 @@ cache = "{root / 'cache'}"
 chunk_size = 16
 [train]
 run_dir = "{root / 'run'}"
+late_layers = 1
 epochs = 3
 batch_size = 8
 threads = 1

@@ -138,6 +138,21 @@ def test_the_early_network_is_never_loaded(tmp_path, bert_dir, labeled_csv, fp32
         train(pipe, log=lambda m: None)
 
 
+def test_the_default_late_route_is_two_layers_over_a_default_cache(fp32_cache):
+    """The defaults chosen by sweeps (README, Defaults): a cache extracted at the default k = 1
+    stores every tier, and training at the default k = 2 reads the anchor h[L-2] and the tiers
+    below it from that same cache (so one default cache serves a sweep over k = 1 and 2)."""
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.config import ExtractConfig, TrainConfig
+    from sherl_pipe.training.setup import make_spec
+
+    assert (ExtractConfig().late_layers, TrainConfig().late_layers) == (1, 2)
+    manifest = Cache(fp32_cache).manifest
+    assert manifest["tiers"] == [0, 1, 2]  # the tiny BERT's 3 layers, cut at k = 1
+    spec = make_spec(TrainConfig(), manifest)
+    assert (spec.late_layers, spec.tiers) == (2, (0,))  # anchor h[1]; the consolidation reads h[0]
+
+
 @pytest.mark.parametrize("tuning", ["frozen", "norm-bias", "lora", "full"])
 def test_late_tuning_modes_train_what_they_say(tmp_path, bert_dir, labeled_csv, fp32_cache, tuning):
     from sherl_pipe.backbone import read_tensors, FAMILIES
@@ -186,7 +201,7 @@ def test_regression_and_full_finetune(tmp_path, bert_dir):
     path = tmp_path / "p.toml"
     write_pipeline(path, bert_dir, data, tmp_path / "cache")
     path.write_text(path.read_text().replace('split_sizes = [0.6, 0.2, 0.2]', 'split_sizes = [0.6, 0.2, 0.2]\nlabel_column = "score"\ntask_type = "regression"')
-                    + f'\n[train]\nrun_dir = "{tmp_path / "run"}"\nepochs = 3\nbatch_size = 8\nlr = 0.003\n')
+                    + f'\n[train]\nrun_dir = "{tmp_path / "run"}"\nlate_layers = 1\nepochs = 3\nbatch_size = 8\nlr = 0.003\n')
     pipe = load_pipeline(str(path))
     extract(pipe)
     result = train(pipe, log=lambda m: None)
