@@ -1,7 +1,7 @@
 """Does the batch policy cost accuracy? SHERL from the cache on SST-2 (all of train.tsv, tested on
 test.tsv, the 872-sentence GLUE validation set) with train.batching = bucketed (batches from a
 length band of the length-sorted cache) and shuffled (a uniform shuffle of the split), the same
-seeds, one epoch each, every other setting at its default; last epoch's weights, no selection.
+seeds, one epoch each, k = 1, every other setting at its default; last epoch's weights, no selection.
 
 Prints test accuracy per policy (mean +- sd over seeds), the paired bootstrap interval of the
 difference (shuffled - bucketed), the epoch time and peak RSS of each, and how much the lengths

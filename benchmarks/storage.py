@@ -1,6 +1,6 @@
 """What lossy tier storage costs: SST-2 (all of train.tsv, tested on test.tsv) extracted as float16,
-int8 and float8, then SHERL trained from each cache with the same seeds, one epoch, every other
-setting at its default, last epoch's weights.
+int8 and float8, then SHERL trained from each cache with the same seeds, one epoch, k = 1, every
+other setting at its default, last epoch's weights.
 
 Part `storage`: per format the bytes per real token on disk (tiers of the training split), the
 extraction time, the epoch time and test accuracy (mean +- sd over seeds), with the paired

@@ -1,6 +1,6 @@
 """Sweeps over one cache, timed as whole `sherl-pipe` commands: SST-2 (the first 5,000 rows of
-train.tsv: 4,000 to train on, 1,000 carved out to rank the trials on), all-MiniLM-L6-v2, 8 trials
-(lr x late tuning), one epoch each.
+train.tsv: 4,000 to train on, 1,000 carved out to rank the trials on), all-MiniLM-L6-v2 with k = 1
+(one late layer), 8 trials (lr x late tuning), one epoch each.
 
   (a) one extraction plus the 8 trials from the cache, on 2 workers
   (b) the same 8 trials in live mode (the early layers run in every trial), on 2 workers
