@@ -415,6 +415,32 @@ def test_the_writer_threads_error_does_not_hide_the_one_that_stopped_extraction(
         extract(load_pipeline(str(pipe)))
 
 
+def test_a_failed_chunk_write_leaves_its_block_undone(tmp_path, bert_dir, text_csv, monkeypatch):
+    """`done` is set only when every chunk of its block is written: a failed chunk write leaves the
+    block to be redone, and the rerun completes the cache."""
+    import sherl_pipe.cache.writer as writer_module
+    from sherl_pipe.cache import Cache
+
+    real = writer_module.write_atomically
+    written = []
+
+    def fail_on_the_fifth(path, data):
+        written.append(path)
+        if len(written) == 5:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(writer_module, "write_atomically", fail_on_the_fifth)
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
+    with pytest.raises(OSError, match="No space left"):
+        extract(load_pipeline(str(pipe)))
+    failed = written[4].relative_to(tmp_path / "cache").parts  # split/array/c/block/time/0
+    assert failed[2] == "c" and Cache(tmp_path / "cache").done_flags(failed[0])[int(failed[3])] == 0
+    monkeypatch.setattr(writer_module, "write_atomically", real)
+    extract(load_pipeline(str(pipe)))
+    assert Cache(tmp_path / "cache").done_flags("train").all()
+
+
 def test_a_cache_path_that_is_a_file_is_named(tmp_path, bert_dir, text_csv):
     from click.testing import CliRunner
 
