@@ -1,7 +1,7 @@
 """SHERL's early-route consolidation (the paper's MTSA), applied to every token independently.
 
-For tiers a_t = A_t(h[t]) projected from width D to d = D / r, with the anchor's projection as the
-guide g and the other tiers as the set S:
+For tiers a_t = A_t(h[t]) projected from width D to d = D / r, with the projection of the anchor h[c]
+(c = L - k, k = train.late_layers) as the guide g and the other tiers as the set S:
     R_t = sum_{j in S} relu(cos(a_t, a_j))        redundancy (self included, so >= 1 unless a_t = 0)
     s_t = w . (a_t * g) + b                          one Linear d -> 1 shared by the tiers
     alpha_t = relu(s_t) / max(R_t, eps), then L1-normalised over t (all zero if every score <= 0)
@@ -101,7 +101,8 @@ def _tier_major_weights(others: torch.Tensor, guide: torch.Tensor, score: nn.Lin
 
 
 class Consolidation(nn.Module):
-    """Turns the cached tiers into the input of the late layers, in place of h[c]."""
+    """Turns the cached tiers into the input of the late layers, in place of the anchor h[c]
+    (c = L - k, k = train.late_layers)."""
 
     def __init__(self, width: int, tiers: list[int], anchor: int, reduction: int = 8,
                  projection: str = "gated-mlp", post_ln: bool = True, dropout: float = 0.1,

@@ -175,7 +175,7 @@ def require_minilm():
 def write_full_pipeline(path: Path, backbone: Path, data: Path, cache: Path, run: Path,
                         extract_extra: str = "", train_extra: str = "") -> Path:
     """A pipeline for stage-two tests: small chunks, a few quick epochs, k = 1 (the tests name the
-    layers on each side of the cut; the product's default k is 2, tested in test_config)."""
+    layers on each side of the cut; the product's default k is 2, tested in test_train)."""
     write_pipeline(path, backbone, data, cache, extract_extra)
     defaults = {"batch_size": "8", "epochs": "2", "threads": "1", "late_layers": "1"}
     lines = [f"{k} = {v}" for k, v in defaults.items() if f"{k} =" not in train_extra]

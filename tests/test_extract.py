@@ -437,8 +437,10 @@ def test_a_failed_chunk_write_leaves_its_block_undone(tmp_path, bert_dir, text_c
     failed = written[4].relative_to(tmp_path / "cache").parts  # split/array/c/block/time/0
     assert failed[2] == "c" and Cache(tmp_path / "cache").done_flags(failed[0])[int(failed[3])] == 0
     monkeypatch.setattr(writer_module, "write_atomically", real)
-    extract(load_pipeline(str(pipe)))
+    again = extract(load_pipeline(str(pipe)))
     assert Cache(tmp_path / "cache").done_flags("train").all()
+    done_before = int(failed[3])  # the blocks finished before the failure are not redone
+    assert again.splits["train"].blocks_written == again.splits["train"].blocks_total - done_before
 
 
 def test_a_cache_path_that_is_a_file_is_named(tmp_path, bert_dir, text_csv):

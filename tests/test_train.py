@@ -140,8 +140,9 @@ def test_the_early_network_is_never_loaded(tmp_path, bert_dir, labeled_csv, fp32
 
 def test_the_default_late_route_is_two_layers_over_a_default_cache(fp32_cache):
     """The defaults chosen by sweeps (README, Defaults): a cache extracted at the default k = 1
-    stores every tier, and training at the default k = 2 reads the anchor h[L-2] and the tiers
-    below it from that same cache (so one default cache serves a sweep over k = 1 and 2)."""
+    stores every tier, and the model spec of the default training config on that cache's manifest
+    has k = 2: the anchor h[L-2] and the tiers below it (one default cache serves k = 1 and 2;
+    training at k = 2 itself is tested in test_families and test_sweep)."""
     from sherl_pipe.cache import Cache
     from sherl_pipe.config import ExtractConfig, TrainConfig
     from sherl_pipe.training.setup import make_spec
@@ -213,7 +214,10 @@ def test_regression_and_full_finetune(tmp_path, bert_dir):
 
 def test_bad_stage_two_settings(tmp_path, bert_dir, labeled_csv, fp32_cache):
     for extra, message in [
-        ("late_layers = 4", r"train.late_layers = 4: its anchor h\[-1\] is not in the cache"),
+        # more late layers than the backbone has: the fix is a smaller k (re-extracting cannot help)
+        ("late_layers = 4", r"^train.late_layers = 4: the backbone has 3 layers and at least one must stay early "
+                            r"\(cached\); set train.late_layers to at most 2$"),
+        ("late_layers = 3", r"^train.late_layers = 3: the backbone has 3 layers"),
         ("tiers = [5]", r"train.tiers: tier 5 is not a stored tier"),
         ("epochs = 0", r"nothing to train"),
     ]:

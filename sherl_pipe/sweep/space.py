@@ -124,8 +124,9 @@ def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, origin:
         try:
             make_spec(cfg, manifest)
         except SherlError as exc:
-            raise SherlError(f"{origin}: sweep.space: late_layers = {k} with tiers = {list(t)}: the cache cannot "
-                             f"serve it ({exc})") from None
+            where = " with ".join(f"{key} = {v}" if key in by_key else f"train.{key} = {v} (not swept)"
+                                  for key, v in (("late_layers", k), ("tiers", list(t))))
+            raise SherlError(f"{origin}: sweep.space: {where}: the cache cannot serve it ({exc})") from None
 
 
 def _candidates(p: Param | None, default: int) -> list[int]:

@@ -27,7 +27,10 @@ def make_spec(cfg: TrainConfig, manifest: dict) -> ModelSpec:
     stored = manifest["tiers"]
     tiers: list[int] = []
     if cfg.mode != "full-finetune":
-        if anchor < 0 or anchor not in stored:
+        if cfg.late_layers >= num_layers:  # re-extracting cannot help: the backbone is too shallow
+            raise SherlError(f"train.late_layers = {cfg.late_layers}: the backbone has {num_layers} layers and at "
+                             f"least one must stay early (cached); set train.late_layers to at most {num_layers - 1}")
+        if anchor not in stored:
             raise SherlError(f"train.late_layers = {cfg.late_layers}: its anchor h[{anchor}] is not in the cache "
                              f"(stored tiers {stored}); choose late_layers with L - k in the stored tiers, or "
                              f"re-extract with extract.late_layers = {cfg.late_layers}")
