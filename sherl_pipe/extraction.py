@@ -204,9 +204,10 @@ def prepare(pipeline: Pipeline, timings: dict, overwrite: bool) -> Plan:
     request = read_request(pipeline)
     timings["data"] = time.perf_counter() - t
     cut = request.config.num_hidden_layers - cfg.late_layers
-    if cut < 0:
+    if cut < 1:  # as in training (setup.make_spec): a cut at h[0] would cache no early layer
         raise SherlError(f"extract.late_layers = {cfg.late_layers} is more than the backbone's "
-                         f"{request.config.num_hidden_layers} layers")
+                         f"{request.config.num_hidden_layers} layers allow: at least one must stay early "
+                         f"(cached); set extract.late_layers to at most {request.config.num_hidden_layers - 1}")
     tiers = resolve_tiers(cfg.tiers, cut)
     check_target(Path(cfg.cache), overwrite)
     device = pick_device(pipeline.backbone.device)

@@ -236,6 +236,9 @@ def test_stray_partial_files_are_removed_on_rerun(tmp_path, bert_dir, text_csv):
 @pytest.mark.parametrize("setting, message", [
     ("data.text_column=txt", r"no column 'txt' \(columns: text, label, score\)"),
     ("extract.late_layers=9", r"extract.late_layers = 9 is more than the backbone's 3 layers"),
+    # a cut at h[0] caches no early layer: training could not use it (train.late_layers < L)
+    ("extract.late_layers=3", r"extract.late_layers = 3 is more than the backbone's 3 layers allow: at least one "
+                              r"must stay early \(cached\); set extract.late_layers to at most 2$"),
     ("extract.tiers=[7]", r"extract.tiers: tier 7 is outside h\[0..2\]"),
     ("extract.splits=['dev']", r"extract.splits: split 'dev' is not in the data section"),
 ])
