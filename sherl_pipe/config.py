@@ -171,6 +171,7 @@ class TrainConfig:
     buffer_mb: int = _at_least(32, 1)  # ... as long as their decoded tiers fit this (always >= 1 chunk)
     preload: bool = False  # read the whole train split into memory first (small caches only)
     compile: bool = False  # torch.compile the consolidation for training steps (eager if that fails)
+    precision: str = _choice("auto", "fp32", "bf16")  # stage two's autocast; auto: bf16 on CUDA, fp32 on CPU
     seed: int = 0
     threads: int = _at_least(2, 1)
     device: str = _choice("auto", "cpu", "cuda")

@@ -17,8 +17,23 @@ def pick_device(name: str) -> str:
     return name
 
 
-def autocast(device):
-    """bf16 autocast for stage two on CUDA; nothing on the CPU."""
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def uses_bf16(device, precision: str = "auto") -> bool:
+    """Whether stage two runs under bf16 autocast: `train.precision` auto is bf16 on CUDA and fp32 on
+    the CPU (where bf16 is fast only on CPUs with native bf16 instructions, and changes the numbers
+    the defaults were chosen with); bf16 and fp32 force it either way."""
+    return precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
+
+
+def autocast(device, precision: str = "auto"):
+    """The autocast context for stage two's trainable part (the early layers always run in fp32)."""
+    if uses_bf16(device, precision):
+        return torch.autocast(str(device).split(":")[0], dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -107,7 +107,8 @@ def evaluate(run_dir, split: str = "test", checkpoint: str = "best", batch_size:
         raise SherlError(f"cache {cache.path}: no split '{split}' to evaluate (has: {', '.join(cache.splits)})")
     data_spec = t.spec if t.spec.mode == "full-finetune" else dataclasses.replace(t.spec, mode="cached")
     source = source_for(cache, split, data_spec)
-    outputs, labels, index = predict_split(t.model, t.spec, source, None, batch_size, t.device)
+    outputs, labels, index = predict_split(t.model, t.spec, source, None, batch_size, t.device,
+                                           t.pipeline.train.precision)
     gold = labels.numpy()
     result = {"split": split, "checkpoint": checkpoint, "rows": int(len(labels)),
               **compute_metrics(t.spec, outputs, labels), **baselines(t.spec, cache, gold)}

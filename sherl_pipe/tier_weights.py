@@ -13,7 +13,8 @@ from sherl_pipe.training.inference import in_storage_order
 
 
 @torch.no_grad()
-def measure_tier_weights(model, source: SplitSource, live, batch_size: int, device) -> dict | None:
+def measure_tier_weights(model, source: SplitSource, live, batch_size: int, device,
+                         precision: str = "auto") -> dict | None:
     """{'alpha': {'h<t>': mean alpha}, 'gate': tanh(gamma/T), 'anchor': 'h<c>', 'tokens': n}, or None
     for models without a consolidation (full fine-tuning). LIVE runs the early layers on each batch
     (None: the source reads the tiers from the cache)."""
@@ -24,7 +25,7 @@ def measure_tier_weights(model, source: SplitSource, live, batch_size: int, devi
     sums = torch.zeros(len(consolidation.tiers), dtype=torch.float64)
     tokens = 0
     for batch in in_storage_order(source, live, batch_size, device) if consolidation.tiers else ():
-        with autocast(device):
+        with autocast(device, precision):
             alpha = consolidation.tier_weights(batch.states, batch.mask)
         sums += alpha[batch.mask.bool()].double().sum(0).cpu()
         tokens += int(batch.mask.sum())

@@ -201,7 +201,7 @@ def test_predict_runs_the_early_layers_outside_autocast(moved_run, tmp_path, mon
     seen = []
 
     @contextlib.contextmanager
-    def spying_autocast(device):
+    def spying_autocast(device, precision="auto"):
         inside.append(True)
         try:
             yield

@@ -44,9 +44,11 @@ class StepBomb:
         monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
 def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_one(tmp_path, bert_dir, labeled_csv, fp32_cache,
-                                                                     monkeypatch):
-    extra = 'epochs = 3\nsave_every = 4\neval_split = "validation"\ndropout = 0.1\nlog_every = 1'
+                                                                     monkeypatch, precision):
+    extra = (f'epochs = 3\nsave_every = 4\neval_split = "validation"\ndropout = 0.1\nlog_every = 1\n'
+             f'precision = "{precision}"')
     # 120 training rows in batches of 8: 15 steps an epoch; the bomb goes off in epoch 2, step 23,
     # after the checkpoint at step 20, so steps 21-22 are redone from the saved state.
     cut = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "cut", extra)
@@ -89,6 +91,8 @@ def test_resume_refuses_changed_training_settings(tmp_path, bert_dir, labeled_cs
         ("train.max_steps=40", r"cannot resume with train.max_steps 0 -> 40"),
         # the compiler draws the dropout masks from its own generator
         ("train.compile=true", r"train.compile: run has False, request has True"),
+        # bf16 rounds every product of stage two differently
+        ("train.precision=bf16", r"train.precision: run has 'auto', request has 'bf16'"),
     ]:
         with pytest.raises(SherlError, match=message):
             train(load_pipeline(str(tmp_path / "run.toml"), [setting]), resume=True, log=lambda m: None)

@@ -32,12 +32,14 @@ def in_storage_order(source: SplitSource, live, batch_size: int, device):
 
 
 @torch.no_grad()
-def predict_split(model, spec: ModelSpec, source: SplitSource, live, batch_size: int, device) -> tuple:
-    """(outputs, labels, positions) over a whole split in storage order, model in eval mode."""
+def predict_split(model, spec: ModelSpec, source: SplitSource, live, batch_size: int, device,
+                  precision: str = "auto") -> tuple:
+    """(outputs, labels, positions) over a whole split in storage order, model in eval mode, under
+    the autocast the run trained with (train.precision)."""
     model.eval()
     outs, labels, index = [], [], []
     for batch in in_storage_order(source, live, batch_size, device):
-        with autocast(device):
+        with autocast(device, precision):
             outs.append(forward(model, spec, batch).float().cpu())
         labels.append(batch.labels.cpu())
         index.append(batch.index)

@@ -87,9 +87,10 @@ def step_groups(plan: list[np.ndarray], start: int, grad_accum: int) -> list[lis
 class Trainer:
     """Runs the loop for one model; batches come from `source.iterate(index arrays)`."""
 
-    def __init__(self, model, spec: ModelSpec, optimizer, scheduler, budget: Budget, device, live=None):
+    def __init__(self, model, spec: ModelSpec, optimizer, scheduler, budget: Budget, device, live=None,
+                 precision: str = "auto"):
         self.model, self.spec, self.optimizer, self.scheduler = model, spec, optimizer, scheduler
-        self.budget, self.device, self.live = budget, device, live
+        self.budget, self.device, self.live, self.precision = budget, device, live, precision
         self.primary = PRIMARY[spec.task_type]
 
     def prepare(self, batch):
@@ -103,7 +104,7 @@ class Trainer:
         total = sum(len(b.index) for b in batches)
         loss_sum = 0.0
         for batch in batches:
-            with autocast(self.device):
+            with autocast(self.device, self.precision):
                 out = forward(self.model, self.spec, batch)
             loss = loss_fn(self.spec, out, batch.labels)
             (loss * (len(batch.index) / total)).backward()

@@ -21,7 +21,7 @@ from typing import Callable
 
 from sherl_pipe.cache import Cache, manifest_fingerprint
 from sherl_pipe.config import Pipeline
-from sherl_pipe.devices import pick_device
+from sherl_pipe.devices import native_cpu_bf16, pick_device
 from sherl_pipe.errors import SherlError
 from sherl_pipe.model import ModelSpec
 from sherl_pipe.request import check_cache_matches
@@ -99,6 +99,9 @@ def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split,
                   log=print) -> Session:
     cfg = pipeline.train
     s = Session(pipeline, cache, spec, device, eval_split)
+    if cfg.precision == "bf16" and device == "cpu" and not native_cpu_bf16():
+        log("warning: train.precision = bf16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX): "
+            "stage two will be slower than in fp32; set train.precision = \"auto\"")
     s.model, s.live = build_model(spec, pipeline.backbone.source, cache.manifest, device)
     if cfg.compile and spec.mode != "full-finetune":
         s.model.compile_consolidation(log)
@@ -171,7 +174,7 @@ def make_hooks(run: RunFolder, s: Session, progress, log, on_epoch, should_stop)
 
     def evaluate() -> dict:
         outputs, labels, _ = predict_split(s.model, s.spec, s.eval_src, s.live, s.pipeline.evaluate.batch_size,
-                                           s.device)
+                                           s.device, cfg.precision)
         return {"split": s.eval_split, **compute_metrics(s.spec, outputs, labels)}
 
     def on_step(state: RunState, loss: float) -> None:
@@ -205,7 +208,8 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
                 progress(state.step)
             if state.finished:  # a resumed run that had already finished: its files stay as they are
                 return result_of(run, state)
-            trainer = Trainer(s.model, spec, s.optimizer, s.scheduler, s.budget, device, s.live)
+            trainer = Trainer(s.model, spec, s.optimizer, s.scheduler, s.budget, device, s.live,
+                              pipeline.train.precision)
             state = trainer.fit(state, s.sampler, s.train_src, make_hooks(run, s, progress, log, on_epoch,
                                                                          should_stop))
             return finish(run, s, state, tier_weights)
@@ -231,7 +235,7 @@ def finish(run: RunFolder, s: Session, state: RunState, tier_weights: bool = Tru
     run.write_json("summary.json", summary)  # first: an interrupted measurement loses nothing else
     # from the cache only (live runs would rerun the early layers), and not for pruned trials
     if tier_weights and s.spec.mode == "cached" and state.stop_reason != "pruned":
-        summary["tier_weights"] = measure_tier_weights(s.model, s.train_src, None,
-                                                       s.pipeline.evaluate.batch_size, s.device)
+        summary["tier_weights"] = measure_tier_weights(s.model, s.train_src, None, s.pipeline.evaluate.batch_size,
+                                                       s.device, s.pipeline.train.precision)
         run.write_json("summary.json", summary)
     return result

@@ -1,0 +1,99 @@
+"""train.precision: stage two under bf16 autocast on the CPU when asked (auto: bf16 on CUDA only).
+The early layers stay fp32 in every mode, so a bf16 run from the cache still equals one run live."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_full_pipeline
+from sherl_pipe import api
+from sherl_pipe.config import load_pipeline
+from sherl_pipe.devices import uses_bf16
+from sherl_pipe.errors import SherlError
+from sherl_pipe.training import train
+from test_train import step_losses
+
+
+def pipeline_for(tmp_path, bert_dir, data, cache, run, extra=""):
+    path = write_full_pipeline(tmp_path / f"{run.name}.toml", bert_dir, data, cache, run, 'dtype = "float32"', extra)
+    return load_pipeline(str(path))
+
+
+class LinearDtypes:
+    """The dtypes every nn.Linear outputs while it is installed (a global forward hook)."""
+
+    def __init__(self):
+        self.seen: set = set()
+
+    def __enter__(self):
+        def hook(module, args, out):
+            if isinstance(module, torch.nn.Linear):
+                self.seen.add(out.dtype)
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def take(self) -> set:
+        seen, self.seen = self.seen, set()
+        return seen
+
+
+def test_auto_is_bf16_on_cuda_only_and_the_others_force_it():
+    assert [uses_bf16(d, "auto") for d in ("cpu", "cuda", "cuda:1")] == [False, True, True]
+    assert [uses_bf16(d, "bf16") for d in ("cpu", "cuda")] == [True, True]
+    assert [uses_bf16(d, "fp32") for d in ("cpu", "cuda")] == [False, False]
+
+
+@pytest.mark.parametrize("precision, want", [("auto", {torch.float32}), ("bf16", {torch.bfloat16})])
+def test_training_evaluation_and_prediction_follow_the_runs_precision(tmp_path, bert_dir, labeled_csv, fp32_cache,
+                                                                      precision, want):
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                        f'precision = "{precision}"\nmax_steps = 3\neval_split = "validation"\ndevice = "cpu"')
+    with LinearDtypes() as dtypes:
+        train(pipe, log=lambda m: None)
+        assert dtypes.take() == want  # the steps, the per-epoch evaluation and the tier weights
+        api.evaluate(tmp_path / "run", split="validation")
+        assert dtypes.take() == want
+        api.predict(tmp_path / "run", ["a good film", "a bad one"])
+        # prediction runs the early layers too, always in fp32
+        assert dtypes.take() == want | {torch.float32}
+
+
+def test_bf16_training_from_the_cache_stays_with_live_training(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """The bf16 twin of test_train's cached-vs-live test: the inputs differ by fp32 noise (1e-7),
+    which can move a product's bf16 rounding by one step (2**-8 relative); the first step's loss
+    then agrees to 2**-8 of itself, the later losses and the weights as in fp32 (1e-3; a few Adam
+    steps, 5 * lr). Measured: the first losses equal, the others within 1e-4, the weights 2e-6."""
+    results = {}
+    for mode in ("cached", "live"):
+        pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / mode,
+                            f'mode = "{mode}"\nprecision = "bf16"\nmax_steps = 20\neval_split = ""\n'
+                            f'dropout = 0.1\nlog_every = 1\nlr = 0.001')
+        train(pipe, log=lambda m: None)
+        results[mode] = load_file(tmp_path / mode / "checkpoints" / "last.safetensors")
+    cached_loss, live_loss = step_losses(tmp_path / "cached"), step_losses(tmp_path / "live")
+    assert len(cached_loss) == 20 and abs(cached_loss[0] - live_loss[0]) <= 2 ** -8 * abs(live_loss[0])
+    assert np.allclose(cached_loss, live_loss, atol=1e-3, rtol=0)
+    for key, value in results["cached"].items():
+        torch.testing.assert_close(value, results["live"][key], atol=5e-3, rtol=0)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, bert_dir, labeled_csv, fp32_cache, monkeypatch):
+    import sherl_pipe.training.run as run_module
+
+    monkeypatch.setattr(run_module, "native_cpu_bf16", lambda: False)
+    lines = []
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                        'precision = "bf16"\nmax_steps = 1\neval_split = ""\ndevice = "cpu"')
+    train(pipe, log=lines.append)
+    assert any(line.startswith("warning: train.precision = bf16") for line in lines)
+
+
+def test_an_unknown_precision_is_refused(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    with pytest.raises(SherlError, match=r"train.precision.*fp16.*(auto|fp32|bf16)"):
+        pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run", 'precision = "fp16"')
