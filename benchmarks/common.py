@@ -124,3 +124,26 @@ def paired_bootstrap(a: list[list[int]], b: list[list[int]], n: int = 10000, see
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def train_runs(job, pipe: Path, work: Path, name: str, seeds: list[int], extra: list[str]) -> list[dict]:
+    return [job(f"{name}-{seed}", ["--job", "train", "--pipe", str(pipe), "--set", f"train.seed={seed}",
+                                   "--set", f"train.run_dir={work / 'runs' / f'{name}-{seed}'}", *extra])
+            for seed in seeds]
+
+
+def accuracy_line(label: str, runs: list[dict], base: list[dict] | None, timed: str = "epoch") -> dict:
+    """Test accuracy (mean +- sd over runs), training time (TIMED names what it covers), and the
+    paired bootstrap difference against BASE's runs (the same seeds)."""
+    acc = [r["test_accuracy"] for r in runs]
+    sec = [r["seconds"] for r in runs]
+    m, sd = mean_sd(acc)
+    line = (f"  {label:<22} accuracy {100 * m:.2f} +- {100 * sd:.2f} {[round(100 * a, 2) for a in acc]}; "
+            f"{timed} {statistics.median(sec):.1f} s [{min(sec):.1f}, {max(sec):.1f}]")
+    out = {"acc": round(m, 4), "acc_sd": round(sd, 4), "epoch_s": round(statistics.median(sec), 1)}
+    if base is not None:
+        diff, lo, hi = paired_bootstrap([r["correct"] for r in runs], [r["correct"] for r in base])
+        line += f"; {100 * diff:+.2f} points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        out.update(delta=round(100 * diff, 2), ci95=[round(100 * lo, 2), round(100 * hi, 2)])
+    print(line)
+    return out

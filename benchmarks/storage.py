@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_DATA, Jobs, add_job_args, extract_job, load_avg, mean_sd, paired_bootstrap,  # noqa: E402
-                    sst2_pipeline_text, train_job)
+from common import (DEFAULT_DATA, Jobs, accuracy_line, add_job_args, extract_job, load_avg,  # noqa: E402
+                    sst2_pipeline_text, train_job, train_runs)
 
 FORMATS = ("float16", "int8", "float8")
 
@@ -36,27 +36,6 @@ def bytes_per_real_token(cache_path: Path) -> float:
     cache = Cache(cache_path)
     tokens = cache.manifest["splits"]["train"]["tokens"]
     return sum(cache.bytes_on_disk("train", f"h{t}") for t in cache.tiers) / tokens
-
-
-def train_runs(job, pipe: Path, work: Path, name: str, seeds: list[int], extra: list[str]) -> list[dict]:
-    return [job(f"{name}-{seed}", ["--job", "train", "--pipe", str(pipe), "--set", f"train.seed={seed}",
-                                   "--set", f"train.run_dir={work / 'runs' / f'{name}-{seed}'}", *extra])
-            for seed in seeds]
-
-
-def accuracy_line(label: str, runs: list[dict], base: list[dict] | None) -> dict:
-    acc = [r["test_accuracy"] for r in runs]
-    sec = [r["seconds"] for r in runs]
-    m, sd = mean_sd(acc)
-    line = (f"  {label:<22} accuracy {100 * m:.2f} +- {100 * sd:.2f} {[round(100 * a, 2) for a in acc]}; "
-            f"epoch {statistics.median(sec):.1f} s [{min(sec):.1f}, {max(sec):.1f}]")
-    out = {"acc": round(m, 4), "acc_sd": round(sd, 4), "epoch_s": round(statistics.median(sec), 1)}
-    if base is not None:
-        diff, lo, hi = paired_bootstrap([r["correct"] for r in runs], [r["correct"] for r in base])
-        line += f"; {100 * diff:+.2f} points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]"
-        out.update(delta=round(100 * diff, 2), ci95=[round(100 * lo, 2), round(100 * hi, 2)])
-    print(line)
-    return out
 
 
 def storage_part(args, work: Path, job, seeds: list[int]) -> tuple[dict, dict]:

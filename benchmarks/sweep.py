@@ -13,6 +13,7 @@ printed before and after. The last line is one JSON object with `sweep_cached_ov
 
     python benchmarks/sweep.py                 # 3 rounds, about 30 minutes on 2 CPU cores
     python benchmarks/sweep.py --rounds 1
+    python benchmarks/sweep.py --set train.precision=bf16   # every trial (cached and live) in bf16
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - t
 
 
-def one_round(pipe: Path, work: Path, r: int) -> dict:
+def one_round(pipe: Path, work: Path, r: int, common_sets: list[str]) -> dict:
     def sweep(name: str, *sets: str) -> float:
         argv = ["sweep", str(pipe), "-q", "--overwrite", "--sweep-dir", str(work / f"sweep-{name}")]
-        for s in sets:
+        for s in (*common_sets, *sets):
             argv += ["--set", s]
         return timed(argv)
 
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4000, help="training rows")
     ap.add_argument("--validation", type=int, default=1000, help="validation rows, carved out of train.tsv")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a pipeline override for every sweep (cached and live), e.g. train.precision=bf16")
     args = ap.parse_args()
     if not (args.data / "train.tsv").is_file():
         sys.exit(f"benchmark skipped: {args.data} has no SST-2 files (pass --data DIR)")
@@ -86,7 +89,8 @@ def main() -> None:
     pipe = args.work / "pipeline.toml"
     pipe.write_text(pipeline_text(args, args.work.resolve()))
     print(load_avg(), flush=True)
-    rounds = [one_round(pipe, args.work.resolve(), r) for r in range(args.rounds)]
+    print(f"overrides for every sweep: {', '.join(args.set) or 'none'}", flush=True)
+    rounds = [one_round(pipe, args.work.resolve(), r, args.set) for r in range(args.rounds)]
     print(load_avg())
     cached_over_live = [(x["extract"] + x["cached_2"]) / x["live_2"] for x in rounds]
     two_over_one = [x["cached_2"] / x["cached_1"] for x in rounds]
@@ -96,7 +100,7 @@ def main() -> None:
     print(f"  two_workers_over_one  cached sweep on 2 workers / on 1:          {spread(two_over_one)}")
     print(json.dumps({"sweep_cached_over_live": round(statistics.median(cached_over_live), 4),
                       "two_workers_over_one": round(statistics.median(two_over_one), 4),
-                      "rounds": len(rounds), "seconds": rounds}))
+                      "overrides": args.set, "rounds": len(rounds), "seconds": rounds}))
 
 
 if __name__ == "__main__":
