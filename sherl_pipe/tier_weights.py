@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from sherl_pipe.devices import autocast
 from sherl_pipe.training.batches import SplitSource
 from sherl_pipe.training.inference import in_storage_order
 
 
 @torch.no_grad()
-def measure_tier_weights(model, source: SplitSource, live, batch_size: int, device,
-                         precision: str = "auto") -> dict | None:
+def measure_tier_weights(model, source: SplitSource, live, batch_size: int, device) -> dict | None:
     """{'alpha': {'h<t>': mean alpha}, 'gate': tanh(gamma/T), 'anchor': 'h<c>', 'tokens': n}, or None
     for models without a consolidation (full fine-tuning). LIVE runs the early layers on each batch
     (None: the source reads the tiers from the cache)."""
@@ -25,8 +23,7 @@ def measure_tier_weights(model, source: SplitSource, live, batch_size: int, devi
     sums = torch.zeros(len(consolidation.tiers), dtype=torch.float64)
     tokens = 0
     for batch in in_storage_order(source, live, batch_size, device) if consolidation.tiers else ():
-        with autocast(device, precision):
-            alpha = consolidation.tier_weights(batch.states, batch.mask)
+        alpha = consolidation.tier_weights(batch.states, batch.mask)  # fp32, as in SherlModel.consolidate
         sums += alpha[batch.mask.bool()].double().sum(0).cpu()
         tokens += int(batch.mask.sum())
     means = (sums / max(tokens, 1)).tolist()

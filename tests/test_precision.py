@@ -23,23 +23,33 @@ def pipeline_for(tmp_path, bert_dir, data, cache, run, extra=""):
 
 
 class LinearDtypes:
-    """The dtypes every nn.Linear outputs while it is installed (a global forward hook)."""
+    """The dtypes nn.Linear modules output while installed (global forward hooks), those inside the
+    consolidation apart from the others."""
 
     def __init__(self):
-        self.seen: set = set()
+        self.inside = 0
+        self.seen = {"consolidation": set(), "other": set()}
 
     def __enter__(self):
-        def hook(module, args, out):
+        from sherl_pipe.consolidation import Consolidation
+
+        def pre(module, args):
+            self.inside += isinstance(module, Consolidation)
+
+        def post(module, args, out):
+            self.inside -= isinstance(module, Consolidation)
             if isinstance(module, torch.nn.Linear):
-                self.seen.add(out.dtype)
-        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+                self.seen["consolidation" if self.inside else "other"].add(out.dtype)
+        self.handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+                        torch.nn.modules.module.register_module_forward_hook(post)]
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        for h in self.handles:
+            h.remove()
 
-    def take(self) -> set:
-        seen, self.seen = self.seen, set()
+    def take(self) -> dict:
+        seen, self.seen = self.seen, {"consolidation": set(), "other": set()}
         return seen
 
 
@@ -49,19 +59,21 @@ def test_auto_is_bf16_on_cuda_only_and_the_others_force_it():
     assert [uses_bf16(d, "fp32") for d in ("cpu", "cuda")] == [False, False]
 
 
-@pytest.mark.parametrize("precision, want", [("auto", {torch.float32}), ("bf16", {torch.bfloat16})])
+@pytest.mark.parametrize("precision, late", [("auto", torch.float32), ("bf16", torch.bfloat16)])
 def test_training_evaluation_and_prediction_follow_the_runs_precision(tmp_path, bert_dir, labeled_csv, fp32_cache,
-                                                                      precision, want):
+                                                                      precision, late):
+    """The late layers and the head run in the run's precision; the consolidation in fp32 always."""
     pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
                         f'precision = "{precision}"\nmax_steps = 3\neval_split = "validation"\ndevice = "cpu"')
+    fp32 = {torch.float32}
     with LinearDtypes() as dtypes:
-        train(pipe, log=lambda m: None)
-        assert dtypes.take() == want  # the steps, the per-epoch evaluation and the tier weights
+        train(pipe, log=lambda m: None)  # the steps, the per-epoch evaluation and the tier weights
+        assert dtypes.take() == {"consolidation": fp32, "other": {late}}
         api.evaluate(tmp_path / "run", split="validation")
-        assert dtypes.take() == want
+        assert dtypes.take() == {"consolidation": fp32, "other": {late}}
         api.predict(tmp_path / "run", ["a good film", "a bad one"])
         # prediction runs the early layers too, always in fp32
-        assert dtypes.take() == want | {torch.float32}
+        assert dtypes.take() == {"consolidation": fp32, "other": {late} | fp32}
 
 
 def test_bf16_training_from_the_cache_stays_with_live_training(tmp_path, bert_dir, labeled_csv, fp32_cache):

@@ -235,7 +235,7 @@ def finish(run: RunFolder, s: Session, state: RunState, tier_weights: bool = Tru
     run.write_json("summary.json", summary)  # first: an interrupted measurement loses nothing else
     # from the cache only (live runs would rerun the early layers), and not for pruned trials
     if tier_weights and s.spec.mode == "cached" and state.stop_reason != "pruned":
-        summary["tier_weights"] = measure_tier_weights(s.model, s.train_src, None, s.pipeline.evaluate.batch_size,
-                                                       s.device, s.pipeline.train.precision)
+        summary["tier_weights"] = measure_tier_weights(s.model, s.train_src, None,
+                                                       s.pipeline.evaluate.batch_size, s.device)
         run.write_json("summary.json", summary)
     return result
