@@ -140,7 +140,7 @@ def accuracy_line(label: str, runs: list[dict], base: list[dict] | None, timed: 
     m, sd = mean_sd(acc)
     line = (f"  {label:<22} accuracy {100 * m:.2f} +- {100 * sd:.2f} {[round(100 * a, 2) for a in acc]}; "
             f"{timed} {statistics.median(sec):.1f} s [{min(sec):.1f}, {max(sec):.1f}]")
-    out = {"acc": round(m, 4), "acc_sd": round(sd, 4), "epoch_s": round(statistics.median(sec), 1)}
+    out = {"acc": round(m, 4), "acc_sd": round(sd, 4), "train_s": round(statistics.median(sec), 1)}
     if base is not None:
         diff, lo, hi = paired_bootstrap([r["correct"] for r in runs], [r["correct"] for r in base])
         line += f"; {100 * diff:+.2f} points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]"

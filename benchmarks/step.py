@@ -14,6 +14,7 @@ Each variant runs in its own process, two epochs in a row: the first epoch inclu
 turns for --repeats rounds (order reversed every other round); figures are medians [min, max].
 The last line is one JSON object: `consolidation_over_late` (forward + backward, eager, steady
 epoch), `compiled_over_eager` (steady epoch, paired within rounds) and the breakdown in seconds.
+Everything runs in fp32, without autocast (train.precision = auto on the CPU).
 
     python benchmarks/step.py              # about 4 minutes on 2 CPU cores
 """

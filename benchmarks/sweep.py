@@ -81,7 +81,8 @@ def main() -> None:
     ap.add_argument("--validation", type=int, default=1000, help="validation rows, carved out of train.tsv")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a pipeline override for every sweep (cached and live), e.g. train.precision=bf16")
+                    help="a train.* override for every sweep (cached and live; the extraction runs without "
+                         "it), e.g. train.precision=bf16")
     args = ap.parse_args()
     if not (args.data / "train.tsv").is_file():
         sys.exit(f"benchmark skipped: {args.data} has no SST-2 files (pass --data DIR)")

@@ -32,8 +32,9 @@ def autocast(device, precision: str = "auto"):
 
 
 def native_cpu_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix products natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX). oneDNN's own check is not it: it
+    says yes for any AVX512 CPU, where bf16 is emulated."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
 
 from conftest import write_full_pipeline
 from sherl_pipe import api
@@ -22,31 +23,50 @@ def pipeline_for(tmp_path, bert_dir, data, cache, run, extra=""):
     return load_pipeline(str(path))
 
 
-class LinearDtypes:
-    """The dtypes nn.Linear modules output while installed (global forward hooks), those inside the
-    consolidation apart from the others."""
+PRODUCTS = {torch.nn.functional.linear, torch.baddbmm, torch.bmm, torch.matmul, torch.Tensor.__matmul__}
+
+
+class ProductDtypes(TorchFunctionMode):
+    """The dtypes every matrix product (Linear layers, batched and @ products) returns while
+    active, those inside the consolidation apart from the others (module hooks mark its forward
+    calls; its tier_weights method, which the tier-weight pass calls, is wrapped to mark them too)."""
 
     def __init__(self):
+        super().__init__()
         self.inside = 0
         self.seen = {"consolidation": set(), "other": set()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in PRODUCTS:
+            self.seen["consolidation" if self.inside else "other"].add(out.dtype)
+        return out
 
     def __enter__(self):
         from sherl_pipe.consolidation import Consolidation
 
-        def pre(module, args):
-            self.inside += isinstance(module, Consolidation)
+        def mark(step):
+            return lambda module, *a: setattr(self, "inside", self.inside + step * isinstance(module, Consolidation))
+        self.handles = [torch.nn.modules.module.register_module_forward_pre_hook(mark(1)),
+                        torch.nn.modules.module.register_module_forward_hook(mark(-1))]
+        self.tier_weights = Consolidation.tier_weights
 
-        def post(module, args, out):
-            self.inside -= isinstance(module, Consolidation)
-            if isinstance(module, torch.nn.Linear):
-                self.seen["consolidation" if self.inside else "other"].add(out.dtype)
-        self.handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
-                        torch.nn.modules.module.register_module_forward_hook(post)]
-        return self
+        def tier_weights(module, *a, **k):
+            self.inside += 1
+            try:
+                return self.tier_weights(module, *a, **k)
+            finally:
+                self.inside -= 1
+        Consolidation.tier_weights = tier_weights
+        return super().__enter__()
 
     def __exit__(self, *exc):
+        from sherl_pipe.consolidation import Consolidation
+
+        Consolidation.tier_weights = self.tier_weights
         for h in self.handles:
             h.remove()
+        return super().__exit__(*exc)
 
     def take(self) -> dict:
         seen, self.seen = self.seen, {"consolidation": set(), "other": set()}
@@ -66,7 +86,7 @@ def test_training_evaluation_and_prediction_follow_the_runs_precision(tmp_path, 
     pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
                         f'precision = "{precision}"\nmax_steps = 3\neval_split = "validation"\ndevice = "cpu"')
     fp32 = {torch.float32}
-    with LinearDtypes() as dtypes:
+    with ProductDtypes() as dtypes:
         train(pipe, log=lambda m: None)  # the steps, the per-epoch evaluation and the tier weights
         assert dtypes.take() == {"consolidation": fp32, "other": {late}}
         api.evaluate(tmp_path / "run", split="validation")

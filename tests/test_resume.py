@@ -92,14 +92,16 @@ def test_resume_refuses_changed_training_settings(tmp_path, bert_dir, labeled_cs
         # the compiler draws the dropout masks from its own generator
         ("train.compile=true", r"train.compile: run has False, request has True"),
         # bf16 rounds every product of stage two differently
-        ("train.precision=bf16", r"train.precision: run has 'auto', request has 'bf16'"),
+        ("train.precision=bf16", r"stage two ran in fp32; this resume would run it in bf16 \(train.precision = "
+                                 r"bf16 on cpu\); set train.precision = fp32"),
     ]:
         with pytest.raises(SherlError, match=message):
             train(load_pipeline(str(tmp_path / "run.toml"), [setting]), resume=True, log=lambda m: None)
     assert (run / "checkpoints" / "last.safetensors").read_bytes() == before
     # settings that only say where or how fast the run goes may change
-    train(load_pipeline(str(tmp_path / "run.toml"), ["train.threads=2", "train.save_every=5"]), resume=True,
-          log=lambda m: None)
+    # and auto -> fp32 on the CPU is the same precision
+    train(load_pipeline(str(tmp_path / "run.toml"), ["train.threads=2", "train.save_every=5", "train.precision=fp32"]),
+          resume=True, log=lambda m: None)
 
 
 def test_resuming_a_finished_run_keeps_its_summary(tmp_path, bert_dir, labeled_csv, fp32_cache):
@@ -139,8 +141,9 @@ def test_a_failed_overwrite_keeps_the_run_it_was_to_replace(tmp_path, bert_dir, 
 
 
 def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path, bert_dir, labeled_csv, fp32_cache):
-    """A checkpoint written by an earlier version lacks keys added since (train.compile): they
-    compare as their defaults, so the run resumes instead of being refused as changed."""
+    """A checkpoint written by an earlier version lacks keys added since (train.compile,
+    train.precision and the precision in effect): they compare as their defaults, so the run
+    resumes instead of being refused as changed, and a precision other than the default is refused."""
     import torch
 
     run = tmp_path / "run"
@@ -148,8 +151,10 @@ def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path, b
     train(pipe, log=lambda m: None)
     state_file = run / "checkpoints" / "state.pt"
     saved = torch.load(state_file, weights_only=False)
-    del saved["train"]["compile"]
+    del saved["train"]["compile"], saved["train"]["precision"], saved["precision"]
     torch.save(saved, state_file)
     messages = []
     train(pipe, resume=True, log=messages.append)
     assert any("already finished" in m for m in messages)
+    with pytest.raises(SherlError, match=r"train.precision: run has 'auto', request has 'bf16'"):
+        train(load_pipeline(str(tmp_path / "run.toml"), ["train.precision=bf16"]), resume=True, log=lambda m: None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sherl_pipe.config import TrainConfig, section_to_dict
+from sherl_pipe.devices import uses_bf16
 from sherl_pipe.errors import SherlError
 from sherl_pipe.model import ModelSpec
 from sherl_pipe.training.loop import RunState
@@ -22,14 +23,28 @@ from sherl_pipe.training.loop import RunState
 FREE_ON_RESUME = {"run_dir", "threads", "device", "preload", "save_every", "save_minutes", "log_every"}
 
 
-def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, cfg: TrainConfig) -> None:
+def stage_two_precision(device: str, precision: str) -> str:
+    """What train.precision means on DEVICE (auto: bf16 on CUDA, fp32 on the CPU); saved with the state."""
+    return "bf16" if uses_bf16(device, precision) else "fp32"
+
+
+def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, cfg: TrainConfig,
+                 device: str) -> None:
     if saved.get("cache") != fingerprint:
         raise SherlError(f"run folder {run_dir}: was trained from another cache than extract.cache "
                          f"(its manifest fingerprint differs); resume with the cache it was trained on")
     # a key the run's version of sherl-pipe did not have yet was at its default there
     old = {**section_to_dict(TrainConfig()), **saved.get("train", {})}
     new = section_to_dict(cfg)
-    changed = sorted(k for k in set(old) | set(new) if k not in FREE_ON_RESUME and old.get(k) != new.get(k))
+    # the precision that was in effect must stay (auto on another device is another one); states saved
+    # before it was recorded compare train.precision as it was written
+    was, now = saved.get("precision"), stage_two_precision(device, cfg.precision)
+    if was is not None and was != now:
+        raise SherlError(f"run folder {run_dir}: stage two ran in {was}; this resume would run it in {now} "
+                         f"(train.precision = {cfg.precision} on {device}); set train.precision = {was} to "
+                         f"continue it exactly")
+    free = FREE_ON_RESUME | ({"precision"} if was is not None else set())
+    changed = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
     budget = [k for k in changed if k in ("epochs", "max_steps")]
     if budget and budget == changed:
         shown = ", ".join(f"train.{k} {old.get(k)} -> {new.get(k)}" for k in budget)

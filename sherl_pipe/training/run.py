@@ -30,7 +30,7 @@ from sherl_pipe.tier_weights import measure_tier_weights
 from sherl_pipe.training.checkpoint import RunFolder
 from sherl_pipe.training.inference import compute_metrics, predict_split
 from sherl_pipe.training.loop import Budget, Hooks, RunState, Trainer
-from sherl_pipe.training.resume import check_resume, state_for_resume
+from sherl_pipe.training.resume import check_resume, stage_two_precision, state_for_resume
 from sherl_pipe.training.rng import rng_state, run_rng, set_rng_state
 from sherl_pipe.training.setup import (build_model, build_optimizer, build_scheduler, learning_rates, make_spec,
                                        source_for)
@@ -141,7 +141,7 @@ def start_run(run: RunFolder, s: Session) -> RunState:
 
 def resume_run(run: RunFolder, s: Session, log) -> RunState:
     saved = run.load_state()
-    check_resume(run.path, saved, s.spec, manifest_fingerprint(s.cache.manifest), s.pipeline.train)
+    check_resume(run.path, saved, s.spec, manifest_fingerprint(s.cache.manifest), s.pipeline.train, s.device)
     s.model.load_state_dict(saved["model"])
     s.optimizer.load_state_dict(saved["optimizer"])
     s.scheduler.load_state_dict(saved["scheduler"])
@@ -164,7 +164,8 @@ def make_hooks(run: RunFolder, s: Session, progress, log, on_epoch, should_stop)
         run.save_state({"spec": s.spec.to_dict(), "cache": manifest_fingerprint(s.cache.manifest),
                         "train": s.pipeline.to_dict()["train"], "model": s.model.state_dict(),
                         "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-                        "rng": rng_state(s.device), "position": state.to_dict()})
+                        "rng": rng_state(s.device), "position": state.to_dict(),
+                        "precision": stage_two_precision(s.device, cfg.precision)})
         last_save[0] = time.monotonic()
 
     def checkpoint_due(state: RunState) -> bool:
