@@ -10,7 +10,7 @@ native bf16 instructions (AVX512-BF16 or AMX); the script prints whether this on
 Results append to a JSONL file (an interrupted run resumes). The last line is one JSON object
 with `bf16_over_fp32_time` and `bf16_acc_delta` (points, negative = worse).
 
-    python benchmarks/precision.py                  # about 15 minutes on 2 CPU cores
+    python benchmarks/precision.py                  # about 7 minutes on 2 CPU cores
     python benchmarks/precision.py --rows 2000 --seeds 0 --epochs 1   # a quick look
 """
 
