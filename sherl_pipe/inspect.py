@@ -91,13 +91,22 @@ def run_report(path: str) -> dict:
     folder = Path(path)
     try:
         info = json.loads((folder / "model.json").read_text())
-        summary_file = folder / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+        summary, config = (json.loads((folder / name).read_text()) if (folder / name).is_file() else None
+                           for name in ("summary.json", "config.json"))
     except (OSError, ValueError) as exc:
-        raise SherlError(f"run folder {folder}: cannot read model.json or summary.json ({exc}); the folder "
-                         f"is damaged") from None
+        raise SherlError(f"run folder {folder}: cannot read model.json, summary.json or config.json ({exc}); "
+                         f"the folder is damaged") from None
     return {"path": str(folder), "spec": info.get("spec", {}), "cache": info.get("cache"),
-            "backbone": info.get("backbone_source"), "summary": summary}
+            "backbone": info.get("backbone_source"), "summary": summary,
+            "precision": ((config or {}).get("train") or {}).get("precision", "auto")}
+
+
+def format_best(best: dict | None) -> str:
+    """'best accuracy 0.8050, mcc 0.6701 on validation at epoch 3 (step 375)', or why there is none."""
+    if not best:
+        return "no evaluation (train.eval_split was empty)"
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k not in ("epoch", "step", "split"))
+    return f"best {metrics} on {best.get('split')} at epoch {best.get('epoch')} (step {best.get('step')})"
 
 
 def format_run_report(r: dict) -> str:
@@ -105,12 +114,12 @@ def format_run_report(r: dict) -> str:
     lines = [f"run        {r['path']}",
              f"model      {spec.get('mode')}: late layers {spec.get('late_layers')} ({spec.get('late_tuning')}), "
              f"tiers {spec.get('tiers')} + anchor h[{spec.get('num_layers', 0) - spec.get('late_layers', 0)}], "
-             f"pooling {spec.get('pooling')}",
+             f"pooling {spec.get('pooling')}, precision {r.get('precision', 'auto')}",
              f"cache      {r['cache']}  backbone {r['backbone']}"]
     if summary is None:
         lines.append("summary    none yet (the run has not finished)")
         return "\n".join(lines)
-    lines.append(f"training   {summary['steps']} steps, {summary['epochs']} epochs, {summary['stop_reason']}; "
-                 f"best {summary.get('best')}")
+    lines.append(f"training   {summary['steps']} steps, {summary['epochs']} epochs, "
+                 f"{summary['stop_reason'] or 'finished'}; {format_best(summary.get('best'))}")
     lines.append(format_tier_weights(summary.get("tier_weights")))
     return "\n".join(lines)

@@ -5,10 +5,12 @@ whose mean alpha stays near 0 contributes little, so a user can drop it from the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from sherl_pipe.training.batches import SplitSource
-from sherl_pipe.training.inference import in_storage_order
+if TYPE_CHECKING:  # the training package imports this module: importing it here would be a cycle
+    from sherl_pipe.training.batches import SplitSource
 
 
 @torch.no_grad()
@@ -16,6 +18,8 @@ def measure_tier_weights(model, source: SplitSource, live, batch_size: int, devi
     """{'alpha': {'h<t>': mean alpha}, 'gate': tanh(gamma/T), 'anchor': 'h<c>', 'tokens': n}, or None
     for models without a consolidation (full fine-tuning). LIVE runs the early layers on each batch
     (None: the source reads the tiers from the cache)."""
+    from sherl_pipe.training.inference import in_storage_order
+
     consolidation = getattr(model, "consolidation", None)
     if consolidation is None:
         return None

@@ -78,3 +78,15 @@ def test_progress_counts_are_whole_numbers():
     bar(0)
     bar.close()
     assert "0/13" in out.getvalue() and "0.00" not in out.getvalue() and "13.0" not in out.getvalue()
+
+
+def test_info_in_a_fresh_process(tmp_path, fp32_cache):
+    """What a user runs: `sherl-pipe info` as its own process (in-process tests import modules in
+    an order that hid an import cycle here)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "sherl_pipe", "info", str(fp32_cache)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "split train" in proc.stdout

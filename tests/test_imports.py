@@ -1,0 +1,31 @@
+"""Every module imports on its own, first, in a fresh interpreter: an import cycle hides from tests
+that happen to import its modules in a working order (`sherl-pipe info` once failed only that way)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+FIRST_IMPORT_OF_EACH = """
+import importlib, pkgutil, sys
+import sherl_pipe
+names = sorted(m.name for m in pkgutil.walk_packages(sherl_pipe.__path__, "sherl_pipe.")
+               if m.name != "sherl_pipe.__main__")  # __main__ runs the CLI
+failed = []
+for name in names:
+    for loaded in [k for k in sys.modules if k == "sherl_pipe" or k.startswith("sherl_pipe.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        failed.append(f"{name}: {exc!r}")
+print(len(names))
+print("\\n".join(failed))
+"""
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    proc = subprocess.run([sys.executable, "-c", FIRST_IMPORT_OF_EACH], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count, *failed = proc.stdout.strip().splitlines()
+    assert int(count) > 40 and failed == []
