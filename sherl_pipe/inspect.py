@@ -98,13 +98,19 @@ def run_report(path: str) -> dict:
                          f"the folder is damaged") from None
     return {"path": str(folder), "spec": info.get("spec", {}), "cache": info.get("cache"),
             "backbone": info.get("backbone_source"), "summary": summary,
-            "precision": ((config or {}).get("train") or {}).get("precision", "auto")}
+            "precision": ((config or {}).get("train") or {}).get("precision", "auto"),
+            "precision_in_effect": info.get("precision")}
+
+
+def precision_shown(setting: str, in_effect: str | None) -> str:
+    """'auto (fp32)': the setting and, where it says less, what it meant (runs before it was recorded: the setting)."""
+    return setting if in_effect in (None, setting) else f"{setting} ({in_effect})"
 
 
 def format_best(best: dict | None) -> str:
     """'best accuracy 0.8050, mcc 0.6701 on validation at epoch 3 (step 375)', or why there is none."""
     if not best:
-        return "no evaluation (train.eval_split was empty)"
+        return "no evaluation recorded (train.eval_split empty, or none finished)"
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k not in ("epoch", "step", "split"))
     return f"best {metrics} on {best.get('split')} at epoch {best.get('epoch')} (step {best.get('step')})"
 
@@ -114,7 +120,8 @@ def format_run_report(r: dict) -> str:
     lines = [f"run        {r['path']}",
              f"model      {spec.get('mode')}: late layers {spec.get('late_layers')} ({spec.get('late_tuning')}), "
              f"tiers {spec.get('tiers')} + anchor h[{spec.get('num_layers', 0) - spec.get('late_layers', 0)}], "
-             f"pooling {spec.get('pooling')}, precision {r.get('precision', 'auto')}",
+             f"pooling {spec.get('pooling')}, precision "
+             f"{precision_shown(r.get('precision', 'auto'), r.get('precision_in_effect'))}",
              f"cache      {r['cache']}  backbone {r['backbone']}"]
     if summary is None:
         lines.append("summary    none yet (the run has not finished)")

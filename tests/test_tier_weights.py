@@ -43,7 +43,7 @@ def test_summary_holds_the_mean_alpha_of_every_tier_over_the_training_tokens(tmp
     assert shown.exit_code == 0, shown.output
     assert "tier weights (mean alpha over" in shown.output and "h0 " in shown.output and "gate" in shown.output
     # the training line reads as text, not as Python's reprs of the summary
-    assert "precision auto" in shown.output and "6 steps, 0 epochs, max-steps; best accuracy " in shown.output
+    assert "precision auto (fp32)" in shown.output and "6 steps, 0 epochs, max-steps; best accuracy " in shown.output
     assert "None" not in shown.output and "{" not in shown.output
     as_json = json.loads(CliRunner().invoke(main, ["info", "--json", str(tmp_path / "run")]).output)
     assert as_json["summary"]["tier_weights"] == weights

@@ -133,6 +133,7 @@ def start_run(run: RunFolder, s: Session) -> RunState:
         "backbone_folder": str(resolve_model(s.pipeline.backbone.source).resolve()),
         "label_names": s.cache.manifest["task"]["label_names"],
         "lr_new": lr_new, "lr_pretrained": lr_pre, "total_steps": s.budget.total_steps,
+        "precision": stage_two_precision(s.device, s.pipeline.train.precision),  # what auto meant here
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in model.parameters()),
     })
