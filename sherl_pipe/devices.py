@@ -24,6 +24,12 @@ def uses_bf16(device, precision: str = "auto") -> bool:
     return precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
 
 
+def stage_two_precision(device, precision: str) -> str:
+    """What train.precision means on DEVICE (auto: bf16 on CUDA, fp32 on the CPU): recorded in a
+    run's model.json and saved state, so evaluation and resume use what training used."""
+    return "bf16" if uses_bf16(device, precision) else "fp32"
+
+
 def autocast(device, precision: str = "auto"):
     """The autocast context for stage two's trainable part (the early layers always run in fp32)."""
     if uses_bf16(device, precision):

@@ -42,6 +42,12 @@ class Trained:
     model: torch.nn.Module
     device: str
 
+    @property
+    def precision(self) -> str:
+        """The precision the run trained in (model.json; runs from before it was recorded: their
+        train.precision, resolved on this device)."""
+        return self.info.get("precision") or self.pipeline.train.precision
+
 
 def read_run_manifest(run: Path, info: dict) -> dict:
     """The manifest copy in the run folder (runs made before it existed: the cache's own)."""
@@ -107,8 +113,7 @@ def evaluate(run_dir, split: str = "test", checkpoint: str = "best", batch_size:
         raise SherlError(f"cache {cache.path}: no split '{split}' to evaluate (has: {', '.join(cache.splits)})")
     data_spec = t.spec if t.spec.mode == "full-finetune" else dataclasses.replace(t.spec, mode="cached")
     source = source_for(cache, split, data_spec)
-    outputs, labels, index = predict_split(t.model, t.spec, source, None, batch_size, t.device,
-                                           t.pipeline.train.precision)
+    outputs, labels, index = predict_split(t.model, t.spec, source, None, batch_size, t.device, t.precision)
     gold = labels.numpy()
     result = {"split": split, "checkpoint": checkpoint, "rows": int(len(labels)),
               **compute_metrics(t.spec, outputs, labels), **baselines(t.spec, cache, gold)}

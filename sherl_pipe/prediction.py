@@ -76,12 +76,12 @@ class Predictor:
 
     def _batch(self, t: Trained, input_ids, mask, types) -> torch.Tensor:
         if t.spec.mode == "full-finetune":
-            with autocast(t.device, t.pipeline.train.precision):
+            with autocast(t.device, t.precision):
                 return t.model(input_ids, mask, types)
         states = self.backbone.early_states(input_ids, mask, types, upto=t.spec.anchor)
         tiers = list(t.spec.tiers) + [t.spec.anchor]
         feed = {k: through_storage(states[k], mask, t.manifest["dtype"], "predict", k) for k in tiers}
-        with autocast(t.device, t.pipeline.train.precision):
+        with autocast(t.device, t.precision):
             return t.model(feed, mask)
 
 

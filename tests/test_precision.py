@@ -129,3 +129,23 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, bert_dir, labeled_csv
 def test_an_unknown_precision_is_refused(tmp_path, bert_dir, labeled_csv, fp32_cache):
     with pytest.raises(SherlError, match=r"train.precision.*fp16.*(auto|fp32|bf16)"):
         pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run", 'precision = "fp16"')
+
+
+def test_evaluate_and_predict_use_the_precision_the_run_trained_in(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """model.json records what the precision meant where the run trained (auto: fp32 on a CPU, bf16
+    on CUDA); evaluation elsewhere uses that, not what the setting would mean on its own device."""
+    import json
+
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                        'precision = "bf16"\nmax_steps = 2\neval_split = ""\ndevice = "cpu"')
+    train(pipe, log=lambda m: None)
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["precision"] == "bf16"
+    config_file = tmp_path / "run" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["train"]["precision"] = "auto"  # as a setting, fp32 on this CPU
+    config_file.write_text(json.dumps(config))
+    with ProductDtypes() as dtypes:
+        api.evaluate(tmp_path / "run", split="validation")
+        assert dtypes.take()["other"] == {torch.bfloat16}
+        api.predict(tmp_path / "run", ["a good film"])
+        assert torch.bfloat16 in dtypes.take()["other"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sherl_pipe.config import TrainConfig, section_to_dict
-from sherl_pipe.devices import uses_bf16
+from sherl_pipe.devices import stage_two_precision
 from sherl_pipe.errors import SherlError
 from sherl_pipe.model import ModelSpec
 from sherl_pipe.training.loop import RunState
@@ -21,11 +21,6 @@ from sherl_pipe.training.loop import RunState
 # how many threads and which device run it, whether the split is read ahead into memory, logging.
 # Not `compile`: the compiler draws the consolidation's dropout masks from its own generator.
 FREE_ON_RESUME = {"run_dir", "threads", "device", "preload", "save_every", "save_minutes", "log_every"}
-
-
-def stage_two_precision(device: str, precision: str) -> str:
-    """What train.precision means on DEVICE (auto: bf16 on CUDA, fp32 on the CPU); saved with the state."""
-    return "bf16" if uses_bf16(device, precision) else "fp32"
 
 
 def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, cfg: TrainConfig,

@@ -21,7 +21,7 @@ from typing import Callable
 
 from sherl_pipe.cache import Cache, manifest_fingerprint
 from sherl_pipe.config import Pipeline
-from sherl_pipe.devices import native_cpu_bf16, pick_device
+from sherl_pipe.devices import native_cpu_bf16, pick_device, stage_two_precision
 from sherl_pipe.errors import SherlError
 from sherl_pipe.model import ModelSpec
 from sherl_pipe.request import check_cache_matches
@@ -30,7 +30,7 @@ from sherl_pipe.tier_weights import measure_tier_weights
 from sherl_pipe.training.checkpoint import RunFolder
 from sherl_pipe.training.inference import compute_metrics, predict_split
 from sherl_pipe.training.loop import Budget, Hooks, RunState, Trainer
-from sherl_pipe.training.resume import check_resume, stage_two_precision, state_for_resume
+from sherl_pipe.training.resume import check_resume, state_for_resume
 from sherl_pipe.training.rng import rng_state, run_rng, set_rng_state
 from sherl_pipe.training.setup import (build_model, build_optimizer, build_scheduler, learning_rates, make_spec,
                                        source_for)
@@ -101,7 +101,7 @@ def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split,
     s = Session(pipeline, cache, spec, device, eval_split)
     if cfg.precision == "bf16" and device == "cpu" and not native_cpu_bf16():
         log("warning: train.precision = bf16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX): "
-            "stage two will be slower than in fp32; set train.precision = \"auto\"")
+            "stage two may be slower than in fp32; set train.precision = \"auto\"")
     s.model, s.live = build_model(spec, pipeline.backbone.source, cache.manifest, device)
     if cfg.compile and spec.mode != "full-finetune":
         s.model.compile_consolidation(log)
