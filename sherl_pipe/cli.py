@@ -134,7 +134,7 @@ def main():
     """
 
 
-def _run_extract(pipe, overwrite: bool, quiet: bool):
+def _run_extract(pipe, overwrite: bool, quiet: bool, for_training: bool = False):
     import torch
 
     from sherl_pipe.extraction import extract as run_extract
@@ -142,7 +142,7 @@ def _run_extract(pipe, overwrite: bool, quiet: bool):
     torch.set_num_threads(pipe.extract.threads)
     bar = Progress("extract", "sample", quiet)
     try:
-        return run_extract(pipe, overwrite=overwrite, progress=bar, log=_say)
+        return run_extract(pipe, overwrite=overwrite, progress=bar, log=_say, for_training=for_training)
     finally:
         bar.close()
 
@@ -309,11 +309,11 @@ def run(pipeline, overrides, run_dir, mode, late_tuning, epochs, resume, overwri
     if not quiet:
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
     try:  # a matching cache is reused (and finished if a run was interrupted) ...
-        summary = _run_extract(pipe, False, quiet)
+        summary = _run_extract(pipe, False, quiet, for_training=True)
     except CacheMismatch:
         if not overwrite:
             raise
-        summary = _run_extract(pipe, True, quiet)  # ... one that differs, only on request
+        summary = _run_extract(pipe, True, quiet, for_training=True)  # ... one that differs, only on request
     _print_extract_summary(summary)
     result = _run_training(pipe, resume, overwrite, quiet)
     _print_eval(run_eval(result.run_dir, pipe.evaluate.split, pipe.evaluate.checkpoint, pipe.evaluate.batch_size))
@@ -378,16 +378,17 @@ def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quie
     best.toml and plots in the sweep folder."""
     from sherl_pipe.config import dumps, load_pipeline
     from sherl_pipe.errors import CacheMismatch
-    from sherl_pipe.sweep import run_sweep
-
+    from sherl_pipe.extraction import planned_manifest
     from sherl_pipe.request import cache_ready
+    from sherl_pipe.sweep import plan_sweep, run_sweep
 
     pipe = load_pipeline(pipeline, overrides)
     if not quiet:
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
     if cache_ready(pipe):  # complete and matching: no need to load the model to compare module hashes
         click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
-    else:
+    else:  # the sweep file and its space are checked against the cache to be made before making it
+        plan_sweep(pipe, sweep_file, sweep_dir, manifest=planned_manifest(pipe))
         try:
             _print_extract_summary(_run_extract(pipe, False, quiet))
         except CacheMismatch:

@@ -196,19 +196,42 @@ class Plan:
     device: str
 
 
-def prepare(pipeline: Pipeline, timings: dict, overwrite: bool) -> Plan:
-    """Data, settings and the cache folder are checked before the model loads; then the model,
-    tokens, manifest."""
+def planned_manifest(pipeline: Pipeline, request=None) -> dict:
+    """What the cache this pipeline extracts will hold, short of what needs the model's weights or
+    the tokens (module hashes, token counts): enough to check a training request or a sweep's space
+    against it before anything is extracted."""
+    request = request or read_request(pipeline)
+    cfg, num_layers = pipeline.extract, request.config.num_hidden_layers
+    cut = num_layers - cfg.late_layers
+    if cut < 1:  # as in training (setup.make_spec): a cut at h[0] would cache no early layer
+        raise SherlError(f"extract.late_layers = {cfg.late_layers} is more than the backbone's {num_layers} "
+                         f"layers allow: at least one must stay early (cached); set extract.late_layers to at "
+                         f"most {num_layers - 1}")
+    return {**request.described, "cut": cut, "late_layers": cfg.late_layers, "tiers": resolve_tiers(cfg.tiers, cut)}
+
+
+def check_serves_training(pipeline: Pipeline, planned: dict) -> None:
+    """Refuse, before extracting, a cache the pipeline's own training could not use (`run`): a
+    train.late_layers or train.tiers the planned cut and tiers cannot serve."""
+    from sherl_pipe.training.setup import make_spec  # lazily: the training package imports this module's users
+
+    try:
+        make_spec(pipeline.train, planned)
+    except SherlError as exc:
+        raise SherlError(f"{exc} (checked before extracting; nothing was extracted)") from None
+
+
+def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, for_training: bool = False) -> Plan:
+    """Data, settings and the cache folder are checked before the model loads (with for_training,
+    also that the pipeline's training can use the cache); then the model, tokens, manifest."""
     cfg = pipeline.extract
     t = time.perf_counter()
     request = read_request(pipeline)
     timings["data"] = time.perf_counter() - t
-    cut = request.config.num_hidden_layers - cfg.late_layers
-    if cut < 1:  # as in training (setup.make_spec): a cut at h[0] would cache no early layer
-        raise SherlError(f"extract.late_layers = {cfg.late_layers} is more than the backbone's "
-                         f"{request.config.num_hidden_layers} layers allow: at least one must stay early "
-                         f"(cached); set extract.late_layers to at most {request.config.num_hidden_layers - 1}")
-    tiers = resolve_tiers(cfg.tiers, cut)
+    planned = planned_manifest(pipeline, request)
+    if for_training:
+        check_serves_training(pipeline, planned)
+    cut, tiers = planned["cut"], planned["tiers"]
     check_target(Path(cfg.cache), overwrite)
     device = pick_device(pipeline.backbone.device)
     t = time.perf_counter()
@@ -310,15 +333,17 @@ def write_blocks(writer: CacheWriter, plan: Plan, blocks, cfg, summary: ExtractS
         bg.close(check=ok)
 
 
-def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=print) -> ExtractSummary:
-    """Run stage one for the pipeline; `progress(n_samples)` is called as blocks finish.
+def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=print,
+            for_training: bool = False) -> ExtractSummary:
+    """Run stage one for the pipeline; `progress(n_samples)` is called as blocks finish. With
+    for_training (`run`), a cache the pipeline's train section could not use is refused up front.
 
     The caller sets torch's thread count (the CLI: extract.threads)."""
     cfg = pipeline.extract
     t_start = time.perf_counter()
     set_codec_threads(cfg.codec_threads)
     timings: dict[str, float] = {}
-    plan = prepare(pipeline, timings, overwrite)
+    plan = prepare(pipeline, timings, overwrite, for_training)
     t_write = time.perf_counter()  # from here on: the per-sample work, measured by the benchmark
     writer = open_writer(pipeline, plan, overwrite, log)
     try:

@@ -38,6 +38,23 @@ def test_errors_are_one_line_and_exit_2(tmp_path, bert_dir, text_csv):
         assert "Traceback" not in result.output
 
 
+def test_run_refuses_a_training_its_cache_could_not_serve_before_extracting(tmp_path, bert_dir, text_csv):
+    """`run` extracts and then trains: a train section the planned cache cannot serve (k >= L, an
+    anchor above the cut, a tier not stored) used to be found only after the extraction."""
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "c")
+    for sets, message in [
+        (["train.late_layers=3"], "train.late_layers = 3: the backbone has 3 layers"),
+        (["extract.late_layers=2", "train.late_layers=1"], "train.late_layers = 1: its anchor h[2] is not in the cache"),
+        (["extract.tiers=[0]", "train.late_layers=1", "train.tiers=[1]"], "train.tiers: tier 1 is not a stored tier"),
+    ]:
+        args = ["run", str(pipe), "-q", "--run-dir", str(tmp_path / "r")] + [x for s in sets for x in ("--set", s)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, (sets, result.output)
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+        assert "nothing was extracted" in result.stderr
+        assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
+
+
 def test_incomplete_cache_is_reported_incomplete(tmp_path, bert_dir, text_csv):
     from sherl_pipe.cache import Cache
     from sherl_pipe.config import load_pipeline

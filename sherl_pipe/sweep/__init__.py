@@ -25,8 +25,9 @@ class SweepResult:
     threads: int
 
 
-def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None):
-    """The sweep's settings and space, checked against the pipeline and its cache before anything runs."""
+def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None, manifest: dict | None = None):
+    """The sweep's settings and space, checked against the pipeline and its cache (or, before the
+    cache is made, the manifest it will have: extraction.planned_manifest) before anything runs."""
     from sherl_pipe.cache import Cache
     from sherl_pipe.sweep.config import load_sweep, resolve_metric
     from sherl_pipe.sweep.run import Plan
@@ -37,7 +38,7 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
     if not pipeline.train.eval_split:
         raise SherlError(f"{sweep.origin}: a sweep ranks trials on train.eval_split; set it (for example "
                          f"validation, or data.validation_size to carve one out of data.train)")
-    manifest = Cache(pipeline.extract.cache).manifest
+    manifest = manifest or Cache(pipeline.extract.cache).manifest
     metric, direction = resolve_metric(cfg, manifest["task"]["type"], sweep.origin)
     if metric == "f1_positive" and len(manifest["task"]["label_names"]) != 2:
         raise SherlError(f"{sweep.origin}: sweep.metric = 'f1_positive' needs two classes")
