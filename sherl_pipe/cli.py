@@ -215,8 +215,10 @@ def _run_training(pipe, resume, overwrite, quiet):
         _say(f"interrupted: run {result.run_dir} saved at step {result.steps}; continue it with the same command "
              f"and --resume")
         sys.exit(130)
+    from sherl_pipe.inspect import counted
+
     best = result.best
-    click.echo(f"run {result.run_dir}: {result.steps} steps, {result.epochs_done} epochs, "
+    click.echo(f"run {result.run_dir}: {result.steps} steps, {counted(result.epochs_done, 'epoch')}, "
                f"{result.samples_per_s:.1f} samples/s, {result.seconds:.1f} s"
                + (f" (stopped: {result.stop_reason})" if result.stop_reason else ""))
     if best:
@@ -326,9 +328,9 @@ def run(pipeline, overrides, run_dir, mode, late_tuning, epochs, resume, overwri
 def info(cache, as_json):
     """Show a cache's manifest, splits, arrays, sizes and completeness; or, for a run folder, its
     model, training summary and learned tier weights."""
-    from sherl_pipe.inspect import cache_report, format_report, format_run_report, is_run_folder, run_report
+    from sherl_pipe.inspect import cache_report, folder_kind, format_report, format_run_report, run_report
 
-    if is_run_folder(cache):
+    if folder_kind(cache) == "run":
         report = run_report(cache)
         click.echo(json.dumps(report, indent=2) if as_json else format_run_report(report))
         return

@@ -86,6 +86,20 @@ def is_run_folder(path: str) -> bool:
     return (Path(path) / "model.json").is_file()
 
 
+def folder_kind(path: str) -> str:
+    """'run' or 'cache', for `info`; anything else is refused naming both."""
+    if is_run_folder(path):
+        return "run"
+    if (Path(path) / "zarr.json").is_file():
+        return "cache"
+    raise SherlError(f"{path}: neither a cache (no zarr.json) nor a run folder (no model.json); give a cache made "
+                     f"by `sherl-pipe extract` or a run folder made by `sherl-pipe train`")
+
+
+def counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def run_report(path: str) -> dict:
     """A run folder's model, its training summary (with the learned tier weights) and its cache."""
     folder = Path(path)
@@ -126,7 +140,7 @@ def format_run_report(r: dict) -> str:
     if summary is None:
         lines.append("summary    none yet (the run has not finished)")
         return "\n".join(lines)
-    lines.append(f"training   {summary['steps']} steps, {summary['epochs']} epochs, "
+    lines.append(f"training   {summary['steps']} steps, {counted(summary['epochs'], 'epoch')}, "
                  f"{summary['stop_reason'] or 'finished'}; {format_best(summary.get('best'))}")
     lines.append(format_tier_weights(summary.get("tier_weights")))
     return "\n".join(lines)

@@ -29,7 +29,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path, bert_dir, text_csv):
         (["extract", str(pipe), "--set", "data.label_column=nope"], "no column 'nope'"),
         (["extract", str(tmp_path / "none.toml")], "not found"),
         (["extract", str(pipe), "--set", "extract.codec=gzip"], "extract.codec = 'gzip' is not one of"),
-        (["info", str(tmp_path / "nothing")], "not found (no zarr.json)"),
+        (["info", str(tmp_path / "nothing")], "neither a cache (no zarr.json) nor a run folder (no model.json)"),
     ]:
         result = runner.invoke(main, args)
         assert result.exit_code == 2, (args, result.output)

@@ -91,7 +91,7 @@ def test_cli_train_evaluate_predict(trained, tmp_path):
     pipe_file = root / "p.toml"
     r = runner.invoke(main, ["train", str(pipe_file), "--run-dir", str(tmp_path / "run"), "--epochs", "1", "-q"])
     assert r.exit_code == 0, r.output
-    assert "best on validation" in r.stdout
+    assert "best on validation" in r.stdout and " 1 epoch, " in r.stdout
     r = runner.invoke(main, ["train", str(pipe_file), "--run-dir", str(tmp_path / "run"), "-q"])
     assert r.exit_code == 2 and "already exists; use --resume" in r.stderr
     r = runner.invoke(main, ["evaluate", str(tmp_path / "run"), "--split", "validation"])
