@@ -74,7 +74,7 @@ class Jobs:
 
 
 def train_job(pipe_file: str, overrides: list[str]) -> dict:
-    """One training run in this process: timing, peak RSS and, when the pipeline has a test split,
+    """One training run in this process: timing, peak RSS and, when the cache has a test split,
     test accuracy with each sentence's correctness (for paired comparisons)."""
     import torch
 
@@ -90,7 +90,9 @@ def train_job(pipe_file: str, overrides: list[str]) -> dict:
     info = json.loads((Path(pipe.train.run_dir) / "model.json").read_text())
     out["hyperparameters"] = {"lr_new": info["lr_new"], "lr_pretrained": info["lr_pretrained"],
                               "trainable_parameters": info["trainable_parameters"], **pipe.to_dict()["train"]}
-    if pipe.data.test:
+    from sherl_pipe.cache import Cache
+
+    if "test" in Cache(pipe.extract.cache).splits:  # data.test, or data.source split three ways
         ev = evaluate(pipe.train.run_dir, "test", "last")
         out["test_accuracy"] = ev["accuracy"]
         with open(Path(pipe.train.run_dir) / "predictions_test_last.csv", newline="") as f:
