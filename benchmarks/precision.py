@@ -47,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--work", type=Path, default=Path("benchmarks/results/precision"))
-    ap.add_argument("--rows", type=int, default=8000, help="training rows (0: all of train.tsv)")
+    ap.add_argument("--rows", type=int, default=8000, help="SST-2 training rows (0: all of train.tsv; not with --task)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

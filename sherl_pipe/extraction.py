@@ -199,7 +199,8 @@ class Plan:
 def planned_manifest(pipeline: Pipeline, request=None) -> dict:
     """What the cache this pipeline extracts will hold, short of what needs the model's weights or
     the tokens (module hashes, token counts): enough to check a training request or a sweep's space
-    against it before anything is extracted."""
+    against it before anything is extracted. Without module hashes, pooling assumes the weights
+    have a pooler: `cls-pooler` on weights without one is still refused only by training."""
     request = request or read_request(pipeline)
     cfg, num_layers = pipeline.extract, request.config.num_hidden_layers
     cut = num_layers - cfg.late_layers
@@ -210,15 +211,33 @@ def planned_manifest(pipeline: Pipeline, request=None) -> dict:
     return {**request.described, "cut": cut, "late_layers": cfg.late_layers, "tiers": resolve_tiers(cfg.tiers, cut)}
 
 
-def check_serves_training(pipeline: Pipeline, planned: dict) -> None:
-    """Refuse, before extracting, a cache the pipeline's own training could not use (`run`): a
-    train.late_layers or train.tiers the planned cut and tiers cannot serve."""
-    from sherl_pipe.training.setup import make_spec  # lazily: the training package imports this module's users
+def check_serves_training(pipeline: Pipeline, planned: dict, overwrite: bool) -> None:
+    """Refuse, before extracting, a cache the pipeline's own `run` could not use: a split it reads
+    (train, train.eval_split, evaluate.split) that the cache will not have, or a train.late_layers
+    or train.tiers its cut and tiers cannot serve. An existing cache that serves the training is
+    left to open_writer's message (keep its extract.late_layers), unless it is to be overwritten."""
+    from sherl_pipe.training.setup import check_splits, make_spec  # lazily: training imports this module's users
 
+    splits, where = list(planned["splits"]), f"the cache extract.* describes ({pipeline.extract.cache})"
     try:
-        make_spec(pipeline.train, planned)
+        check_splits(pipeline.train, splits, where)
+        if pipeline.evaluate.split not in splits:
+            raise SherlError(f"evaluate.split = '{pipeline.evaluate.split}': {where} will have no such split (has: "
+                             f"{', '.join(splits)}); set evaluate.split to one of them")
+        if overwrite or not _existing_cache_serves(pipeline):
+            make_spec(pipeline.train, planned)
     except SherlError as exc:
         raise SherlError(f"{exc} (checked before extracting; nothing was extracted)") from None
+
+
+def _existing_cache_serves(pipeline: Pipeline) -> bool:
+    from sherl_pipe.cache.store import is_sherl_cache
+
+    path = Path(pipeline.extract.cache)
+    try:
+        return is_sherl_cache(path) and serves(Cache(path).manifest, pipeline.train.late_layers, pipeline.train.tiers)
+    except SherlError:
+        return False
 
 
 def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, for_training: bool = False) -> Plan:
@@ -230,7 +249,7 @@ def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, for_training: bo
     timings["data"] = time.perf_counter() - t
     planned = planned_manifest(pipeline, request)
     if for_training:
-        check_serves_training(pipeline, planned)
+        check_serves_training(pipeline, planned, overwrite)
     cut, tiers = planned["cut"], planned["tiers"]
     check_target(Path(cfg.cache), overwrite)
     device = pick_device(pipeline.backbone.device)

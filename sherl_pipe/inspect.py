@@ -92,8 +92,9 @@ def folder_kind(path: str) -> str:
         return "run"
     if (Path(path) / "zarr.json").is_file():
         return "cache"
-    raise SherlError(f"{path}: neither a cache (no zarr.json) nor a run folder (no model.json); give a cache made "
-                     f"by `sherl-pipe extract` or a run folder made by `sherl-pipe train`")
+    what = "neither a cache (no zarr.json) nor a run folder (no model.json)" if Path(path).exists() else "not found"
+    raise SherlError(f"{path}: {what}; give a cache (made by `extract` or `run`) or a run folder (made by `train`, "
+                     f"`run` or a sweep trial)")
 
 
 def counted(n: int, noun: str) -> str:

@@ -29,7 +29,8 @@ def test_errors_are_one_line_and_exit_2(tmp_path, bert_dir, text_csv):
         (["extract", str(pipe), "--set", "data.label_column=nope"], "no column 'nope'"),
         (["extract", str(tmp_path / "none.toml")], "not found"),
         (["extract", str(pipe), "--set", "extract.codec=gzip"], "extract.codec = 'gzip' is not one of"),
-        (["info", str(tmp_path / "nothing")], "neither a cache (no zarr.json) nor a run folder (no model.json)"),
+        (["info", str(tmp_path / "nothing")], "nothing: not found; give a cache (made by `extract` or `run`)"),
+        (["info", str(tmp_path)], "neither a cache (no zarr.json) nor a run folder (no model.json)"),
     ]:
         result = runner.invoke(main, args)
         assert result.exit_code == 2, (args, result.output)
@@ -46,6 +47,9 @@ def test_run_refuses_a_training_its_cache_could_not_serve_before_extracting(tmp_
         (["train.late_layers=3"], "train.late_layers = 3: the backbone has 3 layers"),
         (["extract.late_layers=2", "train.late_layers=1"], "train.late_layers = 1: its anchor h[2] is not in the cache"),
         (["extract.tiers=[0]", "train.late_layers=1", "train.tiers=[1]"], "train.tiers: tier 1 is not a stored tier"),
+        (['extract.splits=["train", "test"]', "train.eval_split=validation"],
+         "train.eval_split = 'validation': the cache extract.* describes"),
+        (["evaluate.split=dev"], "evaluate.split = 'dev': the cache extract.* describes"),
     ]:
         args = ["run", str(pipe), "-q", "--run-dir", str(tmp_path / "r")] + [x for s in sets for x in ("--set", s)]
         result = CliRunner().invoke(main, args)
@@ -53,6 +57,26 @@ def test_run_refuses_a_training_its_cache_could_not_serve_before_extracting(tmp_
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
         assert "nothing was extracted" in result.stderr
         assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
+
+
+def test_run_keeps_a_cache_that_serves_its_training_over_one_that_would_not(tmp_path, bert_dir, text_csv):
+    """A cache extracted with k = 1 serves train.late_layers = 1; `run` asked to extract with k = 2
+    (which would not) says how to reuse the cache, and with --overwrite refuses before replacing it
+    with one its training cannot read (the old code replaced it, then failed)."""
+    from sherl_pipe.cache import Cache
+
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "c")
+    assert CliRunner().invoke(main, ["extract", str(pipe), "-q"]).exit_code == 0
+    before = Cache(tmp_path / "c").manifest["created"], sorted(p.name for p in (tmp_path / "c").iterdir())
+    args = ["run", str(pipe), "-q", "--run-dir", str(tmp_path / "r"), "--set", "extract.late_layers=2",
+            "--set", "train.late_layers=1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "already serves train.late_layers = 1" in result.stderr, result.output
+    assert "keep extract.late_layers = 1" in result.stderr
+    result = CliRunner().invoke(main, args + ["--overwrite"])
+    assert result.exit_code == 2 and "its anchor h[2] is not in the cache" in result.stderr, result.output
+    assert "nothing was extracted" in result.stderr
+    assert (Cache(tmp_path / "c").manifest["created"], sorted(p.name for p in (tmp_path / "c").iterdir())) == before
 
 
 def test_incomplete_cache_is_reported_incomplete(tmp_path, bert_dir, text_csv):

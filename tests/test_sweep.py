@@ -217,12 +217,14 @@ def test_bad_sweep_files_are_refused_before_any_trial(tmp_path, bert_dir, labele
     ('[sweep]\n[sweep.space]\nlate_layers = [1, 4]\n', r"late_layers = 4 .*the cache cannot serve it"),
     ('[sweep]\n[sweep.space]\ntiers = [[0, 7]]\n', r"tiers = \[0, 7\]: the cache cannot serve it"),
     ('[sweep]\nmetric = "pearson"\n[sweep.space]\nlr = [0.1]\n', r"sweep.metric = 'pearson' is not a classification"),
+    ('[sweep]\n[sweep.space]\nlr = [0.1]\n', r"train.eval_split = 'dev': cache \S+ has no such split"),
 ])
 def test_bad_sweep_files_are_refused_before_the_cache_is_made(tmp_path, bert_dir, labeled_csv, table, message):
     """`sherl-pipe sweep` without a cache extracts first; a bad sweep file used to be found only
     after that extraction (which on real data takes many minutes)."""
     path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, tmp_path / "cache", table)
-    r = CliRunner().invoke(main, ["sweep", str(path), "-q"])
+    sets = ["--set", "train.eval_split=dev"] if "eval_split = 'dev'" in message else []
+    r = CliRunner().invoke(main, ["sweep", str(path), "-q", *sets])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert re.search(message, r.stderr) and r.stderr.startswith("error: "), r.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "sweep").exists()

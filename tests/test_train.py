@@ -335,7 +335,7 @@ def test_norm_bias_trains_the_pooler_bias_too(tmp_path, bert_dir, labeled_csv, f
 
 def test_an_eval_split_missing_from_the_cache_is_an_error(tmp_path, bert_dir, labeled_csv, fp32_cache):
     pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run", 'eval_split = "dev"')
-    with pytest.raises(SherlError, match=r"train.eval_split = 'dev': the cache has no such split \(has: train, "
+    with pytest.raises(SherlError, match=r"train.eval_split = 'dev': cache \S+ has no such split \(has: train, "
                                          r"validation, test\); .*\"\" to train without evaluation"):
         train(pipe, log=lambda m: None)
     assert not (tmp_path / "run").exists()

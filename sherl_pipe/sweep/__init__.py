@@ -32,6 +32,7 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
     from sherl_pipe.sweep.config import load_sweep, resolve_metric
     from sherl_pipe.sweep.run import Plan
     from sherl_pipe.sweep.space import check_space, grid, grid_size, parse_space
+    from sherl_pipe.training.setup import check_splits
 
     sweep = load_sweep(pipeline, sweep_file, sweep_dir)
     cfg = sweep.config
@@ -39,6 +40,7 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
         raise SherlError(f"{sweep.origin}: a sweep ranks trials on train.eval_split; set it (for example "
                          f"validation, or data.validation_size to carve one out of data.train)")
     manifest = manifest or Cache(pipeline.extract.cache).manifest
+    check_splits(pipeline.train, list(manifest["splits"]), f"cache {pipeline.extract.cache}")
     metric, direction = resolve_metric(cfg, manifest["task"]["type"], sweep.origin)
     if metric == "f1_positive" and len(manifest["task"]["label_names"]) != 2:
         raise SherlError(f"{sweep.origin}: sweep.metric = 'f1_positive' needs two classes")

@@ -32,8 +32,8 @@ from sherl_pipe.training.inference import compute_metrics, predict_split
 from sherl_pipe.training.loop import Budget, Hooks, RunState, Trainer
 from sherl_pipe.training.resume import check_resume, state_for_resume
 from sherl_pipe.training.rng import rng_state, run_rng, set_rng_state
-from sherl_pipe.training.setup import (build_model, build_optimizer, build_scheduler, learning_rates, make_spec,
-                                       source_for)
+from sherl_pipe.training.setup import (build_model, build_optimizer, build_scheduler, check_splits, learning_rates,
+                                       make_spec, source_for)
 
 
 @dataclass
@@ -81,15 +81,10 @@ def open_training_cache(pipeline: Pipeline, check_cache: bool = True) -> tuple[C
     cache = Cache(pipeline.extract.cache)
     if check_cache:
         check_cache_matches(cache, pipeline)
-    if "train" not in cache.splits:
-        raise SherlError(f"cache {cache.path}: has no 'train' split (has: {', '.join(cache.splits)})")
+    check_splits(cfg, cache.splits, f"cache {cache.path}")
     cache.require_complete("train")
     spec = make_spec(cfg, cache.manifest)
     eval_split = cfg.eval_split or None
-    if eval_split is not None and eval_split not in cache.splits:
-        raise SherlError(f"train.eval_split = '{eval_split}': the cache has no such split (has: "
-                         f"{', '.join(cache.splits)}); set train.eval_split to one of them, or to \"\" to train "
-                         f"without evaluation (no best checkpoint, no early stopping)")
     if eval_split is not None:
         cache.require_complete(eval_split)
     return cache, spec, eval_split

@@ -33,7 +33,7 @@ def make_spec(cfg: TrainConfig, manifest: dict) -> ModelSpec:
         if anchor not in stored:
             raise SherlError(f"train.late_layers = {cfg.late_layers}: its anchor h[{anchor}] is not in the cache "
                              f"(stored tiers {stored}); choose late_layers with L - k in the stored tiers, or "
-                             f"re-extract with extract.late_layers = {cfg.late_layers}")
+                             f"extract the cache with extract.late_layers = {cfg.late_layers}")
         tiers = list(cfg.tiers) if cfg.tiers else [t for t in stored if t < anchor]
         bad = [t for t in tiers if t not in stored or t > anchor]
         if bad:
@@ -48,6 +48,16 @@ def make_spec(cfg: TrainConfig, manifest: dict) -> ModelSpec:
         pooling=resolve_pooling(cfg.pooling, manifest), projection=cfg.projection, reduction=cfg.reduction,
         dropout=cfg.dropout, late_tuning=cfg.late_tuning if cfg.mode != "full-finetune" else "full",
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+
+
+def check_splits(cfg: TrainConfig, splits: list[str], cache: str) -> None:
+    """The splits training reads (train, and train.eval_split when set) are among the cache's."""
+    if "train" not in splits:
+        raise SherlError(f"{cache}: has no 'train' split (has: {', '.join(splits)})")
+    if cfg.eval_split and cfg.eval_split not in splits:
+        raise SherlError(f"train.eval_split = '{cfg.eval_split}': {cache} has no such split (has: "
+                         f"{', '.join(splits)}); set train.eval_split to one of them, or to \"\" to train "
+                         f"without evaluation (no best checkpoint, no early stopping)")
 
 
 def verified_module(folder: Path, config, manifest: dict, name: str) -> nn.Module:
