@@ -152,6 +152,20 @@ def test_a_pruned_trial_is_recorded_with_its_epoch(tmp_path, bert_dir, labeled_c
     assert got[1]["state"] == "pruned" and got[1]["epochs"] == "1"
 
 
+def test_a_resumed_random_search_draws_new_settings(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """Rerun with a larger budget, a random search seeded with sweep.seed alone drew trial 0's
+    settings again for every new trial (the sampler started its sequence over)."""
+    from sherl_pipe.sweep import run_sweep
+
+    table = ('[sweep]\nsampler = "random"\ntrials = 2\ndir = "{dir}"\nworkers = 1\nthreads = 1\n'
+             '[sweep.space]\nlr = {low = 0.0001, high = 0.01, log = true}\n')
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 1\nmax_steps = 2")
+    run_sweep(load_pipeline(str(path)), log=lambda m: None)
+    run_sweep(load_pipeline(str(path), ["sweep.trials=4"]), log=lambda m: None)
+    lrs = [r["lr"] for r in rows(tmp_path / "sweep")]
+    assert len(lrs) == 4 and len(set(lrs)) == 4, lrs
+
+
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, bert_dir, labeled_csv, fp32_cache):
     from optuna.trial import TrialState
 

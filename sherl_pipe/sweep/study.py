@@ -36,7 +36,10 @@ def storage(sweep_dir: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / JOURNAL)))
 
 
-def make_sampler(cfg: SweepConfig, params: list[Param], origin: str):
+def make_sampler(cfg: SweepConfig, params: list[Param], origin: str, done: int = 0):
+    """The sweep's sampler. DONE is the number of trials the study already holds: a resumed random
+    or TPE search seeded with sweep.seed alone would draw the first trials' settings again (the
+    grid sampler skips the points it has visited), so its seed moves on by that number."""
     optuna = _quiet_optuna()
     if cfg.sampler == "grid":
 
@@ -48,9 +51,10 @@ def make_sampler(cfg: SweepConfig, params: list[Param], origin: str):
                 return None
 
         return SweepGridSampler(grid(params, origin), seed=cfg.seed)
+    seed = cfg.seed + done
     if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def make_pruner(cfg: SweepConfig):
@@ -98,6 +102,8 @@ def open_study(sweep_dir: Path, cfg: SweepConfig, params: list[Param], sig: dict
         differs = sorted(k for k in sig if study.user_attrs.get("signature", {}).get(k) != sig[k])
         raise SherlError(f"sweep folder {sweep_dir}: holds a sweep with another {', '.join(differs)}; rerun it as it "
                          f"was to resume it, use --overwrite to start again, or set sweep.dir (or --sweep-dir)")
+    else:
+        study.sampler = make_sampler(cfg, params, origin, done=len(study.get_trials(deepcopy=False)))
     return study
 
 
