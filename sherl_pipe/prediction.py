@@ -29,9 +29,14 @@ PREDICT_NAMES = Names(encoding="--encoding", format="--format", columns="--text-
                       quoting="the training data's data.quoting")
 
 
-def check_output(output_path: str) -> Path:
-    """Refuse an output that cannot be written, before any work."""
+def check_output(output_path: str, input_path: str, overwrite: bool = False) -> Path:
+    """Refuse an output that cannot be written, or would replace a file not asked for (the input
+    itself never), before any work."""
     path = Path(output_path)
+    if path.exists() and Path(input_path).exists() and path.resolve() == Path(input_path).resolve():
+        raise SherlError(f"--output {output_path}: is the input file; write the predictions elsewhere")
+    if path.is_file() and not overwrite:
+        raise SherlError(f"--output {output_path}: exists; use --overwrite to replace it, or write elsewhere")
     if path.is_dir():
         raise SherlError(f"--output {output_path}: is a folder; give a .csv or .jsonl file")
     if path.suffix not in OUTPUT_SUFFIXES:
@@ -89,6 +94,9 @@ def read_input(t: Trained, input_path: str, fmt: str, encoding: str, text_column
                text_pair_column: str | None) -> tuple[list[str], list[str] | None]:
     """The input's texts (and pairs), in the training data's columns unless told otherwise."""
     task = t.manifest["task"]
+    if text_pair_column and not task["text_pair_column"]:
+        raise SherlError(f"--text-pair-column {text_pair_column}: the run was trained on single texts (its data "
+                         f"has no text_pair_column); leave the option out")
     columns = [text_column or task["text_column"]]
     pair = text_pair_column or task["text_pair_column"]
     columns += [pair] if pair else []
@@ -107,9 +115,10 @@ def read_input(t: Trained, input_path: str, fmt: str, encoding: str, text_column
 
 def predict(run_dir, input_path: str, output_path: str, checkpoint: str = "best", batch_size: int = 128,
             fmt: str = "auto", encoding: str = "utf-8", backbone_source: str | None = None,
-            text_column: str | None = None, text_pair_column: str | None = None) -> int:
-    """Labels (and probabilities) or values for the rows of a text file; returns the rows written."""
-    out_path = check_output(output_path)
+            text_column: str | None = None, text_pair_column: str | None = None, overwrite: bool = False) -> int:
+    """Labels (and probabilities) or values for the rows of a text file; returns the rows written.
+    An existing output file is replaced only with overwrite; the input file never."""
+    out_path = check_output(output_path, input_path, overwrite)
     trained = load_trained(run_dir, checkpoint)
     texts, pairs = read_input(trained, input_path, fmt, encoding, text_column, text_pair_column)
     outputs = Predictor(trained, backbone_source).outputs(texts, pairs, batch_size)

@@ -101,6 +101,20 @@ def test_cli_train_evaluate_predict(trained, tmp_path):
     r = runner.invoke(main, ["predict", str(tmp_path / "run"), "--input", str(files["test"]),
                              "--output", str(tmp_path / "o.csv")])
     assert r.exit_code == 0 and "wrote 48 predictions" in r.stdout
+    written = (tmp_path / "o.csv").read_bytes()
+    for args, message in [(["o.csv"], "o.csv: exists; use --overwrite to replace it"),
+                          (["o4.csv", "--text-pair-column", "text"], "--text-pair-column text: the run was trained on "
+                                                                     "single texts")]:
+        r = runner.invoke(main, ["predict", str(tmp_path / "run"), "--input", str(files["test"]),
+                                 "--output", str(tmp_path / args[0]), *args[1:]])
+        assert r.exit_code == 2 and message in r.stderr, r.output
+    assert (tmp_path / "o.csv").read_bytes() == written and not (tmp_path / "o4.csv").exists()
+    r = runner.invoke(main, ["predict", str(tmp_path / "run"), "--input", str(files["test"]),
+                             "--output", str(tmp_path / "o.csv"), "--overwrite"])
+    assert r.exit_code == 0 and "wrote 48 predictions" in r.stdout
+    r = runner.invoke(main, ["predict", str(tmp_path / "run"), "--input", str(files["test"]),
+                             "--output", str(files["test"]), "--overwrite"])  # the input itself: never
+    assert r.exit_code == 2 and "is the input file" in r.stderr, r.output
     r = runner.invoke(main, ["predict", str(tmp_path / "run"), "--input", str(tmp_path / "none.csv"),
                              "--output", str(tmp_path / "o2.csv")])
     assert r.exit_code == 2 and "not found" in r.stderr
