@@ -54,7 +54,11 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict:
+    """Pearson, Spearman and MSE; all NaN when a prediction is not finite (ranks of NaNs would
+    give a Spearman that looks real)."""
     pred, gold = pred.astype(np.float64), gold.astype(np.float64)
+    if not np.isfinite(pred).all():
+        return {"pearson": float("nan"), "spearman": float("nan"), "mse": float("nan")}
     return {"pearson": _pearson(pred, gold), "spearman": _pearson(_rank(pred), _rank(gold)),
             "mse": float(((pred - gold) ** 2).mean())}
 

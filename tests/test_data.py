@@ -88,7 +88,10 @@ def test_regression_targets(tmp_path):
     ("text,label\na,1\n ,0\nb,1\n,1\n", {}, r"column 'text' is empty in data rows 2, 4"),
     ("text,label\na,1\nb,\n", {}, r"column 'label' is empty in data rows 2"),
     ("text,y\na,1.5\nb,high\n", {"label_column": "y", "task_type": "regression"},
-     r"column 'y' has values that are not finite numbers in data rows 2"),
+     r"column 'y' has values that are not finite numbers within float32's range .*in data rows 2"),
+    # finite in Python, inf in the float32 the cache stores: it used to train a NaN model silently
+    ("text,y\na,1.5\nb,1e39\nc,-4e38\n", {"label_column": "y", "task_type": "regression"},
+     r"column 'y' has values that are not finite numbers within float32's range .*in data rows 2, 3"),
     ("text,label\na,1\nb,2\n", {"label_names": ["1", "3"]}, r"label '2' that is not in data.label_names"),
     ("text,label,c\na,1,x\n", {"filter_column": "c", "filter_min": 0.5}, r"column 'c' has non-numeric values in data rows 1"),
     ("text,label\na,1\nb,1\n", {}, r"classification needs at least 2 classes"),

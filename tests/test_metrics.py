@@ -31,6 +31,14 @@ def test_degenerate_predictions():
     assert m["mcc"] == 0.0 and m["f1_positive"] == 0.0
 
 
+def test_regression_metrics_of_non_finite_predictions_are_nan():
+    """All-NaN predictions scored Spearman 0.96 (NaNs ranked in input order) and Pearson 0."""
+    gold = np.arange(10.0)
+    m = regression_metrics(np.full(10, np.nan), gold)
+    assert all(np.isnan(v) for v in m.values()), m
+    assert all(np.isnan(v) for v in regression_metrics(np.r_[np.inf, np.arange(9.0)], gold).values())
+
+
 def test_regression_metrics_equal_scipy():
     from scipy.stats import pearsonr, spearmanr
 

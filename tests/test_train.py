@@ -212,6 +212,22 @@ def test_regression_and_full_finetune(tmp_path, bert_dir):
     assert ft.steps == 6 and "pearson" in ft.best
 
 
+def test_a_diverging_run_stops_with_an_error_instead_of_training_nan(tmp_path, bert_dir):
+    """Targets near float32's limit make the MSE overflow: the run used to finish with NaN weights
+    and metrics that looked real; it stops at the first non-finite loss, naming the step."""
+    data = tmp_path / "big.csv"
+    data.write_text("text,score\n" + "".join(f"good film {i},{3e38 if i % 2 else i}\n" for i in range(40)))
+    path = tmp_path / "p.toml"
+    write_pipeline(path, bert_dir, data, tmp_path / "cache")
+    path.write_text(path.read_text().replace('split_sizes = [0.6, 0.2, 0.2]', 'split_sizes = [0.6, 0.2, 0.2]\n'
+                                             'label_column = "score"\ntask_type = "regression"')
+                    + f'\n[train]\nrun_dir = "{tmp_path / "run"}"\nlate_layers = 1\nbatch_size = 8\n')
+    pipe = load_pipeline(str(path))
+    extract(pipe)
+    with pytest.raises(SherlError, match=r"^train loss is inf at step 1 \(epoch 1\): training diverged; lower "):
+        train(pipe, log=lambda m: None)
+
+
 def test_bad_stage_two_settings(tmp_path, bert_dir, labeled_csv, fp32_cache):
     for extra, message in [
         # more late layers than the backbone has: the fix is a smaller k (re-extracting cannot help)

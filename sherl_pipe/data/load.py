@@ -115,6 +115,9 @@ def _clean_rows(cfg: DataConfig, table: dict, rows: list[int], path) -> list[int
     return rows[: cfg.limit] if cfg.limit else rows
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _labels(cfg: DataConfig, raw: list, rows: list[int], path):
     missing = [rows[j] for j, v in enumerate(raw) if v is None or (isinstance(v, str) and not v.strip())]
     if missing:
@@ -122,10 +125,12 @@ def _labels(cfg: DataConfig, raw: list, rows: list[int], path):
     if cfg.task_type == "classification":
         return [label_key(v) for v in raw]
     targets = [_parse_float(v) for v in raw]
-    bad = [rows[j] for j, v in enumerate(targets) if not math.isfinite(v)]
+    # stored as float32: a larger value would become inf there and train a NaN model without a word
+    bad = [rows[j] for j, v in enumerate(targets) if not math.isfinite(v) or abs(v) > FLOAT32_MAX]
     if bad:
         raise SherlError(f"data file {path}: column '{cfg.label_column}' has values that are not finite numbers "
-                         f"in data rows {rows_text(bad)} (task_type = 'regression')")
+                         f"within float32's range (|x| <= 3.4e38) in data rows {rows_text(bad)} (task_type = "
+                         f"'regression')")
     return np.asarray(targets, dtype=np.float32)
 
 

@@ -9,6 +9,7 @@ the caller saves it with the model, optimizer, scheduler and RNG states.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from sherl_pipe.devices import autocast
+from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import PRIMARY
 from sherl_pipe.model import ModelSpec
 from sherl_pipe.training.inference import forward, loss_fn
@@ -107,8 +109,13 @@ class Trainer:
             with autocast(self.device, self.precision):
                 out = forward(self.model, self.spec, batch)
             loss = loss_fn(self.spec, out, batch.labels)
+            value = float(loss.detach())
+            if not math.isfinite(value):  # before backward: the weights stay as the last step left them
+                raise SherlError(f"train loss is {value} at step {state.step + 1} (epoch {state.epoch + 1}): "
+                                 f"training diverged; lower train.lr (or train.lr_late), or check the labels' "
+                                 f"scale; the run folder keeps its last checkpoint")
             (loss * (len(batch.index) / total)).backward()
-            loss_sum += float(loss.detach()) * len(batch.index)
+            loss_sum += value * len(batch.index)
         if self.budget.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.budget.grad_clip)
         self.optimizer.step()
