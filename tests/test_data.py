@@ -93,6 +93,9 @@ def test_regression_targets(tmp_path):
     ("text,y\na,1.5\nb,1e39\nc,-4e38\n", {"label_column": "y", "task_type": "regression"},
      r"column 'y' has values that are not finite numbers within float32's range .*in data rows 2, 3"),
     ("text,label\na,1\nb,2\n", {"label_names": ["1", "3"]}, r"label '2' that is not in data.label_names"),
+    # the rows named are those of the label named (they were every unknown label's)
+    ("text,label\na,x\nb,y\nc,x\nd,z\ne,w\n", {"label_names": ["z", "w"]},
+     r"label 'x' that is not in data.label_names \['z', 'w'\], in data rows 1, 3 \(and 1 other unknown label\(s\): \['y'\]\)$"),
     ("text,label,c\na,1,x\n", {"filter_column": "c", "filter_min": 0.5}, r"column 'c' has non-numeric values in data rows 1"),
     ("text,label\na,1\nb,1\n", {}, r"classification needs at least 2 classes"),
 ])

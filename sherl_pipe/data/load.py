@@ -156,8 +156,11 @@ def _label_ids(path, column: str, labels: list[str], rows: np.ndarray, names: li
     index = {name: i for i, name in enumerate(names)}
     bad = [j for j, v in enumerate(labels) if v not in index]
     if bad:
-        raise SherlError(f"data file {path}: column '{column}' has label {labels[bad[0]]!r} that is not in "
-                         f"data.label_names {names}, in data rows {rows_text([int(rows[j]) for j in bad])}")
+        unknown = sorted({labels[j] for j in bad})
+        first = [int(rows[j]) for j in bad if labels[j] == unknown[0]]
+        others = f" (and {len(unknown) - 1} other unknown label(s): {unknown[1:4]})" if len(unknown) > 1 else ""
+        raise SherlError(f"data file {path}: column '{column}' has label {unknown[0]!r} that is not in "
+                         f"data.label_names {names}, in data rows {rows_text(first)}{others}")
     return np.asarray([index[v] for v in labels], dtype=np.int64)
 
 
