@@ -37,14 +37,26 @@ class ModelSpec:
     late_tuning: str
     lora_rank: int
     lora_alpha: float
+    # Regression: the training targets' mean and sd. The head predicts in sd units around the mean
+    # and the loss is the MSE in those units, so the defaults hold whatever the targets' scale (a
+    # head starting near 0 took many epochs to reach targets around 19 and lost to the mean).
+    # Classification, and runs saved before these existed: 0 and 1, no scaling.
+    target_mean: float = 0.0
+    target_std: float = 1.0
 
     @property
     def anchor(self) -> int:
         return self.num_layers - self.late_layers
 
+    @property
+    def target_scale(self) -> tuple[float, float] | None:
+        return None if (self.target_mean, self.target_std) == (0.0, 1.0) else (self.target_mean, self.target_std)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tiers"] = list(self.tiers)
+        if self.target_scale is None:  # as runs without target scaling saved it (their resume compares it)
+            del d["target_mean"], d["target_std"]
         return d
 
     @classmethod
@@ -97,13 +109,22 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: nn.Modu
 
 
 class Head(nn.Module):
-    def __init__(self, width: int, num_outputs: int, dropout: float):
+    """Dropout and a linear layer; for regression, its output mapped from sd units to the targets'
+    units (in fp32: a mean like 140 in bf16 would round to a step of 1). The scale is plain numbers
+    from the spec, not state, so checkpoints keep the same keys."""
+
+    def __init__(self, width: int, num_outputs: int, dropout: float, scale: tuple[float, float] | None = None):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(width, num_outputs)
+        self.scale = scale
 
     def forward(self, x):
-        return self.out(self.dropout(x))
+        y = self.out(self.dropout(x))
+        if self.scale is None:
+            return y
+        mean, std = self.scale
+        return y.float() * std + mean
 
 
 class SherlModel(nn.Module):
@@ -125,7 +146,7 @@ class SherlModel(nn.Module):
         self.shared = nn.ModuleDict(shared or {})
         self.helpers = nn.ModuleDict(self.family.helpers(config))
         self.pooler = pooler
-        self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout)
+        self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale)
         use_fast_dropout(self)  # the late layers' dropouts too (see dropout.py)
         self._compiled = None  # a CompiledOrEager of the consolidation, after compile_consolidation()
 
@@ -166,7 +187,7 @@ class FullFinetuneModel(nn.Module):
         self.spec = spec
         self.backbone = backbone_model
         self.family = family_of(backbone_model.config.model_type)
-        self.head = Head(backbone_model.config.hidden_size, spec.num_outputs, spec.dropout)
+        self.head = Head(backbone_model.config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale)
         use_fast_dropout(self)  # the same dropout as SHERL's, so the speed comparison stays fair
 
     def forward(self, input_ids, mask, token_type_ids=None) -> torch.Tensor:

@@ -188,22 +188,45 @@ def test_run_folder_is_refused_unless_resume_or_overwrite(tmp_path, bert_dir, la
               resume=True, log=lambda m: None)
 
 
-def test_regression_and_full_finetune(tmp_path, bert_dir):
+def regression_pipeline(tmp_path, bert_dir, name: str, unit: float = 0.25, offset: float = 0.0, train_extra=""):
+    """Scores (n words of 'good') * unit + offset: the same task in other units for other unit/offset."""
     import csv
 
-    data = tmp_path / "reg.csv"
+    data = tmp_path / f"{name}.csv"
     rng = np.random.default_rng(0)
     with open(data, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "score"])
         for _ in range(80):
             n = int(rng.integers(1, 8))
-            w.writerow([" ".join(["good"] * n + ["film"]), n / 4])
-    path = tmp_path / "p.toml"
-    write_pipeline(path, bert_dir, data, tmp_path / "cache")
+            w.writerow([" ".join(["good"] * n + ["film"]), n * unit + offset])
+    path = tmp_path / f"{name}.toml"
+    write_pipeline(path, bert_dir, data, tmp_path / f"cache-{name}")
     path.write_text(path.read_text().replace('split_sizes = [0.6, 0.2, 0.2]', 'split_sizes = [0.6, 0.2, 0.2]\nlabel_column = "score"\ntask_type = "regression"')
-                    + f'\n[train]\nrun_dir = "{tmp_path / "run"}"\nlate_layers = 1\nepochs = 3\nbatch_size = 8\nlr = 0.003\n')
-    pipe = load_pipeline(str(path))
+                    + f'\n[train]\nrun_dir = "{tmp_path / f"run-{name}"}"\nlate_layers = 1\nbatch_size = 8\n{train_extra}\n')
+    return load_pipeline(str(path))
+
+
+def test_regression_does_not_depend_on_the_targets_units(tmp_path, bert_dir):
+    """The head predicts in the training targets' sd units around their mean: the same task with
+    scores in other units (x 200, + 1000) trains the same model. Unscaled, a head starting near 0
+    ended the default epochs far from targets around 1,000 (worse than predicting their mean)."""
+    from sherl_pipe.evaluation import evaluate
+
+    runs = {}
+    for name, unit, offset in [("small", 0.25, 0.0), ("large", 50.0, 1000.0)]:
+        pipe = regression_pipeline(tmp_path, bert_dir, name, unit, offset, "epochs = 2")
+        extract(pipe)
+        train(pipe, log=lambda m: None)
+        runs[name] = evaluate(pipe.train.run_dir, "test", "last")
+    small, large = runs["small"], runs["large"]
+    assert large["mse"] < 2 * large["baseline"]["mse"], large  # unscaled: ~1000^2, 100x the baseline
+    assert large["pearson"] == pytest.approx(small["pearson"], abs=1e-3)
+    assert large["mse"] == pytest.approx(small["mse"] * 200 ** 2, rel=1e-2)
+
+
+def test_regression_and_full_finetune(tmp_path, bert_dir):
+    pipe = regression_pipeline(tmp_path, bert_dir, "reg", train_extra="epochs = 3\nlr = 0.003")
     extract(pipe)
     result = train(pipe, log=lambda m: None)
     assert set(result.best) >= {"pearson", "spearman", "mse"} and result.best["pearson"] > 0.5
@@ -224,7 +247,7 @@ def test_a_diverging_run_stops_with_an_error_instead_of_training_nan(tmp_path, b
                     + f'\n[train]\nrun_dir = "{tmp_path / "run"}"\nlate_layers = 1\nbatch_size = 8\n')
     pipe = load_pipeline(str(path))
     extract(pipe)
-    with pytest.raises(SherlError, match=r"^train loss is inf at step 1 \(epoch 1\): training diverged; lower "):
+    with pytest.raises(SherlError, match=r"^train loss is (inf|nan) at step 1 \(epoch 1\): training diverged; lower "):
         train(pipe, log=lambda m: None)
 
 

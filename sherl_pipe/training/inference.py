@@ -21,7 +21,9 @@ def forward(model, spec: ModelSpec, batch):
 def loss_fn(spec: ModelSpec, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if spec.task_type == "classification":
         return F.cross_entropy(out.float(), labels.long())
-    return F.mse_loss(out.float().squeeze(-1), labels.float())
+    # in the targets' sd units (see ModelSpec.target_mean): the gradients' scale, and so the
+    # learning rates and gradient clipping, do not depend on the units the targets come in
+    return F.mse_loss(out.float().squeeze(-1), labels.float()) / spec.target_std ** 2
 
 
 def in_storage_order(source: SplitSource, live, batch_size: int, device):

@@ -13,11 +13,14 @@ and the run's randomness is forked from the global generator (see rng.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from sherl_pipe.cache import Cache, manifest_fingerprint
 from sherl_pipe.config import Pipeline
@@ -75,6 +78,15 @@ class Session:
     budget: Budget | None = None
 
 
+def with_target_scale(spec: ModelSpec, cache: Cache) -> ModelSpec:
+    """A regression spec with its training targets' mean and sd (an sd of 0, constant targets: 1)."""
+    if spec.task_type != "regression":
+        return spec
+    targets = np.asarray(cache.read("train", "labels"), dtype=np.float64)
+    std = float(targets.std())
+    return dataclasses.replace(spec, target_mean=float(targets.mean()), target_std=std if std > 0 else 1.0)
+
+
 def open_training_cache(pipeline: Pipeline, check_cache: bool = True) -> tuple[Cache, ModelSpec, str | None]:
     """The cache, the model spec and the evaluation split, checked before any work."""
     cfg = pipeline.train
@@ -83,7 +95,7 @@ def open_training_cache(pipeline: Pipeline, check_cache: bool = True) -> tuple[C
         check_cache_matches(cache, pipeline)
     check_splits(cfg, cache.splits, f"cache {cache.path}")
     cache.require_complete("train")
-    spec = make_spec(cfg, cache.manifest)
+    spec = with_target_scale(make_spec(cfg, cache.manifest), cache)
     eval_split = cfg.eval_split or None
     if eval_split is not None:
         cache.require_complete(eval_split)
