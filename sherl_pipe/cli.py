@@ -284,15 +284,17 @@ def evaluate(run_dir, split, checkpoint, cache, batch_size):
 @click.option("--text-pair-column", default=None, help="The input's second text column, for text pairs.")
 @click.option("--backbone", default=None, help="The backbone folder, if it moved since training.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--header/--no-header", default=None,
+              help="Whether a CSV/TSV input has a header row (default: as the training data).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file (never the input file).")
 @_fail_cleanly
 def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, text_column, text_pair_column, backbone,
-            batch_size, overwrite):
+            batch_size, header, overwrite):
     """Predict labels (and probabilities) for new raw text with a trained run."""
     from sherl_pipe.prediction import predict as run_predict
 
     n = run_predict(run_dir, input_path, output_path, checkpoint, batch_size, fmt, encoding, backbone,
-                    text_column=text_column, text_pair_column=text_pair_column, overwrite=overwrite)
+                    text_column=text_column, text_pair_column=text_pair_column, overwrite=overwrite, header=header)
     click.echo(f"wrote {n} predictions to {output_path}")
 
 

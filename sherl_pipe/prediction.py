@@ -91,8 +91,9 @@ class Predictor:
 
 
 def read_input(t: Trained, input_path: str, fmt: str, encoding: str, text_column: str | None,
-               text_pair_column: str | None) -> tuple[list[str], list[str] | None]:
-    """The input's texts (and pairs), in the training data's columns unless told otherwise."""
+               text_pair_column: str | None, header: bool | None = None) -> tuple[list[str], list[str] | None]:
+    """The input's texts (and pairs), in the training data's columns and header setting unless told
+    otherwise."""
     task = t.manifest["task"]
     if text_pair_column and not task["text_pair_column"]:
         raise SherlError(f"--text-pair-column {text_pair_column}: the run was trained on single texts (its data "
@@ -101,7 +102,8 @@ def read_input(t: Trained, input_path: str, fmt: str, encoding: str, text_column
     pair = text_pair_column or task["text_pair_column"]
     columns += [pair] if pair else []
     data = t.pipeline.data
-    layout = Layout(fmt=fmt, encoding=encoding, header=data.header, quoting=layout_of(data).quoting)
+    header = data.header if header is None else header  # the other way, name the columns (--text-column)
+    layout = Layout(fmt=fmt, encoding=encoding, header=header, quoting=layout_of(data).quoting)
     table, n = read_columns(Path(input_path), columns, layout, PREDICT_NAMES)
     if n == 0:
         raise SherlError(f"input file {input_path}: no rows")
@@ -115,12 +117,13 @@ def read_input(t: Trained, input_path: str, fmt: str, encoding: str, text_column
 
 def predict(run_dir, input_path: str, output_path: str, checkpoint: str = "best", batch_size: int = 128,
             fmt: str = "auto", encoding: str = "utf-8", backbone_source: str | None = None,
-            text_column: str | None = None, text_pair_column: str | None = None, overwrite: bool = False) -> int:
+            text_column: str | None = None, text_pair_column: str | None = None, overwrite: bool = False,
+            header: bool | None = None) -> int:
     """Labels (and probabilities) or values for the rows of a text file; returns the rows written.
     An existing output file is replaced only with overwrite; the input file never."""
     out_path = check_output(output_path, input_path, overwrite)
     trained = load_trained(run_dir, checkpoint)
-    texts, pairs = read_input(trained, input_path, fmt, encoding, text_column, text_pair_column)
+    texts, pairs = read_input(trained, input_path, fmt, encoding, text_column, text_pair_column, header)
     outputs = Predictor(trained, backbone_source).outputs(texts, pairs, batch_size)
     write_predictions(out_path, trained.spec, trained.manifest["task"]["label_names"], outputs, np.arange(len(texts)))
     return len(texts)

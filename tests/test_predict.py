@@ -146,6 +146,21 @@ def test_predict_and_evaluate_work_from_anywhere_after_the_cache_moved(moved_run
     assert evaluate(run, "test", cache_path=str(moved_run / "moved-cache"))["rows"] == 24
 
 
+def test_predict_reads_a_file_whose_header_differs_from_the_training_datas(moved_run, tmp_path):
+    """Trained on a file with a header; a headerless input's columns are named by position. Without
+    --no-header its first row was taken for the header (and the header of the opposite case for a text)."""
+    lines = (moved_run / "test.csv").read_text().splitlines()
+    (tmp_path / "bare.csv").write_text("\n".join(lines[1:]) + "\n")
+    run = str(moved_run / "run")
+    common = ["predict", run, "--output"]
+    r = CliRunner().invoke(main, [*common, str(tmp_path / "a.csv"), "--input", str(moved_run / "test.csv")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*common, str(tmp_path / "b.csv"), "--input", str(tmp_path / "bare.csv"),
+                                  "--no-header", "--text-column", "0"])
+    assert r.exit_code == 0 and f"wrote {len(lines) - 1} predictions" in r.stdout, r.output
+    assert read_csv(tmp_path / "a.csv") == read_csv(tmp_path / "b.csv")
+
+
 def test_evaluate_names_its_files_by_checkpoint(moved_run):
     run = moved_run / "run"
     cache = str(moved_run / "moved-cache")

@@ -103,7 +103,7 @@ def _clean_rows(cfg: DataConfig, table: dict, rows: list[int], path) -> list[int
         empty = [i for i in rows if table[col][i] is None or not str(table[col][i]).strip()]
         if empty:
             raise SherlError(f"data file {path}: column '{col}' is empty in data rows {rows_text(empty)}; "
-                             f"remove those rows or filter them out")
+                             f"remove those rows from the file (data.filter_column filters on a numeric column)")
     if cfg.deduplicate:
         seen, unique = set(), []
         for i in rows:
