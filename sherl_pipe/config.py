@@ -241,7 +241,10 @@ def load_pipeline(spec: str | None, overrides: tuple[str, ...] | list[str] = ())
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         section, key, value = _parse_set(item)
-        raw.setdefault(section, {})[key] = value
+        if section == "sweep" and isinstance(raw.get("sweep", {}), dict):
+            raw["sweep"] = _set_sweep(raw.get("sweep", {}), key, value)
+        else:
+            raw.setdefault(section, {})[key] = value
     sections = {}
     for name in [*SECTIONS, "sweep"]:
         body = raw.get(name, {})
@@ -256,7 +259,7 @@ def apply_overrides(pipeline: Pipeline, overrides) -> Pipeline:
     for item in overrides:
         section, key, value = _parse_set(item)
         if section == "sweep":
-            pipeline = dataclasses.replace(pipeline, sweep={**pipeline.sweep, key: value})
+            pipeline = dataclasses.replace(pipeline, sweep=_set_sweep(pipeline.sweep, key, value))
             continue
         merged = {**section_to_dict(getattr(pipeline, section)), key: value}
         pipeline = dataclasses.replace(pipeline, **{section: build_section(section, merged, f"--set {item}")})
@@ -292,11 +295,22 @@ def _parse_set(item: str) -> tuple[str, str, object]:
         raise SherlError(f"--set {item!r}: expected section.key=value, for example --set extract.dtype=float32")
     if section not in SECTIONS and section != "sweep":
         raise SherlError(f"--set {item!r}: unknown section '{section}'; known: {sorted(SECTIONS) + ['sweep']}")
+    key = key.strip()
+    fields = [f.name for f in dataclasses.fields(SECTIONS[section])] if section in SECTIONS else None
+    if fields is not None and key not in fields:  # named here: the file it is merged into is not at fault
+        raise SherlError(f"--set {item!r}: unknown key '{section}.{key}'; known keys of [{section}]: {', '.join(fields)}")
     try:  # a TOML value (number, bool, array, quoted string) ...
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:  # ... or else a bare string
         value = text.strip()
-    return section, key.strip(), value
+    return section, key, value
+
+
+def _set_sweep(sweep: dict, key: str, value) -> dict:
+    """The [sweep] table with one --set applied: `space.KEY` sets one key of [sweep.space]."""
+    if key.startswith("space."):
+        return {**sweep, "space": {**dict(sweep.get("space") or {}), key[len("space."):]: value}}
+    return {**sweep, key: value}
 
 
 def build_section(name: str, values: dict, origin: str, cls: type | None = None):

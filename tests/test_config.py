@@ -83,7 +83,8 @@ def test_override_order(tmp_path):
     ('[data]\ntrain = "x"\nsource = "y"\n', None, r"either data.source .* or data.train"),
     ('[data]\nsource = "y"\n', None, r"data.split_sizes: with data.source give three sizes"),
     ('[data\n', None, r"not valid TOML"),
-    ('[data]\ntrain = "x"\n', "extract.nope=1", r"unknown key 'extract.nope'"),
+    # named as the --set's, not the file's (the file was blamed for a key it does not hold)
+    ('[data]\ntrain = "x"\n', "extract.nope=1", r"^--set 'extract.nope=1': unknown key 'extract.nope'; known keys"),
     ('[data]\ntrain = "x"\n', "dtype=float32", r"--set 'dtype=float32': expected section.key=value"),
 ])
 def test_bad_config_is_refused_with_the_key(tmp_path, text, setting, message):
@@ -91,6 +92,18 @@ def test_bad_config_is_refused_with_the_key(tmp_path, text, setting, message):
     path.write_text(text)
     with pytest.raises(SherlError, match=message):
         load_pipeline(str(path), [setting] if setting else [])
+
+
+def test_set_reaches_the_sweep_space(tmp_path):
+    """--set sweep.space.KEY=VALUE sets one key of [sweep.space] (it was refused as an unknown key)."""
+    from sherl_pipe.config import apply_overrides
+
+    path = tmp_path / "p.toml"
+    path.write_text('[data]\ntrain = "x"\n[sweep]\ntrials = 2\n[sweep.space]\nlr = [0.1, 0.2]\n')
+    pipe = load_pipeline(str(path), ["sweep.space.late_layers=[1, 2]", "sweep.trials=3"])
+    assert pipe.sweep == {"trials": 3, "space": {"lr": [0.1, 0.2], "late_layers": [1, 2]}}
+    pipe = apply_overrides(pipe, ["sweep.space.lr=[0.3]"])
+    assert pipe.sweep["space"] == {"lr": [0.3], "late_layers": [1, 2]}
 
 
 def test_missing_pipeline_file_names_the_packaged_ones():
