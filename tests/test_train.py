@@ -268,6 +268,25 @@ def test_bad_stage_two_settings(tmp_path, bert_dir, labeled_csv, fp32_cache):
         train(pipe, log=lambda m: None)
 
 
+def test_a_one_class_evaluation_split_is_warned_about(tmp_path, bert_dir, labeled_csv):
+    """Picking the best epoch on a split of one class means nothing (accuracy is the same for many
+    models, MCC 0); training said nothing of it."""
+    rows = labeled_csv.read_text().splitlines()
+    (tmp_path / "val.csv").write_text("\n".join([rows[0]] + [r for r in rows[1:] if ",pos," in r][:10]) + "\n")
+    path = tmp_path / "p.toml"
+    path.write_text(f'[data]\ntrain = "{labeled_csv}"\nvalidation = "{tmp_path / "val.csv"}"\n'
+                    f'[backbone]\nsource = "{bert_dir}"\nmax_length = 24\n[extract]\ncache = "{tmp_path / "c"}"\n'
+                    f'[train]\nrun_dir = "{tmp_path / "run"}"\nlate_layers = 1\nmax_steps = 1\nbatch_size = 8\n')
+    pipe = load_pipeline(str(path))
+    extract(pipe, log=lambda m: None)
+    said = []
+    train(pipe, log=said.append)
+    assert any(m.startswith("warning: train.eval_split 'validation' holds one class only") for m in said), said
+    said.clear()
+    train(pipe.with_overrides("train", eval_split=""), overwrite=True, log=said.append)
+    assert not any("one class" in m for m in said), said
+
+
 def test_early_stopping(tmp_path, bert_dir, labeled_csv, fp32_cache):
     # lr 0 never improves after the first epoch: stop after one more
     pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",

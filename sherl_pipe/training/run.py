@@ -109,6 +109,9 @@ def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split,
     if cfg.precision == "bf16" and device == "cpu" and not native_cpu_bf16():
         log("warning: train.precision = bf16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX): "
             "stage two may be slower than in fp32; set train.precision = \"auto\"")
+    if eval_split and spec.task_type == "classification" and len(set(cache.read(eval_split, "labels").tolist())) < 2:
+        log(f"warning: train.eval_split '{eval_split}' holds one class only: its accuracy cannot tell epochs apart "
+            f"(MCC is 0), so the best checkpoint and early stopping mean little; give it rows of every class")
     s.model, s.live = build_model(spec, pipeline.backbone.source, cache.manifest, device)
     if cfg.compile and spec.mode != "full-finetune":
         s.model.compile_consolidation(log)
