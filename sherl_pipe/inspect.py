@@ -90,7 +90,7 @@ def folder_kind(path: str) -> str:
     """'run' or 'cache', for `info`; anything else is refused naming both."""
     if is_run_folder(path):
         return "run"
-    if (Path(path) / "zarr.json").is_file():
+    if (Path(path) / "zarr.json").is_file() or Path(path).is_file():  # a file: the cache check names it
         return "cache"
     what = "neither a cache (no zarr.json) nor a run folder (no model.json)" if Path(path).exists() else "not found"
     raise SherlError(f"{path}: {what}; give a cache (made by `extract` or `run`) or a run folder (made by `train`, "
