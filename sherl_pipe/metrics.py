@@ -65,7 +65,7 @@ def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict:
 
 def mean_baseline(train_targets: np.ndarray, gold: np.ndarray) -> dict:
     """The training-mean predictor's errors (a regression task's majority-class baseline)."""
-    mean = float(np.mean(train_targets))
+    mean = float(np.mean(train_targets, dtype=np.float64))  # float32 accumulation overflows near its limit
     return {"prediction": mean, "mse": float(((gold.astype(np.float64) - mean) ** 2).mean())}
 
 
