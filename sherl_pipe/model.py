@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sherl_pipe.consolidation import Consolidation
@@ -43,6 +44,9 @@ class ModelSpec:
     # Classification, and runs saved before these existed: 0 and 1, no scaling.
     target_mean: float = 0.0
     target_std: float = 1.0
+    # Regression: the head standardizes its pooled input (batch norm without affine, see Head).
+    # False for classification and for runs saved before it existed (their state has no norm).
+    head_norm: bool = False
 
     @property
     def anchor(self) -> int:
@@ -57,6 +61,8 @@ class ModelSpec:
         d["tiers"] = list(self.tiers)
         if self.target_scale is None:  # as runs without target scaling saved it (their resume compares it)
             del d["target_mean"], d["target_std"]
+        if not self.head_norm:
+            del d["head_norm"]
         return d
 
     @classmethod
@@ -111,20 +117,42 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: nn.Modu
 class Head(nn.Module):
     """Dropout and a linear layer; for regression, its output mapped from sd units to the targets'
     units (in fp32: a mean like 140 in bf16 would round to a step of 1). The scale is plain numbers
-    from the spec, not state, so checkpoints keep the same keys."""
+    from the spec, not state, so checkpoints keep the same keys.
 
-    def __init__(self, width: int, num_outputs: int, dropout: float, scale: tuple[float, float] | None = None):
+    With `norm` (regression), the pooled features are standardized per dimension (batch statistics
+    in training, running ones in evaluation; fp32) and the linear layer starts at zero, i.e. at the
+    mean. Why: pooled sentence features vary little between samples along any one direction, so a
+    linear layer on them, moved by AdamW at lr 1e-3, cannot reach predictions with the targets'
+    spread within a few epochs (benchmarks/regression.py: test MSE near the mean baseline's at the
+    defaults). A softmax needs no such spread, so classification heads are left as they were."""
+
+    def __init__(self, width: int, num_outputs: int, dropout: float, scale: tuple[float, float] | None = None,
+                 norm: bool = False):
         super().__init__()
+        self.norm = nn.BatchNorm1d(width, affine=False) if norm else None
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(width, num_outputs)
+        if norm:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
         self.scale = scale
 
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm
+        with torch.autocast(x.device.type, enabled=False):
+            # A training batch of one sample has no spread of its own: it uses the running statistics.
+            batch_stats = self.training and x.shape[0] > 1
+            return F.batch_norm(x.float(), n.running_mean, n.running_var, training=batch_stats,
+                                momentum=n.momentum, eps=n.eps)
+
     def forward(self, x):
+        if self.norm is not None:
+            x = self.standardize(x)
         y = self.out(self.dropout(x))
         if self.scale is None:
             return y
         mean, std = self.scale
-        return y.float() * std + mean
+        return y.double() * std + mean
 
 
 class SherlModel(nn.Module):
@@ -146,7 +174,7 @@ class SherlModel(nn.Module):
         self.shared = nn.ModuleDict(shared or {})
         self.helpers = nn.ModuleDict(self.family.helpers(config))
         self.pooler = pooler
-        self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale)
+        self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale, spec.head_norm)
         use_fast_dropout(self)  # the late layers' dropouts too (see dropout.py)
         self._compiled = None  # a CompiledOrEager of the consolidation, after compile_consolidation()
 
@@ -187,7 +215,8 @@ class FullFinetuneModel(nn.Module):
         self.spec = spec
         self.backbone = backbone_model
         self.family = family_of(backbone_model.config.model_type)
-        self.head = Head(backbone_model.config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale)
+        self.head = Head(backbone_model.config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale,
+                         spec.head_norm)
         use_fast_dropout(self)  # the same dropout as SHERL's, so the speed comparison stays fair
 
     def forward(self, input_ids, mask, token_type_ids=None) -> torch.Tensor:

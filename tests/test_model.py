@@ -87,3 +87,31 @@ def test_parameter_groups_decay_what_they_say(fp32_cache):
     new = {id(p) for p in groups["new"]["params"]}
     assert new == {id(p) for n, p in model.named_parameters() if n.startswith(("consolidation.", "head."))}
     assert parameter_groups(model, 1e-3, 3e-5, 0.01)[0]["weight_decay"] == 0.0  # SHERL's recipe: none
+
+
+def test_the_regression_head_standardizes_and_runs_saved_before_it_keep_theirs(fp32_cache):
+    """A regression spec builds a head that standardizes its input and starts at the targets' mean;
+    a spec saved before (no head_norm in model.json) builds the head those runs' checkpoints hold.
+    A training batch of one sample (no spread) uses the running statistics instead of failing."""
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.model import build_sherl_model, empty_late_modules
+
+    config = config_from_manifest(Cache(fp32_cache).manifest)
+    saved = {**spec_for(3, 1).to_dict(), "task_type": "regression", "num_outputs": 1, "target_mean": 19.0,
+             "target_std": 9.0}
+    assert "head_norm" not in spec_for(3, 1).to_dict()  # classification specs are saved as before
+    for stored, norm in [(saved, False), ({**saved, "head_norm": True}, True)]:
+        spec = ModelSpec.from_dict(stored)
+        assert spec.to_dict() == {**stored, "tiers": [0, 1]}
+        late, pooler, shared = empty_late_modules(spec, config)
+        model = build_sherl_model(spec, config, late, pooler, shared)
+        assert any(k.startswith("head.norm.") for k in model.state_dict()) == norm
+    pooled = torch.randn(5, config.hidden_size) * 0.01 + 3.0
+    assert torch.equal(model.head(pooled), torch.full((5, 1), 19.0, dtype=torch.float64))  # the mean
+    model.head.train()
+    assert torch.isfinite(model.head(pooled[:1])).all()
+    model.head.out.load_state_dict(torch.nn.Linear(config.hidden_size, 1).state_dict())
+    # standardized by the batch's statistics: an offset and a scale of the pooled features (sd 0.1
+    # here, var 1e-2 against the norm's eps of 1e-5) change no prediction
+    pooled = torch.randn(8, config.hidden_size) * 0.1 + 3.0
+    torch.testing.assert_close(model.head(pooled), model.head(pooled * 100 + 7), atol=0, rtol=1e-3)

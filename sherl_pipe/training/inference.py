@@ -23,7 +23,9 @@ def loss_fn(spec: ModelSpec, out: torch.Tensor, labels: torch.Tensor) -> torch.T
         return F.cross_entropy(out.float(), labels.long())
     # in the targets' sd units (see ModelSpec.target_mean): the gradients' scale, and so the
     # learning rates and gradient clipping, do not depend on the units the targets come in
-    return F.mse_loss(out.float().squeeze(-1), labels.float()) / spec.target_std ** 2
+    # (in float64: targets like 1,000 leave float32 a resolution of 6e-5 of their own units)
+    mean, std = spec.target_mean, spec.target_std
+    return F.mse_loss((out.double().squeeze(-1) - mean) / std, (labels.double() - mean) / std).float()
 
 
 def in_storage_order(source: SplitSource, live, batch_size: int, device):

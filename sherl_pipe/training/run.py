@@ -79,12 +79,14 @@ class Session:
 
 
 def with_target_scale(spec: ModelSpec, cache: Cache) -> ModelSpec:
-    """A regression spec with its training targets' mean and sd (an sd of 0, constant targets: 1)."""
+    """A regression spec with its training targets' mean and sd (an sd of 0, constant targets: 1)
+    and a standardizing head (see model.Head)."""
     if spec.task_type != "regression":
         return spec
     targets = np.asarray(cache.read("train", "labels"), dtype=np.float64)
     std = float(targets.std())
-    return dataclasses.replace(spec, target_mean=float(targets.mean()), target_std=std if std > 0 else 1.0)
+    return dataclasses.replace(spec, target_mean=float(targets.mean()), target_std=std if std > 0 else 1.0,
+                               head_norm=True)
 
 
 def open_training_cache(pipeline: Pipeline, check_cache: bool = True) -> tuple[Cache, ModelSpec, str | None]:
