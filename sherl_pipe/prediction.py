@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sherl_pipe.backbone import Backbone, tokenizer_identity
-from sherl_pipe.data import Split, read_columns, rows_text
+from sherl_pipe.data import Split, check_texts, read_columns
 from sherl_pipe.data.load import layout_of
 from sherl_pipe.data.read import Layout, Names
 from sherl_pipe.devices import autocast
@@ -108,9 +108,7 @@ def read_input(t: Trained, input_path: str, fmt: str, encoding: str, text_column
     if n == 0:
         raise SherlError(f"input file {input_path}: no rows")
     for col in columns:
-        empty = [i for i, v in enumerate(table[col]) if v is None or not str(v).strip()]
-        if empty:
-            raise SherlError(f"input file {input_path}: column '{col}' is empty in data rows {rows_text(empty)}")
+        check_texts(f"input file {input_path}", col, table[col], range(n))
     texts = [str(v) for v in table[columns[0]]]
     return texts, ([str(v) for v in table[columns[1]]] if len(columns) > 1 else None)
 

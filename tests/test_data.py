@@ -107,6 +107,22 @@ def test_bad_data_names_file_column_and_rows(tmp_path, content, kw, message):
         load_dataset(data_cfg(train=str(path), **kw))
 
 
+def test_texts_that_are_not_text_are_refused(tmp_path):
+    """JSONL or Parquet values that are lists, objects or booleans were turned into their Python
+    repr and trained on as if they were the text; a number is a text (CSV cannot tell them apart)."""
+    rows = [{"text": "a good film", "label": 1}, {"text": 42, "label": 0}, {"text": ["a", "dull", "plot"], "label": 0},
+            {"text": {"t": "x"}, "label": 1}, {"text": True, "label": 1}]
+    path = write(tmp_path / "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SherlError, match=r"^data file .*a.jsonl: column 'text' holds values that are not text in data "
+                                         r"rows 3, 4, 5 \(row 3: a list\); store each text as one string$"):
+        load_dataset(data_cfg(train=str(path)))
+    path = write(tmp_path / "b.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:2] + rows[4:]))
+    with pytest.raises(SherlError, match=r"column 'text' holds values that are not text in data rows 3 \(row 3: a true/false value\);"):
+        load_dataset(data_cfg(train=str(path)))
+    path = write(tmp_path / "c.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:2] * 3))
+    assert load_dataset(data_cfg(train=str(path))).splits["train"].texts[1] == "42"
+
+
 def test_embedded_quickstart_data():
     from conftest import require_package
     from sherl_pipe.config import load_pipeline

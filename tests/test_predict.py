@@ -229,3 +229,13 @@ def test_predict_runs_the_early_layers_outside_autocast(moved_run, tmp_path, mon
                                                                           early(self, *a, **k))[1])
     predict(moved_run / "run", str(moved_run / "test.csv"), str(tmp_path / "o.csv"))
     assert seen and not any(seen)
+
+
+def test_predict_refuses_texts_that_are_not_text(moved_run, tmp_path):
+    """A JSONL text given as a list (pre-tokenized) was fed to the model as "['a', 'good', 'film']"."""
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"text": "a good film"}\n{"text": ["a", "good", "film"]}\n{"text": 42}\n')
+    with pytest.raises(SherlError, match=r"^input file .*in.jsonl: column 'text' holds values that are not "
+                                         r"text in data rows 2 \(row 2: a list\); store each text as one string$"):
+        predict(moved_run / "run", str(bad), str(tmp_path / "out.csv"))
+    assert not (tmp_path / "out.csv").exists()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sherl_pipe.config import DataConfig
-from sherl_pipe.data.read import Layout, read_columns, rows_text
+from sherl_pipe.data.read import Layout, check_texts, read_columns, rows_text
 from sherl_pipe.data.split import split_indices
 from sherl_pipe.errors import SherlError
 from sherl_pipe.resources import resolve_data
@@ -100,10 +100,8 @@ def _filter_rows(cfg: DataConfig, table: dict, n: int, path) -> list[int]:
 def _clean_rows(cfg: DataConfig, table: dict, rows: list[int], path) -> list[int]:
     text_cols = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     for col in text_cols:
-        empty = [i for i in rows if table[col][i] is None or not str(table[col][i]).strip()]
-        if empty:
-            raise SherlError(f"data file {path}: column '{col}' is empty in data rows {rows_text(empty)}; "
-                             f"remove those rows from the file (data.filter_column filters on a numeric column)")
+        check_texts(f"data file {path}", col, table[col], rows,
+                    "; remove those rows from the file (data.filter_column filters on a numeric column)")
     if cfg.deduplicate:
         seen, unique = set(), []
         for i in rows:
