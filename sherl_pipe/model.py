@@ -116,20 +116,23 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: nn.Modu
 
 class Head(nn.Module):
     """Dropout and a linear layer; for regression, its output mapped from sd units to the targets'
-    units (in fp32: a mean like 140 in bf16 would round to a step of 1). The scale is plain numbers
-    from the spec, not state, so checkpoints keep the same keys.
+    units in float64 (a mean like 1,000 leaves float32 a resolution of 6e-5 of its units; bf16 one
+    of 4). The scale is plain numbers from the spec, not state, so checkpoints keep the same keys.
 
-    With `norm` (regression), the pooled features are standardized per dimension (batch statistics
-    in training, running ones in evaluation; fp32) and the linear layer starts at zero, i.e. at the
-    mean. Why: pooled sentence features vary little between samples along any one direction, so a
-    linear layer on them, moved by AdamW at lr 1e-3, cannot reach predictions with the targets'
-    spread within a few epochs (benchmarks/regression.py: test MSE near the mean baseline's at the
-    defaults). A softmax needs no such spread, so classification heads are left as they were."""
+    With `norm` (regression), the pooled features are standardized per dimension (fp32; the batch's
+    statistics in training, in evaluation their average over the epoch, see `new_epoch`) and the
+    linear layer starts at zero, i.e. at the targets' mean. Why: pooled sentence features vary
+    little between samples along any one direction, so a linear layer on them, moved by AdamW at
+    lr 1e-3, ended the default epochs with predictions huddled around the mean
+    (benchmarks/regression.py). A softmax needs no such spread: classification heads are unchanged."""
 
     def __init__(self, width: int, num_outputs: int, dropout: float, scale: tuple[float, float] | None = None,
                  norm: bool = False):
         super().__init__()
-        self.norm = nn.BatchNorm1d(width, affine=False) if norm else None
+        # momentum None: the running statistics are the plain average of the epoch's batches. An
+        # exponential average would follow the last batches, and length-bucketed batches (see
+        # training/batches.py) end an epoch on a few length ranges: evaluation would be skewed.
+        self.norm = nn.BatchNorm1d(width, affine=False, momentum=None) if norm else None
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(width, num_outputs)
         if norm:
@@ -137,13 +140,18 @@ class Head(nn.Module):
             nn.init.zeros_(self.out.bias)
         self.scale = scale
 
+    def new_epoch(self) -> None:
+        """At a fresh epoch's first step: the running statistics restart (a resumed epoch keeps them)."""
+        if self.norm is not None:
+            self.norm.reset_running_stats()
+
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         n = self.norm
         with torch.autocast(x.device.type, enabled=False):
-            # A training batch of one sample has no spread of its own: it uses the running statistics.
-            batch_stats = self.training and x.shape[0] > 1
-            return F.batch_norm(x.float(), n.running_mean, n.running_var, training=batch_stats,
-                                momentum=n.momentum, eps=n.eps)
+            if self.training and x.shape[0] > 1:
+                return n(x.float())
+            # evaluation, or a training batch of one sample (no spread of its own): running statistics
+            return F.batch_norm(x.float(), n.running_mean, n.running_var, training=False, eps=n.eps)
 
     def forward(self, x):
         if self.norm is not None:

@@ -119,6 +119,12 @@ def test_texts_that_are_not_text_are_refused(tmp_path):
     path = write(tmp_path / "b.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:2] + rows[4:]))
     with pytest.raises(SherlError, match=r"column 'text' holds values that are not text in data rows 3 \(row 3: a true/false value\);"):
         load_dataset(data_cfg(train=str(path)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [b"a good film", b"dull"], "label": [1, 0]}), tmp_path / "d.parquet")
+    with pytest.raises(SherlError, match=r"column 'text' holds values that are not text in data rows 1, 2 \(row 1: bytes\)"):
+        load_dataset(data_cfg(train=str(tmp_path / "d.parquet")))
     path = write(tmp_path / "c.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:2] * 3))
     assert load_dataset(data_cfg(train=str(path))).splits["train"].texts[1] == "42"
 

@@ -109,9 +109,30 @@ def test_the_regression_head_standardizes_and_runs_saved_before_it_keep_theirs(f
     pooled = torch.randn(5, config.hidden_size) * 0.01 + 3.0
     assert torch.equal(model.head(pooled), torch.full((5, 1), 19.0, dtype=torch.float64))  # the mean
     model.head.train()
-    assert torch.isfinite(model.head(pooled[:1])).all()
+    before = model.head.norm.running_mean.clone(), model.head.norm.running_var.clone()
+    one = model.head(pooled[:1])  # no spread of its own: the running statistics, left as they were
+    assert torch.equal(one, model.head.eval()(pooled[:1])) and torch.isfinite(one).all()
+    assert torch.equal(model.head.norm.running_mean, before[0]) and torch.equal(model.head.norm.running_var, before[1])
+    model.head.train()
     model.head.out.load_state_dict(torch.nn.Linear(config.hidden_size, 1).state_dict())
     # standardized by the batch's statistics: an offset and a scale of the pooled features (sd 0.1
     # here, var 1e-2 against the norm's eps of 1e-5) change no prediction
     pooled = torch.randn(8, config.hidden_size) * 0.1 + 3.0
     torch.testing.assert_close(model.head(pooled), model.head(pooled * 100 + 7), atol=0, rtol=1e-3)
+
+
+def test_a_regression_heads_running_statistics_average_the_epochs_batches():
+    """Length-bucketed batches end an epoch on a few length ranges: an exponential average
+    (momentum 0.1) followed the last ones and skewed every evaluation. The statistics are the plain
+    average of the epoch's batches, restarted at each epoch."""
+    from sherl_pipe.model import Head
+
+    head = Head(4, 1, 0.0, (0.0, 1.0), norm=True).train()
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 4) + shift for shift in (0.0, 0.0, 0.0, 5.0, 5.0)]  # a bucket at the end
+    for epoch in range(2):
+        head.new_epoch()
+        for b in batches:
+            head(b)
+        torch.testing.assert_close(head.norm.running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))
+        torch.testing.assert_close(head.norm.running_var, torch.stack([b.var(0) for b in batches]).mean(0))

@@ -158,3 +158,30 @@ def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path, b
     assert any("already finished" in m for m in messages)
     with pytest.raises(SherlError, match=r"train.precision: run has 'auto', request has 'bf16'"):
         train(load_pipeline(str(tmp_path / "run.toml"), ["train.precision=bf16"]), resume=True, log=lambda m: None)
+
+
+def test_an_interrupted_regression_run_resumes_exactly(tmp_path, bert_dir, monkeypatch):
+    """A regression head's running statistics restart at each fresh epoch and average its batches:
+    a run interrupted mid-epoch must carry them over (not restart them) to equal the whole run."""
+    from test_train import regression_pipeline
+
+    extra = 'epochs = 3\nsave_every = 2\neval_split = "validation"'
+    cut = regression_pipeline(tmp_path, bert_dir, "cut", train_extra=extra)  # 48 rows / 8: 6 steps an epoch
+    from sherl_pipe.extraction import extract
+
+    extract(cut)
+    with monkeypatch.context() as m:
+        StepBomb(m, at=9)  # epoch 2, after the checkpoint at step 8
+        with pytest.raises(KeyboardInterrupt):
+            train(cut, log=lambda m: None)
+    train(cut, resume=True, log=lambda m: None)
+    whole = cut.with_overrides("train", run_dir=str(tmp_path / "whole"))
+    train(whole, log=lambda m: None)
+    a = load_file(tmp_path / "run-cut" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "whole" / "checkpoints" / "last.safetensors")
+    assert any(k.startswith("head.norm.running_") for k in b)
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    for r, w in zip(records(tmp_path / "run-cut", "epoch"), records(tmp_path / "whole", "epoch"), strict=True):
+        assert r["train_loss"] == pytest.approx(w["train_loss"], abs=1e-6)
+        assert r["eval"] == pytest.approx(w["eval"], abs=1e-6)

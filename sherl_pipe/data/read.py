@@ -49,18 +49,23 @@ def rows_text(rows: list[int], limit: int = 5) -> str:
     return shown + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")
 
 
-_NOT_TEXT = {list: "a list", dict: "an object", bool: "a true/false value"}
+def _not_text(value) -> str | None:
+    """What VALUE is if it cannot stand for a text (None is empty, not this)."""
+    if value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool)):
+        return None
+    return {list: "a list", dict: "an object", bool: "a true/false value", bytes: "bytes"}.get(
+        type(value), f"a {type(value).__name__}")
 
 
 def check_texts(where: str, col: str, values: list, rows, hint: str = "") -> None:
     """Every value in ROWS a non-empty text. A number counts (a CSV cannot tell "42" from 42); a
-    JSONL or Parquet list, object or boolean does not: str() of it would be fed to the model as if
-    it were the text (a pre-tokenized row read as "['a', 'good', 'film']")."""
-    not_text = [i for i in rows if type(values[i]) in _NOT_TEXT]
+    JSONL or Parquet list, object, boolean or bytes does not: str() of it would be fed to the model
+    as if it were the text (a pre-tokenized row read as "['a', 'good', 'film']")."""
+    not_text = [i for i in rows if _not_text(values[i])]
     if not_text:
         first = not_text[0]
         raise SherlError(f"{where}: column '{col}' holds values that are not text in data rows {rows_text(not_text)} "
-                         f"(row {first + 1}: {_NOT_TEXT[type(values[first])]}); store each text as one string")
+                         f"(row {first + 1}: {_not_text(values[first])}); store each text as one string")
     empty = [i for i in rows if values[i] is None or not str(values[i]).strip()]
     if empty:
         raise SherlError(f"{where}: column '{col}' is empty in data rows {rows_text(empty)}{hint}")
