@@ -185,3 +185,27 @@ def test_an_interrupted_regression_run_resumes_exactly(tmp_path, bert_dir, monke
     for r, w in zip(records(tmp_path / "run-cut", "epoch"), records(tmp_path / "whole", "epoch"), strict=True):
         assert r["train_loss"] == pytest.approx(w["train_loss"], abs=1e-6)
         assert r["eval"] == pytest.approx(w["eval"], abs=1e-6)
+
+
+def test_a_regression_run_saved_by_an_earlier_version_says_so(tmp_path, bert_dir):
+    """A regression run saved before the head standardized its input (no head_norm in its spec)
+    was refused as 'another model than this pipeline describes', as if the user had changed it."""
+    from test_train import regression_pipeline
+
+    from sherl_pipe.extraction import extract
+
+    pipe = regression_pipeline(tmp_path, bert_dir, "old", train_extra="epochs = 1")
+    extract(pipe)
+    train(pipe, log=lambda m: None)
+    path = tmp_path / "run-old" / "checkpoints" / "state.pt"
+    saved = torch.load(path, weights_only=False)
+    del saved["spec"]["head_norm"]
+    torch.save(saved, path)
+    with pytest.raises(SherlError, match=r"saved by an earlier sherl-pipe, whose regression head had no head_norm: "
+                                         r"it cannot be resumed by this version \(evaluate and predict still work\)"):
+        train(pipe, resume=True, log=lambda m: None)
+    saved["spec"]["head_norm"], saved["spec"]["pooling"] = True, "cls"
+    torch.save(saved, path)
+    with pytest.raises(SherlError, match=r"another model than this pipeline describes \(pooling: run has 'cls', "
+                                         r"request has 'cls-pooler'\)"):
+        train(pipe, resume=True, log=lambda m: None)

@@ -52,9 +52,24 @@ def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, 
         raise SherlError(f"run folder {run_dir}: the training settings differ from the run being resumed "
                          f"({shown}); resume with the run's settings (see its config.json), or start a new "
                          f"run with --overwrite or another train.run_dir")
-    if saved.get("spec") != spec.to_dict():
-        raise SherlError(f"run folder {run_dir}: its saved state is for another model than this pipeline "
-                         f"describes; use --overwrite to start again")
+    check_same_model(run_dir, saved.get("spec") or {}, spec.to_dict())
+
+
+# Keys a regression spec gained as its head changed (target scaling, then a standardized input)
+REGRESSION_HEAD_KEYS = {"target_mean", "target_std", "head_norm"}
+
+
+def check_same_model(run_dir, old: dict, new: dict) -> None:
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not changed:
+        return
+    if set(changed) <= REGRESSION_HEAD_KEYS and not set(changed) & set(old):
+        raise SherlError(f"run folder {run_dir}: saved by an earlier sherl-pipe, whose regression head had no "
+                         f"{' / '.join(k for k in changed)}: it cannot be resumed by this version (evaluate and "
+                         f"predict still work); use --overwrite to train it again")
+    shown = "; ".join(f"{k}: run has {old.get(k)!r}, request has {new.get(k)!r}" for k in changed[:6])
+    raise SherlError(f"run folder {run_dir}: its saved state is for another model than this pipeline "
+                     f"describes ({shown}); use --overwrite to start again")
 
 
 def state_for_resume(saved: dict) -> RunState:
