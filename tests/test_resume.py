@@ -161,8 +161,9 @@ def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path, b
 
 
 def test_an_interrupted_regression_run_resumes_exactly(tmp_path, bert_dir, monkeypatch):
-    """A regression head's running statistics restart at each fresh epoch and average its batches:
-    a run interrupted mid-epoch must carry them over (not restart them) to equal the whole run."""
+    """A regression head standardizes with the running average of every training batch's
+    statistics: a run interrupted mid-epoch must carry them over (not restart them) to equal the
+    whole run."""
     from test_train import regression_pipeline
 
     extra = 'epochs = 3\nsave_every = 2\neval_split = "validation"'

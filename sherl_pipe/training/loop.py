@@ -130,8 +130,6 @@ class Trainer:
     def run_epoch(self, state: RunState, source, plan: list[np.ndarray], hooks: Hooks) -> str | None:
         """Steps from state.batch to the epoch's end; returns None, 'max-steps' or 'interrupted'."""
         self.model.train()
-        if state.batch == 0:
-            self.model.head.new_epoch()
         groups = step_groups(plan, state.batch, self.budget.grad_accum)
         batches = source.iterate(plan[state.batch:])
         with contextlib.closing(batches):
