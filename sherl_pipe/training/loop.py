@@ -102,7 +102,8 @@ class Trainer:
 
     def optimizer_step(self, batches: list, state: RunState) -> float:
         """One step over micro-batches, each weighted by its share of the step's samples, so a step
-        of several batches equals one step on their union (a short last step included)."""
+        of several batches equals one step on their union (a short last step included; a regression
+        head's running statistics count each micro-batch as a batch, see model.Head)."""
         total = sum(len(b.index) for b in batches)
         loss_sum = 0.0
         for batch in batches:
