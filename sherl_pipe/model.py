@@ -43,7 +43,7 @@ class ModelSpec:
     # Classification, and runs saved before these existed: 0 and 1, no scaling.
     target_mean: float = 0.0
     target_std: float = 1.0
-    # Regression: the head standardizes its pooled input (batch norm without affine, see Head).
+    # Regression: the head standardizes its pooled input (running averages, see Head).
     # False for classification and for runs saved before it existed (their state has no norm).
     head_norm: bool = False
 
@@ -147,7 +147,7 @@ class Head(nn.Module):
         weight for every batch since the run began; the first batch's stand alone)."""
         n = self.norm
         n.num_batches_tracked += 1
-        weight = 1.0 / float(n.num_batches_tracked)
+        weight = 1.0 / n.num_batches_tracked  # a tensor: no device sync on CUDA
         n.running_mean.lerp_(x.mean(0), weight)
         n.running_var.lerp_(x.var(0), weight)
 
