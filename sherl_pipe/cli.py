@@ -134,7 +134,7 @@ def main():
     """
 
 
-def _run_extract(pipe, overwrite: bool, quiet: bool, for_training: bool = False):
+def _run_extract(pipe, overwrite: bool, quiet: bool, check=None):
     import torch
 
     from sherl_pipe.extraction import extract as run_extract
@@ -142,7 +142,7 @@ def _run_extract(pipe, overwrite: bool, quiet: bool, for_training: bool = False)
     torch.set_num_threads(pipe.extract.threads)
     bar = Progress("extract", "sample", quiet)
     try:
-        return run_extract(pipe, overwrite=overwrite, progress=bar, log=_say, for_training=for_training)
+        return run_extract(pipe, overwrite=overwrite, progress=bar, log=_say, check=check)
     finally:
         bar.close()
 
@@ -309,16 +309,17 @@ def run(pipeline, overrides, run_dir, mode, late_tuning, epochs, resume, overwri
     from sherl_pipe.config import dumps, load_pipeline
     from sherl_pipe.errors import CacheMismatch
     from sherl_pipe.evaluation import evaluate as run_eval
+    from sherl_pipe.extraction import check_serves_training
 
     pipe = _apply_train_options(load_pipeline(pipeline, overrides), None, run_dir, mode, late_tuning, epochs)
     if not quiet:
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
     try:  # a matching cache is reused (and finished if a run was interrupted) ...
-        summary = _run_extract(pipe, False, quiet, for_training=True)
+        summary = _run_extract(pipe, False, quiet, check_serves_training)
     except CacheMismatch:
         if not overwrite:
             raise
-        summary = _run_extract(pipe, True, quiet, for_training=True)  # ... one that differs, only on request
+        summary = _run_extract(pipe, True, quiet, check_serves_training)  # ... one that differs, only on request
     _print_extract_summary(summary)
     result = _run_training(pipe, resume, overwrite, quiet)
     _print_eval(run_eval(result.run_dir, pipe.evaluate.split, pipe.evaluate.checkpoint, pipe.evaluate.batch_size))
@@ -383,7 +384,6 @@ def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quie
     best.toml and plots in the sweep folder."""
     from sherl_pipe.config import dumps, load_pipeline
     from sherl_pipe.errors import CacheMismatch
-    from sherl_pipe.extraction import planned_manifest
     from sherl_pipe.request import cache_ready
     from sherl_pipe.sweep import plan_sweep, run_sweep
 
@@ -392,14 +392,16 @@ def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quie
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
     if cache_ready(pipe):  # complete and matching: no need to load the model to compare module hashes
         click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
-    else:  # the sweep file and its space are checked against the cache to be made before making it
-        plan_sweep(pipe, sweep_file, sweep_dir, manifest=planned_manifest(pipe))
+    else:
+        def check(_pipe, planned, _overwrite):  # the sweep file and space, against the cache to be made
+            plan_sweep(pipe, sweep_file, sweep_dir, manifest=planned)
+
         try:
-            _print_extract_summary(_run_extract(pipe, False, quiet))
+            _print_extract_summary(_run_extract(pipe, False, quiet, check))
         except CacheMismatch:
             if not overwrite:
                 raise
-            _print_extract_summary(_run_extract(pipe, True, quiet))
+            _print_extract_summary(_run_extract(pipe, True, quiet, check))
     bar = Progress("sweep", "trial", quiet)
     try:
         with StopOnInterrupt(bar.write):

@@ -240,16 +240,16 @@ def _existing_cache_serves(pipeline: Pipeline) -> bool:
         return False
 
 
-def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, for_training: bool = False) -> Plan:
-    """Data, settings and the cache folder are checked before the model loads (with for_training,
-    also that the pipeline's training can use the cache); then the model, tokens, manifest."""
+def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, check=None) -> Plan:
+    """Data, settings and the cache folder are checked before the model loads (with CHECK, also
+    what the caller will do with the cache, see extract); then the model, tokens, manifest."""
     cfg = pipeline.extract
     t = time.perf_counter()
     request = read_request(pipeline)
     timings["data"] = time.perf_counter() - t
     planned = planned_manifest(pipeline, request)
-    if for_training:
-        check_serves_training(pipeline, planned, overwrite)
+    if check is not None:
+        check(pipeline, planned, overwrite)
     cut, tiers = planned["cut"], planned["tiers"]
     check_target(Path(cfg.cache), overwrite)
     device = pick_device(pipeline.backbone.device)
@@ -352,17 +352,18 @@ def write_blocks(writer: CacheWriter, plan: Plan, blocks, cfg, summary: ExtractS
         bg.close(check=ok)
 
 
-def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=print,
-            for_training: bool = False) -> ExtractSummary:
-    """Run stage one for the pipeline; `progress(n_samples)` is called as blocks finish. With
-    for_training (`run`), a cache the pipeline's train section could not use is refused up front.
+def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=print, check=None) -> ExtractSummary:
+    """Run stage one for the pipeline; `progress(n_samples)` is called as blocks finish.
+    `check(pipeline, planned_manifest, overwrite)`, if given, runs once the data is read and before
+    the model loads: what the caller will do with the cache (`run`: check_serves_training; `sweep`:
+    its space), refused before a long extraction, with the data read once.
 
     The caller sets torch's thread count (the CLI: extract.threads)."""
     cfg = pipeline.extract
     t_start = time.perf_counter()
     set_codec_threads(cfg.codec_threads)
     timings: dict[str, float] = {}
-    plan = prepare(pipeline, timings, overwrite, for_training)
+    plan = prepare(pipeline, timings, overwrite, check)
     t_write = time.perf_counter()  # from here on: the per-sample work, measured by the benchmark
     writer = open_writer(pipeline, plan, overwrite, log)
     try:
