@@ -113,6 +113,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: nn.Modu
     return pooler(hidden)
 
 
+NORM_EPS = 1e-5  # added to the regression head's running variance, as torch's norms do
+
+
 class Head(nn.Module):
     """Dropout and a linear layer; for regression, its output mapped from sd units to the targets'
     units in float64 (a mean like 1,000 leaves float32 a resolution of 6e-5 of its units; bf16 one
@@ -131,9 +134,11 @@ class Head(nn.Module):
     def __init__(self, width: int, num_outputs: int, dropout: float, scale: tuple[float, float] | None = None,
                  norm: bool = False):
         super().__init__()
-        # its buffers (running_mean, running_var, num_batches_tracked) hold the running average;
-        # its own forward, with per-batch statistics, is never called
-        self.norm = nn.BatchNorm1d(width, affine=False) if norm else None
+        self.norm = norm
+        if norm:  # the running average (buffers: checkpoints and a resumed run keep it)
+            self.register_buffer("in_mean", torch.zeros(width))
+            self.register_buffer("in_var", torch.ones(width))
+            self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(width, num_outputs)
         if norm:
@@ -145,22 +150,20 @@ class Head(nn.Module):
     def track(self, x: torch.Tensor) -> None:
         """Fold a training batch's per-dimension mean and variance into the running average (equal
         weight for every batch since the run began; the first batch's stand alone)."""
-        n = self.norm
-        n.num_batches_tracked += 1
-        weight = 1.0 / n.num_batches_tracked  # a tensor: no device sync on CUDA
-        n.running_mean.lerp_(x.mean(0), weight)
-        n.running_var.lerp_(x.var(0), weight)
+        self.batches_seen += 1
+        weight = 1.0 / self.batches_seen  # a tensor: no device sync on CUDA
+        self.in_mean.lerp_(x.mean(0), weight)
+        self.in_var.lerp_(x.var(0), weight)
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.norm
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
             if self.training and x.shape[0] > 1:  # a batch of one has no variance to add
                 self.track(x.detach())
-            return (x - n.running_mean) / torch.sqrt(n.running_var + n.eps)
+            return (x - self.in_mean) / torch.sqrt(self.in_var + NORM_EPS)
 
     def forward(self, x):
-        if self.norm is not None:
+        if self.norm:
             x = self.standardize(x)
         y = self.out(self.dropout(x))
         if self.scale is None:
