@@ -8,6 +8,7 @@ path. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 
 
@@ -41,3 +42,15 @@ def os_error_message(exc: OSError) -> str:
     what = exc.strerror or str(exc)
     hint = _HINTS.get(exc.errno)
     return f"{where}: {what}" + (f"; {hint}" if hint else "")
+
+
+@contextlib.contextmanager
+def naming(path):
+    """An OSError raised inside without a path gets PATH: a write that fills the disk reports
+    ENOSPC with no file name, and the user must be told where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise

@@ -22,6 +22,7 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.evaluation import OUTPUT_SUFFIXES, Trained, load_trained, write_predictions
 from sherl_pipe.extraction import forward_batches, storage_order, tokenize
 from sherl_pipe.folders import ensure_writable
+from sherl_pipe.resources import resolve_model
 from sherl_pipe.storage import through_storage
 from sherl_pipe.training.setup import verify_backbone
 
@@ -47,6 +48,19 @@ def check_output(output_path: str, input_path: str, overwrite: bool = False) -> 
     return path
 
 
+def backbone_folder(t: Trained, backbone_source: str | None) -> Path:
+    """--backbone, else the folder the run was trained with; a folder that moved away is blamed on
+    --backbone (the option that fixes it), not on the pipeline's backbone.source."""
+    if backbone_source:
+        return resolve_model(backbone_source, "--backbone")
+    source = t.info.get("backbone_folder") or t.pipeline.backbone.source
+    try:
+        return resolve_model(source)
+    except SherlError:
+        raise SherlError(f"run {t.run_dir}: its backbone {source} is gone (no config.json there); give the "
+                         f"backbone's new folder with --backbone") from None
+
+
 class Predictor:
     """A trained run with its backbone's early layers, ready for any number of texts:
     `Predictor.load("runs/x").outputs(["a text", ...])`."""
@@ -57,8 +71,8 @@ class Predictor:
 
     def __init__(self, trained: Trained, backbone_source: str | None = None):
         self.trained = t = trained
-        source = backbone_source or t.info.get("backbone_folder") or t.pipeline.backbone.source
-        self.backbone = Backbone(source, t.manifest["backbone"]["attn_implementation"], t.device)
+        self.backbone = Backbone(str(backbone_folder(t, backbone_source)), t.manifest["backbone"]["attn_implementation"],
+                                 t.device)
         if tokenizer_identity(self.backbone.folder, self.backbone.tokenizer)["hash"] != t.manifest["tokenizer"]["hash"]:
             raise SherlError(f"backbone {self.backbone.folder}: its tokenizer differs from the cache's; use the "
                              f"backbone the cache was extracted from (--backbone)")

@@ -37,13 +37,14 @@ def _embedded(source: str, table: dict, what: str) -> Path:
     return _packaged_file(*table[name])
 
 
-def resolve_model(source: str) -> Path:
-    """A backbone source (`embedded:NAME` or a folder) as a local folder."""
+def resolve_model(source: str, key: str = "backbone.source") -> Path:
+    """A backbone source (`embedded:NAME` or a folder) as a local folder; KEY names where the
+    source was given (an option of the command that failed, not always the pipeline's key)."""
     if source.startswith(PREFIX):
-        return _embedded(source, EMBEDDED_MODELS, "backbone.source").parent
+        return _embedded(source, EMBEDDED_MODELS, key).parent
     path = Path(source)
     if not (path / "config.json").is_file():
-        raise SherlError(f"backbone.source '{source}': not a Hugging Face model folder (no config.json); "
+        raise SherlError(f"{key} '{source}': not a Hugging Face model folder (no config.json); "
                          f"give a local folder or one of: " + ", ".join(PREFIX + n for n in EMBEDDED_MODELS))
     return path
 

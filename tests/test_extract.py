@@ -223,6 +223,44 @@ def test_killed_extraction_resumes_to_an_equal_cache(tmp_path):
         assert np.array_equal(got[key], want[key]), key
 
 
+def test_creating_a_cache_keeps_the_folder_its_writer_locked(tmp_path, bert_dir, text_csv):
+    from sherl_pipe.cache import CacheWriter
+    from sherl_pipe.extraction import planned_manifest
+    from sherl_pipe.locks import FolderLock
+
+    pipe = load_pipeline(str(write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")))
+    writer = CacheWriter(tmp_path / "cache", planned_manifest(pipe), log=lambda m: None)
+    try:
+        assert not FolderLock(tmp_path / "cache").acquire(wait=False)  # a second writer must wait
+    finally:
+        writer.close()
+    assert FolderLock(tmp_path / "cache").acquire(wait=False)
+
+
+def test_two_extractions_started_at_once_on_a_new_folder_write_it_once(tmp_path):
+    """The second waits for the first's lock and finds every block done (it crashed with zarr's
+    ContainsArrayError, or redid blocks: creating the group deleted the folder the first had locked)."""
+    from conftest import make_backbone
+
+    folder = make_backbone(tmp_path / "m", "bert", layers=3, hidden=64)
+    data = make_text_file(tmp_path / "d.csv", n=300, seed=3)
+    extra = "batch_size = 8\nthreads = 1"
+    pipe = write_pipeline(tmp_path / "p.toml", folder, data, tmp_path / "shared", extra)
+    procs = [subprocess.Popen([sys.executable, "-m", "sherl_pipe", "extract", "-q", str(pipe)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    stdout = sorted(o[0].splitlines()[0] for o in outs)
+    assert stdout == [f"cache {tmp_path / 'shared'}: already complete", f"cache {tmp_path / 'shared'}: complete"]
+    ref = write_pipeline(tmp_path / "q.toml", folder, data, tmp_path / "alone", extra)
+    extract(load_pipeline(str(ref)))
+    got, got_manifest = _cache_contents(tmp_path / "shared")
+    want, want_manifest = _cache_contents(tmp_path / "alone")
+    assert got_manifest == want_manifest and got.keys() == want.keys()
+    for key in want:
+        assert np.array_equal(got[key], want[key]), key
+
+
 def test_stray_partial_files_are_removed_on_rerun(tmp_path, bert_dir, text_csv):
     pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
     extract(load_pipeline(str(pipe)))

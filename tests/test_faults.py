@@ -73,12 +73,75 @@ def test_a_full_disk_while_training_keeps_the_last_checkpoint(tmp_path, bert_dir
     path = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
                                'dtype = "float32"', 'epochs = 3\neval_split = ""')
     with monkeypatch.context() as m:
-        fail_nth_call(m, checkpoint, "replace_atomically", 2, errno.ENOSPC)  # the second state.pt
+        full_disk_at(m, checkpoint.RunFolder, "state.pt", nth=2)  # the second epoch's state
         r = CliRunner().invoke(main, ["train", str(path), "-q"])
-    one_error_line(r, "No space left on device")
+    one_error_line(r, f"{tmp_path / 'run' / 'checkpoints' / 'state.pt'}: No space left on device")
     assert torch.load(tmp_path / "run" / "checkpoints" / "state.pt", weights_only=False)["position"]["epoch"] == 1
+    assert not list((tmp_path / "run").rglob("*.partial"))
     r = CliRunner().invoke(main, ["train", str(path), "-q", "--resume"])
     assert r.exit_code == 0 and "3 epochs" in r.stdout, r.output
+
+
+def full_disk_at(monkeypatch, run_folder_cls, name: str, nth: int = 1):
+    """The nth write of the run folder's NAME goes to /dev/full: the kernel's own ENOSPC, which
+    names no file (torch.save turned it into a RuntimeError with no path at all)."""
+    original = run_folder_cls.start_fresh
+    count = [0]
+
+    def start_fresh(self):
+        original(self)
+        target = self.path / "checkpoints" / name if name.endswith(".pt") else self.path / name
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        write_bytes = pathlib.Path.write_bytes
+
+        def to_full_disk(path, data):
+            if path == partial:
+                count[0] += 1
+                if count[0] == nth:
+                    partial.symlink_to("/dev/full")
+            return write_bytes(path, data)
+
+        monkeypatch.setattr(pathlib.Path, "write_bytes", to_full_disk)
+        if name == "metrics.jsonl":
+            target.symlink_to("/dev/full")
+
+    monkeypatch.setattr(run_folder_cls, "start_fresh", start_fresh)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("name", ["state.pt", "metrics.jsonl"])
+def test_a_full_disk_in_the_first_epoch_is_named_and_a_plain_retry_starts_again(tmp_path, bert_dir, labeled_csv,
+                                                                                fp32_cache, monkeypatch, name):
+    """ENOSPC as the kernel gives it (no file name) names the file; the run folder, left without a
+    checkpoint, is reused by the same command once space is freed (it was refused: 'already
+    exists; use --resume', and then --resume said 'nothing to resume')."""
+    import sherl_pipe.training.checkpoint as checkpoint
+
+    path = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                               'dtype = "float32"', 'epochs = 1\neval_split = ""\nlog_every = 1')
+    with monkeypatch.context() as m:
+        full_disk_at(m, checkpoint.RunFolder, name)
+        r = CliRunner().invoke(main, ["train", str(path), "-q"])
+    shown = tmp_path / "run" / ("checkpoints/state.pt" if name == "state.pt" else name)
+    one_error_line(r, f"{shown}: No space left on device", "free some space and rerun the same command")
+    assert not (tmp_path / "run" / "checkpoints" / "state.pt").exists()
+    assert not list((tmp_path / "run").rglob("*.partial"))
+    (tmp_path / "run" / "metrics.jsonl").unlink(missing_ok=True)  # space freed
+    r = CliRunner().invoke(main, ["train", str(path), "-q"])
+    assert r.exit_code == 0 and "1 epoch" in r.stdout, r.output
+
+
+def test_a_train_killed_before_its_first_checkpoint_is_retried_or_resumed(tmp_path, bert_dir, labeled_csv,
+                                                                          fp32_cache):
+    path = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                               'dtype = "float32"', 'epochs = 1\neval_split = ""')
+    first = CliRunner().invoke(main, ["train", str(path), "-q"])
+    assert first.exit_code == 0, first.output
+    for args in ([], ["--resume"]):  # what a SIGKILL in the first epoch leaves: no state.pt, no summary
+        (tmp_path / "run" / "checkpoints" / "state.pt").unlink()
+        (tmp_path / "run" / "summary.json").unlink()
+        r = CliRunner().invoke(main, ["train", str(path), *args])
+        assert r.exit_code == 0 and "holds no checkpoint" in r.stderr and "1 epoch" in r.stdout, r.output
 
 
 @pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's read-only /sys")

@@ -239,3 +239,33 @@ def test_predict_refuses_texts_that_are_not_text(moved_run, tmp_path):
                                          r"text in data rows 2 \(row 2: a list\); store each text as one string$"):
         predict(moved_run / "run", str(bad), str(tmp_path / "out.csv"))
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_backbone_that_moved_is_blamed_on_predicts_own_option(moved_run, tmp_path):
+    """The run's backbone folder gone: the error pointed at backbone.source, a key of a pipeline
+    file predict never reads; a wrong --backbone is named as --backbone."""
+    import json as _json
+
+    run = tmp_path / "run"
+    shutil.copytree(moved_run / "run", run)
+    info = _json.loads((run / "model.json").read_text())
+    info["backbone_folder"] = str(tmp_path / "gone")
+    (run / "model.json").write_text(_json.dumps(info))
+    args = ["predict", str(run), "--input", str(moved_run / "test.csv"), "--output", str(tmp_path / "o.csv")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and f"its backbone {tmp_path / 'gone'} is gone" in r.stderr, r.output
+    assert "--backbone" in r.stderr and "backbone.source" not in r.stderr
+    r = CliRunner().invoke(main, args + ["--backbone", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and f"--backbone '{tmp_path / 'nowhere'}': not a Hugging Face model folder" in r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_leaves_no_temporary_in_the_users_folder(moved_run, tmp_path, monkeypatch):
+    """predict's output written to a full disk (the kernel's ENOSPC names no file): the error names
+    the output and its temporary NAME.PID.partial is removed."""
+    out = tmp_path / "o.csv"
+    (tmp_path / f"o.csv.{os.getpid()}.partial").symlink_to("/dev/full")
+    r = CliRunner().invoke(main, ["predict", str(moved_run / "run"), "--input", str(moved_run / "test.csv"),
+                                  "--output", str(out)])
+    assert r.exit_code == 2 and f"{out}: No space left on device" in r.stderr, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

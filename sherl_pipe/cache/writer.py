@@ -20,7 +20,7 @@ from sherl_pipe.atomic import write_atomically
 from sherl_pipe.cache.codec import chunk_codec, chunk_path
 from sherl_pipe.cache.manifest import FORMAT_VERSION, MANIFEST_KEY, jsonable, manifest_diff
 from sherl_pipe.cache.store import Cache, check_cache_path, is_sherl_cache
-from sherl_pipe.errors import CacheMismatch, SherlError
+from sherl_pipe.errors import CacheMismatch, SherlError, naming
 from sherl_pipe.folders import clear_folder, ensure_writable, has_files, refuse_cwd
 from sherl_pipe.locks import FolderLock
 
@@ -67,7 +67,8 @@ class CacheWriter:
         self.lock = FolderLock(self.path)
         self.lock.acquire(wait=True, on_wait=lambda: log(f"cache {self.path}: {WAIT_MESSAGE}"))
         try:
-            self._open(overwrite)
+            with naming(self.path):
+                self._open(overwrite)
         except BaseException:
             self.lock.release()
             raise
@@ -80,7 +81,10 @@ class CacheWriter:
             clear_folder(self.path)
         self.resumed = has_files(self.path)
         if not self.resumed:
-            self.group = zarr.open_group(str(self.path), mode="w", attributes={MANIFEST_KEY: self.manifest})
+            # never open_group(mode="w"): it deletes and recreates the folder, and with it the
+            # inode this process's lock is on, so a second extractor locked the new folder and
+            # wrote beside the first (zarr's ContainsArrayError, or blocks written twice)
+            self.group = zarr.create_group(str(self.path), attributes={MANIFEST_KEY: self.manifest}, overwrite=False)
             return
         diffs = manifest_diff(Cache(self.path).manifest, self.manifest)
         if diffs:
@@ -137,13 +141,15 @@ class CacheWriter:
             arr = stored_whole(sub[name])
             if (split, name) not in self._codecs:
                 self._codecs[(split, name)] = chunk_codec(arr) if value.ndim == 3 else None
-            if codec := self._codecs[(split, name)]:
-                self._write_chunks(split, name, arr, codec.encode, start, value)
-            elif value.ndim == 1:
-                arr[start:start + len(value)] = value
-            else:
-                arr[start:start + len(value), : value.shape[1]] = value
-        stored_whole(sub["done"])[block] = 1
+            with naming(self.path / split / name):  # zarr's own writes name no file on a full disk
+                if codec := self._codecs[(split, name)]:
+                    self._write_chunks(split, name, arr, codec.encode, start, value)
+                elif value.ndim == 1:
+                    arr[start:start + len(value)] = value
+                else:
+                    arr[start:start + len(value), : value.shape[1]] = value
+        with naming(self.path / split / "done"):
+            stored_whole(sub["done"])[block] = 1
 
     def _write_chunks(self, split: str, name: str, arr, encode, start: int, value: np.ndarray) -> None:
         """Encode and write a block's time chunks directly; they are whole chunks by construction."""

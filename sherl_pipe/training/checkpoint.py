@@ -14,14 +14,15 @@ such a folder is ever deleted by --overwrite.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from sherl_pipe.atomic import replace_atomically, write_atomically
-from sherl_pipe.errors import SherlError
+from sherl_pipe.atomic import write_atomically
+from sherl_pipe.errors import SherlError, naming
 from sherl_pipe.folders import clear_folder, ensure_writable, has_files, refuse_cwd
 from sherl_pipe.locks import FolderLock
 
@@ -74,8 +75,10 @@ class RunFolder:
         self.path = Path(path)
         self.lock = FolderLock(self.path)
 
-    def prepare(self, resume: bool, overwrite: bool) -> bool:
-        """Create (or check) the folder and lock it; True when an earlier run is to be continued."""
+    def prepare(self, resume: bool, overwrite: bool, log=print) -> bool:
+        """Create (or check) the folder and lock it; True when an earlier run is to be continued.
+        A run folder without a checkpoint (its first epoch failed, was killed or ran out of disk)
+        holds nothing to keep or continue: a plain retry, or --resume, starts it again."""
         if resume and overwrite:
             raise SherlError("--resume and --overwrite contradict each other; give one")
         p = self.path
@@ -87,7 +90,7 @@ class RunFolder:
                              f"checkpoints/state.pt); it is never deleted: set train.run_dir to another folder")
         if not existing and resume:
             raise SherlError(f"run folder {p}: nothing to resume (no earlier run there)")
-        if existing and not (resume or overwrite):
+        if existing and not (resume or overwrite) and self.state_path.is_file():
             raise SherlError(f"run folder {p} already exists; use --resume to continue it, --overwrite "
                              f"to replace it, or set train.run_dir to another folder")
         if existing and overwrite:
@@ -96,10 +99,10 @@ class RunFolder:
         if not self.lock.acquire(wait=False):
             raise SherlError(f"run folder {p}: another sherl-pipe process is training in it; wait for it to "
                              f"finish or set train.run_dir to another folder")
-        if resume and not self.state_path.is_file():
-            self.release()
-            raise SherlError(f"run folder {p}: nothing to resume (no checkpoints/state.pt yet); "
-                             f"use --overwrite to start again")
+        if existing and not self.state_path.is_file():
+            refuse_cwd(p, "run folder")  # it is about to be emptied
+            log(f"run folder {p}: holds no checkpoint (its first epoch did not finish); starting it again")
+            return False
         return bool(existing and resume)
 
     def start_fresh(self) -> None:
@@ -122,7 +125,11 @@ class RunFolder:
         save_weights(self.path / "checkpoints" / f"{name}.safetensors", model)
 
     def save_state(self, state: dict) -> None:
-        replace_atomically(self.state_path, lambda tmp: torch.save(state, tmp))
+        # serialized in memory first: torch.save reports a full disk as a RuntimeError with no
+        # path ("file write failed"); a plain write raises the OSError that names the file
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomically(self.state_path, buffer.getbuffer())
 
     def load_state(self) -> dict:
         try:
@@ -155,7 +162,7 @@ def read_run(run_dir: str | os.PathLike) -> tuple[Path, dict, dict]:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with naming(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
 

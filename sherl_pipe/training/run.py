@@ -212,7 +212,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
     device = pick_device(pipeline.train.device)
     cache, spec, eval_split = open_training_cache(pipeline, check_cache)
     run = RunFolder(pipeline.train.run_dir)
-    resuming = run.prepare(resume, overwrite)
+    resuming = run.prepare(resume, overwrite, log)
     try:
         with run_rng(pipeline.train.seed, device):
             s = build_session(pipeline, cache, spec, eval_split, device, log)
