@@ -222,5 +222,28 @@ def test_a_label_seen_only_outside_training_is_refused(tmp_path):
 
 def test_split_fractions_that_leave_a_split_empty_are_refused(tmp_path):
     f = write(tmp_path / "a.csv", "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(10)))
-    with pytest.raises(SherlError, match=r"data.split_sizes \[0.8, 0.05, 0.15\]: the validation split gets 0 of"):
-        load_dataset(data_cfg(source=f, split_sizes=[0.8, 0.05, 0.15]))
+    with pytest.raises(SherlError, match=r"data.split_sizes \[0.9, 0.04, 0.06\]: the validation split gets 0 of"):
+        load_dataset(data_cfg(source=f, split_sizes=[0.9, 0.04, 0.06]))
+
+
+def test_a_field_longer_than_the_csv_modules_limit_is_read(tmp_path):
+    """A 200 KiB text (a long document) was a traceback: _csv.Error: field larger than field limit."""
+    import csv as _csv
+
+    long = "word " * 40_000
+    f = write(tmp_path / "a.csv", f'text,label\n"{long}",pos\nshort,neg\n')
+    t = write(tmp_path / "a.tsv", f"text\tlabel\n{long}\tpos\nshort\tneg\n")
+    for path in (f, t):
+        split = load_dataset(data_cfg(train=path)).splits["train"]
+        assert split.texts == [long, "short"]
+    assert _csv.field_size_limit() == 131072  # the module's setting is left as it was
+
+
+@pytest.mark.parametrize("n, sizes, want", [(10, [0.7, 0.15, 0.15], [7, 2, 1]), (101, [0.6, 0.2, 0.2], [61, 20, 20]),
+                                            (7, [1 / 3, 1 / 3, 1 / 3], [3, 2, 2]), (10, [0.5, 0.2, 0.1], [5, 2, 1]),
+                                            (9, [0.55, 0.25, 0.0], [5, 2, 0])])
+def test_fractional_split_sizes_keep_every_row_they_cover(n, sizes, want):
+    """Fractions summing to 1 used every row; each was floored, silently dropping up to two."""
+    from sherl_pipe.data.split import split_counts
+
+    assert split_counts(n, tuple(sizes), "data.split_sizes", ("train", "validation", "test"), "f") == want

@@ -9,6 +9,7 @@ from 1 in messages, header excluded.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import json
 from dataclasses import dataclass
@@ -155,9 +156,22 @@ def _quoting(fmt: str, quoting: str) -> int:
     return csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL
 
 
+@contextlib.contextmanager
+def _long_fields():
+    """csv refuses a field over 128 KiB ("field larger than field limit"): a long document is a
+    text like any other (truncated to max_length when tokenized). The limit is the csv module's
+    one global setting, so it is restored on the way out."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
 def _read_delimited(path: Path, fmt: str, layout: Layout, names: Names):
     encoding = text_encoding(path, layout.encoding, names)
-    with open(path, encoding=encoding, newline="") as f:
+    with open(path, encoding=encoding, newline="") as f, _long_fields():
         reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", quoting=_quoting(fmt, layout.quoting))
         rows = [row for row in reader if row]
     if not rows and layout.header:
