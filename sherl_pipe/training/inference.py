@@ -29,10 +29,12 @@ def loss_fn(spec: ModelSpec, out: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def in_storage_order(source: SplitSource, live, batch_size: int, device):
-    """A whole split's batches in storage order, on the device (early layers run by LIVE, if given)."""
+    """A whole split's batches in storage order, on the device (early layers run by LIVE, if given,
+    on the device too: their backbone is there, as in Trainer.prepare)."""
     sampler = ChunkSampler(source.n, source.chunk_size, batch_size, 1, 0, shuffle=False)
     for batch in source.iterate(sampler.batches(0)):
-        yield (live(batch) if live is not None else batch).to(device)
+        batch = batch.to(device)
+        yield live(batch) if live is not None else batch
 
 
 @torch.no_grad()
