@@ -167,3 +167,22 @@ def test_float16_input_is_not_changed_in_place():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     out = to_storage(h, mask, "float16", "here", 0)
     assert torch.all(h == 1) and torch.all(out[mask == 0] == 0)
+
+
+def test_a_caches_storage_format_need_not_be_repeated_to_train_from_it(tmp_path, bert_dir, text_csv):
+    """`extract --dtype int8`, then `train` and `sweep`'s cache check with the pipeline as it is:
+    the cache was refused ('dtype: cache has int8, request has float16') until --set extract.dtype=int8."""
+    from sherl_pipe.request import cache_ready
+
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
+    pipe.write_text(pipe.read_text() + f'\n[train]\nrun_dir = "{tmp_path / "run"}"\nmax_steps = 2\nthreads = 1\n')
+    r = CliRunner().invoke(main, ["extract", str(pipe), "-q", "--dtype", "int8"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["train", str(pipe), "-q"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["dtype"] == "int8"
+    assert cache_ready(load_pipeline(str(pipe)))
+    r = CliRunner().invoke(main, ["extract", str(pipe), "-q"])  # writing it in another format is refused
+    assert r.exit_code == 2 and 'dtype: cache has "int8", request has "float16"' in r.stderr, r.output

@@ -27,6 +27,10 @@ VOLATILE_CONFIG = {"transformers_version", "_name_or_path", "dtype", "torch_dtyp
 # What only says how the cache was cut: whether a cache serves a training request is decided by
 # the tiers it holds (serves()), not by these.
 CUT_FIELDS = {"cut", "late_layers", "tiers"}
+# How a cache stores its values: a reader (train, sweep) decodes whatever the cache holds, so
+# these are matched when writing a cache, never when reading one (`extract --dtype int8` then
+# `train` needed `--set extract.dtype=int8` again).
+STORAGE_FIELDS = {"dtype", "codec", "chunk_size", "time_chunk"}
 
 
 def is_volatile(path: tuple) -> bool:
@@ -127,7 +131,9 @@ def project(manifest, template):
 
 
 def stale_fields(manifest: dict, request: dict) -> list[Diff]:
-    """How a cache differs from what a pipeline describes (split names included)."""
+    """How a cache differs from what a pipeline describes (split names included), for reading
+    it: its storage settings are its own (STORAGE_FIELDS)."""
+    request = {k: v for k, v in request.items() if k not in STORAGE_FIELDS}
     diffs = manifest_diff(project(manifest, request), request)
     if sorted(manifest["splits"]) != sorted(request["splits"]):
         diffs.insert(0, Diff(("splits",), sorted(manifest["splits"]), sorted(request["splits"])))
