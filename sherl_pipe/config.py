@@ -162,6 +162,7 @@ class TrainConfig:
     lora_rank: int = _at_least(8, 1)
     lora_alpha: float = _at_least(16.0, 0.0)
     eval_split: str = "validation"  # "" to skip per-epoch evaluation
+    metric: str = ""  # picks the best epoch and drives early stopping; "": accuracy or pearson (metrics.selection)
     early_stopping: int = _at_least(0, 0)  # epochs without improvement before stopping; 0: never
     save_every: int = _at_least(0, 0)  # optimizer steps between resumable checkpoints; 0: by time only
     save_minutes: float = _at_least(5.0, 0.0)  # minutes between resumable checkpoints within an epoch; 0: off

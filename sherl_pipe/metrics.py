@@ -8,6 +8,31 @@ from __future__ import annotations
 import numpy as np
 
 PRIMARY = {"classification": "accuracy", "regression": "pearson"}
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc", "f1_positive", "train_loss")
+REGRESSION_METRICS = ("pearson", "spearman", "mse", "train_loss")
+LOWER_IS_BETTER = {"mse", "train_loss"}
+
+
+def selection(task_type: str, metric: str, where: str = "train.metric") -> tuple[str, str]:
+    """(metric, direction) that rank epochs (or trials): METRIC, or the task's primary one for "";
+    train_loss is the epoch's training loss, the others are measured on the evaluation split."""
+    known = CLASSIFICATION_METRICS if task_type == "classification" else REGRESSION_METRICS
+    metric = metric or PRIMARY[task_type]
+    if metric not in known:
+        from sherl_pipe.errors import SherlError
+
+        raise SherlError(f"{where} = {metric!r} is not a {task_type} metric; use one of {', '.join(known)}")
+    return metric, "minimize" if metric in LOWER_IS_BETTER else "maximize"
+
+
+def is_better(value: float, best: float | None, direction: str) -> bool:
+    """Whether VALUE beats BEST; a non-finite value never does, and any finite one beats a
+    non-finite best (a NaN first epoch must not stay the best for good)."""
+    if not np.isfinite(value):
+        return False
+    if best is None or not np.isfinite(best):
+        return True
+    return value > best if direction == "maximize" else value < best
 
 
 def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> dict:

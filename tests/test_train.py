@@ -520,3 +520,33 @@ def test_a_checkpoint_with_legacy_layernorm_names_trains(tmp_path, bert_dir, lab
     pipe = pipeline_for(tmp_path, legacy, labeled_csv, fp32_cache, tmp_path / "run",
                         'max_steps = 2\neval_split = ""\npooling = "cls-pooler"\nlate_tuning = "full"')
     assert train(pipe, log=lambda m: None).steps == 2
+
+
+@pytest.mark.parametrize("metric", ["macro_f1", "train_loss"])
+def test_train_metric_picks_the_best_epoch(tmp_path, bert_dir, labeled_csv, fp32_cache, metric):
+    """train.metric decides which epoch's weights are 'best' (a sweep ranking on macro_f1 had its
+    trials keep their best-accuracy epoch)."""
+    from sherl_pipe.metrics import is_better, selection
+
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                        f'epochs = 4\neval_split = "validation"\nmetric = "{metric}"\nlr = 0.01')
+    result = train(pipe, log=lambda m: None)
+    epochs = [r for r in losses(tmp_path / "run") if r["event"] == "epoch"]
+    value = (lambda r: r["train_loss"]) if metric == "train_loss" else (lambda r: r["eval"][metric])
+    _, direction = selection("classification", metric)
+    best = epochs[0]
+    for r in epochs[1:]:
+        best = r if is_better(value(r), value(best), direction) else best
+    assert result.best["epoch"] == best["epoch"]
+    with pytest.raises(SherlError, match=r"train.metric = 'pearson' is not a classification metric"):
+        train(pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "r2", 'metric = "pearson"'),
+              log=lambda m: None)
+
+
+def test_a_non_finite_value_never_stays_the_best():
+    from sherl_pipe.metrics import is_better
+
+    nan = float("nan")
+    assert is_better(0.5, nan, "maximize") and is_better(0.5, None, "maximize")
+    assert not is_better(nan, 0.5, "maximize") and not is_better(nan, None, "minimize")
+    assert is_better(0.1, 0.2, "minimize") and not is_better(0.1, 0.2, "maximize")

@@ -13,10 +13,8 @@ from pathlib import Path
 
 from sherl_pipe.config import Pipeline, build_section
 from sherl_pipe.errors import SherlError
+from sherl_pipe.metrics import selection
 
-CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc", "f1_positive", "train_loss")
-REGRESSION_METRICS = ("pearson", "spearman", "mse", "train_loss")
-LOWER_IS_BETTER = {"mse", "train_loss"}
 
 
 def _choice(default, *choices):
@@ -84,9 +82,5 @@ def load_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str
 
 def resolve_metric(cfg: SweepConfig, task_type: str, origin: str) -> tuple[str, str]:
     """(metric, direction): the configured ones, or the task's primary metric and its direction."""
-    known = CLASSIFICATION_METRICS if task_type == "classification" else REGRESSION_METRICS
-    metric = cfg.metric or ("accuracy" if task_type == "classification" else "pearson")
-    if metric not in known:
-        raise SherlError(f"{origin}: sweep.metric = {metric!r} is not a {task_type} metric; use one of "
-                         f"{', '.join(known)}")
-    return metric, cfg.direction or ("minimize" if metric in LOWER_IS_BETTER else "maximize")
+    metric, direction = selection(task_type, cfg.metric, f"{origin}: sweep.metric")
+    return metric, cfg.direction or direction

@@ -19,7 +19,7 @@ import torch
 
 from sherl_pipe.devices import autocast
 from sherl_pipe.errors import SherlError
-from sherl_pipe.metrics import PRIMARY
+from sherl_pipe.metrics import is_better, selection
 from sherl_pipe.model import ModelSpec
 from sherl_pipe.training.inference import forward, loss_fn
 
@@ -90,10 +90,10 @@ class Trainer:
     """Runs the loop for one model; batches come from `source.iterate(index arrays)`."""
 
     def __init__(self, model, spec: ModelSpec, optimizer, scheduler, budget: Budget, device, live=None,
-                 precision: str = "auto"):
+                 precision: str = "auto", metric: str = ""):
         self.model, self.spec, self.optimizer, self.scheduler = model, spec, optimizer, scheduler
         self.budget, self.device, self.live, self.precision = budget, device, live, precision
-        self.primary = PRIMARY[spec.task_type]
+        self.metric, self.direction = selection(spec.task_type, metric)  # train.metric
 
     def prepare(self, batch):
         """On the device first, then the live early route (which runs where its backbone is)."""
@@ -157,15 +157,23 @@ class Trainer:
         if hooks.evaluate is not None:
             state.last_eval = hooks.evaluate()
             record["eval"] = state.last_eval
-            value = state.last_eval[self.primary]
-            if state.best is None or value > state.best[self.primary]:
+            value = self.selected(record)
+            if is_better(value, self.selected(state.best) if state.best else None, self.direction):
                 state.best = {"epoch": state.epoch + 1, "step": state.step, **state.last_eval}
+                if self.metric == "train_loss":
+                    state.best["train_loss"] = record["train_loss"]
                 state.bad_epochs = 0
                 hooks.save_best()
             else:
                 state.bad_epochs += 1
         hooks.record(record)
         return record
+
+    def selected(self, record: dict) -> float:
+        """The train.metric value of an epoch record (or of a best record, which holds its eval)."""
+        if self.metric == "train_loss":
+            return record["train_loss"]
+        return (record["eval"] if "eval" in record else record)[self.metric]
 
     def save(self, state: RunState, hooks: Hooks) -> None:
         state.seconds = self._seconds_before + hooks.clock() - self._clock_start
@@ -195,10 +203,10 @@ class Trainer:
             state.finished, state.stop_reason = True, (None if complete else "max-steps")
         elif self.budget.early_stopping and state.bad_epochs >= self.budget.early_stopping:
             state.finished, state.stop_reason = True, "early-stopping"
-            hooks.log(f"early stopping: no {self.primary} improvement for {self.budget.early_stopping} epoch(s)")
+            hooks.log(f"early stopping: no {self.metric} improvement for {self.budget.early_stopping} epoch(s)")
         if hooks.on_epoch is not None:
             try:
-                hooks.on_epoch(record)
+                hooks.on_epoch({**record, "final": state.finished})  # final: no epoch follows
             except StopTraining as stop:
                 state.finished, state.stop_reason = True, stop.reason
 
@@ -207,6 +215,7 @@ class Trainer:
         line = f"{where}: train loss {record['train_loss']:.4f}"
         if "eval" in record:
             ev, best = record["eval"], state.best
-            line += (f", {ev['split']} {self.primary} {ev[self.primary]:.4f} "
-                     f"(best {best[self.primary]:.4f} at epoch {best['epoch']})")
+            shown = "" if self.metric == "train_loss" else f", {ev['split']} {self.metric} {ev[self.metric]:.4f}"
+            line += shown + (f" (best {self.metric} {self.selected(best):.4f} at epoch {best['epoch']})" if best
+                             else " (no finite value yet)")
         hooks.log(line)

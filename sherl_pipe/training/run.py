@@ -26,6 +26,7 @@ from sherl_pipe.cache import Cache, manifest_fingerprint
 from sherl_pipe.config import Pipeline
 from sherl_pipe.devices import native_cpu_bf16, pick_device, stage_two_precision
 from sherl_pipe.errors import SherlError
+from sherl_pipe.metrics import selection
 from sherl_pipe.model import ModelSpec
 from sherl_pipe.request import check_cache_matches
 from sherl_pipe.resources import resolve_model
@@ -98,6 +99,7 @@ def open_training_cache(pipeline: Pipeline, check_cache: bool = True) -> tuple[C
     check_splits(cfg, cache.splits, f"cache {cache.path}")
     cache.require_complete("train")
     spec = with_target_scale(make_spec(cfg, cache.manifest), cache)
+    selection(spec.task_type, cfg.metric)  # a metric of another task type is refused before any work
     eval_split = cfg.eval_split or None
     if eval_split is not None:
         cache.require_complete(eval_split)
@@ -223,7 +225,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
             if state.finished:  # a resumed run that had already finished: its files stay as they are
                 return result_of(run, state)
             trainer = Trainer(s.model, spec, s.optimizer, s.scheduler, s.budget, device, s.live,
-                              pipeline.train.precision)
+                              pipeline.train.precision, pipeline.train.metric)
             state = trainer.fit(state, s.sampler, s.train_src, make_hooks(run, s, progress, log, on_epoch,
                                                                          should_stop))
             return finish(run, s, state, tier_weights)
