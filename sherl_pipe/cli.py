@@ -64,12 +64,17 @@ class Progress:
         self.bar.close()
 
 
-class StopOnInterrupt:
-    """The first Ctrl-C asks the training loop to stop at the next step boundary and save its
-    state; a second one stops at once. Only the main thread can take signals."""
+TRAIN_INTERRUPT = "interrupt: saving the training state at the next step (press Ctrl-C again to stop at once)"
+SWEEP_INTERRUPT = ("interrupt: no new trials; the running ones save their state at their next step and are recorded "
+                   "as interrupted, to run again on resume (press Ctrl-C again to stop at once)")
 
-    def __init__(self, say):
-        self.requested, self.say, self.previous = False, say, None
+
+class StopOnInterrupt:
+    """The first Ctrl-C asks the training loop (or the sweep) to stop at the next step boundary
+    and save its state; a second one stops at once. Only the main thread can take signals."""
+
+    def __init__(self, say, message: str = TRAIN_INTERRUPT):
+        self.requested, self.say, self.message, self.previous = False, say, message, None
 
     def __call__(self) -> bool:
         return self.requested
@@ -78,7 +83,7 @@ class StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.say("interrupt: saving the training state at the next step (press Ctrl-C again to stop at once)")
+        self.say(self.message)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -404,11 +409,16 @@ def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quie
             _print_extract_summary(_run_extract(pipe, True, quiet, check))
     bar = Progress("sweep", "trial", quiet)
     try:
-        with StopOnInterrupt(bar.write):
+        with StopOnInterrupt(bar.write, SWEEP_INTERRUPT) as interrupt:
             result = run_sweep(pipe, sweep_file, sweep_dir, scheduler, overwrite, progress=bar,
-                               log=(lambda m: None) if quiet else bar.write, check_cache=False)
+                               log=(lambda m: None) if quiet else bar.write, check_cache=False,
+                               should_stop=interrupt)
     finally:
         bar.close()
+    if result.interrupted:
+        _say(f"interrupted: sweep {result.sweep_dir} stopped; {result.again} trial(s) recorded to run again; "
+             f"rerun the same command to resume it")
+        sys.exit(130)
     _print_sweep(result.report, result.sweep_dir)
 
 

@@ -202,8 +202,10 @@ class Pipeline:
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     origin: str = "<defaults>"
-    # The file's [sweep] table as written: only `sherl-pipe sweep` reads it (sweep/config.py checks it).
+    # The file's [sweep] table as written, and the `--set sweep.*` overrides (item, key, value) in
+    # order: only `sherl-pipe sweep` reads them (sweep/config.py layers them with a --sweep FILE).
     sweep: dict = field(default_factory=dict, compare=False)
+    sweep_sets: tuple = field(default=(), compare=False)
 
     def to_dict(self) -> dict:
         return {name: section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -220,6 +222,21 @@ class Pipeline:
             return self
         merged = {**section_to_dict(getattr(self, section)), **given}
         return dataclasses.replace(self, **{section: build_section(section, merged, "command option")})
+
+
+def absolute_paths(pipeline: Pipeline) -> Pipeline:
+    """The pipeline with its file and folder paths absolute (`embedded:` names and empty ones kept):
+    what a process elsewhere (a sweep trial on a dask worker, whose directory is not this one) must
+    be given so that it reads the same files."""
+    def absolute(path: str) -> str:
+        return path if not path or path.startswith("embedded:") else str(Path(path).absolute())
+
+    data = {k: absolute(getattr(pipeline.data, k)) for k in ("source", "train", "validation", "test")}
+    return dataclasses.replace(
+        pipeline, data=dataclasses.replace(pipeline.data, **data),
+        backbone=dataclasses.replace(pipeline.backbone, source=absolute(pipeline.backbone.source)),
+        extract=dataclasses.replace(pipeline.extract, cache=absolute(pipeline.extract.cache)),
+        train=dataclasses.replace(pipeline.train, run_dir=absolute(pipeline.train.run_dir)))
 
 
 def section_to_dict(section) -> dict:
@@ -240,10 +257,11 @@ def load_pipeline(spec: str | None, overrides: tuple[str, ...] | list[str] = ())
     if unknown:
         raise SherlError(f"{origin}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS) + ['sweep']}")
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    sweep_sets = []
     for item in overrides:
         section, key, value = _parse_set(item)
-        if section == "sweep" and isinstance(raw.get("sweep", {}), dict):
-            raw["sweep"] = _set_sweep(raw.get("sweep", {}), key, value)
+        if section == "sweep":
+            sweep_sets.append((item, key, value))
         else:
             raw.setdefault(section, {})[key] = value
     sections = {}
@@ -252,7 +270,7 @@ def load_pipeline(spec: str | None, overrides: tuple[str, ...] | list[str] = ())
         if not isinstance(body, dict):
             raise SherlError(f"{origin}: [{name}] must be a table of key = value")
         sections[name] = body if name == "sweep" else build_section(name, body, origin)
-    return Pipeline(**sections, origin=origin)
+    return Pipeline(**sections, origin=origin, sweep_sets=tuple(sweep_sets))
 
 
 def apply_overrides(pipeline: Pipeline, overrides) -> Pipeline:
@@ -260,7 +278,7 @@ def apply_overrides(pipeline: Pipeline, overrides) -> Pipeline:
     for item in overrides:
         section, key, value = _parse_set(item)
         if section == "sweep":
-            pipeline = dataclasses.replace(pipeline, sweep=_set_sweep(pipeline.sweep, key, value))
+            pipeline = dataclasses.replace(pipeline, sweep_sets=(*pipeline.sweep_sets, (item, key, value)))
             continue
         merged = {**section_to_dict(getattr(pipeline, section)), key: value}
         pipeline = dataclasses.replace(pipeline, **{section: build_section(section, merged, f"--set {item}")})
@@ -305,13 +323,6 @@ def _parse_set(item: str) -> tuple[str, str, object]:
     except tomllib.TOMLDecodeError:  # ... or else a bare string
         value = text.strip()
     return section, key, value
-
-
-def _set_sweep(sweep: dict, key: str, value) -> dict:
-    """The [sweep] table with one --set applied: `space.KEY` sets one key of [sweep.space]."""
-    if key.startswith("space."):
-        return {**sweep, "space": {**dict(sweep.get("space") or {}), key[len("space."):]: value}}
-    return {**sweep, key: value}
 
 
 def build_section(name: str, values: dict, origin: str, cls: type | None = None):

@@ -25,6 +25,14 @@ def selection(task_type: str, metric: str, where: str = "train.metric") -> tuple
     return metric, "minimize" if metric in LOWER_IS_BETTER else "maximize"
 
 
+def best_of(values, direction: str) -> float | None:
+    """The best finite value (None if there is none: a trial whose metric is NaN at every epoch)."""
+    finite = [float(v) for v in values if np.isfinite(v)]
+    if not finite:
+        return None
+    return max(finite) if direction == "maximize" else min(finite)
+
+
 def is_better(value: float, best: float | None, direction: str) -> bool:
     """Whether VALUE beats BEST; a non-finite value never does, and any finite one beats a
     non-finite best (a NaN first epoch must not stay the best for good)."""

@@ -1,6 +1,8 @@
 """The pipeline file: strict sections, one override order, shipped pipelines load."""
 
 
+import re
+
 import pytest
 
 from conftest import REPO
@@ -97,13 +99,44 @@ def test_bad_config_is_refused_with_the_key(tmp_path, text, setting, message):
 def test_set_reaches_the_sweep_space(tmp_path):
     """--set sweep.space.KEY=VALUE sets one key of [sweep.space] (it was refused as an unknown key)."""
     from sherl_pipe.config import apply_overrides
+    from sherl_pipe.sweep.config import load_sweep
 
     path = tmp_path / "p.toml"
     path.write_text('[data]\ntrain = "x"\n[sweep]\ntrials = 2\n[sweep.space]\nlr = [0.1, 0.2]\n')
     pipe = load_pipeline(str(path), ["sweep.space.late_layers=[1, 2]", "sweep.trials=3"])
-    assert pipe.sweep == {"trials": 3, "space": {"lr": [0.1, 0.2], "late_layers": [1, 2]}}
-    pipe = apply_overrides(pipe, ["sweep.space.lr=[0.3]"])
-    assert pipe.sweep["space"] == {"lr": [0.3], "late_layers": [1, 2]}
+    sweep = load_sweep(pipe)
+    assert sweep.config.trials == 3 and sweep.space == {"lr": [0.1, 0.2], "late_layers": [1, 2]}
+    sweep = load_sweep(apply_overrides(pipe, ["sweep.space.lr=[0.3]"]))
+    assert sweep.space == {"lr": [0.3], "late_layers": [1, 2]}
+    assert sweep.where("space.lr") == "--set sweep.space.lr=[0.3]" and sweep.where("trials") == "--set sweep.trials=3"
+
+
+def test_sweep_settings_follow_the_documented_order(tmp_path):
+    """defaults < the pipeline's [sweep] < --sweep FILE < --set sweep.* < --sweep-dir: the file's
+    sampler, trials and folder were silently replaced by the pipeline's own table, and errors blamed
+    the file for values it does not hold."""
+    from sherl_pipe.sweep.config import load_sweep
+
+    pipe_file = tmp_path / "p.toml"
+    pipe_file.write_text('[sweep]\nsampler = "grid"\ntrials = 4\ndir = "from-pipeline"\nseed = 5\n'
+                         '[sweep.space]\nlr = [0.1, 0.2]\n')
+    sweep_file = tmp_path / "s.toml"
+    sweep_file.write_text('[sweep]\nsampler = "random"\ntrials = 9\ndir = "from-file"\n'
+                          '[sweep.space]\nseed = [0, 1]\n')
+    sweep = load_sweep(load_pipeline(str(pipe_file)), str(sweep_file))
+    assert (sweep.config.sampler, sweep.config.trials, sweep.config.dir, sweep.config.seed) == (
+        "random", 9, "from-file", 5)
+    assert sweep.space == {"seed": [0, 1]} and sweep.origin == str(sweep_file)
+    assert sweep.where("seed") == str(pipe_file) and sweep.where("trials") == str(sweep_file)
+    sweep = load_sweep(load_pipeline(str(pipe_file), ["sweep.trials=2", "sweep.space.lr=[0.5]"]), str(sweep_file),
+                       sweep_dir="cli")
+    assert (sweep.config.trials, sweep.config.dir) == (2, "cli") and sweep.space == {"seed": [0, 1], "lr": [0.5]}
+    pipe_file.write_text(pipe_file.read_text().replace('sampler = "grid"', 'sampler = "bogus"'))
+    with pytest.raises(SherlError, match=rf"^{re.escape(str(pipe_file))}: sweep.sampler = 'bogus' is not one of"):
+        load_sweep(load_pipeline(str(pipe_file)), str(sweep_file))
+    pipe_file.write_text(pipe_file.read_text().replace('sampler = "bogus"', 'sampler = "grid"'))
+    with pytest.raises(SherlError, match=r"^--set sweep.trials=-1: sweep.trials = -1 must be >= 0"):
+        load_sweep(load_pipeline(str(pipe_file), ["sweep.trials=-1"]), str(sweep_file))
 
 
 def test_missing_pipeline_file_names_the_packaged_ones():

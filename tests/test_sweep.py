@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from click.testing import CliRunner
@@ -108,9 +110,13 @@ def test_a_failing_trial_or_a_dead_worker_does_not_stop_the_sweep(tmp_path, bert
     path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 1")
     run_sweep(load_pipeline(str(path)), log=lambda m: None, trial_fn=failing_trial)
     got = {int(r["number"]): r for r in rows(tmp_path / "sweep")}
-    assert len(got) == 4 and [got[n]["state"] for n in range(4)] == ["complete", "failed", "failed", "complete"]
+    # the dead worker's trial is told apart from one that raised, and runs again (not counted)
+    assert len(got) == 5 and [got[n]["state"] for n in range(5)] == ["complete", "failed", "failed", "complete",
+                                                                     "complete"]
     assert "RuntimeError: this trial breaks" in got[1]["error"]
-    assert "KilledWorker" in got[2]["error"] or "died" in got[2]["error"]
+    assert got[2]["error"].startswith("lost: the worker running this trial died")
+    (rerun,) = [r for r in got.values() if r["rerun_of"] == "2"]
+    assert rerun["lr"] == got[2]["lr"] and rerun["state"] == "complete"
 
 
 def evaluation_less_trial(spec):
@@ -171,7 +177,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, bert
 
     from sherl_pipe.sweep.study import load_study
 
-    table = '[sweep]\nsampler = "grid"\ndir = "{dir}"\nworkers = 1\nthreads = 1\n[sweep.space]\nseed = [0, 1, 2]\n'
+    table = '[sweep]\nsampler = "grid"\ndir = "{dir}"\nworkers = 2\nthreads = 1\n[sweep.space]\nseed = [0, 1, 2]\n'
     path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 8")
     proc = subprocess.Popen([sys.executable, "-m", "sherl_pipe", "sweep", "-q", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -185,8 +191,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, bert
                 break
         time.sleep(0.3)
     assert proc.poll() is None, "the sweep ended before it could be killed: " + proc.stderr.read().decode()
-    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its workers
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    os.kill(proc.pid, signal.SIGKILL)  # the sweep alone: its workers follow it
     proc.wait()
+    assert workers and not psutil.wait_procs(workers, timeout=30)[1]
     finished = {n: (tmp_path / "sweep" / "trials" / f"{n:04d}" / "trial.json").stat().st_mtime_ns for n in complete}
     r = CliRunner().invoke(main, ["sweep", str(path), "-q"])
     assert r.exit_code == 0, r.output
@@ -322,3 +330,191 @@ def test_the_sweep_command_compares_the_cache_with_the_pipeline_once(tmp_path, b
     assert out.exit_code == 0, out.output
     assert "complete, matches the pipeline" in out.output
     assert calls and calls[0].get("check_cache") is False and len(reads) == 1
+
+
+def scripted_trial(spec):
+    """Epoch values from the trial's lr and seed (SCRIPT), through the real Reporter: the sweep's
+    bookkeeping without training."""
+    from sherl_pipe.sweep.trial import Reporter
+    from sherl_pipe.training.loop import StopTraining
+
+    train_cfg = spec["pipeline"]["train"]
+    values = SCRIPT[(train_cfg["lr"], train_cfg["seed"])]
+    reporter, state = Reporter(spec), "complete"
+    for i, v in enumerate(values):
+        record = {"epoch": i + 1, "complete": True, "final": i == len(values) - 1, "train_loss": 1.0,
+                  "eval": {"accuracy": v}}
+        try:
+            reporter(record)
+        except StopTraining:
+            state = "pruned"
+            break
+    return {"number": spec["number"], "state": state, "values": reporter.values}
+
+
+NAN = float("nan")
+SCRIPT = {(0.001, 0): [0.5, 0.6, 0.7], (0.002, 0): [0.7, 0.5, 0.6], (0.003, 0): [NAN, NAN, NAN],
+          (0.004, 0): [NAN, 0.6, 0.55],
+          (0.001, 1): [0.9], (0.001, 2): [0.1], (0.002, 1): [0.6], (0.002, 2): [0.6]}
+
+
+def test_results_say_what_they_mean(tmp_path, bert_dir, labeled_csv, fp32_cache, monkeypatch):
+    """A pruned trial's value is its best epoch's (Optuna keeps the last); a trial pruned at its
+    final epoch is complete; a metric NaN at every epoch fails with a reason (Optuna failed it with
+    none while the log said done); a NaN epoch before a finite one does not spoil the trial."""
+    import cloudpickle
+    import optuna
+
+    import sherl_pipe.sweep.study as study_mod
+    from sherl_pipe.sweep import run_sweep
+
+    class Scripted(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return (trial.params["lr"], trial.last_step) in {(0.001, 3), (0.002, 2)}
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(study_mod, "make_pruner", lambda cfg: Scripted())
+    table = GRID.replace('sampler = "grid"', 'sampler = "grid"\npruner = "median"').replace(
+        "lr = [0.001, 0.003]", "lr = [0.001, 0.002, 0.003, 0.004]")
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table.replace("workers = 1", "workers = 2"))
+    lines = []
+    run_sweep(load_pipeline(str(path)), log=lines.append, trial_fn=scripted_trial)
+    got = {r["lr"]: r for r in rows(tmp_path / "sweep")}
+    assert (got["0.001"]["state"], got["0.001"]["value"]) == ("complete", "0.7")  # not pruned at its last epoch
+    assert (got["0.002"]["state"], got["0.002"]["value"]) == ("pruned", "0.7")  # its best epoch, not its last
+    assert got["0.003"]["state"] == "failed" and "accuracy was not finite at any epoch" in got["0.003"]["error"]
+    assert any(line.startswith(f"trial {got['0.003']['number']} failed: accuracy was not finite") for line in lines)
+    assert (got["0.004"]["state"], got["0.004"]["value"]) == ("complete", "0.6")
+
+
+def test_best_toml_is_the_best_setting_over_seeds_not_the_luckiest_seed(tmp_path, bert_dir, labeled_csv,
+                                                                       fp32_cache):
+    import cloudpickle
+
+    from sherl_pipe.sweep import run_sweep
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    table = GRID.replace("lr = [0.001, 0.003]", "lr = [0.001, 0.002]\nseed = [1, 2]")
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 1\nseed = 7")
+    result = run_sweep(load_pipeline(str(path)), log=lambda m: None, trial_fn=scripted_trial)
+    best = load_pipeline(str(tmp_path / "sweep" / "best.toml"))
+    assert (best.train.lr, best.train.seed) == (0.002, 7)  # mean 0.6 beats 0.9 and 0.1's mean 0.5
+    assert result.report.best["lr"] == 0.002
+    assert "best.toml: the setting with the best mean over seeds" in result.report.leaderboard
+    assert (tmp_path / "sweep" / "best.toml").read_text().startswith("# The best setting by mean accuracy over 2 seed")
+
+
+def test_a_trial_whose_decision_does_not_come_carries_on(monkeypatch):
+    """The prune-decision timeout failed the trial (TimeoutError) while the comment said it carries on."""
+    from distributed import Client
+
+    import sherl_pipe.sweep.trial as trial
+
+    monkeypatch.setattr(trial, "DECISION_TIMEOUT", 0.3)
+    spec = {"number": 0, "metric": "accuracy", "reports": "r-test", "decisions": "d-test", "decide": True}
+    record = {"epoch": 1, "complete": True, "final": False, "train_loss": 1.0, "eval": {"accuracy": 0.5}}
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0"):
+        trial.Reporter(spec)(record)  # no one answers: returns
+
+
+def test_two_trials_at_once_in_one_process_equal_each_alone(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """Trials sharing a worker process (a multi-threaded worker) drew dropout masks from one global
+    generator, so each differed from `sherl-pipe train` of its settings by ~1e-2; they run one at a
+    time in a process (trial.TRIAL_LOCK) and equal separate runs."""
+    import threading
+
+    from distributed import Client
+
+    from sherl_pipe.cache import Cache, manifest_fingerprint
+    from sherl_pipe.sweep.trial import run_trial
+    from sherl_pipe.training import train
+
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, GRID, "epochs = 2\ndropout = 0.3")
+    base = load_pipeline(str(path))  # tmp_path: absolute paths
+    fingerprint = manifest_fingerprint(Cache(fp32_cache).manifest)
+
+    def spec(n, lr):
+        pipe = base.to_dict()
+        pipe["train"].update(lr=lr, run_dir=str(tmp_path / f"trial{n}"), threads=1)
+        return {"number": n, "pipeline": pipe, "threads": 1, "metric": "accuracy", "reports": "r", "decisions": "d",
+                "decide": False, "stop": "stop", "cache_fingerprint": fingerprint}
+
+    errors = []
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0"):
+        threads = [threading.Thread(target=lambda s=spec(n, lr): errors.append(None) if run_trial(s) else None)
+                   for n, lr in ((0, 0.001), (1, 0.003))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == [None, None]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trials ran (a sum over threads rounds differently)
+    try:
+        for n, lr in ((0, 0.001), (1, 0.003)):
+            train(base.with_overrides("train", lr=lr, run_dir=str(tmp_path / f"alone{n}")), log=lambda m: None)
+    finally:
+        torch.set_num_threads(before)
+    for n in (0, 1):
+        a = load_file(tmp_path / f"trial{n}" / "checkpoints" / "last.safetensors")
+        b = load_file(tmp_path / f"alone{n}" / "checkpoints" / "last.safetensors")
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_trials_on_a_cluster_elsewhere_read_the_sweeps_files(tmp_path, bert_dir, labeled_csv, fp32_cache,
+                                                              monkeypatch):
+    """A cluster whose worker runs in another directory, with another cache at the same relative
+    path: trials resolved relative paths there and trained on that other cache without a word.
+    Paths are made absolute by the sweep; a trial refuses a cache that is not the one checked."""
+    import shutil
+
+    from distributed import LocalCluster
+
+    from sherl_pipe.sweep import run_sweep
+    from sherl_pipe.sweep.trial import run_trial
+
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    (elsewhere / "cache").mkdir(parents=True)
+    shutil.copytree(fp32_cache, home / "cache")
+    monkeypatch.chdir(elsewhere)  # the worker starts here: it sees elsewhere/cache as "cache"
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0")
+    try:
+        monkeypatch.chdir(home)
+        path = sweep_pipeline(home, bert_dir, labeled_csv, "cache", GRID.replace('"{dir}"', '"sweep"'), "epochs = 1")
+        result = run_sweep(load_pipeline(str(path)), scheduler=cluster.scheduler_address, log=lambda m: None)
+    finally:
+        cluster.close()
+    got = rows(home / "sweep")
+    assert [r["state"] for r in got] == ["complete", "complete"], got
+    for r in got:
+        assert r["run_dir"].startswith(str(home / "sweep" / "trials"))
+        assert json.loads((Path(r["run_dir"]) / "model.json").read_text())["cache"] == str(home / "cache")
+    assert result.engine.startswith("the cluster at")
+    spec = {"number": 9, "pipeline": json.loads((Path(got[0]["run_dir"]) / "config.json").read_text()),
+            "threads": 1, "metric": "accuracy", "reports": "r", "decisions": "d", "decide": False, "stop": "s",
+            "cache_fingerprint": "0" * 64}
+    with pytest.raises(SherlError, match=r"sweep trial 9: the cache at .*home/cache on \S+ is not the one the sweep "
+                                         r"checked"):
+        run_trial(spec)
+
+
+def test_an_empty_or_cut_journal_is_resumed_not_refused(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """A disk that filled as the sweep began left an empty study.journal, refused as a sweep 'with
+    another space'; one cut off mid-record was read, then made unreadable by the next record."""
+    from sherl_pipe.sweep import run_sweep
+    from sherl_pipe.sweep.study import load_study
+
+    table = ('[sweep]\nsampler = "random"\ntrials = 1\ndir = "{dir}"\nworkers = 1\nthreads = 1\n'
+             '[sweep.space]\nlr = {low = 0.0001, high = 0.01, log = true}\n')
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 1\nmax_steps = 2")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "study.journal").write_bytes(b"")
+    run_sweep(load_pipeline(str(path)), log=lambda m: None)
+    with open(tmp_path / "sweep" / "study.journal", "ab") as f:
+        f.write(b'{"op_code": 4, "worker_id": "x", "study_id": 0, "dat')  # killed mid-record
+    lines = []
+    run_sweep(load_pipeline(str(path), ["sweep.trials=2"]), log=lines.append)
+    assert any("dropped a partial last record of study.journal" in line for line in lines)
+    assert [t.state.name for t in load_study(tmp_path / "sweep").get_trials()] == ["COMPLETE", "COMPLETE"]

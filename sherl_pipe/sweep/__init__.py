@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sherl_pipe.config import Pipeline
+from sherl_pipe.config import Pipeline, absolute_paths
 from sherl_pipe.errors import SherlError
 
 
@@ -23,6 +23,8 @@ class SweepResult:
     recovered: list[int]
     engine: str
     threads: int
+    interrupted: bool = False  # Ctrl-C: the running trials were recorded as interrupted, to run again
+    again: int = 0  # trials recorded to run again (interrupted, or lost with their worker)
 
 
 def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None, manifest: dict | None = None):
@@ -37,58 +39,76 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
     sweep = load_sweep(pipeline, sweep_file, sweep_dir)
     cfg = sweep.config
     if not pipeline.train.eval_split:
-        raise SherlError(f"{sweep.origin}: a sweep ranks trials on train.eval_split; set it (for example "
+        raise SherlError(f"{pipeline.origin}: a sweep ranks trials on train.eval_split; set it (for example "
                          f"validation, or data.validation_size to carve one out of data.train)")
     manifest = manifest or Cache(pipeline.extract.cache).manifest
     check_splits(pipeline.train, list(manifest["splits"]), f"cache {pipeline.extract.cache}")
-    metric, direction = resolve_metric(cfg, manifest["task"]["type"], sweep.origin)
+    metric, direction = resolve_metric(cfg, manifest["task"]["type"], sweep.where("metric"))
     if metric == "f1_positive" and len(manifest["task"]["label_names"]) != 2:
-        raise SherlError(f"{sweep.origin}: sweep.metric = 'f1_positive' needs two classes")
-    params = parse_space(sweep.space, sweep.origin)
-    check_space(params, pipeline, manifest, sweep.origin)
+        raise SherlError(f"{sweep.where('metric')}: sweep.metric = 'f1_positive' needs two classes")
+    params = parse_space(sweep.space, sweep.where)
+    check_space(params, pipeline, manifest, sweep.where)
     if cfg.sampler == "grid":
-        grid(params, sweep.origin)  # every parameter a list of values
+        grid(params, sweep.where("sampler"))  # every parameter a list of values
         budget = min(cfg.trials, grid_size(params)) if cfg.trials else grid_size(params)
     elif cfg.trials:
         budget = cfg.trials
     else:
-        raise SherlError(f"{sweep.origin}: sweep.trials = 0 means every combination, for the grid sampler only; "
-                         f"set sweep.trials")
-    return cfg, Plan(pipeline, params, metric, direction, Path(cfg.dir), budget, cfg.parallel, cfg.timeout)
+        raise SherlError(f"{sweep.where('trials')}: sweep.trials = 0 means every combination, for the grid "
+                         f"sampler only; set sweep.trials")
+    return cfg, Plan(absolute_paths(pipeline), params, metric, direction, Path(cfg.dir).absolute(), budget,
+                     cfg.parallel, cfg.timeout)
 
 
 def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str | None = None,
               scheduler: str | None = None, overwrite: bool = False, progress=None,
               log: Callable[[str], None] = print, trial_fn: Callable | None = None,
-              check_cache: bool = True) -> SweepResult:
+              check_cache: bool = True, should_stop: Callable[[], bool] | None = None) -> SweepResult:
     """Run (or resume) the pipeline's sweep over its cache, which must exist and match (checked here
-    unless check_cache=False: the caller has just checked or made it)."""
+    unless check_cache=False: the caller has just checked or made it). `should_stop()` is polled:
+    once true, no trial starts and the running ones stop at their next step, to run again on resume."""
+    from sherl_pipe.cache import Cache, manifest_fingerprint
     from sherl_pipe.request import check_cache_matches
-    from sherl_pipe.cache import Cache
-    from sherl_pipe.sweep.cluster import engine
     from sherl_pipe.sweep.report import build_report
-    from sherl_pipe.sweep.run import Coordinator
-    from sherl_pipe.sweep.study import open_study, prepare_folder, recover_interrupted, signature
+    from sherl_pipe.sweep.study import prepare_folder, repair_journal
+
+    cache = Cache(pipeline.extract.cache)
+    if check_cache:
+        check_cache_matches(cache, pipeline)
+    cfg, plan = plan_sweep(pipeline, sweep_file, sweep_dir)
+    plan.cache_fingerprint = manifest_fingerprint(cache.manifest)
+    lock = prepare_folder(plan.sweep_dir, overwrite)
+    try:
+        repair_journal(plan.sweep_dir, log)
+        recovered, tally, where, threads = _run_trials(pipeline, cfg, plan, scheduler, progress, log, trial_fn,
+                                                       should_stop, cache.manifest["backbone"]["model_type"])
+    finally:
+        lock.release()
+    return SweepResult(plan.sweep_dir, build_report(plan.sweep_dir), recovered, where, threads, tally.interrupted,
+                       tally.again)
+
+
+def _run_trials(pipeline, cfg, plan, scheduler, progress, log, trial_fn, should_stop, model_type):
+    from sherl_pipe.sweep.cluster import engine
+    from sherl_pipe.sweep.run import Coordinator, finished_count
+    from sherl_pipe.sweep.study import open_study, recover_interrupted, signature
     from sherl_pipe.sweep.trial import run_trial
 
-    if check_cache:
-        check_cache_matches(Cache(pipeline.extract.cache), pipeline)
-    cfg, plan = plan_sweep(pipeline, sweep_file, sweep_dir)
-    prepare_folder(plan.sweep_dir, overwrite)
     sig = signature(cfg, plan.params, pipeline.to_dict(), plan.metric, plan.direction)
-    study = open_study(plan.sweep_dir, cfg, plan.params, sig, plan.direction, pipeline.origin)
-    recovered = recover_interrupted(study, plan.sweep_dir, [p.key for p in plan.params])
+    study = open_study(plan.sweep_dir, cfg, plan.params, sig, plan.direction, pipeline.origin,
+                       plan.cache_fingerprint)
+    recovered = recover_interrupted(study, plan.sweep_dir)
     if recovered:
-        log(f"trials {recovered} were running when the sweep stopped: recorded as failed (interrupted), to run again")
-    with engine(cfg, scheduler) as eng:
-        plan.parallel = plan.parallel or eng.workers
+        log(f"trials {recovered} were running when the sweep stopped: recorded as interrupted, to run again")
+    with engine(cfg, scheduler, model_type) as eng:
+        plan.parallel = min(plan.parallel or eng.workers, eng.workers)
+        if cfg.parallel > eng.workers:
+            log(f"sweep.parallel = {cfg.parallel}: {eng.workers} trials at a time, one per worker process (a "
+                f"trial's random draws and threads are its process's own)")
         log(f"sweep {plan.sweep_dir}: {plan.budget} trials, {plan.parallel} at a time on {eng.where}, "
             f"{eng.threads} torch thread(s) per trial; {plan.metric} on {pipeline.train.eval_split} ({plan.direction})")
         if progress is not None and hasattr(progress, "set_total"):
-            from sherl_pipe.sweep.run import finished_count
-
             progress.set_total(plan.budget)
             progress(finished_count(study, plan.sweep_dir))
-        Coordinator(plan, study, eng, trial_fn or run_trial, progress, log).run()
-        where, threads = eng.where, eng.threads
-    return SweepResult(plan.sweep_dir, build_report(plan.sweep_dir), recovered, where, threads)
+        tally = Coordinator(plan, study, eng, trial_fn or run_trial, progress, log, should_stop).run()
+        return recovered, tally, eng.where, eng.threads

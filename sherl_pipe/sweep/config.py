@@ -1,8 +1,9 @@
 """The [sweep] table: how to search, checked as strictly as the pipeline's sections.
 
-It sits in the pipeline file (or in its own file, `--sweep FILE`, which then wins) beside a
-[sweep.space] table of the train settings to vary (space.py). `--set sweep.key=value` overrides a
-key, as for any section; `--sweep-dir` overrides `dir`.
+It sits in the pipeline file and/or in its own file (`--sweep FILE`), beside a [sweep.space] table
+of the train settings to vary (space.py). Order, later winning: defaults < the pipeline's [sweep]
+< --sweep FILE < `--set sweep.key=value` < `--sweep-dir`. A file's [sweep.space] replaces the one
+below it; `--set sweep.space.KEY=VALUE` sets one key of it. Errors name the source of the value.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class SweepConfig:
     direction: str = _choice("", "maximize", "minimize")  # "" = from the metric
     sampler: str = _choice("tpe", "grid", "random")
     trials: int = _at_least(20, 0)  # trials to finish; 0 with the grid sampler: every combination
-    parallel: int = _at_least(0, 0)  # trials at once; 0 = one per worker
+    parallel: int = _at_least(0, 0)  # trials at once; 0 = one per worker (never more: one trial per process)
     workers: int = _at_least(0, 0)  # worker processes of the local cluster; 0 = one per core (at most `parallel`)
     threads: int = _at_least(0, 0)  # torch threads per trial; 0 = cores / workers
     timeout: float = _at_least(0.0, 0.0)  # seconds after which no new trial starts; 0 = none
@@ -43,13 +44,16 @@ class SweepConfig:
 @dataclass(frozen=True)
 class Sweep:
     config: SweepConfig
-    space: dict  # the [sweep.space] table as written
-    origin: str
+    space: dict  # [sweep.space] as the layers left it
+    origin: str  # where [sweep.space] came from
+    origins: dict = field(default_factory=dict)  # a [sweep] key, or "space.KEY", -> where its value came from
+
+    def where(self, key: str) -> str:
+        """The source of KEY's value, for an error about it: a file, or the --set that gave it."""
+        return self.origins.get(key, self.origin)
 
 
-def read_sweep_table(pipeline: Pipeline, sweep_file: str | None) -> tuple[dict, str]:
-    if sweep_file is None:
-        return dict(pipeline.sweep), pipeline.origin
+def read_sweep_file(sweep_file: str) -> tuple[dict, str]:
     path = Path(sweep_file)
     if not path.is_file():
         raise SherlError(f"--sweep {sweep_file}: not found; give a TOML file with a [sweep] table")
@@ -58,26 +62,57 @@ def read_sweep_table(pipeline: Pipeline, sweep_file: str | None) -> tuple[dict, 
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SherlError(f"{path}: not valid TOML ({exc})") from None
     other = sorted(set(raw) - {"sweep"})
-    if other or "sweep" not in raw:
+    if other or "sweep" not in raw or not isinstance(raw["sweep"], dict):
         raise SherlError(f"{path}: a sweep file holds one [sweep] table (with [sweep.space]); found "
                          f"{other or 'no [sweep]'}: put pipeline settings in the pipeline file")
     return dict(raw["sweep"]), str(path)
 
 
+def sweep_layers(pipeline: Pipeline, sweep_file: str | None) -> list[tuple[dict, str]]:
+    """The [sweep] tables in the documented order, each with its source: the pipeline's own,
+    then --sweep FILE, then each --set sweep.KEY=VALUE (sweep.space.KEY sets one key of the space)."""
+    layers = [(dict(pipeline.sweep), pipeline.origin)]
+    if sweep_file is not None:
+        layers.append(read_sweep_file(sweep_file))
+    for item, key, value in pipeline.sweep_sets:
+        table = {"space": {key[len("space."):]: value}} if key.startswith("space.") else {key: value}
+        layers.append((table, f"--set {item}"))
+    return layers
+
+
+def _merge_space(space: dict | None, table, origin: str, origins: dict, replace: bool) -> dict:
+    if not isinstance(table, dict):
+        raise SherlError(f"{origin}: [sweep.space] must be a table of train settings")
+    if replace:  # a file's space is a whole search: it replaces the one below it
+        origins = {k: v for k, v in origins.items() if not k.startswith("space.")}
+        space = {}
+    origins.update({f"space.{k}": origin for k in table})
+    return {**(space or {}), **table}
+
+
 def load_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str | None = None) -> Sweep:
-    raw, origin = read_sweep_table(pipeline, sweep_file)
-    if sweep_file is not None:  # --set sweep.* still applies on top of a sweep file
-        raw.update({k: v for k, v in pipeline.sweep.items() if k != "space"})
-    if not raw:
-        raise SherlError(f"{origin}: no [sweep] table; add [sweep] and [sweep.space] to the pipeline file, or "
+    """The sweep settings: defaults < the pipeline's [sweep] < --sweep FILE < --set sweep.* <
+    --sweep-dir, each value checked against the source that gave it."""
+    raw, origins, space, space_origin = {}, {}, None, None
+    for table, origin in sweep_layers(pipeline, sweep_file):
+        table = dict(table)
+        if "space" in table:
+            from_set = origin.startswith("--set ")
+            space = _merge_space(space, table.pop("space"), origin, origins, replace=not from_set)
+            space_origin = space_origin if from_set and space_origin else origin
+        build_section("sweep", table, origin, cls=SweepConfig)  # this source's own keys, named as its
+        raw.update(table)
+        origins.update({k: origin for k in table})
+    where = sweep_file or pipeline.origin
+    if not raw and space is None:
+        raise SherlError(f"{where}: no [sweep] table; add [sweep] and [sweep.space] to the pipeline file, or "
                          f"give one with --sweep FILE")
-    space = raw.pop("space", None)
-    if not isinstance(space, dict) or not space:
-        raise SherlError(f"{origin}: [sweep.space] is missing or empty; name the train settings to vary, "
-                         f"for example lr = {{low = 1e-4, high = 1e-2, log = true}}")
+    if not space:
+        raise SherlError(f"{space_origin or where}: [sweep.space] is missing or empty; name the train settings to "
+                         f"vary, for example lr = {{low = 1e-4, high = 1e-2, log = true}}")
     if sweep_dir is not None:
-        raw["dir"] = sweep_dir
-    return Sweep(build_section("sweep", raw, origin, cls=SweepConfig), space, origin)
+        raw["dir"], origins["dir"] = sweep_dir, "--sweep-dir"
+    return Sweep(build_section("sweep", raw, where, cls=SweepConfig), space, space_origin, origins)
 
 
 def resolve_metric(cfg: SweepConfig, task_type: str, origin: str) -> tuple[str, str]:

@@ -1,14 +1,21 @@
 """`sherl-pipe sweep`: many trials over one cache, searched by an Optuna study that this process
 owns, run in parallel on dask workers.
 
-The loop asks the study for a trial, submits it to a worker, passes each epoch's value that comes
-back to the study (trial.report) and, with a pruner, sends the study's decision back to the trial;
-when a trial ends it tells the study how (complete with its best value, pruned, or failed with its
-error). A trial that raises, or whose worker dies, fails alone; the sweep goes on.
+The loop asks the study for a trial, submits it to a worker running no other trial, passes each
+epoch's value that comes back to the study (trial.report) and, with a pruner, sends the study's
+decision back to the trial; when a trial ends it tells the study how: complete with its best value,
+pruned, failed with its error, or run again (interrupted by Ctrl-C, or lost with its worker). A
+trial that raises, or whose worker dies, fails alone; the sweep goes on.
+
+Ctrl-C (should_stop): no new trials; the stop Event tells the running ones to save their state at
+their next step; each is recorded as interrupted (run again on resume) as it ends, and the loop
+returns `interrupted`. A second Ctrl-C (KeyboardInterrupt) records the running trials as
+interrupted at once and leaves.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 import uuid
@@ -17,24 +24,29 @@ from pathlib import Path
 from typing import Callable
 
 from sherl_pipe.config import Pipeline
+from sherl_pipe.metrics import best_of
 from sherl_pipe.sweep.cluster import Engine
 from sherl_pipe.sweep.space import Param, encode
-from sherl_pipe.sweep.study import INTERRUPTED, record_error, trial_dir
+from sherl_pipe.sweep.study import INTERRUPTED, LOST, LOST_AGAIN, is_rerun_error, record_error, run_again, trial_dir
 from sherl_pipe.sweep.trial import run_trial
+
+
+ORPHAN_GRACE = 10.0  # seconds a trial may wait for a worker that left the cluster
 
 
 @dataclass
 class Plan:
     """What a sweep run needs, checked before any trial starts."""
 
-    pipeline: Pipeline
+    pipeline: Pipeline  # its paths absolute (config.absolute_paths): trials run in the workers' directories
     params: list[Param]
     metric: str
     direction: str
-    sweep_dir: Path
+    sweep_dir: Path  # absolute
     budget: int  # trials to finish
     parallel: int
     timeout: float
+    cache_fingerprint: str = ""
 
 
 @dataclass
@@ -42,36 +54,39 @@ class Tally:
     done: int = 0
     pruned: int = 0
     failed: int = 0
+    again: int = 0  # interrupted or lost: run again
     best: float | None = None
+    interrupted: bool = False
     events: list[str] = field(default_factory=list)
 
 
 def finished_count(study, sweep_dir: Path) -> int:
-    """Trials that count against the budget: all ended ones except those cut off by a stopped sweep."""
+    """Trials that count against the budget: every ended one except those run again."""
     from optuna.trial import TrialState
 
     count = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
         error = trial_dir(sweep_dir, t.number) / "error.txt"
-        if not (t.state == TrialState.FAIL and error.is_file() and error.read_text().startswith(INTERRUPTED[:12])):
+        if not (t.state == TrialState.FAIL and error.is_file() and is_rerun_error(error.read_text())):
             count += 1
     return count
 
 
-def best_of(values: list[float], direction: str) -> float | None:
-    if not values:
-        return None
-    return max(values) if direction == "maximize" else min(values)
+def is_lost_worker(exc: BaseException) -> bool:
+    """Whether a trial's future failed because its worker died, not because the trial raised."""
+    from distributed.scheduler import KilledWorker
+
+    return isinstance(exc, KilledWorker)
 
 
 class Coordinator:
     def __init__(self, plan: Plan, study, eng: Engine, trial_fn: Callable = run_trial, progress=None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, should_stop: Callable[[], bool] | None = None):
         self.plan, self.study, self.engine, self.trial_fn = plan, study, eng, trial_fn
-        self.progress, self.log = progress, log
+        self.progress, self.log, self.should_stop = progress, log, should_stop or (lambda: False)
         self.prefix = f"sherl-sweep-{uuid.uuid4().hex[:8]}"
         self.decide = not _is_nop(study.pruner)
-        self.running: dict = {}
+        self.running: dict = {}  # future -> (trial, worker address)
         self.tally = Tally()
         self.started = time.monotonic()
 
@@ -80,63 +95,96 @@ class Coordinator:
         trial.set_user_attr("train", {k: encode(v) for k, v in values.items()})
         pipe = self.plan.pipeline.to_dict()
         pipe["train"].update({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
-        pipe["train"].update(run_dir=str(trial_dir(self.plan.sweep_dir, trial.number)), threads=self.engine.threads)
+        # each trial keeps its best epoch (and stops early) by the metric the sweep ranks it on
+        pipe["train"].update(run_dir=str(trial_dir(self.plan.sweep_dir, trial.number)), threads=self.engine.threads,
+                             metric=self.plan.metric)
         return {"number": trial.number, "pipeline": pipe, "threads": self.engine.threads, "metric": self.plan.metric,
-                "reports": f"{self.prefix}-reports", "decisions": f"{self.prefix}-decide", "decide": self.decide}
+                "reports": f"{self.prefix}-reports", "decisions": f"{self.prefix}-decide", "decide": self.decide,
+                "stop": f"{self.prefix}-stop", "cache_fingerprint": self.plan.cache_fingerprint}
 
-    def submit(self) -> None:
+    def submit(self, worker: str) -> None:
         trial = self.study.ask()
         spec = self.trial_spec(trial)
         future = self.engine.client.submit(self.trial_fn, spec, key=f"{self.prefix}-trial-{trial.number}",
-                                           pure=False, retries=0)
-        self.running[future] = trial
+                                           pure=False, retries=0, workers=[worker], allow_other_workers=False)
+        self.running[future] = (trial, worker)
 
     def may_ask(self) -> bool:
+        if self.tally.interrupted:
+            return False
         if self.plan.timeout and time.monotonic() - self.started > self.plan.timeout:
             return False
         return finished_count(self.study, self.plan.sweep_dir) + len(self.running) < self.plan.budget
 
+    def fill(self) -> None:
+        """Submit trials while the budget allows, each to a worker running none of them."""
+        while len(self.running) < self.plan.parallel and self.may_ask():
+            free = self.engine.free_workers({w for _, w in self.running.values()})
+            if not free:
+                return
+            self.submit(free[0])
+
     def pass_reports(self) -> None:
         from distributed import Queue
 
-        by_number = {t.number: t for t in self.running.values()}
+        by_number = {t.number: t for t, _ in self.running.values()}
         for report in Queue(f"{self.prefix}-reports").get(batch=True):
             trial = by_number.get(report["number"])
-            if trial is None or not report["complete"]:
+            if trial is None or not report["complete"] or not math.isfinite(report["value"]):
                 continue
             trial.report(report["value"], report["epoch"])
-            if self.decide:
+            if report.get("asks"):
                 decision = "prune" if trial.should_prune() else "continue"
                 Queue(f"{self.prefix}-decide-{report['number']}").put(decision)
 
     def finish(self, future) -> None:
-        from optuna.trial import TrialState
-
-        trial = self.running.pop(future)
+        trial, _ = self.running.pop(future)
         try:
             result = future.result()
         except Exception as exc:  # the trial's own error, or its worker's death
+            if is_lost_worker(exc):
+                return self.lost(trial)
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            record_error(self.plan.sweep_dir, trial.number, f"{type(exc).__name__}: {exc}\n\n{text}")
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.tally.failed += 1
-            self.event(f"trial {trial.number} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-            return
+            return self.failed(trial, f"{type(exc).__name__}: {exc}", text)
+        if result["state"] == "interrupted":
+            return self.again(trial, INTERRUPTED, f"trial {trial.number} interrupted: it runs again on resume")
+        self.ended(trial, result)
+
+    def ended(self, trial, result: dict) -> None:
+        from optuna.trial import TrialState
+
         value = best_of(result["values"], self.plan.direction)
         if result["state"] == "pruned":
             self.study.tell(trial, state=TrialState.PRUNED)
             self.tally.pruned += 1
             self.event(f"trial {trial.number} pruned after epoch {len(result['values'])}")
         elif value is None:
-            record_error(self.plan.sweep_dir, trial.number, "the trial ended without an evaluation")
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.tally.failed += 1
-            self.event(f"trial {trial.number} failed: the trial ended without an evaluation")
+            why = ("the trial ended without an evaluation" if not result["values"] else
+                   f"{self.plan.metric} was not finite at any epoch ({result['values']}): the training diverged?")
+            self.failed(trial, why)
         else:
             self.study.tell(trial, value)
             self.tally.done += 1
             self.tally.best = best_of([v for v in (self.tally.best, value) if v is not None], self.plan.direction)
             self.event(f"trial {trial.number}: {self.plan.metric} {value:.4f} ({_shown(trial)})")
+
+    def failed(self, trial, why: str, text: str = "") -> None:
+        from optuna.trial import TrialState
+
+        record_error(self.plan.sweep_dir, trial.number, f"{why}\n\n{text}" if text else why)
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.tally.failed += 1
+        self.event(f"trial {trial.number} failed: {why.splitlines()[0][:200]}")
+
+    def lost(self, trial) -> None:
+        if int(trial.user_attrs.get("lost", 0)) >= 1:  # its worker died twice: do not loop on it
+            return self.failed(trial, LOST_AGAIN)
+        self.again(trial, LOST, f"trial {trial.number} lost: its worker died; it runs again")
+
+    def again(self, trial, reason: str, line: str) -> None:
+        run_again(self.study, self.plan.sweep_dir, trial, reason)
+        self.tally.again += 1
+        self.log(line)
 
     def event(self, line: str) -> None:
         self.log(line)
@@ -146,11 +194,37 @@ class Coordinator:
             self.progress.set_postfix(done=self.tally.done, running=len(self.running), pruned=self.tally.pruned,
                                       failed=self.tally.failed, best=best)
 
+    def stop(self) -> None:
+        """The first Ctrl-C: no new trials; the running ones stop at their next step."""
+        from distributed import Event
+
+        self.tally.interrupted = True
+        Event(f"{self.prefix}-stop").set()
+
+    def orphans(self) -> None:
+        """A trial whose worker vanished before it started never gets an answer (it may run on that
+        worker only): after ORPHAN_GRACE seconds without its worker it is lost like the others."""
+        now = time.monotonic()
+        if now - self.checked < 2.0:
+            return
+        self.checked = now
+        alive = set(self.engine.client.scheduler_info(n_workers=-1)["workers"])
+        for future, (trial, worker) in list(self.running.items()):
+            if worker in alive or future.done():
+                self.missing.pop(future, None)
+            elif now - self.missing.setdefault(future, now) > ORPHAN_GRACE:
+                future.cancel()
+                self.running.pop(future)
+                self.missing.pop(future)
+                self.lost(trial)
+
     def run(self) -> Tally:
+        self.checked, self.missing = 0.0, {}
         try:
             while True:
-                while len(self.running) < self.plan.parallel and self.may_ask():
-                    self.submit()
+                if self.should_stop() and not self.tally.interrupted:
+                    self.stop()
+                self.fill()
                 if not self.running:
                     return self.tally
                 time.sleep(0.1)
@@ -158,6 +232,13 @@ class Coordinator:
                 self.pass_reports()  # before finishing: a trial's last reports arrive before its result
                 for future in done:
                     self.finish(future)
+                self.orphans()
+        except KeyboardInterrupt:  # a second Ctrl-C: the running trials are run again on resume
+            for future, (trial, _) in list(self.running.items()):
+                future.cancel()
+                run_again(self.study, self.plan.sweep_dir, trial, INTERRUPTED)
+            self.running.clear()
+            raise
         finally:
             for future in self.running:
                 future.cancel()

@@ -89,14 +89,17 @@ def parse_param(key: str, spec, origin: str) -> Param:
     raise SherlError(f"{where}: give a list of values, or {{low = ..., high = ..., log = true|false}}")
 
 
-def parse_space(raw: dict, origin: str) -> list[Param]:
+def parse_space(raw: dict, where) -> list[Param]:
+    """The space's parameters; WHERE is the source of every key (a string), or a function of
+    "space.KEY" giving each key's source (sweep.config.Sweep.where)."""
+    origin_of = where if callable(where) else (lambda key: where)
     if "train" in raw and isinstance(raw["train"], dict):  # train.lr = ... written as a dotted key
         raw = {**{k: v for k, v in raw.items() if k != "train"}, **raw["train"]}
     for key, value in raw.items():
         if isinstance(value, dict) and not {"low", "high"} & set(value):
-            raise SherlError(f"{origin}: sweep.space.{key}: only train settings vary between trials "
-                             f"({key}.* would need another cache)")
-    return [parse_param(key, spec, origin) for key, spec in raw.items()]
+            raise SherlError(f"{origin_of('space.' + key)}: sweep.space.{key}: only train settings vary between "
+                             f"trials ({key}.* would need another cache)")
+    return [parse_param(key, spec, origin_of(f"space.{key}")) for key, spec in raw.items()]
 
 
 def values_to_check(p: Param) -> list:
@@ -107,15 +110,19 @@ def values_to_check(p: Param) -> list:
     return [p.low, p.high]
 
 
-def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, origin: str) -> None:
-    """Every value valid for its setting, and every late_layers x tiers combination served by the cache."""
+def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, where) -> None:
+    """Every value valid for its setting, and every late_layers x tiers combination served by the
+    cache. WHERE: as for parse_space."""
+    origin_of = where if callable(where) else (lambda key: where)
+    origin = origin_of("space")
     base = section_to_dict(pipeline.train)
     for p in params:
         for v in values_to_check(p):
             try:
                 build_section("train", {**base, p.key: list(v) if isinstance(v, tuple) else v}, "sweep")
             except SherlError as exc:
-                raise SherlError(f"{origin}: sweep.space.{p.key} = {v!r}: {str(exc).split(': ', 1)[-1]}") from None
+                raise SherlError(f"{origin_of('space.' + p.key)}: sweep.space.{p.key} = {v!r}: "
+                                 f"{str(exc).split(': ', 1)[-1]}") from None
     by_key = {p.key: p for p in params}
     layers = _candidates(by_key.get("late_layers"), pipeline.train.late_layers)
     tiers = by_key["tiers"].choices if "tiers" in by_key else (pipeline.train.tiers,)

@@ -1,10 +1,12 @@
 """One Optuna study per sweep, in a journal file in the sweep folder, owned by the sweep process.
 
 The sweep asks the study for trials and tells it their results (ask-and-tell): workers never touch
-the study, so any dask cluster can run them. A rerun of the same command loads the study: finished
-trials are kept; trials that were running when the sweep stopped are recorded as failed
-("interrupted") and their parameters queued to run again. A rerun with another space, metric,
-sampler or base pipeline is refused unless --overwrite.
+the study, so any dask cluster can run them. One sweep process holds the folder at a time (a lock,
+see lock_folder). A rerun of the same command loads the study: finished trials are kept; trials
+that were running when the sweep stopped (Ctrl-C, a killed sweep) or whose worker died are
+recorded as failed with the reason ("interrupted", "lost") and their parameters queued to run
+again; those do not count against the budget. A rerun with another space, metric, sampler, base
+pipeline or cache is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -12,14 +14,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sherl_pipe.errors import SherlError
-from sherl_pipe.folders import clear_folder, has_files, refuse_cwd
+from sherl_pipe.errors import SherlError, naming
+from sherl_pipe.folders import clear_folder, ensure_writable, has_files, refuse_cwd
+from sherl_pipe.locks import FolderLock
 from sherl_pipe.sweep.config import SweepConfig
 from sherl_pipe.sweep.space import Param, grid
 
 STUDY_NAME = "sherl-sweep"
 JOURNAL = "study.journal"
 INTERRUPTED = "interrupted: the sweep stopped while this trial ran; it runs again as another trial"
+LOST = ("lost: the worker running this trial died (killed from outside, or out of memory); it runs again as "
+        "another trial")
+LOST_AGAIN = ("failed: the worker running this trial died, as it did for the trial this one reran: the trial "
+              "itself may exhaust the worker's memory; it is not run again")
+RERUN = (INTERRUPTED.split(":")[0] + ":", LOST.split(":")[0] + ":")  # error prefixes of trials run again
+LOCK = "lock.json"
 
 
 def _quiet_optuna():
@@ -77,7 +86,8 @@ def is_sweep_folder(path: Path) -> bool:
     return (path / JOURNAL).is_file()
 
 
-def prepare_folder(sweep_dir: Path, overwrite: bool) -> None:
+def prepare_folder(sweep_dir: Path, overwrite: bool) -> FolderLock:
+    """Check, create and lock the sweep folder (emptied with --overwrite once locked); returns the lock."""
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise SherlError(f"sweep folder {sweep_dir}: is a file; set sweep.dir (or --sweep-dir) to a folder")
     if sweep_dir.is_dir() and has_files(sweep_dir) and not is_sweep_folder(sweep_dir):
@@ -85,18 +95,74 @@ def prepare_folder(sweep_dir: Path, overwrite: bool) -> None:
                          f"it is never deleted: set sweep.dir (or --sweep-dir) to another folder")
     if overwrite and is_sweep_folder(sweep_dir):
         refuse_cwd(sweep_dir, "sweep folder")
-        clear_folder(sweep_dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(sweep_dir, "sweep folder")
+    lock = lock_folder(sweep_dir)
+    try:
+        if overwrite and is_sweep_folder(sweep_dir):
+            clear_folder(sweep_dir)  # keeps the folder, and so the lock on it
+        _write_holder(sweep_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
-def open_study(sweep_dir: Path, cfg: SweepConfig, params: list[Param], sig: dict, direction: str, origin: str):
-    """The sweep's study: created, or loaded and checked against this request."""
+def lock_folder(sweep_dir: Path) -> FolderLock:
+    """One sweep process per folder: a second would ask the same study for trials and rerun the
+    first's live trials as 'interrupted'. The lock is flock on the folder (the kernel drops it when
+    its process dies, so a killed sweep's lock is taken over); lock.json only names the holder."""
+    lock = FolderLock(sweep_dir)
+    if not lock.acquire(wait=False):
+        raise SherlError(f"sweep folder {sweep_dir}: another sherl-pipe sweep is running in it ({_holder(sweep_dir)}); "
+                         f"wait for it to finish, or set sweep.dir (or --sweep-dir) to another folder")
+    return lock
+
+
+def _write_holder(sweep_dir: Path) -> None:
+    import datetime
+    import os
+    import socket
+
+    from sherl_pipe.atomic import write_atomically
+
+    since = datetime.datetime.now().isoformat(timespec="seconds")
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+    write_atomically(sweep_dir / LOCK, (json.dumps(holder) + "\n").encode())
+
+
+def _holder(sweep_dir: Path) -> str:
+    try:
+        h = json.loads((sweep_dir / LOCK).read_text())
+        return f"pid {h['pid']} on {h['host']}, since {h['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def repair_journal(sweep_dir: Path, log) -> None:
+    """Drop a partial last record (a sweep killed, or a disk filled, while writing it): Optuna
+    skips it when reading but would append the next record to it, making the journal unreadable.
+    Called while the folder is locked, so no other process is writing it."""
+    path = sweep_dir / JOURNAL
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with naming(path), open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        log(f"sweep folder {sweep_dir}: dropped a partial last record of {JOURNAL} (the sweep stopped while "
+            f"writing it)")
+
+
+def open_study(sweep_dir: Path, cfg: SweepConfig, params: list[Param], sig: dict, direction: str, origin: str,
+               cache_fingerprint: str | None = None):
+    """The sweep's study: created, or loaded and checked against this request and its cache (the
+    manifest fingerprint; sweeps made before it was kept take it on)."""
     optuna = _quiet_optuna()
-    existed = (sweep_dir / JOURNAL).is_file()
-    study = optuna.create_study(storage=storage(sweep_dir), study_name=STUDY_NAME, load_if_exists=True,
-                                direction=direction, sampler=make_sampler(cfg, params, origin),
-                                pruner=make_pruner(cfg))
-    if not existed:
+    with naming(sweep_dir / JOURNAL):
+        study = optuna.create_study(storage=storage(sweep_dir), study_name=STUDY_NAME, load_if_exists=True,
+                                    direction=direction, sampler=make_sampler(cfg, params, origin),
+                                    pruner=make_pruner(cfg))
+    if "signature" not in study.user_attrs:  # new, or a journal cut short before its first records
         study.set_user_attr("signature", sig)
     elif study.user_attrs.get("signature") != sig:
         differs = sorted(k for k in sig if study.user_attrs.get("signature", {}).get(k) != sig[k])
@@ -104,6 +170,14 @@ def open_study(sweep_dir: Path, cfg: SweepConfig, params: list[Param], sig: dict
                          f"was to resume it, use --overwrite to start again, or set sweep.dir (or --sweep-dir)")
     else:
         study.sampler = make_sampler(cfg, params, origin, done=len(study.get_trials(deepcopy=False)))
+    if cache_fingerprint is not None:
+        kept = study.user_attrs.get("cache_fingerprint")
+        if kept is not None and kept != cache_fingerprint:
+            raise SherlError(f"sweep folder {sweep_dir}: its trials were trained on another cache than "
+                             f"extract.cache (the manifest fingerprint differs); resume it with that cache, use "
+                             f"--overwrite to start again, or set sweep.dir (or --sweep-dir)")
+        if kept is None:
+            study.set_user_attr("cache_fingerprint", cache_fingerprint)
     return study
 
 
@@ -120,17 +194,31 @@ def record_error(sweep_dir: Path, number: int, text: str) -> None:
     write_atomically(folder / "error.txt", text.encode())
 
 
-def recover_interrupted(study, sweep_dir: Path, keys: list[str]) -> list[int]:
-    """Trials left running by a sweep that stopped: failed ('interrupted'), their parameters queued
-    again. A trial stopped before it had all its parameters never ran: it is failed, not queued."""
+def run_again(study, sweep_dir: Path, trial, reason: str) -> None:
+    """Record a trial as failed for REASON (INTERRUPTED, LOST) and queue its parameters to run
+    again. A trial stopped before it had all its parameters never ran: failed, not queued."""
+    from optuna.trial import TrialState
+
+    record_error(sweep_dir, trial.number, reason)
+    study.tell(trial.number, state=TrialState.FAIL)
+    keys = [p["key"] for p in study.user_attrs["signature"]["space"]]
+    if set(trial.params) == set(keys):
+        lost = int(trial.user_attrs.get("lost", 0)) + (reason == LOST)
+        study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number, "lost": lost},
+                            skip_if_exists=False)
+
+
+def is_rerun_error(text: str) -> bool:
+    return text.startswith(RERUN)
+
+
+def recover_interrupted(study, sweep_dir: Path) -> list[int]:
+    """Trials left running by a sweep that stopped (killed): recorded as interrupted, run again."""
     from optuna.trial import TrialState
 
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        record_error(sweep_dir, t.number, INTERRUPTED)
-        study.tell(t.number, state=TrialState.FAIL)
-        if set(t.params) == set(keys):
-            study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
+        run_again(study, sweep_dir, t, INTERRUPTED)
         recovered.append(t.number)
     return recovered
 
