@@ -518,3 +518,16 @@ def test_an_empty_or_cut_journal_is_resumed_not_refused(tmp_path, bert_dir, labe
     run_sweep(load_pipeline(str(path), ["sweep.trials=2"]), log=lines.append)
     assert any("dropped a partial last record of study.journal" in line for line in lines)
     assert [t.state.name for t in load_study(tmp_path / "sweep").get_trials()] == ["COMPLETE", "COMPLETE"]
+
+
+def test_a_failing_trial_prints_no_dask_traceback(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """A trial that raises (here: diverging at lr 1e30) is one line of the sweep's and its
+    error.txt; the worker's "Compute Failed" record with the embedded traceback printed even under
+    --quiet."""
+    table = GRID.replace("lr = [0.001, 0.003]", "lr = [1e30]")
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 1")
+    out = subprocess.run([sys.executable, "-m", "sherl_pipe", "sweep", "-q", str(path)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Compute Failed" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "train loss is nan" in rows(tmp_path / "sweep")[0]["error"]
