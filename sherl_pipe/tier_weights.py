@@ -141,8 +141,8 @@ def dead_warning(state: dict | None, tier_score: str) -> str | None:
     from sherl_pipe.config import TrainConfig
 
     default = TrainConfig().tier_score
-    fix = (f'set train.tier_score = "{default}" (the default; "{tier_score}" has a dead zone)'
-           if tier_score != default else "try another train.tier_score, or a lower train.lr")
+    fix = (f'set train.tier_score = "{default}" (the default, which has no dead zone: "{tier_score}" weighs a tier '
+           f'only where its score is > 0)' if tier_score != default else "try a lower train.lr")
     return (f"warning: the consolidation is dead: its tiers are alive on {100 * state['alive']:.1f}% of the tokens "
             f"of {state['on']} (alpha sum {state['alpha_sum']:.3f}), so the cached tiers "
             f"{', '.join(state['alpha'])} are unused and this run is SHERL without its early route (the anchor "
