@@ -6,6 +6,9 @@ For tiers a_t = A_t(h[t]) projected from width D to d = D / r, with the projecti
     s_t = w . (a_t * g) + b                          one Linear d -> 1 shared by the tiers
     alpha_t = relu(s_t) / max(R_t, eps), then L1-normalised over t (all zero if every score <= 0)
     z = sum_t alpha_t a_t + g
+That alpha is the paper's form, train.tier_score = "relu". The others (TIER_SCORES) replace relu
+by softplus or exp (exp: a softmax over the tiers of s_t - log R_t, never all zero), and the
+"-normed" ones score the RMS-normalised product, s_t = w . (x_t / rms(x_t)) + b with x_t = a_t * g.
     y = W_out relu(z) + b_out      (post-LN families: Dropout(LayerNorm(y)))
     out = y + tanh(gamma / T) * h[c]                 gamma = 0 at start, T = 0.1
 Padding is cleared by selection (masked_fill), never by multiplying with the mask: inf * 0 is NaN.
