@@ -229,6 +229,7 @@ def summarize(rows: list[dict]) -> dict:
                         "alpha_sum": round(asum[0], 4), "alpha_sum_sd": round(asum[1], 4),
                         "fates": [fate(r) for r in runs], "seeds": [r["seed"] for r in runs],
                         "tests": [round(r["test"], 4) for r in runs],
+                        "alives": [r["last_epoch"]["alive"] for r in runs],
                         "bias_over_u_sd": [i["bias_over_u_sd"] for i in init],
                         "entropy": mean_of([(r.get("selectivity") or {}).get("entropy_over_log_n") for r in runs]),
                         "token_sd": mean_of([(r.get("selectivity") or {}).get("token_sd") for r in runs]),
@@ -296,6 +297,26 @@ def run_phase(phase: str, args) -> dict:
     return results
 
 
+def print_table(results: dict) -> None:
+    """README's table: per cell, alive share and alpha sum (relu / default) and the test metric
+    (relu / default / anchor-only), mean +- sd over seeds; runs of relu that ended dead (alive < 0.05)."""
+    default = default_tier_score()
+    print(f"\n| task | k | late tuning | alive: relu / {default} | alpha sum: relu / {default} | "
+          f"test: relu | test: {default} | test: anchor-only | relu runs dead at the end |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    pm = lambda s, k: f"{s[k]:.2f} ± {s[k + '_sd']:.2f}" if s[k] is not None else "–"  # noqa: E731
+    pct = lambda s: f"{100 * s['test']:.2f} ± {100 * s['test_sd']:.2f}"  # noqa: E731
+    for cell, summary in results.items():
+        if not all(v in summary for v in (PAPER, default, ANCHOR_ONLY)):
+            continue
+        task, k, tuning = cell.split(" ")
+        relu, new, anchor = summary[PAPER], summary[default], summary[ANCHOR_ONLY]
+        dead = sum(a < DEAD for a in relu["alives"])
+        print(f"| {task} | {k[2:]} | {tuning} | {pm(relu, 'alive')} / {pm(new, 'alive')} | "
+              f"{pm(relu, 'alpha_sum')} / {pm(new, 'alpha_sum')} | {pct(relu)} | {pct(new)} | {pct(anchor)} | "
+              f"{dead} of {len(relu['alives'])} |")
+
+
 def targets(results: dict) -> dict:
     """The issue's targets over the grid's cells: the default's alive share >= 0.5 everywhere; its
     mean test metric above relu's and anchor-only's; no cell worse than relu by more than the
@@ -337,6 +358,7 @@ def main() -> None:
     for phase in args.phases.split(","):
         print(f"== {phase}", flush=True)
         results.update(run_phase(phase, args))
+    print_table(results)
     print(load_avg())
     compact = {cell: {v: {"alive": s["alive"], "alpha_sum": s["alpha_sum"], "test": s["test"], "test_sd": s["test_sd"]}
                       for v, s in summary.items() if v in (PAPER, default_tier_score(), ANCHOR_ONLY)}
