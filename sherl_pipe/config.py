@@ -146,6 +146,9 @@ class TrainConfig:
     tiers: tuple[int, ...] = ()  # tiers fed to the consolidation; empty: every cached tier up to the anchor
     late_tuning: str = _choice("frozen", "norm-bias", "lora", "full")
     projection: str = _choice("gated-mlp", "linear-ln")
+    # how the consolidation turns tier scores into weights (consolidation.TIER_SCORES; relu: the paper's,
+    # which left most runs' tiers unused; see README, The consolidation's tier score)
+    tier_score: str = _choice("softmax-normed", "relu", "softplus", "softmax", "relu-normed", "softplus-normed")
     reduction: int = _at_least(8, 1)
     pooling: str = _choice("auto", "cls-pooler", "cls", "mean")
     dropout: float = _between(0.1, 0.0, 1.0, below_max=True)

@@ -6,6 +6,9 @@ For tiers a_t = A_t(h[t]) projected from width D to d = D / r, with the projecti
     s_t = w . (a_t * g) + b                          one Linear d -> 1 shared by the tiers
     alpha_t = relu(s_t) / max(R_t, eps), then L1-normalised over t (all zero if every score <= 0)
     z = sum_t alpha_t a_t + g
+That alpha is the paper's form, train.tier_score = "relu". The others (TIER_SCORES) replace relu
+by softplus or exp (exp: a softmax over the tiers of s_t - log R_t, never all zero), and the
+"-normed" ones score the RMS-normalised product, s_t = w . (x_t / rms(x_t)) + b with x_t = a_t * g.
     y = W_out relu(z) + b_out      (post-LN families: Dropout(LayerNorm(y)))
     out = y + tanh(gamma / T) * h[c]                 gamma = 0 at start, T = 0.1
 Padding is cleared by selection (masked_fill), never by multiplying with the mask: inf * 0 is NaN.
@@ -15,6 +18,8 @@ nothing non-finite can reach the late layers' attention.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -82,12 +87,72 @@ def _stacked(modules: list[nn.Module], name: str) -> tuple[torch.Tensor, torch.T
 PROJECTIONS = {"gated-mlp": GatedMLPProjection, "linear-ln": LinearLNProjection}
 
 
-def anti_redundancy_weights(others: torch.Tensor, guide: torch.Tensor, score: nn.Linear) -> torch.Tensor:
-    """alpha over the tiers of S: others (..., n, d), guide (..., d) -> (..., n), rows summing to 1 or 0."""
-    return _tier_major_weights(others.movedim(-2, 0), guide, score).movedim(0, -1)
+@dataclass(frozen=True)
+class TierScore:
+    """How a tier's score s_t becomes its weight (train.tier_score). `activation` maps s_t to a
+    non-negative relevance f(s_t): relu (the paper: 0 below 0, and no gradient there), softplus
+    (log(1 + e^s), positive everywhere) or exp (with the L1 normalisation, a softmax over the
+    tiers of s_t - log R_t, as UniPT weighs its tiers). `normalised` scores the RMS-normalised
+    product a_t * g / rms(a_t * g) instead of the raw one. `bias` sets the score's bias at
+    initialisation (None: PyTorch's default, uniform in +-1/sqrt(d))."""
+
+    activation: str
+    normalised: bool = False
+    bias: float | None = None
 
 
-def _tier_major_weights(others: torch.Tensor, guide: torch.Tensor, score: nn.Linear) -> torch.Tensor:
+# Why the non-paper forms exist (benchmarks/consolidation.py, README "The consolidation's tier
+# score"): a_t * g has an RMS of about 0.02 per element for MiniLM, so w . (a_t * g) varies across
+# tokens by about 0.01 while the default bias starts uniform in +-0.14: its sign decides for every
+# token at once, and relu's dead zone then keeps a consolidation that starts below 0 dead for good.
+TIER_SCORES = {
+    "relu": TierScore("relu"),
+    "softplus": TierScore("softplus"),
+    "softmax": TierScore("exp"),
+    "relu-normed": TierScore("relu", normalised=True, bias=1.0),
+    "softplus-normed": TierScore("softplus", normalised=True),
+    "softmax-normed": TierScore("exp", normalised=True),
+}
+PAPER_TIER_SCORE = "relu"
+
+
+def tier_scores(others: torch.Tensor, guide: torch.Tensor, score: nn.Linear, form: TierScore) -> torch.Tensor:
+    """s_t = w . x_t + b with x_t = a_t * g (normalised: divided by its RMS over d); (n, ..., d) -> (n, ...)."""
+    x = others * guide
+    if form.normalised:
+        x = F.rms_norm(x, (x.shape[-1],), eps=EPS)
+    return F.linear(x, score.weight, score.bias).squeeze(-1)
+
+
+def anti_redundancy_weights(others: torch.Tensor, guide: torch.Tensor, score: nn.Linear,
+                            form: TierScore = TIER_SCORES[PAPER_TIER_SCORE]) -> torch.Tensor:
+    """alpha over the tiers of S: others (..., n, d), guide (..., d) -> (..., n), rows summing to 1
+    (to 0 where the form is relu and every score is <= 0)."""
+    return _tier_major_weights(others.movedim(-2, 0), guide, score, form).movedim(0, -1)
+
+
+def _log_softplus(s: torch.Tensor) -> torch.Tensor:
+    """log(softplus(s)) without underflow: below -20, log(log(1 + e^s)) = s to within e^s / 2 < 1e-9
+    (softplus itself reaches 0 in float32 below about -104, which would make a token dead). The
+    other branch sees a harmless 0 there, so its gradient cannot be inf * 0 = NaN."""
+    low = s < -20
+    return torch.where(low, s, torch.log(F.softplus(torch.where(low, torch.zeros_like(s), s))))
+
+
+def _weights(s: torch.Tensor, redundancy: torch.Tensor, activation: str) -> torch.Tensor:
+    """f(s_t) / R_t over the tiers (dim 0), before the L1 normalisation. relu is the paper's form,
+    computed as before train.tier_score existed. softplus and exp are taken in the log domain and
+    scaled so that each token's largest weight is 1 (the normalisation cancels the scale), so that
+    the clamp in the normalisation cannot zero a token whose relevances are all tiny."""
+    if activation == "relu":
+        return F.relu(s) / redundancy.clamp_min(EPS)
+    log_f = s if activation == "exp" else _log_softplus(s)
+    logits = log_f - torch.log(redundancy.clamp_min(EPS))
+    return torch.exp(logits - logits.amax(0, keepdim=True).detach())
+
+
+def _tier_major_weights(others: torch.Tensor, guide: torch.Tensor, score: nn.Linear,
+                        form: TierScore = TIER_SCORES[PAPER_TIER_SCORE]) -> torch.Tensor:
     """anti_redundancy_weights with the tiers first: others (n, ..., d), guide (..., d) -> (n, ...).
     Tier-major keeps every operand contiguous, as the grouped projections produce them."""
     unit = others / others.norm(dim=-1, keepdim=True).clamp_min(EPS)
@@ -95,8 +160,7 @@ def _tier_major_weights(others: torch.Tensor, guide: torch.Tensor, score: nn.Lin
     # (a broadcast product over (n, n, ..., d) was 190 MB a step for BERT-base's 11 tiers)
     tokens = unit.movedim(0, -2)  # (..., n, d)
     redundancy = F.relu(tokens @ tokens.transpose(-1, -2)).sum(-1).movedim(-1, 0)  # (n, ...)
-    s = F.linear(others * guide, score.weight, score.bias).squeeze(-1)  # (n, ...)
-    alpha = F.relu(s) / redundancy.clamp_min(EPS)
+    alpha = _weights(tier_scores(others, guide, score, form), redundancy, form.activation)
     return alpha / alpha.sum(0, keepdim=True).clamp_min(EPS)
 
 
@@ -106,8 +170,9 @@ class Consolidation(nn.Module):
 
     def __init__(self, width: int, tiers: list[int], anchor: int, reduction: int = 8,
                  projection: str = "gated-mlp", post_ln: bool = True, dropout: float = 0.1,
-                 layer_norm_eps: float = 1e-12):
+                 layer_norm_eps: float = 1e-12, tier_score: str = PAPER_TIER_SCORE):
         super().__init__()
+        self.form = TIER_SCORES[tier_score]
         if anchor in tiers:
             tiers = [t for t in tiers if t != anchor]
         self.tiers = list(tiers)  # the set S (anchor excluded)
@@ -116,6 +181,8 @@ class Consolidation(nn.Module):
         self.project = nn.ModuleDict({str(t): PROJECTIONS[projection](width, reduced)
                                       for t in self.tiers + [anchor]})
         self.score = nn.Linear(reduced, 1)
+        if self.form.bias is not None:
+            nn.init.constant_(self.score.bias, self.form.bias)
         self.up = nn.Linear(reduced, width)
         self.norm = nn.LayerNorm(width, eps=layer_norm_eps) if post_ln else nn.Identity()
         self.dropout = nn.Dropout(dropout)
@@ -152,7 +219,7 @@ class Consolidation(nn.Module):
         keep, x, guide, others = self._projected(states, mask)
         z = guide
         if others is not None:
-            alpha = _tier_major_weights(others, guide, self.score)  # (n, N)
+            alpha = _tier_major_weights(others, guide, self.score, self.form)  # (n, N)
             z = (alpha.unsqueeze(-1) * others).sum(0) + guide
         y = self.dropout(self.norm(self.up(F.relu(z)))).view(x.shape[1:])
         y = y + torch.tanh(self.gate / GATE_TEMPERATURE) * x[-1]
@@ -160,10 +227,20 @@ class Consolidation(nn.Module):
 
     def tier_weights(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor | None:
         """alpha of every token over the tiers of S, (B, T, n) in `self.tiers` order; None without S."""
+        got = self.scores_and_weights(states, mask)
+        return None if got is None else got[1]
+
+    def scores_and_weights(self, states: dict[int, torch.Tensor], mask: torch.Tensor):
+        """(s, alpha) of every token over the tiers of S, each (B, T, n) in `self.tiers` order; None
+        without S. The scores are what a diagnosis needs: with relu, a token whose scores are all
+        <= 0 is dead (benchmarks/consolidation.py)."""
         keep, _, guide, others = self._projected(states, mask)
         if others is None:
             return None
-        return _tier_major_weights(others, guide, self.score).t().reshape(keep.shape[:2] + (len(self.tiers),))
+        shape = keep.shape[:2] + (len(self.tiers),)
+        s = tier_scores(others, guide, self.score, self.form)
+        alpha = _tier_major_weights(others, guide, self.score, self.form)
+        return s.t().reshape(shape), alpha.t().reshape(shape)
 
     def gate_value(self) -> float:
         """tanh(gamma / T): how much of h[c] passes the anchor residual (0 shut, 1 open)."""

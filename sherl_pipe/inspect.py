@@ -9,7 +9,8 @@ from pathlib import Path
 from sherl_pipe.cache import Cache, is_tier_name
 from sherl_pipe.errors import SherlError
 from sherl_pipe.storage import LOSSY
-from sherl_pipe.tier_weights import format_tier_weights
+from sherl_pipe.consolidation import PAPER_TIER_SCORE
+from sherl_pipe.tier_weights import dead_warning, format_state, format_tier_weights
 
 
 def _array_order(item) -> tuple:
@@ -143,5 +144,17 @@ def format_run_report(r: dict) -> str:
         return "\n".join(lines)
     lines.append(f"training   {summary['steps']} steps, {counted(summary['epochs'], 'epoch')}, "
                  f"{summary['stop_reason'] or 'finished'}; {format_best(summary.get('best'))}")
+    lines.extend(consolidation_lines(summary.get("consolidation"), spec.get("tier_score", PAPER_TIER_SCORE)))
     lines.append(format_tier_weights(summary.get("tier_weights")))
     return "\n".join(lines)
+
+
+def consolidation_lines(state: dict | None, tier_score: str) -> list[str]:
+    """The last epoch's consolidation state (and the dead-consolidation warning), for runs that have one."""
+    if not state:
+        return []
+    per_tier = ", ".join(f"{t} {a:.3f}" for t, a in state["alpha"].items())
+    line = (f"consolidation (tier score {tier_score}; last epoch, {state['tokens']} tokens of {state['on']}): "
+            f"{format_state(state)}" + (f"; mean alpha {per_tier}" if per_tier else ""))
+    warning = dead_warning(state, tier_score)
+    return [line] + ([warning] if warning else [])

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from sherl_pipe.consolidation import Consolidation
+from sherl_pipe.consolidation import PAPER_TIER_SCORE, Consolidation
 from sherl_pipe.dropout import use_fast_dropout
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
@@ -46,6 +46,9 @@ class ModelSpec:
     # Regression: the head standardizes its pooled input (running averages, see Head).
     # False for classification and for runs saved before it existed (their state has no norm).
     head_norm: bool = False
+    # How the consolidation weighs its tiers (consolidation.TIER_SCORES). Runs saved before it
+    # existed used the paper's relu; to_dict omits it there, so their specs compare equal.
+    tier_score: str = PAPER_TIER_SCORE
 
     @property
     def anchor(self) -> int:
@@ -62,6 +65,8 @@ class ModelSpec:
             del d["target_mean"], d["target_std"]
         if not self.head_norm:
             del d["head_norm"]
+        if self.tier_score == PAPER_TIER_SCORE:
+            del d["tier_score"]
         return d
 
     @classmethod
@@ -186,7 +191,8 @@ class SherlModel(nn.Module):
         self.family = family_of(config.model_type)
         self.consolidation = Consolidation(
             config.hidden_size, list(spec.tiers), spec.anchor, spec.reduction, spec.projection,
-            post_ln=self.family.post_ln, dropout=spec.dropout, layer_norm_eps=self.family.layer_norm_eps(config))
+            post_ln=self.family.post_ln, dropout=spec.dropout, layer_norm_eps=self.family.layer_norm_eps(config),
+            tier_score=spec.tier_score)
         self.late = nn.ModuleList(late)
         self.shared = nn.ModuleDict(shared or {})
         self.helpers = nn.ModuleDict(self.family.helpers(config))

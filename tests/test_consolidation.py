@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
-from sherl_pipe.consolidation import Consolidation, anti_redundancy_weights
+from sherl_pipe.consolidation import TIER_SCORES, Consolidation, anti_redundancy_weights
 
 
 def make(projection="gated-mlp", tiers=(0, 1, 2), anchor=3, width=32, reduction=4):
@@ -145,3 +146,165 @@ def test_tier_weights_match_the_reference_alpha():
         a = {k: module.project[str(k)](states[k].masked_fill(~mask.bool().unsqueeze(-1), 0.0)) for k in range(4)}
         expect = anti_redundancy_weights(torch.stack([a[0], a[1], a[2]], dim=-2), a[3], module.score)
         torch.testing.assert_close(module.tier_weights(states, mask), expect)
+
+
+def naive_alpha(others: torch.Tensor, guide: torch.Tensor, score: nn.Linear, name: str) -> torch.Tensor:
+    """alpha of every option, token by token and tier by tier, from its formula (README):
+    x_t = a_t * g (divided by sqrt(mean(x_t^2) + eps) where normalised), s_t = w . x_t + b,
+    R_t = sum_j relu(cos(a_t, a_j)), alpha_t = f(s_t) / R_t normalised to sum 1 (0 if all are 0),
+    f = relu | softplus = log(1 + e^s) | exp."""
+    from sherl_pipe.consolidation import TIER_SCORES
+
+    form = TIER_SCORES[name]
+    f = {"relu": lambda s: max(s, 0.0), "softplus": lambda s: math.log1p(math.exp(s)), "exp": math.exp}[form.activation]
+    w, b = score.weight[0].detach().tolist(), float(score.bias.detach())
+    out = torch.zeros(others.shape[:-1], dtype=torch.float64)
+    for token in range(others.shape[0]):
+        a, g = others[token].double().tolist(), guide[token].double().tolist()
+        raw = []
+        for t, a_t in enumerate(a):
+            x = [u * v for u, v in zip(a_t, g)]
+            if form.normalised:
+                rms = math.sqrt(sum(v * v for v in x) / len(x) + 1e-6)
+                x = [v / rms for v in x]
+            s = sum(wi * xi for wi, xi in zip(w, x)) + b
+            norm_t = math.sqrt(sum(v * v for v in a_t))
+            r = sum(max(0.0, sum(u * v for u, v in zip(a_t, a_j)) / (norm_t * math.sqrt(sum(v * v for v in a_j))))
+                    for a_j in a)
+            raw.append(f(s) / r)
+        total = sum(raw)
+        out[token] = torch.tensor([x / total if total > 0 else 0.0 for x in raw], dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("name", list(TIER_SCORES))
+def test_every_tier_score_gives_its_formulas_alpha(name):
+    """Non-negative, summing to 1 per token (relu: 0 where every score is <= 0), and equal to a
+    naive token-by-token computation of the option's formula; with biases that make relu's scores
+    all positive, all negative, and mixed."""
+    torch.manual_seed(3)
+    others, guide = torch.randn(40, 3, 8), torch.randn(40, 8)
+    module = Consolidation(32, [0, 1, 2], 3, 4, tier_score=name)
+    for bias in (-60.0, -2.0, 60.0):
+        with torch.no_grad():
+            module.score.weight.normal_()
+            module.score.bias.fill_(bias)
+        alpha = anti_redundancy_weights(others, guide, module.score, module.form)
+        torch.testing.assert_close(alpha.double(), naive_alpha(others, guide, module.score, name), rtol=1e-4, atol=1e-6)
+        assert torch.all(alpha >= 0)
+        sums = alpha.sum(-1)
+        any_positive = (module.score(others * guide.unsqueeze(1)).squeeze(-1) > 0).any(-1)
+        if TIER_SCORES[name].activation == "relu" and not TIER_SCORES[name].normalised:
+            torch.testing.assert_close(sums, any_positive.float())  # 1 with a positive score, else 0
+        elif TIER_SCORES[name].activation != "relu":
+            torch.testing.assert_close(sums, torch.ones(40))  # no dead zone: always 1
+        else:
+            assert set(torch.round(sums, decimals=5).tolist()) <= {0.0, 1.0}
+        if TIER_SCORES[name].activation == "relu":  # the checks above saw dead, mixed and alive tokens
+            assert {-60.0: (sums == 0).all(), -2.0: (sums == 0).any() and (sums > 0).any(), 60.0: (sums > 0).all()}[bias]
+
+
+def test_the_paper_form_keeps_pytorchs_default_init_and_the_others_set_their_bias():
+    """relu is the paper's form with the default Linear init (bias uniform in +-1/sqrt(d)); a form with a
+    bias sets it after the default init, so every other weight starts as the paper form's does."""
+    torch.manual_seed(0)
+    paper = Consolidation(32, [0, 1, 2], 3, 4, tier_score="relu")
+    for name, form in TIER_SCORES.items():
+        torch.manual_seed(0)
+        other = Consolidation(32, [0, 1, 2], 3, 4, tier_score=name)
+        assert other.score.bias.item() == (paper.score.bias.item() if form.bias is None else form.bias)
+        for (n, p), q in zip(paper.named_parameters(), other.parameters()):
+            assert n == "score.bias" or torch.equal(p, q), n
+
+
+class Observed:
+    def __init__(self, states, mask):
+        self.states, self.mask = states, mask
+
+
+def identity_consolidation() -> Consolidation:
+    """Width 2, d = 2, gated-mlp projections that pass positive inputs through unchanged
+    (u = relu(I h), a = (0 u + u) * sigmoid(40) = u), score w = (1, 1), b = -1."""
+    module = Consolidation(2, [0, 1], 2, 1, "gated-mlp", dropout=0.0, tier_score="relu").eval()
+    with torch.no_grad():
+        for t in ("0", "1", "2"):
+            p = module.project[t]
+            p.down.weight.copy_(torch.eye(2)), p.down.bias.zero_()
+            p.mix.weight.zero_(), p.mix.bias.zero_()
+            p.gate.weight.zero_(), p.gate.bias.fill_(40.0)
+        module.score.weight.fill_(1.0), module.score.bias.fill_(-1.0)
+    return module
+
+
+def test_the_alive_share_and_alpha_sum_are_exact_on_known_scores():
+    """Tiers h0 = (1, 0) and h1 = (0, 1) are orthogonal (R = 1 each), so with g = (x, y) the scores are
+    s = (x - 1, y - 1). Tokens: g = (3, 0.5): s = (2, -0.5), alpha (1, 0); g = (0.5, 0.5): every score
+    < 0, dead; g = (2, 3): s = (1, 2), alpha (1/3, 2/3); a padded position (not counted). Over the
+    second batch's two tokens: g = (1, 1): s = (0, 0), dead (a score of 0 is not positive); (5, 1): (1, 0)."""
+    from sherl_pipe.tier_weights import ConsolidationMeter
+
+    module = identity_consolidation()
+    meter = ConsolidationMeter(module)
+    h0, h1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+
+    def batch(guides, mask):
+        g = torch.tensor(guides).unsqueeze(0)
+        n = g.shape[1]
+        return Observed({0: h0.expand(1, n, 2), 1: h1.expand(1, n, 2), 2: g}, torch.tensor([mask]))
+
+    meter.observe(batch([[3.0, 0.5], [0.5, 0.5], [2.0, 3.0], [9.0, 9.0]], [1, 1, 1, 0]))
+    meter.observe(batch([[1.0, 1.0], [5.0, 1.0]], [1, 1]))
+    got = meter.result("a test")
+    assert got["tokens"] == 5 and got["alive"] == pytest.approx(3 / 5, abs=1e-6)
+    assert got["alpha"] == pytest.approx({"h0": (1 + 1 / 3 + 1) / 5, "h1": (2 / 3) / 5}, abs=1e-6)
+    assert got["alpha_sum"] == pytest.approx(3 / 5, abs=1e-6)  # each alive token's alpha sum to 1
+    assert got["gate"] == 0.0 and got["anchor"] == "h2" and got["on"] == "a test"
+
+
+def test_the_dead_warning_fires_on_a_dead_consolidation_only():
+    from sherl_pipe.tier_weights import ConsolidationMeter, dead_warning
+
+    states, mask = states_and_mask()
+    for bias, dead in ((-50.0, True), (50.0, False)):
+        module = make()
+        with torch.no_grad():
+            module.score.bias.fill_(bias)
+        meter = ConsolidationMeter(module)
+        meter.observe(Observed(states, mask))
+        state = meter.result("validation split")
+        assert state["alive"] == (0.0 if dead else 1.0)
+        warning = dead_warning(state, "relu")
+        assert (warning is not None) == dead
+    assert warning is None
+    state["alive"], state["alpha_sum"] = 0.049, 0.049
+    warning = dead_warning(state, "relu")
+    assert warning.startswith("warning: the consolidation is dead: its tiers are alive on 4.9% of the tokens")
+    assert "h0, h1, h2 are unused" in warning and "train.tier_score" in warning and "\n" not in warning
+
+
+def test_only_the_paper_form_has_a_dead_zone():
+    """With every score far below 0 (bias -200), relu passes no gradient to the score, so such a
+    consolidation can never come back; the other forms still weigh the tiers (alpha summing to 1)
+    and their score weight still gets a gradient; nothing is NaN."""
+    states, mask = states_and_mask()
+    for name, form in TIER_SCORES.items():
+        module = make()
+        module.form = form
+        with torch.no_grad():
+            module.score.bias.fill_(-200.0)
+        module.zero_grad()
+        (module(states, mask) * torch.linspace(-1, 1, 3 * 5 * 32).view(3, 5, 32)).sum().backward()
+        grad = module.score.weight.grad
+        assert torch.isfinite(grad).all(), name
+        alpha_sum = module.tier_weights(states, mask).sum(-1)[mask.bool()]
+        if form.activation == "relu":
+            assert float(grad.abs().max()) == 0.0 and torch.all(alpha_sum == 0), name
+        else:
+            assert float(grad.abs().max()) > 0.0, name
+            torch.testing.assert_close(alpha_sum, torch.ones_like(alpha_sum), msg=name)
+
+
+def test_the_config_offers_every_tier_score():
+    from sherl_pipe.config import TrainConfig
+
+    assert set(TrainConfig.__dataclass_fields__["tier_score"].metadata["choices"]) == set(TIER_SCORES)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_full_pipeline
+from sherl_pipe.consolidation import PAPER_TIER_SCORE, TIER_SCORES
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
 from sherl_pipe.training import train
@@ -80,7 +81,8 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_one(tmp_path, b
 
 def test_resume_refuses_changed_training_settings(tmp_path, bert_dir, labeled_csv, fp32_cache):
     run = tmp_path / "run"
-    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run, "epochs = 1\neval_split = \"\"")
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run,
+                        "epochs = 1\neval_split = \"\"\ntier_score = \"relu\"")
     train(pipe, log=lambda m: None)
     before = (run / "checkpoints" / "last.safetensors").read_bytes()
     for setting, message in [
@@ -91,6 +93,8 @@ def test_resume_refuses_changed_training_settings(tmp_path, bert_dir, labeled_cs
         ("train.max_steps=40", r"cannot resume with train.max_steps 0 -> 40"),
         # the compiler draws the dropout masks from its own generator
         ("train.compile=true", r"train.compile: run has False, request has True"),
+        # another tier score is another model
+        ("train.tier_score=softplus", r"train.tier_score: run has 'relu', request has 'softplus'"),
         # bf16 rounds every product of stage two differently
         ("train.precision=bf16", r"stage two ran in fp32; this resume would run it in bf16 \(train.precision = "
                                  r"bf16 on cpu\); set train.precision = fp32"),
@@ -142,22 +146,52 @@ def test_a_failed_overwrite_keeps_the_run_it_was_to_replace(tmp_path, bert_dir, 
 
 def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path, bert_dir, labeled_csv, fp32_cache):
     """A checkpoint written by an earlier version lacks keys added since (train.compile,
-    train.precision and the precision in effect): they compare as their defaults, so the run
-    resumes instead of being refused as changed, and a precision other than the default is refused."""
+    train.precision and the precision in effect, train.tier_score): they compare as their values
+    before they existed (the defaults then: tier_score relu, the paper's), so the run resumes
+    instead of being refused as changed, and another value is refused."""
     import torch
 
     run = tmp_path / "run"
-    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run, "epochs = 1\neval_split = \"\"")
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run,
+                        "epochs = 1\neval_split = \"\"\ntier_score = \"relu\"")
     train(pipe, log=lambda m: None)
+    assert "tier_score" not in json.loads((run / "model.json").read_text())["spec"]  # as earlier versions wrote it
     state_file = run / "checkpoints" / "state.pt"
     saved = torch.load(state_file, weights_only=False)
-    del saved["train"]["compile"], saved["train"]["precision"], saved["precision"]
+    del saved["train"]["compile"], saved["train"]["precision"], saved["precision"], saved["train"]["tier_score"]
     torch.save(saved, state_file)
     messages = []
     train(pipe, resume=True, log=messages.append)
     assert any("already finished" in m for m in messages)
     with pytest.raises(SherlError, match=r"train.precision: run has 'auto', request has 'bf16'"):
         train(load_pipeline(str(tmp_path / "run.toml"), ["train.precision=bf16"]), resume=True, log=lambda m: None)
+    with pytest.raises(SherlError, match=r"train.tier_score: run has 'relu', request has 'softmax'"):
+        train(load_pipeline(str(tmp_path / "run.toml"), ["train.tier_score=softmax"]), resume=True,
+              log=lambda m: None)
+
+
+@pytest.mark.parametrize("tier_score", [t for t in TIER_SCORES if t != PAPER_TIER_SCORE])
+def test_every_tier_score_resumes_exactly(tmp_path, bert_dir, labeled_csv, fp32_cache, monkeypatch, tier_score):
+    """The interrupted-run test above (relu, the paper's form) for the other tier scores, shorter:
+    6 steps, interrupted at step 5 after the checkpoint at step 4."""
+    extra = f'max_steps = 6\nsave_every = 2\neval_split = ""\nlog_every = 1\ntier_score = "{tier_score}"'
+    cut = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "cut", extra)
+    with monkeypatch.context() as m:
+        StepBomb(m, at=5)
+        with pytest.raises(KeyboardInterrupt):
+            train(cut, log=lambda m: None)
+    train(cut, resume=True, log=lambda m: None)
+    train(pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "whole", extra), log=lambda m: None)
+    a = load_file(tmp_path / "cut" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "whole" / "checkpoints" / "last.safetensors")
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    assert [r["step_loss"] for r in records(tmp_path / "cut", "train")] == pytest.approx(
+        [r["step_loss"] for r in records(tmp_path / "whole", "train")], abs=1e-6)
+    got, want = (json.loads((tmp_path / r / "summary.json").read_text())["consolidation"] for r in ("cut", "whole"))
+    assert got.keys() == want.keys() and got["on"] == "a fixed sample of the train split"
+    assert got["alive"] == pytest.approx(want["alive"], abs=1e-6)
+    assert got["alpha"] == pytest.approx(want["alpha"], abs=1e-6)
 
 
 def test_an_interrupted_regression_run_resumes_exactly(tmp_path, bert_dir, monkeypatch):

@@ -68,6 +68,10 @@ def test_trials_equal_sherl_pipe_train_and_fresh_processes(tmp_path, bert_dir, l
         # a trial skips the tier-weight pass (another read of the training split); train does it
         trial_summary = tmp_path / "sweep" / "trials" / f"{int(r['number']):04d}" / "summary.json"
         assert json.loads(trial_summary.read_text())["tier_weights"] is None
+        # but the last epoch's consolidation state (measured in the evaluation's pass) is in trials.csv
+        state = json.loads(trial_summary.read_text())["consolidation"]
+        assert float(r["alive"]) == pytest.approx(state["alive"], rel=1e-5) and 0 < state["alive"] <= 1
+        assert float(r["alpha_sum"]) == pytest.approx(state["alpha_sum"], rel=1e-5)
         assert json.loads((run / "summary.json").read_text())["tier_weights"]["anchor"] == "h2"
     for name in ("best.toml", "leaderboard.txt", "metric_by_setting.png", "history.png", "learning_curves.png"):
         assert (tmp_path / "sweep" / name).is_file(), name

@@ -55,7 +55,10 @@ def test_full_finetuning_and_live_runs_have_no_tier_weights(tmp_path, bert_dir, 
                                                  tmp_path / "run", 'dtype = "float32"',
                                                  f'mode = "{mode}"\nmax_steps = 2')))
     train(pipe, log=lambda m: None)
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["tier_weights"] is None
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tier_weights"] is None
+    # the per-epoch state is measured in live runs too (on the early layers' live output), not in full fine-tuning
+    assert (summary["consolidation"] is None) == (mode == "full-finetune")
     shown = CliRunner().invoke(main, ["info", str(tmp_path / "run")])
     assert "tier weights: none" in shown.output
 
@@ -77,3 +80,86 @@ def test_an_interrupted_tier_measurement_keeps_the_summary(tmp_path, bert_dir, l
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["tier_weights"] is None
     assert train(pipe, resume=True, log=lambda m: None).steps == 2  # finished: nothing to redo
+
+
+def validation_state(run_dir, cache_dir, split="validation", samples=None):
+    """The consolidation's state on a split, computed independently: the whole split at once, straight
+    from the Zarr arrays, with the run's last weights."""
+    cache = Cache(cache_dir)
+    lengths = cache.array(split, "lengths")[:]
+    picked = np.arange(len(lengths)) if samples is None else samples
+    states = {t: torch.from_numpy(cache.array(split, f"h{t}")[:][picked]).float() for t in (0, 1, 2)}
+    mask = torch.from_numpy(np.arange(states[0].shape[1])[None, :] < lengths[picked][:, None]).long()
+    model = load_trained(run_dir, "last").model
+    with torch.no_grad():
+        alpha = model.consolidation.tier_weights(states, mask)[mask.bool()].double()
+    return {"alive": float((alpha.sum(-1) > 0).double().mean()), "alpha": alpha.mean(0).numpy(),
+            "tokens": int(lengths[picked].sum())}
+
+
+def test_each_epoch_records_the_consolidations_state_on_the_evaluation_split(tmp_path, bert_dir, labeled_csv,
+                                                                             fp32_cache):
+    """At the default tier score the consolidation ends alive on every token; with the paper's relu,
+    the default before train.tier_score existed, this same run ended alive on 2.9% of them."""
+    lines = []
+    pipe = load_pipeline(str(write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache,
+                                                 tmp_path / "run", 'dtype = "float32"',
+                                                 'eval_split = "validation"\nepochs = 2')))
+    train(pipe, log=lines.append)
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["event"] == "epoch"]
+    assert len(epochs) == 2 and all(r["consolidation"]["on"] == "validation split" for r in epochs)
+    last = epochs[-1]["consolidation"]
+    want = validation_state(tmp_path / "run", fp32_cache)
+    assert last["tokens"] == want["tokens"] and last["alive"] == pytest.approx(want["alive"], abs=1e-6)
+    np.testing.assert_allclose(list(last["alpha"].values()), want["alpha"], atol=1e-5)
+    assert last["alpha_sum"] == pytest.approx(sum(last["alpha"].values()), abs=1e-5)
+    assert last["alive"] == 1.0 and last["alpha_sum"] == pytest.approx(1.0) and last["anchor"] == "h2"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["consolidation"] == last
+    # over the training split after training, the alive share beside the mean alpha
+    assert 0 < summary["tier_weights"]["alive"] <= 1
+    epoch_lines = [x for x in lines if x.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and f"tiers alive {100 * last['alive']:.1f}%, alpha sum" in epoch_lines[-1]
+    shown = CliRunner().invoke(main, ["info", str(tmp_path / "run")]).output
+    assert (f"consolidation (tier score {pipe.train.tier_score}; last epoch, {last['tokens']} tokens of validation "
+            f"split): tiers alive {100 * last['alive']:.1f}%" in shown) and "mean alpha h0 " in shown
+
+
+def test_without_an_evaluation_split_a_fixed_sample_of_training_tokens_is_measured(tmp_path, bert_dir, labeled_csv,
+                                                                                 fp32_cache):
+    pipe = load_pipeline(str(write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache,
+                                                 tmp_path / "run", 'dtype = "float32"', 'eval_split = ""\nepochs = 1')))
+    train(pipe, log=lambda m: None)
+    state = json.loads((tmp_path / "run" / "summary.json").read_text())["consolidation"]
+    assert state["on"] == "a fixed sample of the train split"
+    # 120 training samples in chunks of 16: 8 chunks, of which 0, 2, 5 and 7 (evenly spread) are the sample
+    samples = np.concatenate([np.arange(c * 16, min(c * 16 + 16, 120)) for c in (0, 2, 5, 7)])
+    want = validation_state(tmp_path / "run", fp32_cache, "train", samples)
+    assert state["tokens"] == want["tokens"] and state["alive"] == pytest.approx(want["alive"], abs=1e-6)
+    np.testing.assert_allclose(list(state["alpha"].values()), want["alpha"], atol=1e-5)
+
+
+@pytest.mark.parametrize("bias, dead", [(-100.0, True), (100.0, False)])
+def test_a_dead_consolidation_is_warned_about_at_the_end_of_training(tmp_path, bert_dir, labeled_csv, fp32_cache,
+                                                                    monkeypatch, bias, dead):
+    """A score bias of -100 puts every relu score below 0 for good (no gradient reaches it): the run
+    ends with one warning line, and `info RUN` repeats it; a bias of +100 keeps every token alive."""
+    from sherl_pipe.consolidation import TIER_SCORES, TierScore
+
+    monkeypatch.setitem(TIER_SCORES, "relu", TierScore("relu", bias=bias))
+    lines = []
+    pipe = load_pipeline(str(write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache,
+                                                 tmp_path / "run", 'dtype = "float32"',
+                                                 'eval_split = "validation"\nmax_steps = 4\ntier_score = "relu"')))
+    train(pipe, log=lines.append)
+    warnings = [x for x in lines if "consolidation is dead" in x]
+    state = json.loads((tmp_path / "run" / "summary.json").read_text())["consolidation"]
+    assert state["alive"] == (0.0 if dead else 1.0) and len(warnings) == int(dead)
+    shown = CliRunner().invoke(main, ["info", str(tmp_path / "run")]).output
+    if dead:
+        assert warnings[0].startswith("warning: the consolidation is dead: its tiers are alive on 0.0% of the tokens "
+                                      "of validation split (alpha sum 0.000), so the cached tiers h0, h1 are unused")
+        assert warnings[0] in shown
+    else:
+        assert "warning" not in shown

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import SST2, make_backbone, require_minilm, require_sst2, write_full_pipeline, write_pipeline
 from sherl_pipe.config import load_pipeline
+from sherl_pipe.consolidation import TIER_SCORES
 from sherl_pipe.devices import pick_device
 from sherl_pipe.errors import SherlError
 from sherl_pipe.extraction import extract
@@ -50,17 +51,19 @@ def test_sampler_is_seeded_chunk_aware_and_complete():
     assert [b.tolist() for b in sequential] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
 
 
-def batch_losses_and_grads(tmp_path, backbone, data, cache, dtype_extra, modes=("cached", "live")):
-    """Loss and gradients of every batch of one epoch, from the cache and from live early layers,
-    with the same weights (no optimizer step, no dropout): what each source feeds the model."""
+def batch_losses_and_grads(tmp_path, backbone, data, cache, dtype_extra, modes=("cached", "live"), train_extra="",
+                           batches=None):
+    """Loss and gradients of every batch of one epoch (or of its first BATCHES), from the cache and
+    from live early layers, with the same weights (no optimizer step, no dropout): what each source
+    feeds the model."""
     from sherl_pipe.cache import Cache
     from sherl_pipe.training.inference import forward, loss_fn
     from sherl_pipe.training.setup import build_model, make_spec, source_for
 
     out = {}
     for mode in modes:
-        pipe = pipeline_for(tmp_path, backbone, data, cache, tmp_path / mode, f'mode = "{mode}"\ndropout = 0.0',
-                            dtype_extra)
+        pipe = pipeline_for(tmp_path, backbone, data, cache, tmp_path / mode,
+                            f'mode = "{mode}"\ndropout = 0.0\n{train_extra}', dtype_extra)
         if mode == modes[0] and not (cache / "zarr.json").exists():
             extract(pipe)
         manifest = Cache(cache).manifest
@@ -69,7 +72,7 @@ def batch_losses_and_grads(tmp_path, backbone, data, cache, dtype_extra, modes=(
         model, live = build_model(spec, pipe.backbone.source, manifest, "cpu")
         model.train()
         source = source_for(Cache(cache), "train", spec)
-        plan = source.sampler(8, 4, 32, 0).batches(0)
+        plan = source.sampler(8, 4, 32, 0).batches(0)[:batches]
         out[mode] = []
         for batch in source.iterate(plan):
             batch = live(batch) if live is not None else batch
@@ -96,6 +99,27 @@ def test_cached_and_live_batches_give_the_same_loss_and_gradients(tmp_path, labe
         for name, g in grads_c.items():
             scale = max(1.0, float(g.abs().max()))
             assert float((g - grads_l[name]).abs().max()) <= tol * scale, name
+
+
+@pytest.fixture(scope="module")
+def nodrop_backbone_and_cache(tmp_path_factory, labeled_csv):
+    """A dropout-free backbone and its fp32 cache (extracted by the first test that needs it)."""
+    root = tmp_path_factory.mktemp("nodrop")
+    return make_backbone(root / "backbone", "bert", dropout=0.0), root / "cache"
+
+
+@pytest.mark.parametrize("tier_score", list(TIER_SCORES))
+def test_every_tier_score_gets_the_same_loss_and_gradients_cached_and_live(tmp_path, labeled_csv, tier_score,
+                                                                           nodrop_backbone_and_cache):
+    """The fp32 case above for every train.tier_score (the test above runs the default)."""
+    backbone, cache = nodrop_backbone_and_cache
+    got = batch_losses_and_grads(tmp_path, backbone, labeled_csv, cache, 'dtype = "float32"',
+                                 train_extra=f'tier_score = "{tier_score}"', batches=4)
+    assert len(got["cached"]) == len(got["live"]) == 4
+    for (loss_c, grads_c), (loss_l, grads_l) in zip(got["cached"], got["live"]):
+        assert abs(loss_c - loss_l) <= 1e-5 and grads_c.keys() == grads_l.keys()
+        for name, g in grads_c.items():
+            assert float((g - grads_l[name]).abs().max()) <= 1e-5 * max(1.0, float(g.abs().max())), name
 
 
 def test_cached_and_live_training_stay_together(tmp_path, bert_dir, labeled_csv, fp32_cache):

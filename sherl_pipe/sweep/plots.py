@@ -66,8 +66,10 @@ def plot_history(sweep_dir: Path, done: list[dict], metric: str, direction: str)
 
 
 def plot_learning_curves(sweep_dir: Path, ranked: list[dict], metric: str) -> None:
+    """The metric per epoch of the best trials and, beside it, the share of tokens their
+    consolidation was alive on (tier_weights.py): a trial near 0 there trained without its tiers."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, (ax, alive_ax) = plt.subplots(1, 2, figsize=(10, 3.4))
     for r in ranked[:5]:
         metrics = Path(r["run_dir"]) / "metrics.jsonl"
         if not metrics.is_file():
@@ -76,12 +78,18 @@ def plot_learning_curves(sweep_dir: Path, ranked: list[dict], metric: str) -> No
         epochs = [x for x in records if x["event"] == "epoch" and "eval" in x]
         ys = [x["train_loss"] if metric == "train_loss" else x["eval"].get(metric) for x in epochs]
         ax.plot([x["epoch"] for x in epochs], ys, marker="o", label=f"#{r['number']}")
+        alive = [(x["epoch"], x["consolidation"]["alive"]) for x in records if x["event"] == "epoch"
+                 and (x.get("consolidation") or {}).get("alive") is not None]
+        alive_ax.plot([e for e, _ in alive], [a for _, a in alive], marker="o", label=f"#{r['number']}")
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
+    for a, label in ((ax, metric), (alive_ax, "tokens alive (share)")):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_xlabel("epoch")
+        a.set_ylabel(label)
+    alive_ax.set_ylim(-0.05, 1.05)
     ax.set_title("learning curves of the best trials")
+    alive_ax.set_title("consolidation alive (0: tiers unused)")
     ax.legend(fontsize=8)
     _save(fig, sweep_dir / "learning_curves.png")
     plt.close(fig)

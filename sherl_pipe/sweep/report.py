@@ -44,7 +44,15 @@ def _trial_row(t, sweep_dir: Path, keys: list[str], direction: str) -> dict:
             "value": value, "final": t.intermediate_values[steps[-1]] if steps else info.get("final"),
             "epochs": steps[-1] if steps else info.get("epochs"), "seconds": info.get("seconds"),
             "samples_per_s": info.get("samples_per_s"), "peak_rss_mb": info.get("peak_rss_mb"),
-            "run_dir": str(folder), "rerun_of": t.user_attrs.get("rerun_of"), "error": error}
+            **_consolidation_columns(folder), "run_dir": str(folder), "rerun_of": t.user_attrs.get("rerun_of"),
+            "error": error}
+
+
+def _consolidation_columns(folder: Path) -> dict:
+    """The last epoch's consolidation state from the trial's summary.json (empty until it finishes)."""
+    summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+    state = summary.get("consolidation") or {}
+    return {"alive": state.get("alive"), "alpha_sum": state.get("alpha_sum")}
 
 
 def _csv(rows: list[dict]) -> str:

@@ -39,14 +39,17 @@ def in_storage_order(source: SplitSource, live, batch_size: int, device):
 
 @torch.no_grad()
 def predict_split(model, spec: ModelSpec, source: SplitSource, live, batch_size: int, device,
-                  precision: str = "auto") -> tuple:
+                  precision: str = "auto", observe=None) -> tuple:
     """(outputs, labels, positions) over a whole split in storage order, model in eval mode, under
-    the autocast the run trained with (train.precision)."""
+    the autocast the run trained with (train.precision). OBSERVE(batch), if given, sees each batch
+    too (the per-epoch consolidation state, measured in the evaluation's own pass)."""
     model.eval()
     outs, labels, index = [], [], []
     for batch in in_storage_order(source, live, batch_size, device):
         with autocast(device, precision):
             outs.append(forward(model, spec, batch).float().cpu())
+        if observe is not None:
+            observe(batch)
         labels.append(batch.labels.cpu())
         index.append(batch.index)
     return torch.cat(outs), torch.cat(labels), np.concatenate(index)

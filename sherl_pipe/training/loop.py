@@ -21,6 +21,7 @@ from sherl_pipe.devices import autocast
 from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import is_better, selection
 from sherl_pipe.model import ModelSpec
+from sherl_pipe.tier_weights import format_state
 from sherl_pipe.training.inference import forward, loss_fn
 
 
@@ -36,6 +37,7 @@ class RunState:
     best: dict | None = None  # {"epoch", "step", metrics...} of the best evaluation
     bad_epochs: int = 0  # evaluations since the best one
     last_eval: dict | None = None
+    last_consolidation: dict | None = None  # the consolidation's state at the last epoch (tier_weights.py)
     finished: bool = False
     stop_reason: str | None = None  # early-stopping | max-steps | a caller's reason (e.g. pruned)
 
@@ -73,6 +75,7 @@ class Hooks:
     save_state: Callable[["RunState"], None] = lambda s: None  # a resumable checkpoint at a step boundary
     save_best: Callable[[], None] = lambda: None  # the current weights are the best so far
     evaluate: Callable[[], dict] | None = None  # metrics on the evaluation split
+    consolidation: Callable[[], dict | None] | None = None  # its state after evaluate (tier_weights.EpochProbe)
     checkpoint_due: Callable[["RunState"], bool] = lambda s: False  # time or step policy
     should_stop: Callable[[], bool] = lambda: False  # an interrupt was requested
     on_step: Callable[["RunState", float], None] = lambda s, loss: None  # progress display
@@ -166,6 +169,10 @@ class Trainer:
                 hooks.save_best()
             else:
                 state.bad_epochs += 1
+        if hooks.consolidation is not None:
+            state.last_consolidation = hooks.consolidation()
+            if state.last_consolidation is not None:
+                record["consolidation"] = state.last_consolidation
         hooks.record(record)
         return record
 
@@ -218,4 +225,6 @@ class Trainer:
             shown = "" if self.metric == "train_loss" else f", {ev['split']} {self.metric} {ev[self.metric]:.4f}"
             line += shown + (f" (best {self.metric} {self.selected(best):.4f} at epoch {best['epoch']})" if best
                              else " (no finite value yet)")
+        if "consolidation" in record:
+            line += f"; {format_state(record['consolidation'])}"
         hooks.log(line)

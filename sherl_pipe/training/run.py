@@ -30,7 +30,7 @@ from sherl_pipe.metrics import selection
 from sherl_pipe.model import ModelSpec
 from sherl_pipe.request import check_cache_matches
 from sherl_pipe.resources import resolve_model
-from sherl_pipe.tier_weights import measure_tier_weights
+from sherl_pipe.tier_weights import EpochProbe, dead_warning, measure_tier_weights
 from sherl_pipe.training.checkpoint import RunFolder
 from sherl_pipe.training.inference import compute_metrics, predict_split
 from sherl_pipe.training.loop import Budget, Hooks, RunState, Trainer
@@ -188,9 +188,11 @@ def make_hooks(run: RunFolder, s: Session, progress, log, on_epoch, should_stop)
         by_time = cfg.save_minutes and time.monotonic() - last_save[0] >= 60 * cfg.save_minutes
         return bool(by_steps or by_time)
 
+    probe = EpochProbe(s.model, s.train_src, s.live, s.pipeline.evaluate.batch_size, s.device, s.eval_split)
+
     def evaluate() -> dict:
         outputs, labels, _ = predict_split(s.model, s.spec, s.eval_src, s.live, s.pipeline.evaluate.batch_size,
-                                           s.device, cfg.precision)
+                                           s.device, cfg.precision, observe=probe.observer())
         return {"split": s.eval_split, **compute_metrics(s.spec, outputs, labels)}
 
     def on_step(state: RunState, loss: float) -> None:
@@ -199,7 +201,8 @@ def make_hooks(run: RunFolder, s: Session, progress, log, on_epoch, should_stop)
             progress.set_postfix(loss=f"{state.loss_sum / max(state.loss_count, 1):.4f}", epoch=state.epoch + 1)
 
     return Hooks(record=run.append_metrics, save_state=save_state, save_best=lambda: run.save_weights("best", s.model),
-                 evaluate=evaluate if s.eval_src is not None else None, checkpoint_due=checkpoint_due,
+                 evaluate=evaluate if s.eval_src is not None else None, consolidation=probe.result,
+                 checkpoint_due=checkpoint_due,
                  should_stop=should_stop or (lambda: False), on_step=on_step, on_epoch=on_epoch, log=log)
 
 
@@ -228,7 +231,7 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
                               pipeline.train.precision, pipeline.train.metric)
             state = trainer.fit(state, s.sampler, s.train_src, make_hooks(run, s, progress, log, on_epoch,
                                                                          should_stop))
-            return finish(run, s, state, tier_weights)
+            return finish(run, s, state, tier_weights, log)
     finally:
         run.release()
 
@@ -238,7 +241,7 @@ def result_of(run: RunFolder, state: RunState) -> TrainResult:
                        state.samples / state.seconds if state.seconds > 0 else 0.0, state.stop_reason)
 
 
-def finish(run: RunFolder, s: Session, state: RunState, tier_weights: bool = True) -> TrainResult:
+def finish(run: RunFolder, s: Session, state: RunState, tier_weights: bool = True, log=print) -> TrainResult:
     if s.eval_src is None and state.finished:  # without evaluation the best checkpoint is the last one
         run.save_weights("best", s.model)
     result = result_of(run, state)
@@ -247,8 +250,12 @@ def finish(run: RunFolder, s: Session, state: RunState, tier_weights: bool = Tru
     summary = {"steps": result.steps, "epochs": result.epochs_done, "best": result.best,
                "last_eval": result.last_eval, "train_seconds": round(result.seconds, 2),
                "samples_per_s": round(result.samples_per_s, 1), "stop_reason": result.stop_reason,
-               "stopped_early": result.stopped_early, "tier_weights": None}
+               "stopped_early": result.stopped_early, "consolidation": state.last_consolidation,
+               "tier_weights": None}
     run.write_json("summary.json", summary)  # first: an interrupted measurement loses nothing else
+    warning = dead_warning(state.last_consolidation, s.spec.tier_score)
+    if warning:
+        log(warning)
     # from the cache only (live runs would rerun the early layers), and not for pruned trials
     if tier_weights and s.spec.mode == "cached" and state.stop_reason != "pruned":
         summary["tier_weights"] = measure_tier_weights(s.model, s.train_src, None,

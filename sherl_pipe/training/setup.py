@@ -47,7 +47,7 @@ def make_spec(cfg: TrainConfig, manifest: dict) -> ModelSpec:
         num_layers=num_layers, late_layers=cfg.late_layers, tiers=tuple(tiers),
         pooling=resolve_pooling(cfg.pooling, manifest), projection=cfg.projection, reduction=cfg.reduction,
         dropout=cfg.dropout, late_tuning=cfg.late_tuning if cfg.mode != "full-finetune" else "full",
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, tier_score=cfg.tier_score)
 
 
 def check_splits(cfg: TrainConfig, splits: list[str], cache: str) -> None:
