@@ -242,6 +242,21 @@ def absolute_paths(pipeline: Pipeline) -> Pipeline:
         train=dataclasses.replace(pipeline.train, run_dir=absolute(pipeline.train.run_dir)))
 
 
+# train keys whose value before they existed differs from today's default: a run or sweep saved
+# by an earlier sherl-pipe had this value (it trained with the paper's tier score).
+TRAIN_BEFORE_THEY_EXISTED = {"tier_score": "relu"}
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A pipeline dict saved by an earlier sherl-pipe (a run's state, a sweep's signature) with
+    the keys it lacked: at their value before they existed (TRAIN_BEFORE_THEY_EXISTED), else at
+    today's default, which is what that version ran with."""
+    defaults = Pipeline().to_dict()
+    out = {name: {**defaults[name], **(TRAIN_BEFORE_THEY_EXISTED if name == "train" else {}), **saved.get(name, {})}
+           for name in SECTIONS if name in saved}
+    return {**saved, **out}
+
+
 def section_to_dict(section) -> dict:
     return {f.name: (list(v) if isinstance(v := getattr(section, f.name), tuple) else v) for f in dataclasses.fields(section)}
 

@@ -535,3 +535,26 @@ def test_a_failing_trial_prints_no_dask_traceback(tmp_path, bert_dir, labeled_cs
     assert out.returncode == 0, out.stderr
     assert "Compute Failed" not in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert "train loss is nan" in rows(tmp_path / "sweep")[0]["error"]
+
+
+def test_a_sweep_folder_from_before_new_train_keys_still_resumes(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """A sweep saved by an earlier sherl-pipe has no train.metric or train.tier_score in its
+    signature: it resumes with the values it ran with, and says which key differs otherwise."""
+    from sherl_pipe.sweep import run_sweep
+    from sherl_pipe.sweep.study import load_study
+
+    table = ('[sweep]\nsampler = "random"\ntrials = 1\ndir = "{dir}"\nworkers = 1\nthreads = 1\n'
+             '[sweep.space]\nlr = {low = 0.0001, high = 0.01, log = true}\n')
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, 'epochs = 1\nmax_steps = 2\n'
+                          'tier_score = "relu"')
+    run_sweep(load_pipeline(str(path)), log=lambda m: None)
+    study = load_study(tmp_path / "sweep")
+    old = json.loads(json.dumps(study.user_attrs["signature"]))
+    for key in ("metric", "tier_score"):
+        del old["pipeline"]["train"][key]
+    study.set_user_attr("signature", old)
+    assert run_sweep(load_pipeline(str(path), ["sweep.trials=2"]), log=lambda m: None).report.rows[1]["state"] == (
+        "complete")
+    with pytest.raises(SherlError, match=r"another pipeline \(train.tier_score: sweep has 'relu', request has "
+                                         r"'softmax-normed'\)"):
+        run_sweep(load_pipeline(str(path), ["train.tier_score=softmax-normed", "sweep.trials=3"]), log=lambda m: None)

@@ -82,6 +82,24 @@ def signature(cfg: SweepConfig, params: list[Param], base: dict, metric: str, di
                                   "sampler": cfg.sampler, "seed": cfg.seed, "pipeline": base}))
 
 
+def upgraded(sig: dict) -> dict:
+    """A stored signature with the pipeline keys its sherl-pipe lacked (config.upgrade_saved)."""
+    from sherl_pipe.config import upgrade_saved
+
+    pipe = upgrade_saved(sig.get("pipeline", {}))
+    if "train" in pipe:
+        pipe["train"] = {k: v for k, v in pipe["train"].items() if k not in ("run_dir", "threads")}
+    return {**sig, "pipeline": pipe}
+
+
+def _pipeline_diff(kept: dict, sig: dict) -> str:
+    """ (section.key: sweep has X, request has Y; ...) for the base pipeline's differing keys."""
+    a, b = kept.get("pipeline", {}), sig["pipeline"]
+    diffs = [f"{s}.{k}: sweep has {a.get(s, {}).get(k)!r}, request has {v!r}"
+             for s in b for k, v in b[s].items() if a.get(s, {}).get(k) != v]
+    return f" ({'; '.join(diffs[:4])})" if diffs else ""
+
+
 def is_sweep_folder(path: Path) -> bool:
     return (path / JOURNAL).is_file()
 
@@ -164,10 +182,11 @@ def open_study(sweep_dir: Path, cfg: SweepConfig, params: list[Param], sig: dict
                                     pruner=make_pruner(cfg))
     if "signature" not in study.user_attrs:  # new, or a journal cut short before its first records
         study.set_user_attr("signature", sig)
-    elif study.user_attrs.get("signature") != sig:
-        differs = sorted(k for k in sig if study.user_attrs.get("signature", {}).get(k) != sig[k])
-        raise SherlError(f"sweep folder {sweep_dir}: holds a sweep with another {', '.join(differs)}; rerun it as it "
-                         f"was to resume it, use --overwrite to start again, or set sweep.dir (or --sweep-dir)")
+    elif (kept := upgraded(study.user_attrs["signature"])) != sig:
+        differs = sorted(k for k in sig if kept.get(k) != sig[k])
+        raise SherlError(f"sweep folder {sweep_dir}: holds a sweep with another {', '.join(differs)}"
+                         f"{_pipeline_diff(kept, sig)}; rerun it as it was to resume it, use --overwrite to start "
+                         f"again, or set sweep.dir (or --sweep-dir)")
     else:
         study.sampler = make_sampler(cfg, params, origin, done=len(study.get_trials(deepcopy=False)))
     if cache_fingerprint is not None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sherl_pipe.config import TrainConfig, section_to_dict
-from sherl_pipe.consolidation import PAPER_TIER_SCORE
+from sherl_pipe.config import TrainConfig, section_to_dict, upgrade_saved
 from sherl_pipe.devices import stage_two_precision
 from sherl_pipe.errors import SherlError
 from sherl_pipe.model import ModelSpec
@@ -22,8 +21,6 @@ from sherl_pipe.training.loop import RunState
 # how many threads and which device run it, whether the split is read ahead into memory, logging.
 # Not `compile`: the compiler draws the consolidation's dropout masks from its own generator.
 FREE_ON_RESUME = {"run_dir", "threads", "device", "preload", "save_every", "save_minutes", "log_every"}
-# Keys whose value before they existed differs from today's default: a run saved then had this one.
-BEFORE_THEY_EXISTED = {"tier_score": PAPER_TIER_SCORE}
 
 
 def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, cfg: TrainConfig,
@@ -32,7 +29,7 @@ def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, 
         raise SherlError(f"run folder {run_dir}: was trained from another cache than extract.cache "
                          f"(its manifest fingerprint differs); resume with the cache it was trained on")
     # a key the run's version of sherl-pipe did not have yet was at its default there
-    old = {**section_to_dict(TrainConfig()), **BEFORE_THEY_EXISTED, **saved.get("train", {})}
+    old = upgrade_saved({"train": saved.get("train", {})})["train"]
     new = section_to_dict(cfg)
     # the precision that was in effect must stay (auto on another device is another one); states saved
     # before it was recorded compare train.precision as it was written
