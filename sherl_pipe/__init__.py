@@ -5,7 +5,7 @@ The Python API (see api.py and README): `sherl_pipe.load_pipeline`, `extract`, `
 use, so `import sherl_pipe` (and the command line) starts without loading torch.
 """
 
-__version__ = "0.1.0"
+from sherl_pipe.version import __version__
 
 _API = ("load_pipeline", "extract", "train", "evaluate", "predict", "predict_file", "verify")
 __all__ = [*_API, "StopTraining", "__version__"]

@@ -15,6 +15,7 @@ import threading
 import click
 
 from sherl_pipe import __version__
+from sherl_pipe.methods import LEGACY_MODES
 from sherl_pipe.errors import SherlError, os_error_message
 
 
@@ -188,8 +189,12 @@ def _print_extract_summary(s) -> None:
 
 def _train_options(fn):
     fn = click.option("--run-dir", default=None, help="Run folder (overrides train.run_dir).")(fn)
-    fn = click.option("--mode", type=click.Choice(["cached", "live", "full-finetune"]), default=None,
-                      help="cached (default), live early layers, or full fine-tuning.")(fn)
+    fn = click.option("--method", default=None, help="Training method (overrides train.method): sherl, unipt, "
+                      "lst, linear-probe, scalar-mix, lora-finetune, full-finetune.")(fn)
+    fn = click.option("--source", type=click.Choice(["cached", "live"]), default=None,
+                      help="Tiers from the cache (default) or the early layers run live.")(fn)
+    fn = click.option("--mode", type=click.Choice(list(LEGACY_MODES)), default=None, hidden=True,
+                      help="Before --method and --source: cached, live or full-finetune.")(fn)
     fn = click.option("--late-tuning", type=click.Choice(["frozen", "norm-bias", "lora", "full"]), default=None,
                       help="How the late layers train.")(fn)
     fn = click.option("--epochs", type=click.IntRange(min=0), default=None, help="Epochs (overrides train.epochs).")(fn)
@@ -197,9 +202,12 @@ def _train_options(fn):
     return fn
 
 
-def _apply_train_options(pipe, cache, run_dir, mode, late_tuning, epochs):
+def _apply_train_options(pipe, cache, run_dir, method, source, mode, late_tuning, epochs):
+    if mode is not None:  # the option from before methods: what it meant
+        method, source = LEGACY_MODES[mode]
     pipe = pipe.with_overrides("extract", cache=cache)
-    return pipe.with_overrides("train", run_dir=run_dir, mode=mode, late_tuning=late_tuning, epochs=epochs)
+    return pipe.with_overrides("train", run_dir=run_dir, method=method, source=source, late_tuning=late_tuning,
+                               epochs=epochs)
 
 
 def _run_training(pipe, resume, overwrite, quiet):
@@ -239,11 +247,12 @@ def _run_training(pipe, resume, overwrite, quiet):
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, resolved config or epoch lines.")
 @_fail_cleanly
-def train(pipeline, overrides, cache, run_dir, mode, late_tuning, epochs, resume, overwrite, quiet):
+def train(pipeline, overrides, cache, run_dir, method, source, mode, late_tuning, epochs, resume, overwrite, quiet):
     """Train the consolidation module, late layer(s) and head from a cache."""
     from sherl_pipe.config import dumps, load_pipeline
 
-    pipe = _apply_train_options(load_pipeline(pipeline, overrides), cache, run_dir, mode, late_tuning, epochs)
+    pipe = _apply_train_options(load_pipeline(pipeline, overrides), cache, run_dir, method, source, mode, late_tuning,
+                                epochs)
     if not quiet:
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
     _run_training(pipe, resume, overwrite, quiet)
@@ -309,14 +318,15 @@ def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, text_co
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder (and a cache that differs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or resolved config.")
 @_fail_cleanly
-def run(pipeline, overrides, run_dir, mode, late_tuning, epochs, resume, overwrite, quiet):
+def run(pipeline, overrides, run_dir, method, source, mode, late_tuning, epochs, resume, overwrite, quiet):
     """extract (reusing a matching cache) -> train -> evaluate, in one go."""
     from sherl_pipe.config import dumps, load_pipeline
     from sherl_pipe.errors import CacheMismatch
     from sherl_pipe.evaluation import evaluate as run_eval
     from sherl_pipe.extraction import check_serves_training
 
-    pipe = _apply_train_options(load_pipeline(pipeline, overrides), None, run_dir, mode, late_tuning, epochs)
+    pipe = _apply_train_options(load_pipeline(pipeline, overrides), None, run_dir, method, source, mode,
+                                late_tuning, epochs)
     if not quiet:
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
     try:  # a matching cache is reused (and finished if a run was interrupted) ...

@@ -21,6 +21,10 @@ from importlib import resources
 from pathlib import Path
 
 from sherl_pipe.errors import SherlError
+from sherl_pipe.methods import DEFAULT as DEFAULT_METHOD
+from sherl_pipe.methods import LEGACY_MODES
+
+
 
 
 def _choice(default, *choices):
@@ -120,7 +124,7 @@ class ExtractConfig:
     """Stage one: which tiers to cache and how to store them."""
 
     cache: str = "sherl-cache/default"
-    late_layers: int = _at_least(1, 1)  # k: the cut is c = L - k
+    late_layers: int = _at_least(1, 0)  # k: the cut is c = L - k; 0 stores every tier h[0..L] (all methods)
     tiers: tuple[int, ...] = ()  # tiers h[t] to store; empty: all of h[0..c]; h[c] is always stored
     dtype: str = _choice("float16", "float32", "int8", "float8")  # storage format (see storage.py)
     # lz4: the whole write path (codec, checksums, files) costs about a tenth of the bare forward pass
@@ -141,7 +145,8 @@ class TrainConfig:
     """Stage two: the SHERL model trained from the cache."""
 
     run_dir: str = "sherl-runs/default"
-    mode: str = _choice("cached", "live", "full-finetune")
+    method: str = field(default=DEFAULT_METHOD, metadata={"registry": True})  # a name in sherl_pipe.methods
+    source: str = _choice("cached", "live")  # tiers read from the cache, or the early layers run live
     late_layers: int = _at_least(2, 1)  # k: the last k pretrained layers form the late route (see README, Defaults)
     tiers: tuple[int, ...] = ()  # tiers fed to the consolidation; empty: every cached tier up to the anchor
     late_tuning: str = _choice("frozen", "norm-bias", "lora", "full")
@@ -149,7 +154,7 @@ class TrainConfig:
     # how the consolidation turns tier scores into weights (consolidation.TIER_SCORES; relu: the paper's,
     # which left most runs' tiers unused; see README, The consolidation's tier score)
     tier_score: str = _choice("softmax-normed", "relu", "softplus", "softmax", "relu-normed", "softplus-normed")
-    reduction: int = _at_least(8, 1)
+    reduction: int = _at_least(0, 0)  # width D / r of the method's modules; 0: the method's (sherl, lst 8; unipt 2)
     pooling: str = _choice("auto", "cls-pooler", "cls", "mean")
     dropout: float = _between(0.1, 0.0, 1.0, below_max=True)
     epochs: int = _at_least(3, 0)
@@ -223,6 +228,8 @@ class Pipeline:
         given = {k: v for k, v in values.items() if v is not None}
         if not given:
             return self
+        if section == "train" and "mode" in given:  # from before methods existed: what it meant
+            given = translate_mode(given, "command option")
         merged = {**section_to_dict(getattr(self, section)), **given}
         return dataclasses.replace(self, **{section: build_section(section, merged, "command option")})
 
@@ -252,6 +259,9 @@ def upgrade_saved(saved: dict) -> dict:
     the keys it lacked: at their value before they existed (TRAIN_BEFORE_THEY_EXISTED), else at
     today's default, which is what that version ran with."""
     defaults = Pipeline().to_dict()
+    saved = dict(saved)
+    if "mode" in saved.get("train", {}):
+        saved["train"] = translate_mode(saved["train"], "a saved pipeline")
     out = {name: {**defaults[name], **(TRAIN_BEFORE_THEY_EXISTED if name == "train" else {}), **saved.get(name, {})}
            for name in SECTIONS if name in saved}
     return {**saved, **out}
@@ -275,9 +285,10 @@ def load_pipeline(spec: str | None, overrides: tuple[str, ...] | list[str] = ())
     if unknown:
         raise SherlError(f"{origin}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS) + ['sweep']}")
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    if isinstance(raw.get("train"), dict) and "mode" in raw["train"]:  # the file's own, before --set applies
+        raw["train"] = translate_mode(raw["train"], origin)
     sweep_sets = []
-    for item in overrides:
-        section, key, value = _parse_set(item)
+    for section, key, value, item in _expanded(overrides):
         if section == "sweep":
             sweep_sets.append((item, key, value))
         else:
@@ -293,8 +304,7 @@ def load_pipeline(spec: str | None, overrides: tuple[str, ...] | list[str] = ())
 
 def apply_overrides(pipeline: Pipeline, overrides) -> Pipeline:
     """`--set section.key=value` overrides applied to a pipeline already loaded."""
-    for item in overrides:
-        section, key, value = _parse_set(item)
+    for section, key, value, item in _expanded(overrides):
         if section == "sweep":
             pipeline = dataclasses.replace(pipeline, sweep_sets=(*pipeline.sweep_sets, (item, key, value)))
             continue
@@ -325,6 +335,20 @@ def _parse_toml(text: str, where: str) -> dict:
         raise SherlError(f"{where}: not valid TOML ({exc})") from None
 
 
+def _expanded(overrides):
+    """(section, key, value, item) of each --set; train.mode (from before methods existed) becomes
+    train.method and train.source."""
+    for item in overrides:
+        section, key, value = _parse_set(item)
+        if (section, key) == ("train", "mode"):
+            if value not in LEGACY_MODES:
+                raise SherlError(f"--set {item!r}: train.mode is now train.method and train.source; one of "
+                                 f"{', '.join(map(repr, LEGACY_MODES))} is translated")
+            yield from (("train", "method", LEGACY_MODES[value][0], item), ("train", "source", LEGACY_MODES[value][1], item))
+        else:
+            yield section, key, value, item
+
+
 def _parse_set(item: str) -> tuple[str, str, object]:
     name, sep, text = item.partition("=")
     section, dot, key = name.strip().partition(".")
@@ -334,6 +358,8 @@ def _parse_set(item: str) -> tuple[str, str, object]:
         raise SherlError(f"--set {item!r}: unknown section '{section}'; known: {sorted(SECTIONS) + ['sweep']}")
     key = key.strip()
     fields = [f.name for f in dataclasses.fields(SECTIONS[section])] if section in SECTIONS else None
+    if fields is not None and section == "train":
+        fields.append("mode")  # before methods existed (translate_mode)
     if fields is not None and key not in fields:  # named here: the file it is merged into is not at fault
         raise SherlError(f"--set {item!r}: unknown key '{section}.{key}'; known keys of [{section}]: {', '.join(fields)}")
     try:  # a TOML value (number, bool, array, quoted string) ...
@@ -348,6 +374,8 @@ def build_section(name: str, values: dict, origin: str, cls: type | None = None)
     cls = cls or SECTIONS[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    if cls is TrainConfig and "mode" in values:
+        values = translate_mode(values, origin)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise SherlError(f"{origin}: unknown key '{name}.{unknown[0]}'; known keys of [{name}]: {', '.join(fields)}")
@@ -367,7 +395,26 @@ def build_section(name: str, values: dict, origin: str, cls: type | None = None)
     return section
 
 
+def translate_mode(values: dict, origin: str) -> dict:
+    """train.mode, as pipeline files, run folders and sweeps from before methods existed have it:
+    cached -> method sherl from the cache; live -> sherl live; full-finetune -> method full-finetune."""
+    values = dict(values)
+    mode = values.pop("mode")
+    if mode not in LEGACY_MODES:
+        raise SherlError(f"{origin}: train.mode = {mode!r} is not one of {', '.join(map(repr, LEGACY_MODES))}; "
+                         f"train.mode is now train.method (sherl, full-finetune, ...) and train.source (cached, live)")
+    method, source = LEGACY_MODES[mode]
+    if values.get("method", method) != method or values.get("source", source) != source:
+        raise SherlError(f"{origin}: train.mode = {mode!r} contradicts train.method / train.source; write only "
+                         f"method = {method!r} and source = {source!r}")
+    return {**values, "method": method, "source": source}
+
+
 def _check_value(value, meta, where: str):
+    if meta.get("registry"):
+        from sherl_pipe.methods import get_method
+
+        get_method(value, where)  # refused with the known names
     if "choices" in meta and value not in meta["choices"]:
         raise SherlError(f"{where} = {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
     if "min" in meta and value < meta["min"]:

@@ -3,7 +3,7 @@
 A run folder is self-contained for building its model: its manifest.json (a copy of the cache's)
 holds the backbone config, the task and the label names. Evaluation needs the cache's data: it is
 looked up where the run was trained from (an absolute path), or given with --cache after a move.
-Every SHERL mode is evaluated on the cached tiers: live training saw the same values.
+A method trained live is evaluated on the cached tiers: live training saw the same values.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from sherl_pipe.config import SECTIONS, Pipeline, build_section
 from sherl_pipe.devices import pick_device
 from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import majority_baseline, mean_baseline
-from sherl_pipe.model import FullFinetuneModel, ModelSpec, build_sherl_model, config_from_manifest, empty_late_modules
+from sherl_pipe.methods import get_method
+from sherl_pipe.model import ModelSpec, config_from_manifest
 from sherl_pipe.training.checkpoint import atomic_write_json, load_weights, read_run
 from sherl_pipe.training.inference import compute_metrics, predict_split
 from sherl_pipe.training.setup import source_for
@@ -71,13 +72,8 @@ def load_trained(run_dir, checkpoint: str = "best", device: str = "auto") -> Tra
     manifest = read_run_manifest(run, info)
     device = pick_device(device)
     config = config_from_manifest(manifest)
-    if spec.mode == "full-finetune":
-        from transformers import AutoModel
-
-        model = FullFinetuneModel(spec, AutoModel.from_config(config, dtype=torch.float32))
-    else:
-        late, pooler, shared = empty_late_modules(spec, config)
-        model = build_sherl_model(spec, config, late, pooler, shared)
+    method = get_method(spec.method, f"run folder {run}: model.json's method")
+    model = method.build(spec, config, method.empty_modules(spec, config))
     load_weights(run / "checkpoints" / f"{checkpoint}.safetensors", model, checkpoint)
     return Trained(run, pipeline, info, manifest, spec, model.to(device).eval(), device)
 
@@ -111,8 +107,7 @@ def evaluate(run_dir, split: str = "test", checkpoint: str = "best", batch_size:
     cache = open_run_cache(t.run_dir, t.info, cache_path)
     if split not in cache.splits:
         raise SherlError(f"cache {cache.path}: no split '{split}' to evaluate (has: {', '.join(cache.splits)})")
-    data_spec = t.spec if t.spec.mode == "full-finetune" else dataclasses.replace(t.spec, mode="cached")
-    source = source_for(cache, split, data_spec)
+    source = source_for(cache, split, dataclasses.replace(t.spec, source="cached"))  # live runs saw these values
     outputs, labels, index = predict_split(t.model, t.spec, source, None, batch_size, t.device, t.precision)
     gold = labels.numpy()
     result = {"split": split, "checkpoint": checkpoint, "rows": int(len(labels)),

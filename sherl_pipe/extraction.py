@@ -216,7 +216,8 @@ def check_serves_training(pipeline: Pipeline, planned: dict, overwrite: bool) ->
     (train, train.eval_split, evaluate.split) that the cache will not have, or a train.late_layers
     or train.tiers its cut and tiers cannot serve. An existing cache that serves the training is
     left to open_writer's message (keep its extract.late_layers), unless it is to be overwritten."""
-    from sherl_pipe.training.setup import check_splits, make_spec  # lazily: training imports this module's users
+    from sherl_pipe.model import make_spec  # asks the method registry what training will read
+    from sherl_pipe.request import check_splits
 
     splits, where = list(planned["splits"]), f"the cache extract.* describes ({pipeline.extract.cache})"
     try:

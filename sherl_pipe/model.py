@@ -1,5 +1,5 @@
-"""Stage two's model: consolidation -> late layer(s) -> pooling -> head, and the full fine-tuning
-reference that runs the whole backbone with the same pooling and head.
+"""What every method's model shares: the spec a run folder keeps, pooling, the task head and the
+parameter groups. The models themselves are the methods' (sherl_pipe/methods/).
 
 `ModelSpec` is everything needed to rebuild a trained model from a run folder: with the backbone
 config stored in the cache manifest, no backbone folder is needed to evaluate a checkpoint.
@@ -12,24 +12,20 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from sherl_pipe.consolidation import PAPER_TIER_SCORE, Consolidation
-from sherl_pipe.dropout import use_fast_dropout
+from sherl_pipe.methods import DEFAULT as DEFAULT_METHOD
+from sherl_pipe.methods import LEGACY_MODES
+from sherl_pipe.consolidation import PAPER_TIER_SCORE
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
-
-LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5}
-NEW_LR = 1e-3
-FULL_FT_LR = 3e-5
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    mode: str  # cached | live | full-finetune
     task_type: str
     num_outputs: int
     num_layers: int
     late_layers: int
-    tiers: tuple[int, ...]  # consolidation inputs other than the anchor
+    tiers: tuple[int, ...]  # SHERL's consolidation inputs other than the anchor
     pooling: str
     projection: str
     reduction: int
@@ -49,6 +45,8 @@ class ModelSpec:
     # How the consolidation weighs its tiers (consolidation.TIER_SCORES). Runs saved before it
     # existed used the paper's relu; to_dict omits it there, so their specs compare equal.
     tier_score: str = PAPER_TIER_SCORE
+    method: str = DEFAULT_METHOD  # train.method (sherl_pipe.methods)
+    source: str = "cached"  # train.source: where its activations came from (cached, live)
 
     @property
     def anchor(self) -> int:
@@ -71,7 +69,28 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
+        """A spec as model.json keeps it; runs saved before methods existed have a `mode`."""
+        d = dict(d)
+        if "mode" in d:
+            d["method"], d["source"] = LEGACY_MODES[d.pop("mode")]
         return cls(**{**d, "tiers": tuple(d["tiers"])})
+
+
+def make_spec(cfg, manifest: dict) -> ModelSpec:
+    """The model a train section asks for on a cache with this manifest, checked against it (a
+    tier the cache lacks is refused before anything runs). Stage one calls it too, on the
+    manifest a cache will have, to refuse a training request before extracting."""
+    from sherl_pipe.methods import get_method
+
+    method = get_method(cfg.method)
+    source = cfg.source if cfg.source in method.sources else method.sources[0]  # fine-tuning: always live
+    task = manifest["task"]
+    return ModelSpec(
+        task_type=task["type"], num_outputs=len(task["label_names"]) if task["type"] == "classification" else 1,
+        num_layers=manifest["backbone"]["num_layers"], pooling=resolve_pooling(cfg.pooling, manifest),
+        projection=cfg.projection, reduction=cfg.reduction or method.reduction, dropout=cfg.dropout,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, tier_score=cfg.tier_score, method=cfg.method,
+        source=source, **method.spec_fields(cfg, manifest))
 
 
 def config_from_manifest(manifest: dict, attn_implementation: str | None = None):
@@ -177,76 +196,6 @@ class Head(nn.Module):
         return y.double() * std + mean
 
 
-class SherlModel(nn.Module):
-    """Consolidation of the cached tiers, then the late layers, pooling and the head.
-
-    `shared` holds the pretrained modules the late layers need beside themselves (see
-    `sherl_pipe.families`); `helpers` the weightless ones built from the config (rotary tables)."""
-
-    def __init__(self, spec: ModelSpec, config, late: list[nn.Module], pooler: nn.Module | None,
-                 shared: dict[str, nn.Module] | None = None):
-        super().__init__()
-        self.spec = spec
-        self.config = config
-        self.family = family_of(config.model_type)
-        self.consolidation = Consolidation(
-            config.hidden_size, list(spec.tiers), spec.anchor, spec.reduction, spec.projection,
-            post_ln=self.family.post_ln, dropout=spec.dropout, layer_norm_eps=self.family.layer_norm_eps(config),
-            tier_score=spec.tier_score)
-        self.late = nn.ModuleList(late)
-        self.shared = nn.ModuleDict(shared or {})
-        self.helpers = nn.ModuleDict(self.family.helpers(config))
-        self.pooler = pooler
-        self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale, spec.head_norm)
-        use_fast_dropout(self)  # the late layers' dropouts too (see dropout.py)
-        self._compiled = None  # a CompiledOrEager of the consolidation, after compile_consolidation()
-
-    def compile_consolidation(self, log) -> None:
-        """train.compile: training steps call torch.compile(consolidation), falling back to eager.
-        A plain attribute, not a submodule: the state dict keeps the consolidation's own names."""
-        from sherl_pipe.compiled import CompiledOrEager
-
-        object.__setattr__(self, "_compiled", CompiledOrEager(self.consolidation, log, "consolidation"))
-
-    def consolidate(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """The consolidation's output, the late route's input: compiled in training steps if asked.
-        Always in fp32, whatever autocast surrounds it: its tier weights divide relevance by
-        redundancy, cosines between tiers that differ in the third digit, which bf16's 8-bit
-        mantissa flattens (benchmarks/precision.py, SST-2, 8,000 rows, 3 seeds: bf16 with the
-        consolidation in bf16 -0.84 points, with it in fp32 -0.11, at the same speed)."""
-        with torch.autocast(mask.device.type, enabled=False):
-            return (self._compiled or self.consolidation)(states, mask)
-
-    def late_route(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The late layers (and a pre-LN family's final norm) on a (B, T, D) input: h[L]."""
-        modules = {**self.shared, **self.helpers}
-        context = self.family.prepare(self.config, modules, hidden, mask)
-        for i, layer in enumerate(self.late):
-            hidden = self.family.run_layer(layer, hidden, context, self.spec.anchor + i, modules)
-        return self.family.finish(hidden, modules)
-
-    def forward(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.late_route(self.consolidate(states, mask), mask)
-        return self.head(pool(hidden, mask, self.spec.pooling, self.pooler))
-
-
-class FullFinetuneModel(nn.Module):
-    """The accuracy reference: the whole backbone trained, with the same pooling and head."""
-
-    def __init__(self, spec: ModelSpec, backbone_model: nn.Module):
-        super().__init__()
-        self.spec = spec
-        self.backbone = backbone_model
-        self.family = family_of(backbone_model.config.model_type)
-        self.head = Head(backbone_model.config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale,
-                         spec.head_norm)
-        use_fast_dropout(self)  # the same dropout as SHERL's, so the speed comparison stays fair
-
-    def forward(self, input_ids, mask, token_type_ids=None) -> torch.Tensor:
-        out = self.backbone(**self.family.forward_kwargs(self.backbone, input_ids, mask, token_type_ids))
-        return self.head(pool(out.last_hidden_state, mask, self.spec.pooling, self.family.pooler(self.backbone)))
-
-
 def norm_and_bias_parameters(module: nn.Module, norm_types: tuple[type, ...]) -> set[int]:
     """ids of a module's norm weights and biases (norms by type, as the family says) and of every bias."""
     out = set()
@@ -257,62 +206,19 @@ def norm_and_bias_parameters(module: nn.Module, norm_types: tuple[type, ...]) ->
     return out
 
 
-def apply_late_tuning(model: SherlModel) -> None:
-    """Set which pretrained weights train; gradients always flow through the late layers."""
-    mode = model.spec.late_tuning
-    pretrained = [model.late, model.shared] + ([model.pooler] if model.pooler is not None else [])
-    for module in pretrained:
-        module.requires_grad_(mode == "full")
-    if mode == "norm-bias":
-        for module in pretrained:
-            chosen = norm_and_bias_parameters(module, model.family.norm_types)
-            for p in module.parameters():
-                p.requires_grad_(id(p) in chosen)
-    elif mode == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
-
-        cfg = LoraConfig(r=model.spec.lora_rank, lora_alpha=model.spec.lora_alpha, lora_dropout=0.0,
-                         target_modules=list(model.family.lora_targets))
-        for i, layer in enumerate(model.late):
-            model.late[i] = inject_adapter_in_model(cfg, layer)
-        for name, p in model.late.named_parameters():
-            p.requires_grad_("lora_" in name)
-
-
-def parameter_groups(model: nn.Module, lr_new: float, lr_pretrained: float, weight_decay: float,
+def parameter_groups(model: nn.Module, new: set[int], lr_new: float, lr_pretrained: float, weight_decay: float,
                      weight_decay_new: float = 0.0) -> list[dict]:
-    """New modules (consolidation, head, LoRA) at lr_new with weight_decay_new (0 by default, as in
-    SHERL's recipe); pretrained weights at fine-tuning rates with weight_decay, except their norms
-    and biases."""
-    new, decay, no_decay = [], [], []
-    norm_bias = norm_and_bias_parameters(model, model.family.norm_types)
-    for name, p in model.named_parameters():
+    """The method's new parameters (ids in NEW: its own modules, the head, LoRA adapters) at lr_new
+    with weight_decay_new (0 by default, as in SHERL's recipe); the pretrained weights it trains at
+    fine-tuning rates with weight_decay, except their norms and biases."""
+    groups = {"new": [], "pretrained": [], "pretrained-norm-bias": []}
+    norm_bias = norm_and_bias_parameters(model, family_of(model.config.model_type).norm_types)
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(("consolidation.", "head.")) or "lora_" in name:
-            new.append(p)
-        elif id(p) in norm_bias:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": new, "lr": lr_new, "weight_decay": weight_decay_new, "name": "new"}]
-    if decay:
-        groups.append({"params": decay, "lr": lr_pretrained, "weight_decay": weight_decay, "name": "pretrained"})
-    if no_decay:
-        groups.append({"params": no_decay, "lr": lr_pretrained, "weight_decay": 0.0, "name": "pretrained-norm-bias"})
-    return [g for g in groups if g["params"]]
-
-
-def build_sherl_model(spec: ModelSpec, config, late: list[nn.Module], pooler: nn.Module | None,
-                      shared: dict[str, nn.Module] | None = None) -> SherlModel:
-    model = SherlModel(spec, config, late, pooler if spec.pooling == "cls-pooler" else None, shared)
-    apply_late_tuning(model)
-    return model
-
-
-def empty_late_modules(spec: ModelSpec, config) -> tuple[list[nn.Module], nn.Module | None, dict[str, nn.Module]]:
-    """Late layers, pooler and shared modules built from the config alone, for loading a checkpoint into."""
-    family = family_of(config.model_type)
-    late = [family.build_layer(config, i) for i in range(spec.anchor, spec.num_layers)]
-    pooler = family.build_pooler(config) if spec.pooling == "cls-pooler" else None
-    return late, pooler, {s.name: family.build_shared(config, s.name) for s in family.shared}
+        kind = "new" if id(p) in new else ("pretrained-norm-bias" if id(p) in norm_bias else "pretrained")
+        groups[kind].append(p)
+    rates = {"new": (lr_new, weight_decay_new), "pretrained": (lr_pretrained, weight_decay),
+             "pretrained-norm-bias": (lr_pretrained, 0.0)}
+    return [{"params": ps, "lr": rates[name][0], "weight_decay": rates[name][1], "name": name}
+            for name, ps in groups.items() if ps]

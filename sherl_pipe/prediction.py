@@ -22,8 +22,10 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.evaluation import OUTPUT_SUFFIXES, Trained, load_trained, write_predictions
 from sherl_pipe.extraction import forward_batches, storage_order, tokenize
 from sherl_pipe.folders import ensure_writable
+from sherl_pipe.methods import get_method
 from sherl_pipe.resources import resolve_model
 from sherl_pipe.storage import through_storage
+from sherl_pipe.training.batches import Batch
 from sherl_pipe.training.setup import verify_backbone
 
 PREDICT_NAMES = Names(encoding="--encoding", format="--format", columns="--text-column (and --text-pair-column)",
@@ -76,7 +78,8 @@ class Predictor:
         if tokenizer_identity(self.backbone.folder, self.backbone.tokenizer)["hash"] != t.manifest["tokenizer"]["hash"]:
             raise SherlError(f"backbone {self.backbone.folder}: its tokenizer differs from the cache's; use the "
                              f"backbone the cache was extracted from (--backbone)")
-        needed = [] if t.spec.mode == "full-finetune" else ["embeddings"] + [f"layer.{i}" for i in range(t.spec.anchor)]
+        self.reads = get_method(t.spec.method).reads(t.spec)  # the tiers its model reads (none: fine-tuning)
+        needed = ["embeddings"] + [f"layer.{i}" for i in range(max(self.reads))] if self.reads else []
         verify_backbone(self.backbone, t.manifest, needed)
 
     def outputs(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 128) -> torch.Tensor:
@@ -94,14 +97,15 @@ class Predictor:
         return out
 
     def _batch(self, t: Trained, input_ids, mask, types) -> torch.Tensor:
-        if t.spec.mode == "full-finetune":
-            with autocast(t.device, t.precision):
-                return t.model(input_ids, mask, types)
-        states = self.backbone.early_states(input_ids, mask, types, upto=t.spec.anchor)
-        tiers = list(t.spec.tiers) + [t.spec.anchor]
-        feed = {k: through_storage(states[k], mask, t.manifest["dtype"], "predict", k) for k in tiers}
+        """The model's outputs for a padded batch: the tiers its method reads computed by the early
+        layers and stored as the cache stores them, then its model, as in training."""
+        feed = {}
+        if self.reads:
+            states = self.backbone.early_states(input_ids, mask, types, upto=max(self.reads))
+            feed = {k: through_storage(states[k], mask, t.manifest["dtype"], "predict", k) for k in self.reads}
+        batch = Batch(np.arange(len(input_ids)), feed, mask, None, input_ids, types)
         with autocast(t.device, t.precision):
-            return t.model(feed, mask)
+            return t.model.forward_batch(batch)
 
 
 def read_input(t: Trained, input_path: str, fmt: str, encoding: str, text_column: str | None,

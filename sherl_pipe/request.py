@@ -10,7 +10,7 @@ from pathlib import Path
 from sherl_pipe.backbone import describe_backbone, load_config, load_tokenizer, position_limit, tokenizer_identity
 from sherl_pipe.cache import Cache
 from sherl_pipe.cache.manifest import describe_request, stale_fields
-from sherl_pipe.config import Pipeline
+from sherl_pipe.config import Pipeline, TrainConfig
 from sherl_pipe.data import Dataset, load_dataset
 from sherl_pipe.errors import SherlError
 from sherl_pipe.resources import resolve_model
@@ -71,3 +71,13 @@ def cache_ready(pipeline: Pipeline) -> bool:
     except SherlError:
         return False
     return True
+
+
+def check_splits(cfg: TrainConfig, splits: list[str], cache: str) -> None:
+    """The splits training reads (train, and train.eval_split when set) are among the cache's."""
+    if "train" not in splits:
+        raise SherlError(f"{cache}: has no 'train' split (has: {', '.join(splits)})")
+    if cfg.eval_split and cfg.eval_split not in splits:
+        raise SherlError(f"train.eval_split = '{cfg.eval_split}': {cache} has no such split (has: "
+                         f"{', '.join(splits)}); set train.eval_split to one of them, or to \"\" to train "
+                         f"without evaluation (no best checkpoint, no early stopping)")

@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sherl_pipe.cache import FP16_MAX
 from sherl_pipe.errors import SherlError
+
+FP16_MAX = 65504.0  # the largest finite float16: a value beyond it is refused, not stored as inf
 
 LOSSY = {"int8": (torch.int8, 127.0), "float8": (torch.uint8, 448.0)}  # stored dtype, largest code
 SCALE_BYTES = 4

@@ -40,7 +40,7 @@ def test_the_evaluation_path_runs_live_early_layers_on_the_models_device(tmp_pat
     batches = list(in_storage_order(source_for(cache, "validation", spec), live, 16, "meta"))
     assert seen and all(set(d.values()) == {"meta"} for d in seen), seen
     assert all(set(v.device.type for v in tensors(b).values()) == {"meta"} for b in batches)
-    cached = dataclasses.replace(spec, mode="cached")
+    cached = dataclasses.replace(spec, source="cached")
     for batch in in_storage_order(source_for(cache, "validation", cached), None, 16, "meta"):
         assert {v.device.type for v in tensors(batch).values()} == {"meta"}
 

@@ -22,7 +22,8 @@ from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
 from sherl_pipe.extraction import extract
 from sherl_pipe.families import FAMILIES, family_of
-from sherl_pipe.model import ModelSpec, SherlModel, config_from_manifest, pool
+from sherl_pipe.methods.sherl import SherlModel, build_sherl_model
+from sherl_pipe.model import ModelSpec, config_from_manifest, pool
 from sherl_pipe.training import train
 from sherl_pipe.training.setup import build_model, make_spec
 from test_extract import assert_within_one_fp16_step, read_split, split_texts
@@ -94,7 +95,7 @@ def test_cached_tiers_equal_the_models_hidden_states(tmp_path, family_env, label
 
 
 def spec_for(late: int, pooling: str, tiers=(), tuning="frozen") -> ModelSpec:
-    return ModelSpec(mode="cached", task_type="classification", num_outputs=2, num_layers=LAYERS, late_layers=late,
+    return ModelSpec(task_type="classification", num_outputs=2, num_layers=LAYERS, late_layers=late,
                      tiers=tuple(tiers), pooling=pooling, projection="gated-mlp", reduction=4, dropout=0.0,
                      late_tuning=tuning, lora_rank=4, lora_alpha=8.0)
 
@@ -108,8 +109,6 @@ def late_model(folder, late: int, tuning="frozen"):
     layers = [load_module(folder, config, fam, f"layer.{i}") for i in range(LAYERS - late, LAYERS)]
     shared = {s.name: load_module(folder, config, fam, s.name) for s in fam.shared}
     pooler = load_module(folder, config, fam, "pooler") if fam.pooler_path else None
-    from sherl_pipe.model import build_sherl_model
-
     return build_sherl_model(spec_for(late, pooling, tuning=tuning), config, layers, pooler, shared).eval()
 
 

@@ -5,11 +5,20 @@ import pytest
 import torch
 
 from sherl_pipe.backbone import Backbone, family_of, load_module
-from sherl_pipe.model import ModelSpec, SherlModel, config_from_manifest, pool
+from sherl_pipe.methods.sherl import Sherl, SherlModel, build_sherl_model
+from sherl_pipe.model import ModelSpec, config_from_manifest, pool
+
+
+def empty_late_modules(spec, config):
+    """(late layers, pooler, shared) built from the config, as evaluation builds a run's model."""
+    modules = Sherl().empty_modules(spec, config)
+    late = [modules[f"layer.{i}"] for i in range(spec.anchor, spec.num_layers)]
+    shared = {k: v for k, v in modules.items() if not k.startswith("layer.") and k != "pooler"}
+    return late, modules.get("pooler"), shared
 
 
 def spec_for(layers, late=1, pooling="cls-pooler", tiers=(0, 1)):
-    return ModelSpec(mode="cached", task_type="classification", num_outputs=2, num_layers=layers, late_layers=late,
+    return ModelSpec(task_type="classification", num_outputs=2, num_layers=layers, late_layers=late,
                      tiers=tuple(tiers), pooling=pooling, projection="gated-mlp", reduction=4, dropout=0.0,
                      late_tuning="frozen", lora_rank=4, lora_alpha=8.0)
 
@@ -41,7 +50,6 @@ def test_non_finite_padding_changes_neither_the_loss_nor_the_gradients(fp32_cach
     """inf and NaN at padded positions (inf * 0 = NaN: padding must be cleared by selection, not by
     multiplication), for every pooling."""
     from sherl_pipe.cache import Cache
-    from sherl_pipe.model import build_sherl_model, empty_late_modules
     from sherl_pipe.training.batches import SplitSource
 
     cache = Cache(fp32_cache)
@@ -74,19 +82,20 @@ def test_non_finite_padding_changes_neither_the_loss_nor_the_gradients(fp32_cach
 
 def test_parameter_groups_decay_what_they_say(fp32_cache):
     from sherl_pipe.cache import Cache
-    from sherl_pipe.model import build_sherl_model, empty_late_modules, parameter_groups
+    from sherl_pipe.model import parameter_groups
 
     cache = Cache(fp32_cache)
     config = config_from_manifest(cache.manifest)
     spec = spec_for(3, 1).__class__(**{**spec_for(3, 1).to_dict(), "tiers": (0, 1), "late_tuning": "full"})
     late, pooler, shared = empty_late_modules(spec, config)
     model = build_sherl_model(spec, config, late, pooler, shared)
-    groups = {g["name"]: g for g in parameter_groups(model, 1e-3, 3e-5, 0.01, 0.05)}
+    new_ids = Sherl().new_parameters(model)
+    groups = {g["name"]: g for g in parameter_groups(model, new_ids, 1e-3, 3e-5, 0.01, 0.05)}
     assert groups["new"]["weight_decay"] == 0.05 and groups["new"]["lr"] == 1e-3
     assert groups["pretrained"]["weight_decay"] == 0.01 and groups["pretrained-norm-bias"]["weight_decay"] == 0.0
     new = {id(p) for p in groups["new"]["params"]}
     assert new == {id(p) for n, p in model.named_parameters() if n.startswith(("consolidation.", "head."))}
-    assert parameter_groups(model, 1e-3, 3e-5, 0.01)[0]["weight_decay"] == 0.0  # SHERL's recipe: none
+    assert parameter_groups(model, new_ids, 1e-3, 3e-5, 0.01)[0]["weight_decay"] == 0.0  # SHERL's recipe: none
 
 
 def test_the_regression_head_standardizes_and_runs_saved_before_it_keep_theirs(fp32_cache):
@@ -94,7 +103,6 @@ def test_the_regression_head_standardizes_and_runs_saved_before_it_keep_theirs(f
     a spec saved before (no head_norm in model.json) builds the head those runs' checkpoints hold.
     A training batch of one sample (no spread) uses the running statistics instead of failing."""
     from sherl_pipe.cache import Cache
-    from sherl_pipe.model import build_sherl_model, empty_late_modules
 
     config = config_from_manifest(Cache(fp32_cache).manifest)
     saved = {**spec_for(3, 1).to_dict(), "task_type": "regression", "num_outputs": 1, "target_mean": 19.0,

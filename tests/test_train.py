@@ -283,7 +283,7 @@ def test_regression_and_full_finetune(tmp_path, bert_dir):
     extract(pipe)
     result = train(pipe, log=lambda m: None)
     assert set(result.best) >= {"pearson", "spearman", "mse"} and result.best["pearson"] > 0.5
-    ft = train(pipe.with_overrides("train", mode="full-finetune", run_dir=str(tmp_path / "ft"), epochs=1),
+    ft = train(pipe.with_overrides("train", method="full-finetune", run_dir=str(tmp_path / "ft"), epochs=1),
                log=lambda m: None)
     assert ft.steps == 6 and "pearson" in ft.best
 

@@ -24,8 +24,8 @@ Modules: `manifest` (what a cache holds, matching, fingerprint), `codec` (direct
 
 from sherl_pipe.cache.codec import BlockReader, make_compressors, set_codec_threads, whole_time_chunks
 from sherl_pipe.cache.manifest import manifest_diff, manifest_fingerprint
-from sherl_pipe.cache.store import FP16_MAX, Cache, is_tier_name, tier_name
+from sherl_pipe.cache.store import Cache, is_tier_name, tier_name
 from sherl_pipe.cache.writer import CacheWriter
 
-__all__ = ["FP16_MAX", "BlockReader", "Cache", "CacheWriter", "make_compressors", "manifest_diff",
+__all__ = ["BlockReader", "Cache", "CacheWriter", "make_compressors", "manifest_diff",
            "manifest_fingerprint", "set_codec_threads", "tier_name", "is_tier_name", "whole_time_chunks"]

@@ -18,7 +18,6 @@ from sherl_pipe.cache.codec import ChunkError, checksum_ok
 from sherl_pipe.cache.manifest import FORMAT_VERSION, MANIFEST_KEY
 from sherl_pipe.errors import SherlError
 
-FP16_MAX = 65504.0
 SIDE_1D = ("lengths", "labels", "row_ids")
 
 
@@ -164,7 +163,7 @@ class Cache:
         beyond sherl-pipe: `cache.dask_array("train", "h5")[:, 0].mean(0).compute()`."""
         import dask.array as da
 
-        from sherl_pipe.storage import LOSSY, SCALE_BYTES, decode_numpy  # here: storage imports this package
+        from sherl_pipe.storage import LOSSY, SCALE_BYTES, decode_numpy  # lazily: it imports torch
 
         self.require_complete(split)
         arr = da.from_zarr(self.array(split, name))

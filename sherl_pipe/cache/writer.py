@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from sherl_pipe import __version__
+from sherl_pipe.version import __version__
 from sherl_pipe.atomic import write_atomically
 from sherl_pipe.cache.codec import chunk_codec, chunk_path
 from sherl_pipe.cache.manifest import FORMAT_VERSION, MANIFEST_KEY, jsonable, manifest_diff

@@ -34,7 +34,7 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
     from sherl_pipe.sweep.config import load_sweep, resolve_metric
     from sherl_pipe.sweep.run import Plan
     from sherl_pipe.sweep.space import check_space, grid, grid_size, parse_space
-    from sherl_pipe.training.setup import check_splits
+    from sherl_pipe.request import check_splits
 
     sweep = load_sweep(pipeline, sweep_file, sweep_dir)
     cfg = sweep.config

@@ -72,6 +72,14 @@ def finished_count(study, sweep_dir: Path) -> int:
     return count
 
 
+def registered_classes() -> dict:
+    """Methods registered in this process as classes (register_method): a worker process knows only
+    the package's own, so the trial takes these with it."""
+    from sherl_pipe.methods import REGISTRY
+
+    return {name: entry for name, entry in REGISTRY.items() if not isinstance(entry, str)}
+
+
 def is_lost_worker(exc: BaseException) -> bool:
     """Whether a trial's future failed because its worker died, not because the trial raised."""
     from distributed.scheduler import KilledWorker
@@ -100,7 +108,8 @@ class Coordinator:
                              metric=self.plan.metric)
         return {"number": trial.number, "pipeline": pipe, "threads": self.engine.threads, "metric": self.plan.metric,
                 "reports": f"{self.prefix}-reports", "decisions": f"{self.prefix}-decide", "decide": self.decide,
-                "stop": f"{self.prefix}-stop", "cache_fingerprint": self.plan.cache_fingerprint}
+                "stop": f"{self.prefix}-stop", "cache_fingerprint": self.plan.cache_fingerprint,
+                "methods": registered_classes()}
 
     def submit(self, worker: str) -> None:
         trial = self.study.ask()

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 from sherl_pipe.config import Pipeline, TrainConfig, build_section, section_to_dict
 from sherl_pipe.errors import SherlError
-from sherl_pipe.training.setup import make_spec
+from sherl_pipe.model import make_spec
 
 # train settings that say where or how a trial runs, not what it trains
 FIXED = {"run_dir": "each trial has its own run folder in the sweep folder",
-         "mode": "the sweep trains in the pipeline's train.mode",
          "eval_split": "the sweep's metric is measured on it",
          "threads": "the sweep sets each trial's threads", "device": "the sweep's workers decide it",
          "preload": "set it in the pipeline", "save_every": "set it in the pipeline",

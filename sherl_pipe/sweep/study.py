@@ -77,7 +77,9 @@ def make_pruner(cfg: SweepConfig):
 
 def signature(cfg: SweepConfig, params: list[Param], base: dict, metric: str, direction: str) -> dict:
     """What makes two runs of a sweep the same sweep (where it runs and how fast do not count)."""
-    base = {**base, "train": {k: v for k, v in base["train"].items() if k not in ("run_dir", "threads")}}
+    from sherl_pipe.methods import effective_train
+
+    base = {**base, "train": effective_train({k: v for k, v in base["train"].items() if k not in ("run_dir", "threads")})}
     return json.loads(json.dumps({"space": [p.to_dict() for p in params], "metric": metric, "direction": direction,
                                   "sampler": cfg.sampler, "seed": cfg.seed, "pipeline": base}))
 
@@ -86,9 +88,11 @@ def upgraded(sig: dict) -> dict:
     """A stored signature with the pipeline keys its sherl-pipe lacked (config.upgrade_saved)."""
     from sherl_pipe.config import upgrade_saved
 
+    from sherl_pipe.methods import effective_train
+
     pipe = upgrade_saved(sig.get("pipeline", {}))
     if "train" in pipe:
-        pipe["train"] = {k: v for k, v in pipe["train"].items() if k not in ("run_dir", "threads")}
+        pipe["train"] = effective_train({k: v for k, v in pipe["train"].items() if k not in ("run_dir", "threads")})
     return {**sig, "pipeline": pipe}
 
 

@@ -138,6 +138,10 @@ def _run_trial(spec: dict) -> dict:
     from sherl_pipe.config import Pipeline
     from sherl_pipe.training import train
 
+    from sherl_pipe.methods import register_method
+
+    for name, cls in spec.get("methods", {}).items():  # registered in the sweep's process (a notebook, a test)
+        register_method(name, cls)
     torch.set_num_threads(spec["threads"])
     set_codec_threads(spec["threads"])  # the decompressor's threads too: trials share the machine's cores
     pipeline = Pipeline.from_dict(spec["pipeline"], f"sweep trial {spec['number']}")

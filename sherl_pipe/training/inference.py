@@ -13,9 +13,8 @@ from sherl_pipe.training.batches import ChunkSampler, SplitSource
 
 
 def forward(model, spec: ModelSpec, batch):
-    if spec.mode == "full-finetune":
-        return model(batch.input_ids, batch.mask, batch.token_type_ids)
-    return model(batch.states, batch.mask)
+    """The head's outputs for a batch: every method's model reads what it needs from it."""
+    return model.forward_batch(batch)
 
 
 def loss_fn(spec: ModelSpec, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

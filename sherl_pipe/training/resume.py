@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sherl_pipe.config import TrainConfig, section_to_dict, upgrade_saved
+from sherl_pipe.methods import LEGACY_MODES, effective_train
 from sherl_pipe.devices import stage_two_precision
 from sherl_pipe.errors import SherlError
 from sherl_pipe.model import ModelSpec
@@ -29,8 +30,8 @@ def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, 
         raise SherlError(f"run folder {run_dir}: was trained from another cache than extract.cache "
                          f"(its manifest fingerprint differs); resume with the cache it was trained on")
     # a key the run's version of sherl-pipe did not have yet was at its default there
-    old = upgrade_saved({"train": saved.get("train", {})})["train"]
-    new = section_to_dict(cfg)
+    old = effective_train(upgrade_saved({"train": saved.get("train", {})})["train"])
+    new = effective_train(section_to_dict(cfg))
     # the precision that was in effect must stay (auto on another device is another one); states saved
     # before it was recorded compare train.precision as it was written
     was, now = saved.get("precision"), stage_two_precision(device, cfg.precision)
@@ -60,6 +61,9 @@ REGRESSION_HEAD_KEYS = {"target_mean", "target_std", "head_norm"}
 
 
 def check_same_model(run_dir, old: dict, new: dict) -> None:
+    if "mode" in old:  # saved before methods existed
+        old = {**{k: v for k, v in old.items() if k != "mode"}, **dict(zip(("method", "source"),
+                                                                           LEGACY_MODES[old["mode"]]))}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if not changed:
         return

@@ -1,10 +1,10 @@
-"""Stage two: train SHERL (consolidation + late layers + head) from the cache.
+"""Stage two: train the pipeline's method (train.method: SHERL by default) from the cache.
 
-Three modes share the sampler, head, pooling, optimizer and loop:
-  cached         tiers read from the cache; only the late layers' (and pooler's) weights are loaded
-  live           the same model, with the early layers run on the cache's input_ids on the fly
-                 (the reference for equivalence and speed)
-  full-finetune  the whole backbone trained from the cache's input_ids (the accuracy reference)
+Every method shares the sampler, head, pooling, optimizer and loop; train.source says where the
+tiers it reads come from:
+  cached         read from the cache; only the pretrained modules the method declares are loaded
+  live           the early layers run on the cache's input_ids on the fly (the reference for
+                 equivalence and speed); the fine-tuning methods always run live
 
 `train(pipeline)` is what `sherl-pipe train` runs; a sweep trial and a notebook call it the same
 way, with their own callbacks. It sets no process-wide state: the caller sets the thread count,
@@ -117,8 +117,11 @@ def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split,
         log(f"warning: train.eval_split '{eval_split}' holds one class only: its accuracy cannot tell epochs apart "
             f"(MCC is 0), so the best checkpoint and early stopping mean little; give it rows of every class")
     s.model, s.live = build_model(spec, pipeline.backbone.source, cache.manifest, device)
-    if cfg.compile and spec.mode != "full-finetune":
-        s.model.compile_consolidation(log)
+    if cfg.compile:
+        if hasattr(s.model, "compile_consolidation"):
+            s.model.compile_consolidation(log)
+        else:
+            log(f"train.compile: compiles SHERL's consolidation; method {spec.method} has none, so it runs eager")
     s.optimizer = build_optimizer(s.model, spec, cfg)
     s.train_src = source_for(cache, "train", spec, preload=cfg.preload)
     s.eval_src = source_for(cache, eval_split, spec) if eval_split else None
@@ -257,7 +260,7 @@ def finish(run: RunFolder, s: Session, state: RunState, tier_weights: bool = Tru
     if warning:
         log(warning)
     # from the cache only (live runs would rerun the early layers), and not for pruned trials
-    if tier_weights and s.spec.mode == "cached" and state.stop_reason != "pruned":
+    if tier_weights and s.spec.source == "cached" and state.stop_reason != "pruned":
         summary["tier_weights"] = measure_tier_weights(s.model, s.train_src, None,
                                                        s.pipeline.evaluate.batch_size, s.device)
         run.write_json("summary.json", summary)

@@ -1,7 +1,9 @@
-"""What a training run is built from: the model spec, the model, the optimizer and the schedule.
+"""What a training run is built from: the model, the optimizer and the schedule (the spec:
+model.make_spec).
 
-Stage two loads only what its mode needs from the backbone folder: the late layers (and the
-pooler) in `cached` mode, checked module by module against the hashes in the cache's manifest.
+Stage two loads only what its method declares from the backbone folder (SHERL: the late layers,
+the pooler for cls-pooler pooling), checked module by module against the cache manifest's hashes;
+the fine-tuning methods, and `train.source = "live"`, load the backbone itself.
 """
 
 from __future__ import annotations
@@ -15,49 +17,11 @@ from sherl_pipe.backbone import Backbone, family_of, load_module, module_hash
 from sherl_pipe.cache import Cache
 from sherl_pipe.config import TrainConfig
 from sherl_pipe.errors import SherlError
-from sherl_pipe.model import (FULL_FT_LR, LATE_LR, NEW_LR, FullFinetuneModel, ModelSpec, build_sherl_model,
-                              config_from_manifest, parameter_groups, resolve_pooling)
+from sherl_pipe.methods import get_method
+from sherl_pipe.model import ModelSpec, config_from_manifest, make_spec, parameter_groups  # noqa: F401 (make_spec: API)
+from sherl_pipe.request import check_splits  # noqa: F401 (API)
 from sherl_pipe.resources import resolve_model
 from sherl_pipe.training.batches import LiveStates, SplitSource
-
-
-def make_spec(cfg: TrainConfig, manifest: dict) -> ModelSpec:
-    num_layers = manifest["backbone"]["num_layers"]
-    anchor = num_layers - cfg.late_layers
-    stored = manifest["tiers"]
-    tiers: list[int] = []
-    if cfg.mode != "full-finetune":
-        if cfg.late_layers >= num_layers:  # re-extracting cannot help: the backbone is too shallow
-            raise SherlError(f"train.late_layers = {cfg.late_layers}: the backbone has {num_layers} layers and at "
-                             f"least one must stay early (cached); set train.late_layers to at most {num_layers - 1}")
-        if anchor not in stored:
-            raise SherlError(f"train.late_layers = {cfg.late_layers}: its anchor h[{anchor}] is not in the cache "
-                             f"(stored tiers {stored}); choose late_layers with L - k in the stored tiers, or "
-                             f"extract the cache with extract.late_layers = {cfg.late_layers}")
-        tiers = list(cfg.tiers) if cfg.tiers else [t for t in stored if t < anchor]
-        bad = [t for t in tiers if t not in stored or t > anchor]
-        if bad:
-            raise SherlError(f"train.tiers: tier {bad[0]} is not a stored tier at or below the anchor h[{anchor}] "
-                             f"(stored: {stored})")
-        tiers = sorted(set(tiers) - {anchor})
-    task = manifest["task"]
-    return ModelSpec(
-        mode=cfg.mode, task_type=task["type"],
-        num_outputs=len(task["label_names"]) if task["type"] == "classification" else 1,
-        num_layers=num_layers, late_layers=cfg.late_layers, tiers=tuple(tiers),
-        pooling=resolve_pooling(cfg.pooling, manifest), projection=cfg.projection, reduction=cfg.reduction,
-        dropout=cfg.dropout, late_tuning=cfg.late_tuning if cfg.mode != "full-finetune" else "full",
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, tier_score=cfg.tier_score)
-
-
-def check_splits(cfg: TrainConfig, splits: list[str], cache: str) -> None:
-    """The splits training reads (train, and train.eval_split when set) are among the cache's."""
-    if "train" not in splits:
-        raise SherlError(f"{cache}: has no 'train' split (has: {', '.join(splits)})")
-    if cfg.eval_split and cfg.eval_split not in splits:
-        raise SherlError(f"train.eval_split = '{cfg.eval_split}': {cache} has no such split (has: "
-                         f"{', '.join(splits)}); set train.eval_split to one of them, or to \"\" to train "
-                         f"without evaluation (no best checkpoint, no early stopping)")
 
 
 def verified_module(folder: Path, config, manifest: dict, name: str) -> nn.Module:
@@ -81,32 +45,34 @@ def verify_backbone(backbone: Backbone, manifest: dict, names: list[str]) -> Non
 
 
 def build_model(spec: ModelSpec, backbone_source: str, manifest: dict, device: str):
-    """(model, live early route or None). Loads only what the mode needs from the backbone folder."""
+    """(model, live early route or None): the method's model from the pretrained modules it
+    declares, each verified against the cache's hashes; and, for train.source = "live", the early
+    layers that compute the tiers it reads."""
+    method = get_method(spec.method)
+    config = config_from_manifest(manifest)
     attn = manifest["backbone"]["attn_implementation"]
-    if spec.mode == "full-finetune":
+    if getattr(method, "whole_backbone", False):
         backbone = Backbone(backbone_source, attn, "cpu")
         verify_backbone(backbone, manifest, list(manifest["backbone"]["module_hashes"]))
-        return FullFinetuneModel(spec, backbone.model).to(device), None
-    config = config_from_manifest(manifest)
-    folder = resolve_model(backbone_source)
-    late = [verified_module(folder, config, manifest, f"layer.{i}") for i in range(spec.anchor, spec.num_layers)]
-    pooler = verified_module(folder, config, manifest, "pooler") if spec.pooling == "cls-pooler" else None
-    shared = {s.name: verified_module(folder, config, manifest, s.name) for s in family_of(config.model_type).shared}
-    model = build_sherl_model(spec, config, late, pooler, shared).to(device)
+        modules = {"backbone": backbone.model}
+    else:
+        folder = resolve_model(backbone_source)
+        names = method.loads(spec, family_of(config.model_type))
+        modules = {name: verified_module(folder, config, manifest, name) for name in names}
+    model = method.build(spec, config, modules).to(device)
+    reads = method.reads(spec)
     live = None
-    if spec.mode == "live":
+    if spec.source == "live" and reads:
         backbone = Backbone(backbone_source, attn, device)
-        verify_backbone(backbone, manifest, ["embeddings"] + [f"layer.{i}" for i in range(spec.anchor)])
-        live = LiveStates(backbone, list(spec.tiers) + [spec.anchor], manifest["dtype"])
+        verify_backbone(backbone, manifest, ["embeddings"] + [f"layer.{i}" for i in range(max(reads))])
+        live = LiveStates(backbone, reads, manifest["dtype"])
     return model, live
 
 
 def learning_rates(spec: ModelSpec, cfg: TrainConfig) -> tuple[float, float]:
-    """(new modules and head, pretrained weights being tuned): 0 in the config means the default."""
-    lr_new = cfg.lr or NEW_LR
-    if spec.mode == "full-finetune":
-        return lr_new, cfg.lr_late or FULL_FT_LR
-    return lr_new, cfg.lr_late or LATE_LR[spec.late_tuning]
+    """(new modules and head, pretrained weights being tuned): 0 in the config means the method's."""
+    method = get_method(spec.method)
+    return cfg.lr or method.lr, cfg.lr_late or method.lr_pretrained(spec, cfg)
 
 
 def build_optimizer(model: nn.Module, spec: ModelSpec, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -115,7 +81,8 @@ def build_optimizer(model: nn.Module, spec: ModelSpec, cfg: TrainConfig) -> torc
     lr_new, lr_pre = learning_rates(spec, cfg)
     devices = {p.device.type for p in model.parameters()}
     fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in model.parameters())
-    return torch.optim.AdamW(parameter_groups(model, lr_new, lr_pre, cfg.weight_decay, cfg.weight_decay_new),
+    new = get_method(spec.method).new_parameters(model)
+    return torch.optim.AdamW(parameter_groups(model, new, lr_new, lr_pre, cfg.weight_decay, cfg.weight_decay_new),
                              lr=lr_new, fused=fused or None)
 
 
@@ -133,6 +100,7 @@ def build_scheduler(optimizer, total_steps: int, warmup_ratio: float):
 
 
 def source_for(cache: Cache, split: str, spec: ModelSpec, preload: bool = False) -> SplitSource:
-    """A split's batches for this model: tiers read from the cache only in `cached` mode."""
-    return SplitSource(cache, split, list(spec.tiers) + [spec.anchor], read_tiers=spec.mode == "cached",
+    """A split's batches for this model: the tiers its method reads, from the cache when its source
+    is (live runs compute them from the batches' input_ids)."""
+    return SplitSource(cache, split, get_method(spec.method).reads(spec), read_tiers=spec.source == "cached",
                        preload=preload)

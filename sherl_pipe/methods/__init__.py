@@ -1,0 +1,62 @@
+"""Training methods as plug-ins, registered by name (train.method).
+
+Each method is one module of this package with one `Method` subclass (base.py): the tiers it
+reads from the cache, the pretrained modules it loads, the model it builds, which parameters are
+new (trained at its own rate), and its defaults. The trainer, the batch sampler, checkpoints,
+resume, evaluation, predict, sweeps, compare and `info` ask the method; nothing else branches on
+its name. A new method is its module plus one line in REGISTRY (or `register_method` from code,
+as a test registers a toy method).
+
+The registry holds import paths, so `import sherl_pipe.methods` loads no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from sherl_pipe.errors import SherlError
+
+# name -> "module:class"; the order is the methods table's (README) and compare's
+REGISTRY: dict[str, object] = {
+    "sherl": "sherl_pipe.methods.sherl:Sherl",
+    "unipt": "sherl_pipe.methods.unipt:UniPT",
+    "lst": "sherl_pipe.methods.lst:LST",
+    "linear-probe": "sherl_pipe.methods.linear_probe:LinearProbe",
+    "scalar-mix": "sherl_pipe.methods.scalar_mix:ScalarMix",
+    "lora-finetune": "sherl_pipe.methods.finetune:LoraFinetune",
+    "full-finetune": "sherl_pipe.methods.finetune:FullFinetune",
+}
+
+
+DEFAULT = "sherl"  # train.method when a pipeline names none
+# train.mode as it was before methods existed: (train.method, train.source)
+LEGACY_MODES = {"cached": ("sherl", "cached"), "live": ("sherl", "live"), "full-finetune": ("full-finetune", "live")}
+
+
+def method_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def register_method(name: str, cls) -> None:
+    """Add (or replace) a method by name: a `Method` subclass, or "module:class"."""
+    REGISTRY[name] = cls
+
+
+def get_method(name: str, key: str = "train.method"):
+    """The method registered as NAME (an instance), or one line naming the known ones."""
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise SherlError(f"{key} = {name!r} is not a method; known: {', '.join(REGISTRY)}")
+    if isinstance(entry, str):
+        module, _, cls = entry.partition(":")
+        entry = getattr(importlib.import_module(module), cls)
+    return entry()
+
+
+def effective_train(train: dict) -> dict:
+    """A train section (as a dict) with the settings whose 0 means "the method's default" resolved,
+    so that runs and sweeps saved when those defaults were written out (reduction 8 before it
+    became 0) compare equal to today's."""
+    if not train.get("reduction") and train.get("method", DEFAULT) in REGISTRY:
+        return {**train, "reduction": get_method(train.get("method", DEFAULT)).reduction}
+    return train

@@ -1,0 +1,170 @@
+"""SHERL (Diao et al., ECCV 2024): the early route's tiers consolidated by the anti-redundancy
+module (consolidation.py), then the last k pretrained layers, pooling and the head.
+
+Reads the tiers h[t] below the anchor h[L-k] and the anchor (train.tiers, train.late_layers);
+loads the late layers (and the pooler for cls-pooler, and the family's shared modules); trains the
+consolidation and the head, and the late layers as train.late_tuning says.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sherl_pipe.consolidation import Consolidation
+from sherl_pipe.dropout import use_fast_dropout
+from sherl_pipe.errors import SherlError
+from sherl_pipe.families import family_of
+from sherl_pipe.methods.base import Method, lora_parameters
+from sherl_pipe.model import Head, ModelSpec, norm_and_bias_parameters, pool
+
+LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5}  # train.lr_late = 0
+
+
+class Sherl(Method):
+    name = "sherl"
+    trains = "consolidation of the early tiers + head; the last k layers as train.late_tuning says"
+    source_text = "Diao et al., ECCV 2024 (the consolidation as the official code's MTSA)"
+
+    def spec_fields(self, cfg, manifest: dict) -> dict:
+        num_layers = manifest["backbone"]["num_layers"]
+        anchor = num_layers - cfg.late_layers
+        stored = manifest["tiers"]
+        if cfg.late_layers >= num_layers:  # re-extracting cannot help: the backbone is too shallow
+            raise SherlError(f"train.late_layers = {cfg.late_layers}: the backbone has {num_layers} layers and at "
+                             f"least one must stay early (cached); set train.late_layers to at most {num_layers - 1}")
+        if anchor not in stored:
+            raise SherlError(f"train.late_layers = {cfg.late_layers}: its anchor h[{anchor}] is not in the cache "
+                             f"(stored tiers {stored}); choose late_layers with L - k in the stored tiers, or "
+                             f"extract the cache with extract.late_layers = {cfg.late_layers}")
+        tiers = list(cfg.tiers) if cfg.tiers else [t for t in stored if t < anchor]
+        bad = [t for t in tiers if t not in stored or t > anchor]
+        if bad:
+            raise SherlError(f"train.tiers: tier {bad[0]} is not a stored tier at or below the anchor h[{anchor}] "
+                             f"(stored: {stored})")
+        return {"late_layers": cfg.late_layers, "tiers": tuple(sorted(set(tiers) - {anchor})),
+                "late_tuning": cfg.late_tuning}
+
+    def reads(self, spec) -> list[int]:
+        return list(spec.tiers) + [spec.anchor]
+
+    def loads(self, spec, family) -> list[str]:
+        layers = [f"layer.{i}" for i in range(spec.anchor, spec.num_layers)]
+        return layers + (["pooler"] if spec.pooling == "cls-pooler" else []) + [s.name for s in family.shared]
+
+    def lr_pretrained(self, spec, cfg) -> float:
+        return LATE_LR[spec.late_tuning]
+
+    def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
+        family = family_of(config.model_type)
+        late = [modules[f"layer.{i}"] for i in range(spec.anchor, spec.num_layers)]
+        return build_sherl_model(spec, config, late, modules.get("pooler"),
+                                 {s.name: modules[s.name] for s in family.shared})
+
+
+class SherlModel(nn.Module):
+    """Consolidation of the cached tiers, then the late layers, pooling and the head.
+
+    `shared` holds the pretrained modules the late layers need beside themselves (see
+    `sherl_pipe.families`); `helpers` the weightless ones built from the config (rotary tables)."""
+
+    def __init__(self, spec: ModelSpec, config, late: list[nn.Module], pooler: nn.Module | None,
+                 shared: dict[str, nn.Module] | None = None):
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        self.family = family_of(config.model_type)
+        self.consolidation = Consolidation(
+            config.hidden_size, list(spec.tiers), spec.anchor, spec.reduction, spec.projection,
+            post_ln=self.family.post_ln, dropout=spec.dropout, layer_norm_eps=self.family.layer_norm_eps(config),
+            tier_score=spec.tier_score)
+        self.late = nn.ModuleList(late)
+        self.shared = nn.ModuleDict(shared or {})
+        self.helpers = nn.ModuleDict(self.family.helpers(config))
+        self.pooler = pooler
+        self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale, spec.head_norm)
+        use_fast_dropout(self)  # the late layers' dropouts too (see dropout.py)
+        self._compiled = None  # a CompiledOrEager of the consolidation, after compile_consolidation()
+
+    def compile_consolidation(self, log) -> None:
+        """train.compile: training steps call torch.compile(consolidation), falling back to eager.
+        A plain attribute, not a submodule: the state dict keeps the consolidation's own names."""
+        from sherl_pipe.compiled import CompiledOrEager
+
+        object.__setattr__(self, "_compiled", CompiledOrEager(self.consolidation, log, "consolidation"))
+
+    def consolidate(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """The consolidation's output, the late route's input: compiled in training steps if asked.
+        Always in fp32, whatever autocast surrounds it: its tier weights divide relevance by
+        redundancy, cosines between tiers that differ in the third digit, which bf16's 8-bit
+        mantissa flattens (benchmarks/precision.py, SST-2, 8,000 rows, 3 seeds: bf16 with the
+        consolidation in bf16 -0.84 points, with it in fp32 -0.11, at the same speed)."""
+        with torch.autocast(mask.device.type, enabled=False):
+            return (self._compiled or self.consolidation)(states, mask)
+
+    def late_route(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The late layers (and a pre-LN family's final norm) on a (B, T, D) input: h[L]."""
+        modules = {**self.shared, **self.helpers}
+        context = self.family.prepare(self.config, modules, hidden, mask)
+        for i, layer in enumerate(self.late):
+            hidden = self.family.run_layer(layer, hidden, context, self.spec.anchor + i, modules)
+        return self.family.finish(hidden, modules)
+
+    def forward(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.late_route(self.consolidate(states, mask), mask)
+        return self.head(pool(hidden, mask, self.spec.pooling, self.pooler))
+
+    def forward_batch(self, batch) -> torch.Tensor:
+        return self(batch.states, batch.mask)
+
+    def new_modules(self) -> list[nn.Module]:
+        return [self.consolidation, self.head]
+
+
+class FullFinetuneModel(nn.Module):
+    """The accuracy reference: the whole backbone trained, with the same pooling and head."""
+
+    def __init__(self, spec: ModelSpec, backbone_model: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.backbone = backbone_model
+        self.family = family_of(backbone_model.config.model_type)
+        self.head = Head(backbone_model.config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale,
+                         spec.head_norm)
+        use_fast_dropout(self)  # the same dropout as SHERL's, so the speed comparison stays fair
+
+    def forward(self, input_ids, mask, token_type_ids=None) -> torch.Tensor:
+        out = self.backbone(**self.family.forward_kwargs(self.backbone, input_ids, mask, token_type_ids))
+        return self.head(pool(out.last_hidden_state, mask, self.spec.pooling, self.family.pooler(self.backbone)))
+
+
+
+
+def apply_late_tuning(model: SherlModel) -> None:
+    """Set which pretrained weights train; gradients always flow through the late layers."""
+    mode = model.spec.late_tuning
+    pretrained = [model.late, model.shared] + ([model.pooler] if model.pooler is not None else [])
+    for module in pretrained:
+        module.requires_grad_(mode == "full")
+    if mode == "norm-bias":
+        for module in pretrained:
+            chosen = norm_and_bias_parameters(module, model.family.norm_types)
+            for p in module.parameters():
+                p.requires_grad_(id(p) in chosen)
+    elif mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = LoraConfig(r=model.spec.lora_rank, lora_alpha=model.spec.lora_alpha, lora_dropout=0.0,
+                         target_modules=list(model.family.lora_targets))
+        for i, layer in enumerate(model.late):
+            model.late[i] = inject_adapter_in_model(cfg, layer)
+        adapters = lora_parameters(model.late)
+        for p in model.late.parameters():
+            p.requires_grad_(id(p) in adapters)
+
+
+def build_sherl_model(spec: ModelSpec, config, late: list[nn.Module], pooler: nn.Module | None,
+                      shared: dict[str, nn.Module] | None = None) -> SherlModel:
+    model = SherlModel(spec, config, late, pooler if spec.pooling == "cls-pooler" else None, shared)
+    apply_late_tuning(model)
+    return model
