@@ -441,6 +441,86 @@ def _print_sweep(report, sweep_dir) -> None:
                f"learning_curves.png")
 
 
+@main.command()
+@_pipeline_args
+@click.option("--methods", default=None, help="Comma-separated methods (default: every registered one).")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per method.")
+@click.option("--live-seeds", type=click.IntRange(min=1), default=None,
+              help="Seeds for the fine-tuning methods (default: --seeds).")
+@click.option("--budget", type=click.Choice(["epochs", "time"]), default="epochs", show_default=True,
+              help="epochs: the pipeline's epochs for every method; time: full fine-tuning's training time.")
+@click.option("--tune-lr", is_flag=True, help="A small per-method lr search on the validation split first.")
+@click.option("--compare-dir", default="sherl-compare/default", show_default=True, help="The compare folder.")
+@click.option("--scheduler", default=None, help="A dask scheduler's address (default: a local cluster).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Local cluster workers (0: one per core).")
+@click.option("--overwrite", is_flag=True, help="Start the comparison in its folder again.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, resolved config or per-trial lines.")
+@_fail_cleanly
+def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers,
+            overwrite, quiet):
+    """Every method x seed from one cache (extracted first if needed), at equal epochs or equal time:
+    compare.csv, compare.md and plots in the compare folder; rerun the same command to resume."""
+    from sherl_pipe.compare import compare as run_compare
+    from sherl_pipe.compare.run import plan_compare
+    from sherl_pipe.config import dumps, load_pipeline
+    from sherl_pipe.methods import method_names
+
+    pipe = load_pipeline(pipeline, overrides)
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else method_names()
+    if not quiet:
+        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
+
+    def check(_pipe, planned, _overwrite):  # every method against the cache to be made
+        plan_compare(pipe, names, seeds, live_seeds, budget, tune_lr, compare_dir, planned)
+
+    _ensure_cache(pipe, quiet, overwrite, check)
+    bar = Progress("compare", "trial", quiet)
+    try:
+        with StopOnInterrupt(bar.write, SWEEP_INTERRUPT) as interrupt:
+            out = run_compare(pipe, names, seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers,
+                              overwrite, progress=bar, log=(lambda m: None) if quiet else bar.write,
+                              should_stop=interrupt, check_cache=False)
+    finally:
+        bar.close()
+    if out["interrupted"]:
+        _say(f"interrupted: compare {out['folder']} stopped; rerun the same command to resume it")
+        sys.exit(130)
+    click.echo(out["markdown"])
+    click.echo(f"results in {out['folder']}: compare.csv, compare.md, accuracy_vs_memory.png, accuracy_vs_time.png")
+
+
+@main.command("compare-report")
+@click.argument("compare_dir")
+@_fail_cleanly
+def compare_report(compare_dir):
+    """Rebuild a comparison's table and plots from its folder (also while it runs)."""
+    from pathlib import Path
+
+    from sherl_pipe.compare.report import build_report
+
+    click.echo(build_report(Path(compare_dir))["markdown"])
+
+
+def _ensure_cache(pipe, quiet: bool, overwrite: bool, check) -> None:
+    """The pipeline's cache, complete and matching, extracted if it is not (CHECK runs on the
+    manifest it will have, before extracting)."""
+    from sherl_pipe.errors import CacheMismatch
+    from sherl_pipe.request import cache_ready
+
+    if cache_ready(pipe):
+        click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
+        from sherl_pipe.cache import Cache
+
+        check(pipe, Cache(pipe.extract.cache).manifest, overwrite)
+        return
+    try:
+        _print_extract_summary(_run_extract(pipe, False, quiet, check))
+    except CacheMismatch:
+        if not overwrite:
+            raise
+        _print_extract_summary(_run_extract(pipe, True, quiet, check))
+
+
 @main.command("sweep-report")
 @click.argument("sweep_dir")
 @_fail_cleanly

@@ -1,0 +1,135 @@
+"""One compare trial, run as `python -m sherl_pipe.compare.job SPEC.json` in a fresh process (its
+memory is its own): train the trial's pipeline, measure it, evaluate its best epoch on the test
+split, and write RESULT.json beside the spec. A SIGINT (the sweep's stop) saves the training
+state at the next step, as `sherl-pipe train` does.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from sherl_pipe.compare.measure import peak_mib, reset_peak, rss_mib, state_bytes
+
+
+class Interrupted:
+    """should_stop: whether a SIGINT arrived (the parent's way to say 'stop')."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGINT, lambda *a: setattr(self, "flag", True))
+
+    def __call__(self) -> bool:
+        return self.flag
+
+
+def measure_state(pipeline) -> dict:
+    """The training state's bytes at the first training batch of the run's own order."""
+    from sherl_pipe.devices import autocast, pick_device
+    from sherl_pipe.training.inference import forward, loss_fn
+    from sherl_pipe.training.rng import run_rng
+    from sherl_pipe.training.run import build_session, open_training_cache
+
+    device = pick_device(pipeline.train.device)
+    cache, spec, eval_split = open_training_cache(pipeline, check_cache=False)
+    with run_rng(pipeline.train.seed, device):
+        s = build_session(pipeline, cache, spec, eval_split, device, log=lambda m: None)
+        first = s.sampler.batches(0)[0]
+        batch = next(iter(s.train_src.iterate([first]))).to(device)
+        batch = s.live(batch) if s.live is not None else batch
+        s.model.train()
+
+        def step():
+            with autocast(device, pipeline.train.precision):
+                return loss_fn(spec, forward(s.model, spec, batch), batch.labels)
+
+        out = state_bytes(s.model, step)
+    return {**out, "batch": [len(first), int(batch.mask.shape[1])]}
+
+
+def test_predictions(run_dir: Path, split: str) -> dict:
+    """The best checkpoint's metrics on SPLIT, and each row's prediction and gold value."""
+    import csv
+
+    from sherl_pipe.evaluation import evaluate
+
+    metrics = evaluate(run_dir, split, "best")
+    with open(run_dir / f"predictions_{split}_best.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    value = "label" if "label" in rows[0] else "value"
+    return {"metrics": metrics, "pred": [r[value] for r in rows], "gold": [r["gold"] for r in rows]}
+
+
+def warm_imports(pipeline) -> None:
+    """Import what training will, before the idle baseline is taken: the peak above idle is then
+    the run's memory (weights, data, activations), not the libraries' code."""
+    import peft  # noqa: F401
+    import transformers
+
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.families import family_of
+    from sherl_pipe.methods import get_method
+    from sherl_pipe.model import config_from_manifest
+
+    config = config_from_manifest(Cache(pipeline.extract.cache).manifest)
+    family = family_of(config.model_type)
+    family.layer_class(), family.pooler_class()
+    transformers.AutoModel  # noqa: B018 (the lazy module's import)
+    get_method(pipeline.train.method)
+
+
+def run(spec: dict) -> dict:
+    import torch
+
+    from sherl_pipe.cache import set_codec_threads
+    from sherl_pipe.config import Pipeline
+    from sherl_pipe.training import train
+
+    torch.set_num_threads(spec["threads"])
+    set_codec_threads(spec["threads"])
+    from sherl_pipe.sweep.trial import check_cache
+
+    pipeline = Pipeline.from_dict(spec["pipeline"], f"compare trial {spec['number']}")
+    check_cache(pipeline, spec["cache_fingerprint"], spec["number"])
+    warm_imports(pipeline)
+    values: list[float] = []
+    on_epoch = (lambda r: values.append(r["train_loss"] if spec["metric"] == "train_loss" else r["eval"][spec["metric"]]))
+    baseline = rss_mib()
+    reset_peak()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = train(pipeline, overwrite=True, log=lambda m: None, on_epoch=on_epoch, check_cache=False,
+                   tier_weights=False, should_stop=Interrupted())
+    out = {"number": spec["number"], "values": values, "epochs": result.epochs_done, "steps": result.steps,
+           "train_seconds": result.seconds, "seconds": time.perf_counter() - t0,
+           "samples_per_s": result.samples_per_s, "baseline_mib": baseline, "peak_mib": peak_mib(),
+           "cuda_max_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+           "state": "interrupted" if result.interrupted else "complete"}
+    if result.interrupted:
+        return out
+    info = json.loads((Path(result.run_dir) / "model.json").read_text())
+    out.update(trainable_parameters=info["trainable_parameters"], state_bytes=measure_state(pipeline),
+               test=test_predictions(Path(result.run_dir), pipeline.evaluate.split))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    from sherl_pipe.atomic import write_atomically
+    from sherl_pipe.errors import SherlError
+
+    spec_path = Path(argv[0])
+    try:
+        out = run(json.loads(spec_path.read_text()))
+    except SherlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_atomically(spec_path.with_name("result.json"), (json.dumps(out) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

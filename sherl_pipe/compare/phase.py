@@ -1,0 +1,75 @@
+"""One phase of a comparison: a sweep folder whose study holds exactly the phase's trials, queued
+(fixed parameters: method, seed, epochs, lr), run by the sweep's coordinator on the shared engine.
+A rerun queues only the trials the study does not hold yet, so it resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sherl_pipe.sweep.space import Param
+
+KEYS = ("method", "seed", "epochs", "lr")
+
+
+def params_for(trials: list[dict]) -> list[Param]:
+    return [Param(k, "categorical", tuple(sorted({t[k] for t in trials}, key=str))) for k in KEYS]
+
+
+def open_phase(c, folder: Path, trials: list[dict]):
+    """The phase's study (created, or resumed: its signature is the base pipeline and metric), with
+    every trial of TRIALS that it neither holds nor queues put in its queue."""
+    from sherl_pipe.sweep.config import SweepConfig
+    from sherl_pipe.sweep.study import open_study, recover_interrupted, signature
+
+    params = params_for(trials)
+    sig = signature(SweepConfig(sampler="random"), [], c.pipeline.to_dict(), c.metric, c.direction)
+    study = open_study(folder, SweepConfig(sampler="random"), params, sig, c.direction, "compare")
+    recover_interrupted(study, folder)
+    held = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
+    done_or_queued = {json.dumps(p, sort_keys=True) for p in held}
+    for t in trials:
+        if json.dumps(t, sort_keys=True) not in done_or_queued:
+            study.enqueue_trial(t, skip_if_exists=False)
+    return study, params
+
+
+def results_of(study, folder: Path) -> list[dict]:
+    """Every finished trial's parameters with its job's result (failed ones: with their error)."""
+    from sherl_pipe.compare.trial import job_folder
+    from sherl_pipe.sweep.study import trial_dir
+
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished() or set(t.params) != set(KEYS):
+            continue
+        result = job_folder(str(trial_dir(folder, t.number))) / "result.json"
+        error = trial_dir(folder, t.number) / "error.txt"
+        row = {**t.params, "number": t.number, "state": t.state.name.lower(), "phase": folder.name}
+        if t.state.name == "COMPLETE" and result.is_file():
+            row.update(json.loads(result.read_text()))
+        elif error.is_file():
+            row["error"] = error.read_text().splitlines()[0]
+        out.append(row)
+    return out
+
+
+def run_phase(c, name: str, trials: list[dict], eng, progress, log, should_stop) -> tuple[list[dict], bool]:
+    from sherl_pipe.compare.trial import run_compare_trial
+    from sherl_pipe.sweep.run import Coordinator, Plan, finished_count
+    from sherl_pipe.sweep.study import prepare_folder, repair_journal
+
+    folder = c.folder / name
+    lock = prepare_folder(folder, overwrite=False)
+    try:
+        repair_journal(folder, log)
+        study, params = open_phase(c, folder, trials)
+        plan = Plan(c.pipeline, params, c.metric, c.direction, folder, len(trials), eng.workers, 0.0, c.fingerprint)
+        log(f"compare {name}: {len(trials)} trial(s), {finished_count(study, folder)} done, on {eng.where}")
+        if progress is not None and hasattr(progress, "set_total"):
+            progress.set_total(len(trials))
+            progress(finished_count(study, folder))
+        tally = Coordinator(plan, study, eng, run_compare_trial, progress, log, should_stop).run()
+        return [r for r in results_of(study, folder) if r["state"] != "fail" or "error" in r], tally.interrupted
+    finally:
+        lock.release()

@@ -1,0 +1,156 @@
+"""`sherl-pipe compare`: every method x seed as trials of the sweep engine (dask workers, a journal
+study per phase, resume after a kill, failed trials recorded), from one cache, the same batches
+for a seed whatever the method.
+
+Phases, each a sweep folder of queued trials under the compare folder (a rerun resumes them):
+  calibrate  --budget time only: full fine-tuning at the pipeline's epochs (its seeded runs, kept
+             as its results) and one epoch of every other method; a method then gets as many
+             epochs as fit in full fine-tuning's median training time (1 to MAX_EPOCHS)
+  tune       --tune-lr only: the method's rate x 1/3, x 1, x 3 on the first seed; the best
+             validation value wins
+  final      every method x seed at its epochs and rate (the budget's)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sherl_pipe.config import Pipeline, absolute_paths
+from sherl_pipe.errors import SherlError
+
+MAX_EPOCHS = 100
+LR_FACTORS = (1 / 3, 1.0, 3.0)
+REFERENCE = "full-finetune"  # the method the time budget and the bootstrap intervals are measured against
+
+
+@dataclass
+class Compare:
+    pipeline: Pipeline
+    methods: list[str]
+    seeds: dict[str, list[int]]  # per method
+    budget: str  # epochs | time
+    tune_lr: bool
+    folder: Path
+    metric: str = ""
+    direction: str = ""
+    epochs: dict[str, int] = field(default_factory=dict)
+    lr: dict[str, float] = field(default_factory=dict)
+    fingerprint: str = ""  # the cache's manifest fingerprint, checked by every trial
+
+
+def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds: int | None, budget: str,
+                 tune_lr: bool, folder: str, manifest: dict) -> Compare:
+    """The comparison, every method checked against the cache (or the manifest it will have)."""
+    from sherl_pipe.methods import get_method
+    from sherl_pipe.metrics import selection
+    from sherl_pipe.model import make_spec
+
+    if not methods:
+        raise SherlError("--methods: name at least one method")
+    if not pipeline.train.eval_split:
+        raise SherlError(f"{pipeline.origin}: compare keeps each run's best epoch on train.eval_split; set it")
+    if pipeline.evaluate.split not in manifest["splits"]:
+        raise SherlError(f"evaluate.split = '{pipeline.evaluate.split}': the cache has no such split; compare scores "
+                         f"each run on it")
+    if budget == "time" and REFERENCE not in methods:
+        methods = [*methods, REFERENCE]  # the time budget is its time
+    for name in methods:
+        make_spec(pipeline.with_overrides("train", method=name).train, manifest)  # refused before any trial
+    live = {n: live_seeds or seeds for n in methods if get_method(n).sources == ("live",)}
+    first = pipeline.train.seed
+    per = {n: list(range(first, first + live.get(n, seeds))) for n in methods}
+    metric, direction = selection(manifest["task"]["type"], pipeline.train.metric)
+    return Compare(absolute_paths(pipeline), methods, per, budget, tune_lr, Path(folder).absolute(), metric, direction)
+
+
+def default_lr(name: str) -> float:
+    from sherl_pipe.methods import get_method
+
+    return get_method(name).lr
+
+
+def trial(c: Compare, method: str, seed: int, epochs: int, lr: float) -> dict:
+    return {"method": method, "seed": seed, "epochs": epochs, "lr": lr}
+
+
+def calibrate_trials(c: Compare) -> list[dict]:
+    epochs = c.pipeline.train.epochs
+    out = [trial(c, REFERENCE, s, epochs, default_lr(REFERENCE)) for s in c.seeds[REFERENCE]]
+    return out + [trial(c, m, c.seeds[m][0], 1, default_lr(m)) for m in c.methods if m != REFERENCE]
+
+
+def time_budget_epochs(c: Compare, results: list[dict]) -> dict[str, int]:
+    """Each method's epochs: as many of its calibration epochs as fit in full fine-tuning's median."""
+    ref = [r["train_seconds"] for r in results if r["method"] == REFERENCE and r.get("train_seconds")]
+    if not ref:
+        raise SherlError("compare --budget time: no full fine-tuning run finished, so there is no time to give the "
+                         "other methods; see the failed trials in the calibrate folder")
+    budget = statistics.median(ref)
+    out = {REFERENCE: c.pipeline.train.epochs}
+    for r in results:
+        if r["method"] != REFERENCE and r.get("train_seconds"):
+            out[r["method"]] = max(1, min(MAX_EPOCHS, math.floor(budget / r["train_seconds"])))
+    return out
+
+
+def tune_trials(c: Compare) -> list[dict]:
+    return [trial(c, m, c.seeds[m][0], c.epochs[m], default_lr(m) * f) for m in c.methods for f in LR_FACTORS
+            if m in c.epochs]
+
+
+def best_lr(c: Compare, results: list[dict]) -> dict[str, float]:
+    from sherl_pipe.metrics import best_of, is_better
+
+    out: dict[str, tuple[float, float]] = {}
+    for r in results:
+        value = best_of(r.get("values") or [], c.direction)
+        if value is not None and (r["method"] not in out or is_better(value, out[r["method"]][1], c.direction)):
+            out[r["method"]] = (r["lr"], value)
+    return {m: lr for m, (lr, _) in out.items()}
+
+
+def final_trials(c: Compare) -> list[dict]:
+    skip = {REFERENCE} if c.budget == "time" else set()  # its calibration runs are its results
+    return [trial(c, m, s, c.epochs[m], c.lr.get(m, default_lr(m))) for m in c.methods if m in c.epochs
+            and m not in skip for s in c.seeds[m]]
+
+
+def save_plan(c: Compare) -> None:
+    from sherl_pipe.atomic import write_atomically
+
+    description = {"methods": c.methods, "seeds": c.seeds, "budget": c.budget, "tune_lr": c.tune_lr,
+                   "metric": c.metric, "direction": c.direction, "epochs": c.epochs, "lr": c.lr,
+                   "pipeline": c.pipeline.to_dict()}
+    write_atomically(c.folder / "compare.json", (json.dumps(description, indent=2) + "\n").encode())
+
+
+def run_compare(c: Compare, scheduler: str | None = None, workers: int = 0, progress=None,
+                log: Callable[[str], None] = print, should_stop=None, model_type: str | None = None) -> dict:
+    """Run (or resume) every phase; returns {"interrupted": bool, "phases": {name: results}}."""
+    from sherl_pipe.compare.phase import run_phase
+    from sherl_pipe.sweep.cluster import engine
+    from sherl_pipe.sweep.config import SweepConfig
+
+    c.epochs = {m: c.pipeline.train.epochs for m in c.methods}
+    phases: dict[str, list[dict]] = {}
+    with engine(SweepConfig(workers=workers), scheduler, model_type) as eng:
+        steps = ([("calibrate", calibrate_trials)] if c.budget == "time" else []) + (
+            [("tune", tune_trials)] if c.tune_lr else []) + [("final", final_trials)]
+        for name, make in steps:
+            results, interrupted = run_phase(c, name, make(c), eng, progress, log, should_stop)
+            phases[name] = results
+            if interrupted:
+                return {"interrupted": True, "phases": phases}
+            if name == "calibrate":
+                c.epochs = time_budget_epochs(c, results)
+                log("time budget: " + ", ".join(f"{m} {e} epoch(s)" for m, e in c.epochs.items()))
+            elif name == "tune":
+                c.lr = best_lr(c, results)
+                log("tuned rates: " + ", ".join(f"{m} {lr:.3g}" for m, lr in c.lr.items()))
+            save_plan(c)
+    return {"interrupted": False, "phases": phases}
