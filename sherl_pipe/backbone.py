@@ -153,16 +153,21 @@ class Backbone:
         return {"source": self.source, **describe_backbone(self.config, self.folder),
                 "module_hashes": self.module_hashes()}
 
-    def early_states(self, input_ids, attention_mask, token_type_ids=None, upto: int | None = None):
-        """[h[0], ..., h[upto]] for a padded batch: the embedding output and each early layer's output."""
+    def early_states(self, input_ids, attention_mask, token_type_ids=None, upto: int | None = None,
+                     precision: str = "fp32"):
+        """[h[0], ..., h[upto]] for a padded batch: the embedding output and each early layer's
+        output, computed in PRECISION (extract.precision: fp32, or bf16/fp16 autocast)."""
+        from sherl_pipe.devices import early_autocast
+
         upto = self.num_layers if upto is None else upto
         family = self.family
-        hidden = family.embed(self.model, input_ids, attention_mask, token_type_ids)
-        context = family.prepare(self.config, self.modules, hidden, attention_mask)
-        states = [hidden]
-        for i, layer in enumerate(self.layers[:upto]):
-            hidden = family.run_layer(layer, hidden, context, i, self.modules)
-            states.append(hidden)
+        with early_autocast(self.device, precision):
+            hidden = family.embed(self.model, input_ids, attention_mask, token_type_ids)
+            context = family.prepare(self.config, self.modules, hidden, attention_mask)
+            states = [hidden]
+            for i, layer in enumerate(self.layers[:upto]):
+                hidden = family.run_layer(layer, hidden, context, i, self.modules)
+                states.append(hidden)
         return states
 
 

@@ -127,6 +127,7 @@ class ExtractConfig:
     late_layers: int = _at_least(1, 0)  # k: the cut is c = L - k; 0 stores every tier h[0..L] (all methods)
     tiers: tuple[int, ...] = ()  # tiers h[t] to store; empty: all of h[0..c]; h[c] is always stored
     dtype: str = _choice("float16", "float32", "int8", "float8")  # storage format (see storage.py)
+    precision: str = _choice("fp32", "bf16", "fp16")  # the early layers' computation (autocast); fp16: CUDA only
     # lz4: the whole write path (codec, checksums, files) costs about a tenth of the bare forward pass
     # on 2 CPU cores; zstd stores ~8% less but costs ~30% more time (benchmarks/extract.py).
     # Real-valued fp16 activations barely compress either way.

@@ -44,3 +44,24 @@ def native_cpu_bf16() -> bool:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+EARLY_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def early_autocast(device, precision: str = "fp32"):
+    """The autocast the early layers run under (extract.precision): none in fp32; bf16 or fp16
+    matrix products otherwise. Only the computation changes: the tiers are stored in extract.dtype."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(str(device).split(":")[0], dtype=EARLY_DTYPES[precision])
+
+
+def check_extract_precision(precision: str, device, log) -> None:
+    """fp16 autocast is CUDA's (refused on the CPU); bf16 on a CPU without native bf16 runs, slowly."""
+    if precision == "fp16" and not str(device).startswith("cuda"):
+        raise SherlError("extract.precision = fp16 runs on CUDA only; on the CPU use bf16 (fast where the CPU has "
+                         "native bf16 instructions) or fp32")
+    if precision == "bf16" and str(device) == "cpu" and not native_cpu_bf16():
+        log("warning: extract.precision = bf16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX): "
+            "extraction may be slower than in fp32; set extract.precision = \"fp32\"")

@@ -24,7 +24,7 @@ from sherl_pipe.cache.manifest import CUT_FIELDS, build_manifest, serves
 from sherl_pipe.cache.writer import check_target
 from sherl_pipe.config import Pipeline
 from sherl_pipe.data import Split
-from sherl_pipe.devices import pick_device
+from sherl_pipe.devices import check_extract_precision, pick_device
 from sherl_pipe.errors import CacheMismatch, SherlError
 from sherl_pipe.request import read_request
 from sherl_pipe.storage import stored_dtype, stored_width, to_storage
@@ -108,13 +108,14 @@ def forward_batches(tok: Tokenized, idx: np.ndarray, batch_size: int, pad_id: in
 
 
 def forward_block(backbone: Backbone, tok: Tokenized, idx: np.ndarray, tiers: list[int], width: int,
-                  batch_size: int, dtype: str, device, where: str) -> dict[str, np.ndarray]:
-    """Tiers for the samples `idx`, as (len(idx), width, D) arrays with zeros past each length."""
+                  batch_size: int, dtype: str, device, where: str, precision: str = "fp32") -> dict[str, np.ndarray]:
+    """Tiers for the samples `idx`, as (len(idx), width, D) arrays with zeros past each length,
+    computed in PRECISION (extract.precision) and stored in DTYPE."""
     d = stored_width(backbone.config.hidden_size, dtype)
     out = {tier_name(t): np.zeros((len(idx), width, d), dtype=np.dtype(stored_dtype(dtype))) for t in tiers}
     pad_id = backbone.tokenizer.pad_token_id or 0
     for pos, ids, mask, types in forward_batches(tok, idx, batch_size, pad_id, device):
-        states = backbone.early_states(ids, mask, types, upto=max(tiers))
+        states = backbone.early_states(ids, mask, types, upto=max(tiers), precision=precision)
         for t in tiers:
             h = to_storage(states[t], mask, dtype, where, t)
             out[tier_name(t)][pos, : h.shape[1]] = h.cpu().numpy()
@@ -241,7 +242,7 @@ def _existing_cache_serves(pipeline: Pipeline) -> bool:
         return False
 
 
-def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, check=None) -> Plan:
+def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, check=None, log=print) -> Plan:
     """Data, settings and the cache folder are checked before the model loads (with CHECK, also
     what the caller will do with the cache, see extract); then the model, tokens, manifest."""
     cfg = pipeline.extract
@@ -254,6 +255,7 @@ def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, check=None) -> P
     cut, tiers = planned["cut"], planned["tiers"]
     check_target(Path(cfg.cache), overwrite)
     device = pick_device(pipeline.backbone.device)
+    check_extract_precision(cfg.precision, device, log)
     t = time.perf_counter()
     backbone = Backbone(pipeline.backbone.source, pipeline.backbone.attn_implementation, device)
     timings["model_load"] = time.perf_counter() - t
@@ -323,7 +325,7 @@ def block_arrays(plan: Plan, name: str, b: int, cfg) -> tuple[int, dict[str, np.
     width = block_width(tok, idx, cfg.time_chunk)
     pad_id = plan.backbone.tokenizer.pad_token_id or 0
     arrays = forward_block(plan.backbone, tok, idx, plan.tiers, width, cfg.batch_size, cfg.dtype, plan.device,
-                           f"cache {cfg.cache}, split '{name}', block {b}")
+                           f"cache {cfg.cache}, split '{name}', block {b}", cfg.precision)
     arrays["input_ids"] = pad_batch([tok.ids[i] for i in idx], pad_id, width, np.int32)
     if tok.types is not None:
         arrays["token_type_ids"] = pad_batch([tok.types[i] for i in idx], 0, width, np.int8)
@@ -364,7 +366,7 @@ def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=prin
     t_start = time.perf_counter()
     set_codec_threads(cfg.codec_threads)
     timings: dict[str, float] = {}
-    plan = prepare(pipeline, timings, overwrite, check)
+    plan = prepare(pipeline, timings, overwrite, check, log)
     t_write = time.perf_counter()  # from here on: the per-sample work, measured by the benchmark
     writer = open_writer(pipeline, plan, overwrite, log)
     try:

@@ -60,7 +60,8 @@ def format_report(r: dict) -> str:
         f"{b['attn_implementation']} attention",
         f"tokenizer  {m['tokenizer']['class']} max_length {m['tokenizer']['max_length']} "
         f"(hash {m['tokenizer']['hash'][:12]})",
-        f"cut        c = {m['cut']} (late layers {m['late_layers']}); tiers {m['tiers']}",
+        f"cut        c = {m['cut']} (late layers {m['late_layers']}); tiers {m['tiers']}; early layers computed "
+        f"in {m.get('precision', 'fp32')}",
         f"storage    {m['dtype']}{' (lossy: codes + a float32 scale per token)' if m['dtype'] in LOSSY else ''}, codec {m['codec']['name']} level {m['codec']['level']}, "
         f"{m['chunk_size']} samples per chunk",
         f"task       {m['task']['type']}: text '{m['task']['text_column']}'"

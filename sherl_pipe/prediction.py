@@ -101,7 +101,8 @@ class Predictor:
         layers and stored as the cache stores them, then its model, as in training."""
         feed = {}
         if self.reads:
-            states = self.backbone.early_states(input_ids, mask, types, upto=max(self.reads))
+            states = self.backbone.early_states(input_ids, mask, types, upto=max(self.reads),
+                                                precision=t.manifest.get("precision", "fp32"))  # as the cache
             feed = {k: through_storage(states[k], mask, t.manifest["dtype"], "predict", k) for k in self.reads}
         batch = Batch(np.arange(len(input_ids)), feed, mask, None, input_ids, types)
         with autocast(t.device, t.precision):

@@ -17,6 +17,8 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.training import train
 from test_train import step_losses
 
+BF16_LIVE_TOL = 1e-5  # as in fp32: each product sums the same terms in the same order whatever the batch
+
 
 def pipeline_for(tmp_path, bert_dir, data, cache, run, extra=""):
     path = write_full_pipeline(tmp_path / f"{run.name}.toml", bert_dir, data, cache, run, 'dtype = "float32"', extra)
@@ -149,3 +151,47 @@ def test_evaluate_and_predict_use_the_precision_the_run_trained_in(tmp_path, ber
         assert dtypes.take()["other"] == {torch.bfloat16}
         api.predict(tmp_path / "run", ["a good film"])
         assert torch.bfloat16 in dtypes.take()["other"]
+
+
+def test_bf16_extraction_stays_near_fp32_and_live_runs_as_the_cache_was_made(tmp_path, labeled_csv):
+    """extract.precision = bf16: the early layers run under bf16 autocast, the tiers are stored as
+    extract.dtype says, close to fp32's; the manifest says so, and live training runs its early
+    layers in bf16 too, so cached and live batches agree as in fp32."""
+    from conftest import make_backbone
+    from sherl_pipe.cache import Cache
+    from test_train import batch_losses_and_grads
+
+    backbone = make_backbone(tmp_path / "nodrop", "bert", dropout=0.0)
+    got = batch_losses_and_grads(tmp_path, backbone, labeled_csv, tmp_path / "bf16", 'dtype = "float32"\n'
+                                 'precision = "bf16"', batches=4)
+    cache = Cache(tmp_path / "bf16")
+    assert cache.manifest["precision"] == "bf16"
+    for (loss_c, grads_c), (loss_l, grads_l) in zip(got["cached"], got["live"]):
+        assert abs(loss_c - loss_l) <= BF16_LIVE_TOL, (loss_c, loss_l)
+        for name, g in grads_c.items():
+            scale = max(1.0, float(g.abs().max()))
+            assert float((g - grads_l[name]).abs().max()) <= BF16_LIVE_TOL * scale, name
+    (tmp_path / "f").mkdir()
+    fp32 = batch_losses_and_grads(tmp_path / "f", backbone, labeled_csv, tmp_path / "fp32", 'dtype = "float32"',
+                                  modes=("cached",), batches=4)
+    ref = Cache(tmp_path / "fp32")
+    assert "precision" not in ref.manifest  # fp32 caches are written as before it existed
+    for t in ref.tiers:
+        a, b = cache.read("train", f"h{t}").astype(np.float32), ref.read("train", f"h{t}").astype(np.float32)
+        rel = np.abs(a - b).max() / max(1e-6, np.abs(b).max())
+        assert rel < 0.05 and (rel > 0 or t == 0), (t, rel)  # layers' products in bf16; h0 has none
+    assert fp32["cached"][0][0] == pytest.approx(got["cached"][0][0], abs=0.05)
+
+
+def test_fp16_extraction_is_refused_on_the_cpu(tmp_path, bert_dir, labeled_csv, monkeypatch):
+    from click.testing import CliRunner
+
+    import sherl_pipe.backbone as backbone
+    from conftest import write_pipeline
+    from sherl_pipe.cli import main
+
+    monkeypatch.setattr(backbone.Backbone, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    pipe = write_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, tmp_path / "cache", 'precision = "fp16"')
+    r = CliRunner().invoke(main, ["extract", str(pipe), "-q", "--set", "backbone.device=cpu"])
+    assert r.exit_code == 2 and r.stderr.strip() == ("error: extract.precision = fp16 runs on CUDA only; on the CPU use "
+                                                     "bf16 (fast where the CPU has native bf16 instructions) or fp32")

@@ -30,7 +30,7 @@ CUT_FIELDS = {"cut", "late_layers", "tiers"}
 # How a cache stores its values: a reader (train, sweep) decodes whatever the cache holds, so
 # these are matched when writing a cache, never when reading one (`extract --dtype int8` then
 # `train` needed `--set extract.dtype=int8` again).
-STORAGE_FIELDS = {"dtype", "codec", "chunk_size", "time_chunk"}
+STORAGE_FIELDS = {"dtype", "codec", "chunk_size", "time_chunk", "precision"}  # precision: how it was computed
 
 
 def is_volatile(path: tuple) -> bool:
@@ -94,6 +94,8 @@ def describe_request(pipeline, backbone: dict, tokenizer: dict, dataset) -> dict
         "backbone": backbone,
         "tokenizer": {**tokenizer, "max_length": pipeline.backbone.max_length},
         "dtype": cfg.dtype,
+        # the early layers' computation; fp32 is left out, as caches made before it existed are
+        **({"precision": cfg.precision} if cfg.precision != "fp32" else {}),
         "codec": {"name": cfg.codec, "level": cfg.clevel},
         "chunk_size": cfg.chunk_size,
         "time_chunk": cfg.time_chunk,

@@ -274,15 +274,17 @@ class SplitSource:
 class LiveStates:
     """Runs the early layers on a batch's input_ids (no tiers read), stored as the cache stores them
     (padding cleared, rounded through the storage dtype) so live and cached training see the same
-    values. Runs in fp32 outside any autocast, as extraction does."""
+    values. Runs in the cache's precision (fp32 unless extract.precision said otherwise), outside
+    stage two's autocast, as extraction does."""
 
-    def __init__(self, backbone, tiers: list[int], storage_dtype: str):
-        self.backbone, self.tiers, self.dtype = backbone, list(tiers), storage_dtype
+    def __init__(self, backbone, tiers: list[int], storage_dtype: str, precision: str = "fp32"):
+        self.backbone, self.tiers, self.dtype, self.precision = backbone, list(tiers), storage_dtype, precision
 
     def __call__(self, batch: Batch) -> Batch:
+        # stage two's autocast left outside: the early layers run as the cache's were (extract.precision)
         with torch.inference_mode(), torch.autocast(batch.mask.device.type, enabled=False):
             states = self.backbone.early_states(batch.input_ids, batch.mask, batch.token_type_ids,
-                                                upto=max(self.tiers))
+                                                upto=max(self.tiers), precision=self.precision)
         # outside inference mode: the converted tiers are ordinary tensors autograd may save
         batch.states = {t: through_storage(states[t], batch.mask, self.dtype, "live early layers", t)
                         for t in self.tiers}

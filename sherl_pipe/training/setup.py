@@ -65,7 +65,7 @@ def build_model(spec: ModelSpec, backbone_source: str, manifest: dict, device: s
     if spec.source == "live" and reads:
         backbone = Backbone(backbone_source, attn, device)
         verify_backbone(backbone, manifest, ["embeddings"] + [f"layer.{i}" for i in range(max(reads))])
-        live = LiveStates(backbone, reads, manifest["dtype"])
+        live = LiveStates(backbone, reads, manifest["dtype"], manifest.get("precision", "fp32"))
     return model, live
 
 
