@@ -31,7 +31,9 @@ def in_storage_order(source: SplitSource, live, batch_size: int, device):
     """A whole split's batches in storage order, on the device (early layers run by LIVE, if given,
     on the device too: their backbone is there, as in Trainer.prepare)."""
     sampler = ChunkSampler(source.n, source.chunk_size, batch_size, 1, 0, shuffle=False)
-    for batch in source.iterate(sampler.batches(0)):
+    # two batches read ahead, not the trainer's eight: an evaluation batch (128 samples, every tier
+    # read) is ~4x a training batch, and eight of them were most of a cached run's peak memory
+    for batch in source.iterate(sampler.batches(0), prefetch=2):
         batch = batch.to(device)
         yield live(batch) if live is not None else batch
 
