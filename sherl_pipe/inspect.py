@@ -132,12 +132,20 @@ def format_best(best: dict | None) -> str:
     return f"best {metrics} on {best.get('split')} at epoch {best.get('epoch')} (step {best.get('step')})"
 
 
+def model_line(spec: dict) -> str:
+    """'sherl from the cache: late layers 2 (frozen), tiers [0, 1] + anchor h[4]', as the method says."""
+    from sherl_pipe.methods import get_method
+    from sherl_pipe.model import ModelSpec
+
+    parsed = ModelSpec.from_dict(spec)  # runs from before methods existed say `mode`
+    where = "from the cache" if parsed.source == "cached" else "live"
+    return f"{parsed.method} {where}: {get_method(parsed.method).summary(parsed)}"
+
+
 def format_run_report(r: dict) -> str:
     spec, summary = r["spec"], r["summary"]
     lines = [f"run        {r['path']}",
-             f"model      {spec.get('mode')}: late layers {spec.get('late_layers')} ({spec.get('late_tuning')}), "
-             f"tiers {spec.get('tiers')} + anchor h[{spec.get('num_layers', 0) - spec.get('late_layers', 0)}], "
-             f"pooling {spec.get('pooling')}, precision "
+             f"model      {model_line(spec)}, pooling {spec.get('pooling')}, precision "
              f"{precision_shown(r.get('precision', 'auto'), r.get('precision_in_effect'))}",
              f"cache      {r['cache']}  backbone {r['backbone']}"]
     if summary is None:

@@ -62,6 +62,10 @@ class Method:
         ids = {id(p) for m in model.new_modules() for p in m.parameters()}
         return ids | lora_parameters(model)
 
+    def summary(self, spec) -> str:
+        """What `info RUN` says of the model after its method's name."""
+        return f"reads tiers {self.reads(spec)}" if self.reads(spec) else "runs the whole backbone"
+
     def describe(self) -> dict:
         return {"method": self.name, "sources": list(self.sources), "lr": self.lr, "trains": self.trains,
                 "from": self.source_text}

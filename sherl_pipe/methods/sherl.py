@@ -55,6 +55,10 @@ class Sherl(Method):
     def lr_pretrained(self, spec, cfg) -> float:
         return LATE_LR[spec.late_tuning]
 
+    def summary(self, spec) -> str:
+        return (f"late layers {spec.late_layers} ({spec.late_tuning}), tiers {list(spec.tiers)} + anchor "
+                f"h[{spec.anchor}], tier score {spec.tier_score}")
+
     def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
         family = family_of(config.model_type)
         late = [modules[f"layer.{i}"] for i in range(spec.anchor, spec.num_layers)]
