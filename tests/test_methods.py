@@ -214,3 +214,18 @@ def test_method_names_are_written_only_in_the_methods_package():
             if isinstance(node, ast.Constant) and node.value in names:
                 found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
     assert not found, found
+
+
+def test_no_function_is_longer_than_a_screen():
+    """The project's rule (and issue 22's target): no function over 60 lines."""
+    import ast
+    from pathlib import Path
+
+    import sherl_pipe
+
+    long = []
+    for path in Path(sherl_pipe.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
