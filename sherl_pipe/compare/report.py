@@ -15,9 +15,9 @@ import numpy as np
 
 from sherl_pipe.atomic import write_atomically
 from sherl_pipe.errors import SherlError
+from sherl_pipe.methods import REFERENCE
 from sherl_pipe.metrics import REGRESSION_METRICS
 
-REFERENCE = "full-finetune"
 COLUMNS = ("method", "seed", "state", "epochs", "lr", "test", "validation", "seconds", "samples_per_s",
            "trainable_parameters", "peak_mib", "state_mib", "parameters_mib", "gradients_mib", "optimizer_mib",
            "activations_mib", "batch", "cuda_max_allocated_mib", "error")

@@ -22,10 +22,10 @@ from typing import Callable
 
 from sherl_pipe.config import Pipeline, absolute_paths
 from sherl_pipe.errors import SherlError
+from sherl_pipe.methods import REFERENCE
 
 MAX_EPOCHS = 100
 LR_FACTORS = (1 / 3, 1.0, 3.0)
-REFERENCE = "full-finetune"  # the method the time budget and the bootstrap intervals are measured against
 
 
 @dataclass

@@ -29,6 +29,7 @@ REGISTRY: dict[str, object] = {
 
 
 DEFAULT = "sherl"  # train.method when a pipeline names none
+REFERENCE = "full-finetune"  # what compare measures the others against (its time budget, its intervals)
 # train.mode as it was before methods existed: (train.method, train.source)
 LEGACY_MODES = {"cached": ("sherl", "cached"), "live": ("sherl", "live"), "full-finetune": ("full-finetune", "live")}
 
