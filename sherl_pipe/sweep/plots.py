@@ -90,7 +90,8 @@ def plot_learning_curves(sweep_dir: Path, ranked: list[dict], metric: str) -> No
     alive_ax.set_ylim(-0.05, 1.05)
     ax.set_title("learning curves of the best trials")
     alive_ax.set_title("consolidation alive (0: tiers unused)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # trials whose folders hold no metrics draw no curve
+        ax.legend(fontsize=8)
     _save(fig, sweep_dir / "learning_curves.png")
     plt.close(fig)
 
