@@ -398,25 +398,16 @@ def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quie
     run on dask workers; rerun the same command to resume. Ends with trials.csv, a leaderboard,
     best.toml and plots in the sweep folder."""
     from sherl_pipe.config import dumps, load_pipeline
-    from sherl_pipe.errors import CacheMismatch
-    from sherl_pipe.request import cache_ready
     from sherl_pipe.sweep import plan_sweep, run_sweep
 
     pipe = load_pipeline(pipeline, overrides)
     if not quiet:
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
-    if cache_ready(pipe):  # complete and matching: no need to load the model to compare module hashes
-        click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
-    else:
-        def check(_pipe, planned, _overwrite):  # the sweep file and space, against the cache to be made
-            plan_sweep(pipe, sweep_file, sweep_dir, manifest=planned)
 
-        try:
-            _print_extract_summary(_run_extract(pipe, False, quiet, check))
-        except CacheMismatch:
-            if not overwrite:
-                raise
-            _print_extract_summary(_run_extract(pipe, True, quiet, check))
+    def check(_pipe, planned, _overwrite):  # the sweep file and space, against the cache (to be made)
+        plan_sweep(pipe, sweep_file, sweep_dir, manifest=planned)
+
+    _ensure_cache(pipe, quiet, overwrite, check)
     bar = Progress("sweep", "trial", quiet)
     try:
         with StopOnInterrupt(bar.write, SWEEP_INTERRUPT) as interrupt:
@@ -507,10 +498,10 @@ def _ensure_cache(pipe, quiet: bool, overwrite: bool, check) -> None:
     from sherl_pipe.errors import CacheMismatch
     from sherl_pipe.request import cache_ready
 
-    if cache_ready(pipe):
-        click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
+    if cache_ready(pipe):  # complete and matching: no need to load the model to compare module hashes
         from sherl_pipe.cache import Cache
 
+        click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
         check(pipe, Cache(pipe.extract.cache).manifest, overwrite)
         return
     try:

@@ -71,6 +71,17 @@ class Method:
                 "from": self.source_text}
 
 
+class EveryTier(Method):
+    """A method that reads every tier h[0..L]: a cache extracted with extract.late_layers = 0."""
+
+    def spec_fields(self, cfg, manifest: dict) -> dict:
+        require_tiers(manifest, list(range(manifest["backbone"]["num_layers"] + 1)), self.name)
+        return {"late_layers": 0, "tiers": (), "late_tuning": "frozen"}
+
+    def reads(self, spec) -> list[int]:
+        return list(range(spec.num_layers + 1))
+
+
 def require_tiers(manifest: dict, tiers: list[int], method: str) -> None:
     """Refuse, before training, a tier the cache does not store, naming the extract setting."""
     stored = set(manifest["tiers"])

@@ -27,7 +27,7 @@ from torch import nn
 from sherl_pipe.dropout import use_fast_dropout
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
-from sherl_pipe.methods.base import Method, frozen, require_tiers
+from sherl_pipe.methods.base import EveryTier, frozen
 from sherl_pipe.model import Head, pool
 
 GATE_TEMPERATURE = 0.1
@@ -36,18 +36,11 @@ FFN_KEYS = ("intermediate_size", "hidden_dim")  # ... and the feed-forward width
 HEAD_KEYS = ("num_attention_heads", "n_heads")
 
 
-class LST(Method):
+class LST(EveryTier):
     name = "lst"
     lr = 3e-3
     trains = "the side network (input and ladder projections, gates, side blocks, up-projection) + head"
     source_text = "Sung et al., NeurIPS 2022 (the official code, randomly initialised side blocks)"
-
-    def spec_fields(self, cfg, manifest: dict) -> dict:
-        require_tiers(manifest, list(range(manifest["backbone"]["num_layers"] + 1)), self.name)
-        return {"late_layers": 0, "tiers": (), "late_tuning": "frozen"}
-
-    def reads(self, spec) -> list[int]:
-        return list(range(spec.num_layers + 1))
 
     def loads(self, spec, family) -> list[str]:
         return ["pooler"] if spec.pooling == "cls-pooler" else []

@@ -8,21 +8,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sherl_pipe.methods.base import Method, frozen, require_tiers
+from sherl_pipe.methods.base import EveryTier, frozen
 from sherl_pipe.model import Head, pool
 
 
-class ScalarMix(Method):
+class ScalarMix(EveryTier):
     name = "scalar-mix"
     trains = "one weight per tier, a scale, and the head"
     source_text = "ELMo's scalar mix / SUPERB's weighted sum"
-
-    def spec_fields(self, cfg, manifest: dict) -> dict:
-        require_tiers(manifest, list(range(manifest["backbone"]["num_layers"] + 1)), self.name)
-        return {"late_layers": 0, "tiers": (), "late_tuning": "frozen"}
-
-    def reads(self, spec) -> list[int]:
-        return list(range(spec.num_layers + 1))
 
     def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
         return ScalarMixModel(spec, config, modules)

@@ -125,25 +125,6 @@ class SherlModel(nn.Module):
         return [self.consolidation, self.head]
 
 
-class FullFinetuneModel(nn.Module):
-    """The accuracy reference: the whole backbone trained, with the same pooling and head."""
-
-    def __init__(self, spec: ModelSpec, backbone_model: nn.Module):
-        super().__init__()
-        self.spec = spec
-        self.backbone = backbone_model
-        self.family = family_of(backbone_model.config.model_type)
-        self.head = Head(backbone_model.config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale,
-                         spec.head_norm)
-        use_fast_dropout(self)  # the same dropout as SHERL's, so the speed comparison stays fair
-
-    def forward(self, input_ids, mask, token_type_ids=None) -> torch.Tensor:
-        out = self.backbone(**self.family.forward_kwargs(self.backbone, input_ids, mask, token_type_ids))
-        return self.head(pool(out.last_hidden_state, mask, self.spec.pooling, self.family.pooler(self.backbone)))
-
-
-
-
 def apply_late_tuning(model: SherlModel) -> None:
     """Set which pretrained weights train; gradients always flow through the late layers."""
     mode = model.spec.late_tuning

@@ -20,24 +20,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sherl_pipe.methods.base import Method, frozen, require_tiers
+from sherl_pipe.methods.base import EveryTier, frozen
 from sherl_pipe.methods.linear_probe import LastLayer
 from sherl_pipe.model import Head, pool
 
 
-class UniPT(Method):
+class UniPT(EveryTier):
     name = "unipt"
     lr = 5e-4
     reduction = 2
     trains = "per-tier down-projections, the interaction, the confidence gate, the up-projection + head"
     source_text = "Diao et al., CVPR 2024 (the official code's text branch)"
-
-    def spec_fields(self, cfg, manifest: dict) -> dict:
-        require_tiers(manifest, list(range(manifest["backbone"]["num_layers"] + 1)), self.name)
-        return {"late_layers": 0, "tiers": (), "late_tuning": "frozen"}
-
-    def reads(self, spec) -> list[int]:
-        return list(range(spec.num_layers + 1))
 
     def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
         return UniPTModel(spec, config, modules)
