@@ -21,13 +21,17 @@ Phases:
   pilot   SST-2 1,000, k = 2, frozen: every tier_score option, the anchor-only ablation, and the
           paper form with each suspected driver changed (dropout 0, the linear-ln projection, a
           3x lower and a 3x higher lr)
-  grid    every task but SST-2 all x k in {1, 2} x late tuning in {frozen, full}: relu (the
-          paper), the default tier score, anchor-only, and --extra options
+  grid    every task but SST-2 all x k in {1, 2} x late tuning in {frozen, full} (--cells): relu
+          (the paper), the default tier score, anchor-only, and --extra options
   all     SST-2 all phrases, k = 2, frozen, one epoch: relu, the default, anchor-only
 
     python benchmarks/consolidation.py --phases pilot            # ~25 min on 2 CPU cores
     python benchmarks/consolidation.py --phases grid,all         # hours; resumable
     python benchmarks/consolidation.py --phases grid --tasks sst2-1k,tweets --seeds 0,1
+    python benchmarks/consolidation.py --phases pilot,grid,all --cells k2-frozen,k1-frozen,k2-full --threads 1
+                                                                  # README's figures
+--threads 1 where another process uses the cores: two torch threads a job, competing with it,
+made a 6 s run take up to 200 s (each parallel region waits for its descheduled thread).
 
 Results append to a JSONL file per task (an interrupted run resumes). The last line is one JSON
 object: per task and cell, the alive share and test metric of relu, the default and anchor-only.
@@ -256,11 +260,14 @@ def show(task: str, cell: dict, summary: dict) -> None:
               f"{'; '.join(s['fates'])}", flush=True)
 
 
-def phase_cells(phase: str) -> list[dict]:
-    """The (k, late tuning) cells of a phase, the defaults' first (k = 2, frozen)."""
+GRID_CELLS = ("k2-frozen", "k1-frozen", "k2-full", "k1-full")  # the defaults' cell first
+
+
+def phase_cells(phase: str, cells: list[str]) -> list[dict]:
+    """The (k, late tuning) cells of a phase: the grid's CELLS (names as in GRID_CELLS)."""
     if phase in ("pilot", "all"):
         return [{"k": 2, "tuning": "frozen"}]
-    return [{"k": k, "tuning": t} for t in ("frozen", "full") for k in (2, 1)]
+    return [{"k": int(c.split("-")[0][1:]), "tuning": c.split("-")[1]} for c in GRID_CELLS if c in cells]
 
 
 def phase_variants(phase: str, extra: list[str]) -> list[str]:
@@ -288,7 +295,7 @@ def run_phase(phase: str, args) -> dict:
     """Cell by cell, every task in each (the defaults' cell first, so a phase cut short has it)."""
     tasks = {task: prepare_task(task, args) for task in phase_tasks(phase, args.tasks.split(","))}
     results = {}
-    for cell in phase_cells(phase):
+    for cell in phase_cells(phase, args.cells.split(",")):
         for task, (work, pipe, job) in tasks.items():
             rows = run_cell(job, pipe, work, cell, phase_variants(phase, args.extra), args.seed_list)
             summary = summarize(rows)
@@ -344,6 +351,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--extra", default="", help="more tier_score options for the grid, comma-separated")
+    ap.add_argument("--cells", default=",".join(GRID_CELLS), help="the grid's cells (k and late tuning), comma-separated")
     add_job_args(ap)
     args = ap.parse_args()
     if args.job:  # inside a job process
