@@ -148,7 +148,7 @@ def selectivity(run: Path, split: str = "validation") -> dict | None:
             alpha = c.tier_weights(batch.states, batch.mask)[batch.mask.bool()].double()
             rows.append(alpha[alpha.sum(-1) > 0.5])
     alpha = torch.cat(rows)
-    if len(alpha) == 0:
+    if len(alpha) < 2:  # no spread over fewer than two alive tokens
         return {"entropy_over_log_n": None, "token_sd": None}
     entropy = -(alpha * alpha.clamp_min(1e-12).log()).sum(-1) / torch.log(torch.tensor(float(len(c.tiers))))
     return {"entropy_over_log_n": round(float(entropy.mean()), 4), "token_sd": round(float(alpha.std(0).mean()), 4)}
@@ -242,7 +242,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def mean_of(xs: list) -> float | None:
-    xs = [x for x in xs if x is not None]
+    """The mean of the figures there are (a run with one alive token recorded its spread as NaN)."""
+    xs = [x for x in xs if x is not None and x == x]
     return round(statistics.mean(xs), 3) if xs else None
 
 
