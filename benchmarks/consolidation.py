@@ -325,6 +325,20 @@ def print_table(results: dict) -> None:
               f"{dead} of {len(relu['alives'])} |")
 
 
+def fate_counts(results: dict) -> dict:
+    """Over every cell: how each tier score's runs fared step by step (fate())."""
+    counts: dict[str, dict[str, int]] = {}
+    for summary in results.values():
+        for variant, s in summary.items():
+            for f in s["fates"]:
+                kind = f.split(" at step")[0]
+                counts.setdefault(variant, {}).setdefault(kind, 0)
+                counts[variant][kind] += 1
+    for variant, c in counts.items():
+        print(f"  {variant}: " + ", ".join(f"{k} {n}" for k, n in sorted(c.items())))
+    return counts
+
+
 def targets(results: dict) -> dict:
     """The issue's targets over the grid's cells: the default's alive share >= 0.5 everywhere; its
     mean test metric above relu's and anchor-only's; no cell worse than relu by more than the
@@ -368,11 +382,14 @@ def main() -> None:
         print(f"== {phase}", flush=True)
         results.update(run_phase(phase, args))
     print_table(results)
+    print("\nstep by step (started dead / revived / died / alive throughout), runs over every cell:")
+    fates = fate_counts(results)
     print(load_avg())
     compact = {cell: {v: {"alive": s["alive"], "alpha_sum": s["alpha_sum"], "test": s["test"], "test_sd": s["test_sd"]}
                       for v, s in summary.items() if v in (PAPER, default_tier_score(), ANCHOR_ONLY)}
                for cell, summary in results.items()}
-    print(json.dumps({"default": default_tier_score(), "cells": compact, "targets": targets(results)}))
+    print(json.dumps({"default": default_tier_score(), "cells": compact, "targets": targets(results),
+                      "fates": {v: fates.get(v) for v in (PAPER, default_tier_score())}}))
 
 
 if __name__ == "__main__":
