@@ -227,7 +227,7 @@ def summarize(rows: list[dict]) -> dict:
         alive = mean_sd(alive) if None not in alive else (None, None)
         asum = mean_sd([r["last_epoch"]["alpha_sum"] for r in runs])
         init = [r["init"] for r in runs if r["init"]]
-        out[variant] = {"test": round(test[0], 4), "test_sd": round(test[1], 4),
+        out[variant] = {"metric": runs[0]["metric"], "test": round(test[0], 4), "test_sd": round(test[1], 4),
                         "alive": None if alive[0] is None else round(alive[0], 4),
                         "alive_sd": None if alive[1] is None else round(alive[1], 4),
                         "alpha_sum": round(asum[0], 4), "alpha_sum_sd": round(asum[1], 4),
@@ -341,17 +341,25 @@ def fate_counts(results: dict) -> dict:
 
 def targets(results: dict) -> dict:
     """The issue's targets over the grid's cells: the default's alive share >= 0.5 everywhere; its
-    mean test metric above relu's and anchor-only's; no cell worse than relu by more than the
-    larger of the two seed spreads."""
+    mean test metric above relu's and anchor-only's (over every cell, over the accuracy cells, and
+    over those without the pair task); no cell worse than relu by more than the larger of the two
+    seed spreads."""
     default = default_tier_score()
     cells = {c: s for c, s in results.items() if default in s and PAPER in s}
     if not cells:
         return {}
-    mean = {v: statistics.mean(s[v]["test"] for s in cells.values() if v in s) for v in (PAPER, default, ANCHOR_ONLY)
-            if all(v in s for s in cells.values())}
+    variants = [v for v in (PAPER, default, ANCHOR_ONLY) if all(v in s for s in cells.values())]
+    mean = {v: statistics.mean(s[v]["test"] for s in cells.values()) for v in variants}
+    # accuracy alone (the word counts' Pearson apart), and without the pair task, which no setting learns
+    accuracy = {c: s for c, s in cells.items() if s[PAPER]["metric"] == "accuracy"}
+    learned = {c: s for c, s in accuracy.items() if not c.startswith("pair ")}
+    mean_accuracy = {v: statistics.mean(s[v]["test"] for s in accuracy.values()) for v in variants}
+    mean_learned = {v: statistics.mean(s[v]["test"] for s in learned.values()) for v in variants}
     worse = {c: round(100 * (s[default]["test"] - s[PAPER]["test"]), 2) for c, s in cells.items()
              if s[PAPER]["test"] - s[default]["test"] > max(s[PAPER]["test_sd"], s[default]["test_sd"])}
     return {"default": default, "cells": len(cells), "mean_test": {v: round(m, 4) for v, m in mean.items()},
+            "mean_accuracy": {v: round(m, 4) for v, m in mean_accuracy.items()},
+            "mean_accuracy_without_pair": {v: round(m, 4) for v, m in mean_learned.items()},
             "min_alive_default": min(s[default]["alive"] for s in cells.values()),
             "cells_worse_than_relu_beyond_spread": worse}
 
