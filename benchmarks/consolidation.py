@@ -21,13 +21,17 @@ Phases:
   pilot   SST-2 1,000, k = 2, frozen: every tier_score option, the anchor-only ablation, and the
           paper form with each suspected driver changed (dropout 0, the linear-ln projection, a
           3x lower and a 3x higher lr)
-  grid    every task but SST-2 all x k in {1, 2} x late tuning in {frozen, full}: relu (the
-          paper), the default tier score, anchor-only, and --extra options
+  grid    every task but SST-2 all x k in {1, 2} x late tuning in {frozen, full} (--cells): relu
+          (the paper), the default tier score, anchor-only, and --extra options
   all     SST-2 all phrases, k = 2, frozen, one epoch: relu, the default, anchor-only
 
     python benchmarks/consolidation.py --phases pilot            # ~25 min on 2 CPU cores
     python benchmarks/consolidation.py --phases grid,all         # hours; resumable
     python benchmarks/consolidation.py --phases grid --tasks sst2-1k,tweets --seeds 0,1
+    python benchmarks/consolidation.py --phases pilot,grid,all --cells k2-frozen,k1-frozen,k2-full --threads 1
+                                                                  # README's figures
+--threads 1 where another process uses the cores: two torch threads a job, competing with it,
+made a 6 s run take up to 200 s (each parallel region waits for its descheduled thread).
 
 Results append to a JSONL file per task (an interrupted run resumes). The last line is one JSON
 object: per task and cell, the alive share and test metric of relu, the default and anchor-only.
@@ -144,7 +148,7 @@ def selectivity(run: Path, split: str = "validation") -> dict | None:
             alpha = c.tier_weights(batch.states, batch.mask)[batch.mask.bool()].double()
             rows.append(alpha[alpha.sum(-1) > 0.5])
     alpha = torch.cat(rows)
-    if len(alpha) == 0:
+    if len(alpha) < 2:  # no spread over fewer than two alive tokens
         return {"entropy_over_log_n": None, "token_sd": None}
     entropy = -(alpha * alpha.clamp_min(1e-12).log()).sum(-1) / torch.log(torch.tensor(float(len(c.tiers))))
     return {"entropy_over_log_n": round(float(entropy.mean()), 4), "token_sd": round(float(alpha.std(0).mean()), 4)}
@@ -223,7 +227,7 @@ def summarize(rows: list[dict]) -> dict:
         alive = mean_sd(alive) if None not in alive else (None, None)
         asum = mean_sd([r["last_epoch"]["alpha_sum"] for r in runs])
         init = [r["init"] for r in runs if r["init"]]
-        out[variant] = {"test": round(test[0], 4), "test_sd": round(test[1], 4),
+        out[variant] = {"metric": runs[0]["metric"], "test": round(test[0], 4), "test_sd": round(test[1], 4),
                         "alive": None if alive[0] is None else round(alive[0], 4),
                         "alive_sd": None if alive[1] is None else round(alive[1], 4),
                         "alpha_sum": round(asum[0], 4), "alpha_sum_sd": round(asum[1], 4),
@@ -238,7 +242,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def mean_of(xs: list) -> float | None:
-    xs = [x for x in xs if x is not None]
+    """The mean of the figures there are (a run with one alive token recorded its spread as NaN)."""
+    xs = [x for x in xs if x is not None and x == x]
     return round(statistics.mean(xs), 3) if xs else None
 
 
@@ -256,11 +261,14 @@ def show(task: str, cell: dict, summary: dict) -> None:
               f"{'; '.join(s['fates'])}", flush=True)
 
 
-def phase_cells(phase: str) -> list[dict]:
-    """The (k, late tuning) cells of a phase, the defaults' first (k = 2, frozen)."""
+GRID_CELLS = ("k2-frozen", "k1-frozen", "k2-full", "k1-full")  # the defaults' cell first
+
+
+def phase_cells(phase: str, cells: list[str]) -> list[dict]:
+    """The (k, late tuning) cells of a phase: the grid's CELLS (names as in GRID_CELLS)."""
     if phase in ("pilot", "all"):
         return [{"k": 2, "tuning": "frozen"}]
-    return [{"k": k, "tuning": t} for t in ("frozen", "full") for k in (2, 1)]
+    return [{"k": int(c.split("-")[0][1:]), "tuning": c.split("-")[1]} for c in GRID_CELLS if c in cells]
 
 
 def phase_variants(phase: str, extra: list[str]) -> list[str]:
@@ -288,7 +296,7 @@ def run_phase(phase: str, args) -> dict:
     """Cell by cell, every task in each (the defaults' cell first, so a phase cut short has it)."""
     tasks = {task: prepare_task(task, args) for task in phase_tasks(phase, args.tasks.split(","))}
     results = {}
-    for cell in phase_cells(phase):
+    for cell in phase_cells(phase, args.cells.split(",")):
         for task, (work, pipe, job) in tasks.items():
             rows = run_cell(job, pipe, work, cell, phase_variants(phase, args.extra), args.seed_list)
             summary = summarize(rows)
@@ -317,19 +325,41 @@ def print_table(results: dict) -> None:
               f"{dead} of {len(relu['alives'])} |")
 
 
+def fate_counts(results: dict) -> dict:
+    """Over every cell: how each tier score's runs fared step by step (fate())."""
+    counts: dict[str, dict[str, int]] = {}
+    for summary in results.values():
+        for variant, s in summary.items():
+            for f in s["fates"]:
+                kind = f.split(" at step")[0]
+                counts.setdefault(variant, {}).setdefault(kind, 0)
+                counts[variant][kind] += 1
+    for variant, c in counts.items():
+        print(f"  {variant}: " + ", ".join(f"{k} {n}" for k, n in sorted(c.items())))
+    return counts
+
+
 def targets(results: dict) -> dict:
     """The issue's targets over the grid's cells: the default's alive share >= 0.5 everywhere; its
-    mean test metric above relu's and anchor-only's; no cell worse than relu by more than the
-    larger of the two seed spreads."""
+    mean test metric above relu's and anchor-only's (over every cell, over the accuracy cells, and
+    over those without the pair task); no cell worse than relu by more than the larger of the two
+    seed spreads."""
     default = default_tier_score()
     cells = {c: s for c, s in results.items() if default in s and PAPER in s}
     if not cells:
         return {}
-    mean = {v: statistics.mean(s[v]["test"] for s in cells.values() if v in s) for v in (PAPER, default, ANCHOR_ONLY)
-            if all(v in s for s in cells.values())}
+    variants = [v for v in (PAPER, default, ANCHOR_ONLY) if all(v in s for s in cells.values())]
+    mean = {v: statistics.mean(s[v]["test"] for s in cells.values()) for v in variants}
+    # accuracy alone (the word counts' Pearson apart), and without the pair task, which no setting learns
+    accuracy = {c: s for c, s in cells.items() if s[PAPER]["metric"] == "accuracy"}
+    learned = {c: s for c, s in accuracy.items() if not c.startswith("pair ")}
+    mean_accuracy = {v: statistics.mean(s[v]["test"] for s in accuracy.values()) for v in variants}
+    mean_learned = {v: statistics.mean(s[v]["test"] for s in learned.values()) for v in variants}
     worse = {c: round(100 * (s[default]["test"] - s[PAPER]["test"]), 2) for c, s in cells.items()
              if s[PAPER]["test"] - s[default]["test"] > max(s[PAPER]["test_sd"], s[default]["test_sd"])}
     return {"default": default, "cells": len(cells), "mean_test": {v: round(m, 4) for v, m in mean.items()},
+            "mean_accuracy": {v: round(m, 4) for v, m in mean_accuracy.items()},
+            "mean_accuracy_without_pair": {v: round(m, 4) for v, m in mean_learned.items()},
             "min_alive_default": min(s[default]["alive"] for s in cells.values()),
             "cells_worse_than_relu_beyond_spread": worse}
 
@@ -344,6 +374,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--extra", default="", help="more tier_score options for the grid, comma-separated")
+    ap.add_argument("--cells", default=",".join(GRID_CELLS), help="the grid's cells (k and late tuning), comma-separated")
     add_job_args(ap)
     args = ap.parse_args()
     if args.job:  # inside a job process
@@ -359,11 +390,14 @@ def main() -> None:
         print(f"== {phase}", flush=True)
         results.update(run_phase(phase, args))
     print_table(results)
+    print("\nstep by step (started dead / revived / died / alive throughout), runs over every cell:")
+    fates = fate_counts(results)
     print(load_avg())
     compact = {cell: {v: {"alive": s["alive"], "alpha_sum": s["alpha_sum"], "test": s["test"], "test_sd": s["test_sd"]}
                       for v, s in summary.items() if v in (PAPER, default_tier_score(), ANCHOR_ONLY)}
                for cell, summary in results.items()}
-    print(json.dumps({"default": default_tier_score(), "cells": compact, "targets": targets(results)}))
+    print(json.dumps({"default": default_tier_score(), "cells": compact, "targets": targets(results),
+                      "fates": {v: fates.get(v) for v in (PAPER, default_tier_score())}}))
 
 
 if __name__ == "__main__":
