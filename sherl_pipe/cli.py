@@ -148,14 +148,15 @@ def _run_extract(pipe, overwrite: bool, quiet: bool, check=None):
     torch.set_num_threads(pipe.extract.threads)
     bar = Progress("extract", "sample", quiet)
     try:
-        return run_extract(pipe, overwrite=overwrite, progress=bar, log=_say, check=check)
+        return run_extract(pipe, overwrite=overwrite, progress=bar, log=_say,
+                           check=check)
     finally:
         bar.close()
 
 
 @main.command()
 @_pipeline_args
-@click.option("--cache", default=None, help="Cache folder (overrides extract.cache).")
+@click.option("--cache", default=None, help="Cache folder or URL, e.g. s3://bucket/prefix (overrides extract.cache).")
 @click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "float8"]), default=None,
               help="Storage format of the tiers (int8, float8: lossy, half the bytes).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing sherl-pipe cache whose manifest differs.")
@@ -511,7 +512,9 @@ def _ensure_cache(pipe, quiet: bool, overwrite: bool, check) -> None:
         click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
         from sherl_pipe.cache import Cache
 
-        check(pipe, Cache(pipe.extract.cache).manifest, overwrite)
+        from sherl_pipe.cache.location import pipeline_location
+
+        check(pipe, Cache(pipeline_location(pipe, training=True)).manifest, overwrite)
         return
     try:
         _print_extract_summary(_run_extract(pipe, False, quiet, check))

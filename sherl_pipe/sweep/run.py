@@ -101,7 +101,8 @@ class Coordinator:
     def trial_spec(self, trial) -> dict:
         values = {p.key: p.suggest(trial) for p in self.plan.params}
         trial.set_user_attr("train", {k: encode(v) for k, v in values.items()})
-        pipe = self.plan.pipeline.to_dict()
+        # with the storage credentials: the spec goes to the worker in memory (dask), never to a file
+        pipe = self.plan.pipeline.to_dict(secrets=True)
         pipe["train"].update({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
         # each trial keeps its best epoch (and stops early) by the metric the sweep ranks it on
         pipe["train"].update(run_dir=str(trial_dir(self.plan.sweep_dir, trial.number)), threads=self.engine.threads,

@@ -114,10 +114,11 @@ def check_cache(pipeline, fingerprint: str, number: int) -> None:
     import socket
 
     from sherl_pipe.cache import Cache, manifest_fingerprint
+    from sherl_pipe.cache.location import pipeline_location
     from sherl_pipe.errors import SherlError
 
     path = pipeline.extract.cache
-    if manifest_fingerprint(Cache(path).manifest) != fingerprint:
+    if manifest_fingerprint(Cache(pipeline_location(pipeline, training=True)).manifest) != fingerprint:
         raise SherlError(f"sweep trial {number}: the cache at {path} on {socket.gethostname()} is not the one the "
                          f"sweep checked (its manifest fingerprint differs); the workers must reach the sweep's "
                          f"cache at the same path")
