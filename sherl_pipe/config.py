@@ -145,6 +145,9 @@ class ExtractConfig:
     threads: int = _at_least(2, 1)  # torch threads
     codec_threads: int = _at_least(1, 1)
     splits: tuple[str, ...] = ()  # splits to extract; empty: every split the data section has
+    # 1: blocks computed in this process; N > 1: on a local dask cluster of N worker processes
+    # (extract --scheduler ADDRESS: on an existing cluster instead)
+    workers: int = _at_least(1, 1)
     storage_options: dict = _options()  # for a cache at a URL (s3://...): endpoint_url, key, secret, ...
 
 

@@ -3,9 +3,12 @@
 Each split is stored sorted by length, so every block of `chunk_size` samples (exactly one Zarr
 chunk along samples) holds samples of similar length: its forward batches are trimmed to their
 longest member, and only the time chunks up to the block's longest sample are filled, compressed
-and written. While block b+1 runs through the model (blocks.compute_block), a writer thread
-compresses and writes block b (blosc and zstd release the GIL), then sets its `done` flag. The
-cache may be a local folder or an object-store URL (cache/location.py).
+and written. With extract.workers = 1 (the default) the blocks run in this process: while block
+b+1 runs through the model, a writer thread compresses and writes block b (blosc and zstd release
+the GIL), then sets its `done` flag. With more workers, or --scheduler, they run as tasks on a dask
+cluster (distributed_extract.py); either way a block is blocks.compute_block on the same inputs,
+so the cache holds the same bytes. The cache may be a local folder or an object-store URL
+(cache/location.py).
 """
 
 from __future__ import annotations
@@ -366,6 +369,18 @@ def write_blocks(writer: CacheWriter, plan: Plan, blocks, cfg, summary: ExtractS
         bg.close(check=ok)
 
 
+def write_blocks_on_cluster(writer: CacheWriter, plan: Plan, blocks, cfg, summary: ExtractSummary, progress,
+                            job: BlockJob, scheduler: str | None, log) -> None:
+    """The blocks as tasks on a dask cluster (distributed_extract.py)."""
+    from sherl_pipe.distributed_extract import extraction_cluster, run_blocks
+
+    with extraction_cluster(cfg.workers, scheduler, cfg.threads) as (client, where):
+        log(f"extract: {len(blocks)} block(s) on {where}")
+        tasks = (make_task(plan, name, b, cfg.chunk_size) for name, b in blocks)
+        run_blocks(client, job, tasks, lambda c: count_block(summary, progress, c["split"], c["samples"], c["tokens"]),
+                   writer.check_lock)
+
+
 def require_done(writer: CacheWriter, plan: Plan) -> None:
     """After the blocks: every split's `done` flags read back, all set (the proof of completeness
     the readers trust; a block a worker claimed but did not mark is an error, never a silent gap)."""
@@ -377,8 +392,11 @@ def require_done(writer: CacheWriter, plan: Plan) -> None:
                              f"was written; rerun the command to redo the others")
 
 
-def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=print, check=None) -> ExtractSummary:
-    """Run stage one for the pipeline; `progress(n_samples)` is called as blocks finish.
+def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=print, check=None,
+            scheduler: str | None = None) -> ExtractSummary:
+    """Run stage one for the pipeline; `progress(n_samples)` is called as blocks finish. The blocks
+    run in this process (extract.workers = 1), on a local dask cluster (extract.workers = N), or on
+    the cluster at SCHEDULER, whose workers reach the cache and the backbone at the same places.
     `check(pipeline, planned_manifest, overwrite)`, if given, runs once the data is read and before
     the model loads: what the caller will do with the cache (`run`: check_serves_training; `sweep`:
     its space), refused before a long extraction, with the data read once.
@@ -400,7 +418,10 @@ def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=prin
         summary.blocks_planned = len(blocks)
         t_blocks = time.perf_counter()
         job = block_job(pipeline, plan)
-        write_blocks(writer, plan, blocks, cfg, summary, progress, job)
+        if blocks and (scheduler or cfg.workers > 1):
+            write_blocks_on_cluster(writer, plan, blocks, cfg, summary, progress, job, scheduler, log)
+        else:
+            write_blocks(writer, plan, blocks, cfg, summary, progress, job)
         timings["blocks"] = time.perf_counter() - t_blocks
         require_done(writer, plan)
     finally:
