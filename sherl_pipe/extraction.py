@@ -23,7 +23,7 @@ import torch
 
 from sherl_pipe.backbone import Backbone, tokenizer_identity
 from sherl_pipe.blocks import BlockJob, compute_block, make_task
-from sherl_pipe.cache import Cache, CacheWriter, make_compressors, set_codec_threads, tier_name, whole_time_chunks
+from sherl_pipe.cache import Cache, CacheWriter, make_compressors, set_codec_threads, tier_name
 from sherl_pipe.cache.location import pipeline_location
 from sherl_pipe.cache.manifest import CUT_FIELDS, build_manifest, serves
 from sherl_pipe.cache.writer import check_target
@@ -73,11 +73,6 @@ def reorder(split: Split, tok: Tokenized, order: np.ndarray) -> tuple[Split, Tok
     tok = Tokenized([tok.ids[i] for i in order], None if tok.types is None else [tok.types[i] for i in order],
                     tok.lengths[order])
     return split, tok
-
-
-def block_width(tok: Tokenized, idx: np.ndarray, time_chunk: int) -> int:
-    """Time positions a block fills: its longest sample, rounded up to whole time chunks."""
-    return whole_time_chunks(int(tok.lengths[idx].max()), time_chunk, tok.max_len)
 
 
 def resolve_tiers(requested: tuple[int, ...], cut: int) -> list[int]:

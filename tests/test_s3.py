@@ -242,11 +242,15 @@ def test_two_workers_write_to_s3_what_one_process_writes_locally(s3, tmp_path, b
     assert_same_arrays(Cache(local_cache), open_s3(endpoint, "twoworkers"))
 
 
-def test_a_sweep_reads_a_cache_on_s3(s3, s3_cache, tmp_path):
+def test_a_sweep_reads_a_cache_on_s3(s3, s3_cache, tmp_path, monkeypatch):
+    """The credentials only as settings (not in the workers' environment): trials get them in memory."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     sweep = tmp_path / "sweep.toml"
     sweep.write_text('[sweep]\ntrials = 2\nworkers = 1\nsampler = "grid"\n[sweep.space]\nlr = [0.001, 0.003]\n')
+    creds = ["--set", f"extract.storage_options.key={KEY_ID}", "--set", f"extract.storage_options.secret={SECRET}"]
     r = CliRunner().invoke(main, ["sweep", str(s3_cache), "--sweep", str(sweep), "--sweep-dir",
-                                  str(tmp_path / "sw"), "-q"])
+                                  str(tmp_path / "sw"), "-q", *creds])
     assert r.exit_code == 0, r.output
     assert "complete, matches the pipeline" in r.output
     rows = (tmp_path / "sw" / "trials.csv").read_text().splitlines()

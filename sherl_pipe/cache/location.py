@@ -106,6 +106,32 @@ class Location:
         return open_store(self, read_only)
 
 
+class Hidden:
+    """A value (storage options with credentials) that travels to another process in memory and
+    shows as <hidden> wherever it is printed: a dask worker's log of a failed task's arguments."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+
+def with_storage_options(pipeline, hidden: Hidden | None):
+    """PIPELINE with the storage options HIDDEN carries (from storage_options_of) put back."""
+    import dataclasses
+
+    if hidden is None:
+        return pipeline
+    extract, train = hidden.value
+    return dataclasses.replace(pipeline, extract=dataclasses.replace(pipeline.extract, storage_options=extract),
+                               train=dataclasses.replace(pipeline.train, storage_options=train))
+
+
+def storage_options_of(pipeline) -> Hidden:
+    return Hidden((dict(pipeline.extract.storage_options), dict(pipeline.train.storage_options)))
+
+
 def as_location(where, options: dict | None = None) -> Location:
     if isinstance(where, Location):
         return where if options is None else Location(where.url, options)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from sherl_pipe.cache.location import storage_options_of
 from sherl_pipe.config import Pipeline
 from sherl_pipe.metrics import best_of
 from sherl_pipe.sweep.cluster import Engine
@@ -101,8 +102,7 @@ class Coordinator:
     def trial_spec(self, trial) -> dict:
         values = {p.key: p.suggest(trial) for p in self.plan.params}
         trial.set_user_attr("train", {k: encode(v) for k, v in values.items()})
-        # with the storage credentials: the spec goes to the worker in memory (dask), never to a file
-        pipe = self.plan.pipeline.to_dict(secrets=True)
+        pipe = self.plan.pipeline.to_dict()
         pipe["train"].update({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
         # each trial keeps its best epoch (and stops early) by the metric the sweep ranks it on
         pipe["train"].update(run_dir=str(trial_dir(self.plan.sweep_dir, trial.number)), threads=self.engine.threads,
@@ -110,6 +110,8 @@ class Coordinator:
         return {"number": trial.number, "pipeline": pipe, "threads": self.engine.threads, "metric": self.plan.metric,
                 "reports": f"{self.prefix}-reports", "decisions": f"{self.prefix}-decide", "decide": self.decide,
                 "stop": f"{self.prefix}-stop", "cache_fingerprint": self.plan.cache_fingerprint,
+                # the storage credentials go to the worker in memory (dask), never to a file or a log
+                "storage_options": storage_options_of(self.plan.pipeline),
                 "methods": registered_classes()}
 
     def submit(self, worker: str) -> None:

@@ -136,6 +136,7 @@ def _run_trial(spec: dict) -> dict:
     import torch
 
     from sherl_pipe.cache import set_codec_threads
+    from sherl_pipe.cache.location import with_storage_options
     from sherl_pipe.config import Pipeline
     from sherl_pipe.training import train
 
@@ -145,7 +146,8 @@ def _run_trial(spec: dict) -> dict:
         register_method(name, cls)
     torch.set_num_threads(spec["threads"])
     set_codec_threads(spec["threads"])  # the decompressor's threads too: trials share the machine's cores
-    pipeline = Pipeline.from_dict(spec["pipeline"], f"sweep trial {spec['number']}")
+    pipeline = with_storage_options(Pipeline.from_dict(spec["pipeline"], f"sweep trial {spec['number']}"),
+                                    spec.get("storage_options"))
     check_cache(pipeline, spec["cache_fingerprint"], spec["number"])
     reporter = Reporter(spec)
     t0 = time.perf_counter()
