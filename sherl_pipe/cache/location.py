@@ -91,16 +91,13 @@ class Location:
             return self
         return Location(str(Path(self.url).absolute()), self.options)
 
-    def sibling(self, suffix: str) -> "Location":
+    def sibling(self, suffix: str) -> "Location | None":
         """The place beside this one named with SUFFIX (`s3://b/cache` -> `s3://b/cache.lease`), or
         None at a bucket's root, which has no place beside it."""
         scheme, _, rest = self.url.partition("://")
         if "/" not in rest.strip("/"):
             return None
         return Location(f"{scheme}://{rest.rstrip('/')}{suffix}", self.options)
-
-    def key_url(self, key: str) -> str:
-        return f"{self.url.rstrip('/')}/{key}"
 
     def store(self, read_only: bool = False):
         return open_store(self, read_only)
@@ -152,6 +149,8 @@ def pipeline_location(pipeline, training: bool = False) -> Location:
 
 _STORES: dict = {}
 _STORES_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child gets a new zarr loop (zarr resets it): new stores too
+    os.register_at_fork(after_in_child=_STORES.clear)
 
 
 def open_store(loc: Location, read_only: bool = False):
@@ -161,12 +160,6 @@ def open_store(loc: Location, read_only: bool = False):
         if store is None:
             store = _STORES[cache_key] = _make_store(loc, read_only)
     return store
-
-
-def forget_stores() -> None:
-    """Drop the process's open stores (tests that restart a server)."""
-    with _STORES_LOCK:
-        _STORES.clear()
 
 
 def _make_store(loc: Location, read_only: bool):

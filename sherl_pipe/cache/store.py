@@ -93,7 +93,7 @@ class Cache:
         except Exception as exc:  # zarr raises several types for a damaged group
             raise SherlError(f"cache {self.path}: cannot open as a Zarr group ({exc})") from None
         manifest = self.group.attrs.get(MANIFEST_KEY)
-        self._listed: dict = {}
+        self._listed: dict = {}  # listings kept for this Cache's life (it reads; writers open a new one)
         if not isinstance(manifest, dict):
             raise SherlError(f"cache {self.path}: no sherl-pipe manifest in its attributes; not a sherl-pipe cache")
         if manifest.get("format_version") != FORMAT_VERSION:
@@ -123,7 +123,11 @@ class Cache:
                              f"or incomplete: rerun `sherl-pipe extract`") from None
 
     def array_names(self, split: str) -> list[str]:
-        return [n for n, _ in self.group[split].arrays()]
+        """The split's arrays (listed once per Cache: on an object store a listing and a metadata
+        request per array)."""
+        if ("names", split) not in self._listed:
+            self._listed[("names", split)] = [n for n, _ in self.group[split].arrays()]
+        return list(self._listed[("names", split)])
 
     def read(self, split: str, name: str) -> np.ndarray:
         """A whole (small) array, its checksums verified by zarr; a bad chunk is named."""
@@ -151,10 +155,6 @@ class Cache:
                     out[coords] = key
             self._listed[(split, name)] = out
         return self._listed[(split, name)]
-
-    def forget_listings(self) -> None:
-        """Listings are kept per Cache object; a writer that changed the cache drops them."""
-        self._listed.clear()
 
     def done_flags(self, split: str) -> np.ndarray:
         info = self.split_info(split)
