@@ -40,12 +40,15 @@ def _threads(n: int | None) -> None:
 
 
 def extract(pipeline: Pipeline | str, overrides: Sequence[str] = (), overwrite: bool = False,
-            threads: int | None = None, progress=None, log: Callable[[str], None] = print):
-    """Stage one: cache the pipeline's tiers (resumes an interrupted cache). Returns a summary."""
+            threads: int | None = None, progress=None, log: Callable[[str], None] = print,
+            scheduler: str | None = None):
+    """Stage one: cache the pipeline's tiers (resumes an interrupted cache). Returns a summary.
+    With extract.workers > 1 on a local dask cluster, with SCHEDULER on an existing one (in a
+    script, call it under `if __name__ == "__main__":`: local workers start by importing it)."""
     from sherl_pipe.extraction import extract as run
 
     _threads(threads)
-    return run(_pipeline(pipeline, overrides), overwrite=overwrite, progress=progress, log=log)
+    return run(_pipeline(pipeline, overrides), overwrite=overwrite, progress=progress, log=log, scheduler=scheduler)
 
 
 def train(pipeline: Pipeline | str, overrides: Sequence[str] = (), resume: bool = False, overwrite: bool = False,
@@ -93,8 +96,9 @@ def predict_file(run_dir: str | Path, input_path: str, output_path: str, checkpo
     return run(run_dir, input_path, output_path, checkpoint, **options)
 
 
-def verify(cache: str | Path, mark_bad: bool = False):
-    """`sherl-pipe verify`: every chunk's checksum; returns a report (its .ok, .problems)."""
+def verify(cache: str | Path, mark_bad: bool = False, storage_options: dict | None = None):
+    """`sherl-pipe verify`: every chunk's checksum; returns a report (its .ok, .problems). CACHE is
+    a folder or a URL (STORAGE_OPTIONS as in extract.storage_options)."""
     from sherl_pipe.cache.verify import verify_cache
 
-    return verify_cache(cache, mark_bad=mark_bad)
+    return verify_cache(cache, mark_bad=mark_bad, options=storage_options)

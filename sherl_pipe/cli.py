@@ -140,7 +140,7 @@ def main():
     """
 
 
-def _run_extract(pipe, overwrite: bool, quiet: bool, check=None):
+def _run_extract(pipe, overwrite: bool, quiet: bool, check=None, scheduler: str | None = None):
     import torch
 
     from sherl_pipe.extraction import extract as run_extract
@@ -148,27 +148,30 @@ def _run_extract(pipe, overwrite: bool, quiet: bool, check=None):
     torch.set_num_threads(pipe.extract.threads)
     bar = Progress("extract", "sample", quiet)
     try:
-        return run_extract(pipe, overwrite=overwrite, progress=bar, log=_say, check=check)
+        return run_extract(pipe, overwrite=overwrite, progress=bar, log=_say,
+                           check=check, scheduler=scheduler)
     finally:
         bar.close()
 
 
 @main.command()
 @_pipeline_args
-@click.option("--cache", default=None, help="Cache folder (overrides extract.cache).")
+@click.option("--cache", default=None, help="Cache folder or URL, e.g. s3://bucket/prefix (overrides extract.cache).")
 @click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "float8"]), default=None,
               help="Storage format of the tiers (int8, float8: lossy, half the bytes).")
+@click.option("--scheduler", default=None, help="A dask scheduler's address: extract on its workers (default: "
+              "extract.workers local processes).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing sherl-pipe cache whose manifest differs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or resolved config.")
 @_fail_cleanly
-def extract(pipeline, overrides, cache, dtype, overwrite, quiet):
+def extract(pipeline, overrides, cache, dtype, scheduler, overwrite, quiet):
     """Run the frozen early layers once and cache their per-layer activations."""
     from sherl_pipe.config import dumps, load_pipeline
 
     pipe = load_pipeline(pipeline, overrides).with_overrides("extract", cache=cache, dtype=dtype)
     if not quiet:
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
-    _print_extract_summary(_run_extract(pipe, overwrite, quiet))
+    _print_extract_summary(_run_extract(pipe, overwrite, quiet, scheduler=scheduler))
 
 
 def _print_extract_summary(s) -> None:
@@ -501,8 +504,10 @@ def _ensure_cache(pipe, quiet: bool, overwrite: bool, check) -> None:
     if cache_ready(pipe):  # complete and matching: no need to load the model to compare module hashes
         from sherl_pipe.cache import Cache
 
+        from sherl_pipe.cache.location import pipeline_location
+
         click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
-        check(pipe, Cache(pipe.extract.cache).manifest, overwrite)
+        check(pipe, Cache(pipeline_location(pipe, training=True)).manifest, overwrite)
         return
     try:
         _print_extract_summary(_run_extract(pipe, False, quiet, check))

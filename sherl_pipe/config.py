@@ -40,6 +40,12 @@ def _between(default, minimum, maximum, below_max: bool = False):
     return field(default=default, metadata={"min": minimum, "max": maximum, "below_max": below_max})
 
 
+def _options():
+    """A table of a remote filesystem's options (location.py), which may hold credentials: they are
+    used, never written or printed (section_to_dict leaves them out), and never compared."""
+    return field(default_factory=dict, hash=False, compare=False, metadata={"options": True})
+
+
 def _column(default):
     """A column name; with data.header = false, its 0-based position (an integer in the file)."""
     return field(default=default, metadata={"column": True})
@@ -139,6 +145,10 @@ class ExtractConfig:
     threads: int = _at_least(2, 1)  # torch threads
     codec_threads: int = _at_least(1, 1)
     splits: tuple[str, ...] = ()  # splits to extract; empty: every split the data section has
+    # 1: blocks computed in this process; N > 1: on a local dask cluster of N worker processes
+    # (extract --scheduler ADDRESS: on an existing cluster instead)
+    workers: int = _at_least(1, 1)
+    storage_options: dict = _options()  # for a cache at a URL (s3://...): endpoint_url, key, secret, ...
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = _at_least(2, 1)
     device: str = _choice("auto", "cpu", "cuda")
+    storage_options: dict = _options()  # reading the cache: over extract.storage_options, key by key
 
 
 @dataclass(frozen=True)
@@ -216,8 +227,10 @@ class Pipeline:
     sweep: dict = field(default_factory=dict, compare=False)
     sweep_sets: tuple = field(default=(), compare=False)
 
-    def to_dict(self) -> dict:
-        return {name: section_to_dict(getattr(self, name)) for name in SECTIONS}
+    def to_dict(self, secrets: bool = False) -> dict:
+        """Every section as written and printed; storage credentials only with SECRETS=True (an
+        in-memory hand-over, never a file)."""
+        return {name: section_to_dict(getattr(self, name), secrets) for name in SECTIONS}
 
     @classmethod
     def from_dict(cls, d: dict, origin: str) -> "Pipeline":
@@ -231,7 +244,7 @@ class Pipeline:
             return self
         if section == "train" and "mode" in given:  # from before methods existed: what it meant
             given = translate_mode(given, "command option")
-        merged = {**section_to_dict(getattr(self, section)), **given}
+        merged = {**section_to_dict(getattr(self, section), secrets=True), **given}
         return dataclasses.replace(self, **{section: build_section(section, merged, "command option")})
 
 
@@ -239,8 +252,10 @@ def absolute_paths(pipeline: Pipeline) -> Pipeline:
     """The pipeline with its file and folder paths absolute (`embedded:` names and empty ones kept):
     what a process elsewhere (a sweep trial on a dask worker, whose directory is not this one) must
     be given so that it reads the same files."""
+    from sherl_pipe.cache.location import is_url
+
     def absolute(path: str) -> str:
-        return path if not path or path.startswith("embedded:") else str(Path(path).absolute())
+        return path if not path or path.startswith("embedded:") or is_url(path) else str(Path(path).absolute())
 
     data = {k: absolute(getattr(pipeline.data, k)) for k in ("source", "train", "validation", "test")}
     return dataclasses.replace(
@@ -268,8 +283,18 @@ def upgrade_saved(saved: dict) -> dict:
     return {**saved, **out}
 
 
-def section_to_dict(section) -> dict:
-    return {f.name: (list(v) if isinstance(v := getattr(section, f.name), tuple) else v) for f in dataclasses.fields(section)}
+def section_to_dict(section, secrets: bool = False) -> dict:
+    """A section as a dict, as it is written and printed: storage options without their
+    credentials (SECRETS=True keeps them, for handing a pipeline to another process in memory)."""
+    from sherl_pipe.cache.location import public_options
+
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("options"):
+            value = dict(value) if secrets else public_options(value)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def packaged_pipelines() -> list[str]:
@@ -293,7 +318,7 @@ def load_pipeline(spec: str | None, overrides: tuple[str, ...] | list[str] = ())
         if section == "sweep":
             sweep_sets.append((item, key, value))
         else:
-            raw.setdefault(section, {})[key] = value
+            raw[section] = _set_key(raw.get(section, {}) if isinstance(raw.get(section), dict) else {}, key, value)
     sections = {}
     for name in [*SECTIONS, "sweep"]:
         body = raw.get(name, {})
@@ -309,7 +334,7 @@ def apply_overrides(pipeline: Pipeline, overrides) -> Pipeline:
         if section == "sweep":
             pipeline = dataclasses.replace(pipeline, sweep_sets=(*pipeline.sweep_sets, (item, key, value)))
             continue
-        merged = {**section_to_dict(getattr(pipeline, section)), key: value}
+        merged = _set_key(section_to_dict(getattr(pipeline, section), secrets=True), key, value)
         pipeline = dataclasses.replace(pipeline, **{section: build_section(section, merged, f"--set {item}")})
     return pipeline
 
@@ -357,7 +382,7 @@ def _parse_set(item: str) -> tuple[str, str, object]:
         raise SherlError(f"--set {item!r}: expected section.key=value, for example --set extract.dtype=float32")
     if section not in SECTIONS and section != "sweep":
         raise SherlError(f"--set {item!r}: unknown section '{section}'; known: {sorted(SECTIONS) + ['sweep']}")
-    key = key.strip()
+    key, _, sub = key.strip().partition(".")
     fields = [f.name for f in dataclasses.fields(SECTIONS[section])] if section in SECTIONS else None
     if fields is not None and section == "train":
         fields.append("mode")  # before methods existed (translate_mode)
@@ -367,7 +392,32 @@ def _parse_set(item: str) -> tuple[str, str, object]:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:  # ... or else a bare string
         value = text.strip()
+    if section == "sweep":
+        return section, f"{key}.{sub}" if sub else key, value
+    if sub:  # one key of a table: --set extract.storage_options.endpoint_url=http://...
+        if not any(f.name == key and f.metadata.get("options") for f in dataclasses.fields(SECTIONS[section])):
+            raise SherlError(f"--set {item!r}: {section}.{key} is not a table; give --set {section}.{key}=VALUE")
+        value = _OneKey(tuple(sub.split(".")), value)
     return section, key, value
+
+
+@dataclass(frozen=True)
+class _OneKey:
+    """`--set section.table.a.b=value`: one key of a table, merged into the table below it."""
+
+    path: tuple
+    value: object
+
+    def merged(self, table) -> dict:
+        table = dict(table) if isinstance(table, dict) else {}
+        head, rest = self.path[0], self.path[1:]
+        table[head] = _OneKey(rest, self.value).merged(table.get(head)) if rest else self.value
+        return table
+
+
+def _set_key(table: dict, key: str, value) -> dict:
+    """TABLE with KEY set to VALUE (or, for one key of a table-valued key, merged into it)."""
+    return {**table, key: value.merged(table.get(key)) if isinstance(value, _OneKey) else value}
 
 
 def build_section(name: str, values: dict, origin: str, cls: type | None = None):
@@ -453,6 +503,11 @@ def _coerce(value, hint, where: str):
         if not isinstance(value, str):
             raise SherlError(f"{where}: expected a string, got {value!r}")
         return value
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise SherlError(f"{where}: expected a table, for example {{endpoint_url = \"http://127.0.0.1:9000\"}}, "
+                             f"got a {type(value).__name__}")
+        return dict(value)
     raise TypeError(f"unsupported config type {hint}")  # a bug in this module, not user input
 
 
@@ -463,6 +518,8 @@ def _toml_value(value) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return "[" + ", ".join(_toml_value(v) for v in value) + "]"
 
 

@@ -20,6 +20,7 @@ import torch
 
 from sherl_pipe.atomic import write_atomically
 from sherl_pipe.cache import Cache, manifest_fingerprint
+from sherl_pipe.cache.location import as_location, pipeline_location
 from sherl_pipe.config import SECTIONS, Pipeline, build_section
 from sherl_pipe.devices import pick_device
 from sherl_pipe.errors import SherlError
@@ -78,12 +79,15 @@ def load_trained(run_dir, checkpoint: str = "best", device: str = "auto") -> Tra
     return Trained(run, pipeline, info, manifest, spec, model.to(device).eval(), device)
 
 
-def open_run_cache(run: Path, info: dict, cache_path: str | None) -> Cache:
-    path = Path(cache_path or info["cache"])
-    if not path.exists():
-        raise SherlError(f"cache {path}: not found; the run {run} was trained from it: if it moved, give its new "
+def open_run_cache(run: Path, info: dict, cache_path: str | None, options: dict | None = None) -> Cache:
+    """The cache a run was trained from (a folder or a URL), or CACHE_PATH after a move. OPTIONS: the
+    storage options the run recorded (config.json keeps those that are not credentials, which come
+    from the environment)."""
+    loc = as_location(cache_path or info["cache"], options)
+    if loc.is_local and not loc.path.exists():
+        raise SherlError(f"cache {loc}: not found; the run {run} was trained from it: if it moved, give its new "
                          f"place with --cache")
-    cache = Cache(path)
+    cache = Cache(loc)
     if manifest_fingerprint(cache.manifest) != info["cache_fingerprint"]:
         raise SherlError(f"run folder {run}: was trained on another cache than {cache.path} (its fingerprint "
                          f"differs: another backbone, data or settings); give the cache it was trained on")
@@ -104,7 +108,7 @@ def evaluate(run_dir, split: str = "test", checkpoint: str = "best", batch_size:
              cache_path: str | None = None) -> dict:
     """Metrics on a cached split; writes eval_SPLIT_CHECKPOINT.json and predictions_SPLIT_CHECKPOINT.csv."""
     t = load_trained(run_dir, checkpoint)
-    cache = open_run_cache(t.run_dir, t.info, cache_path)
+    cache = open_run_cache(t.run_dir, t.info, cache_path, pipeline_location(t.pipeline, training=True).options)
     if split not in cache.splits:
         raise SherlError(f"cache {cache.path}: no split '{split}' to evaluate (has: {', '.join(cache.splits)})")
     source = source_for(cache, split, dataclasses.replace(t.spec, source="cached"))  # live runs saw these values

@@ -3,8 +3,12 @@
 Each split is stored sorted by length, so every block of `chunk_size` samples (exactly one Zarr
 chunk along samples) holds samples of similar length: its forward batches are trimmed to their
 longest member, and only the time chunks up to the block's longest sample are filled, compressed
-and written. While block b+1 runs through the model, a writer thread
-compresses and writes block b (blosc and zstd release the GIL), then sets its `done` flag.
+and written. With extract.workers = 1 (the default) the blocks run in this process: while block
+b+1 runs through the model, a writer thread compresses and writes block b (blosc and zstd release
+the GIL), then sets its `done` flag. With more workers, or --scheduler, they run as tasks on a dask
+cluster (distributed_extract.py); either way a block is blocks.compute_block on the same inputs,
+so the cache holds the same bytes. The cache may be a local folder or an object-store URL
+(cache/location.py).
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from sherl_pipe.backbone import Backbone, tokenizer_identity
-from sherl_pipe.cache import Cache, CacheWriter, make_compressors, set_codec_threads, tier_name, whole_time_chunks
+from sherl_pipe.blocks import BlockJob, compute_block, make_task
+from sherl_pipe.cache import Cache, CacheWriter, make_compressors, set_codec_threads, tier_name
+from sherl_pipe.cache.location import pipeline_location
 from sherl_pipe.cache.manifest import CUT_FIELDS, build_manifest, serves
 from sherl_pipe.cache.writer import check_target
 from sherl_pipe.config import Pipeline
@@ -68,11 +73,6 @@ def reorder(split: Split, tok: Tokenized, order: np.ndarray) -> tuple[Split, Tok
     tok = Tokenized([tok.ids[i] for i in order], None if tok.types is None else [tok.types[i] for i in order],
                     tok.lengths[order])
     return split, tok
-
-
-def block_width(tok: Tokenized, idx: np.ndarray, time_chunk: int) -> int:
-    """Time positions a block fills: its longest sample, rounded up to whole time chunks."""
-    return whole_time_chunks(int(tok.lengths[idx].max()), time_chunk, tok.max_len)
 
 
 def resolve_tiers(requested: tuple[int, ...], cut: int) -> list[int]:
@@ -140,6 +140,7 @@ class ExtractSummary:
     bytes_on_disk: int = 0
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    blocks_planned: int = 0
 
     @property
     def already_complete(self) -> bool:
@@ -235,9 +236,9 @@ def check_serves_training(pipeline: Pipeline, planned: dict, overwrite: bool) ->
 def _existing_cache_serves(pipeline: Pipeline) -> bool:
     from sherl_pipe.cache.store import is_sherl_cache
 
-    path = Path(pipeline.extract.cache)
+    loc = pipeline_location(pipeline)
     try:
-        return is_sherl_cache(path) and serves(Cache(path).manifest, pipeline.train.late_layers, pipeline.train.tiers)
+        return is_sherl_cache(loc) and serves(Cache(loc).manifest, pipeline.train.late_layers, pipeline.train.tiers)
     except SherlError:
         return False
 
@@ -253,7 +254,7 @@ def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, check=None, log=
     if check is not None:
         check(pipeline, planned, overwrite)
     cut, tiers = planned["cut"], planned["tiers"]
-    check_target(Path(cfg.cache), overwrite)
+    check_target(pipeline_location(pipeline), overwrite)
     device = pick_device(pipeline.backbone.device)
     check_extract_precision(cfg.precision, device, log)
     t = time.perf_counter()
@@ -277,7 +278,7 @@ def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, check=None, log=
 def open_writer(pipeline: Pipeline, plan: Plan, overwrite: bool, log) -> CacheWriter:
     """The cache's writer, or the reason an existing cache cannot be reused."""
     try:
-        return CacheWriter(pipeline.extract.cache, plan.manifest, overwrite=overwrite, log=log)
+        return CacheWriter(pipeline_location(pipeline), plan.manifest, overwrite=overwrite, log=log)
     except CacheMismatch as exc:
         if exc.diffs and {d.path[0] for d in exc.diffs} <= CUT_FIELDS:
             raise CacheMismatch(cut_mismatch_message(pipeline, exc.diffs), exc.diffs) from None
@@ -286,7 +287,7 @@ def open_writer(pipeline: Pipeline, plan: Plan, overwrite: bool, log) -> CacheWr
 
 def cut_mismatch_message(pipeline: Pipeline, diffs) -> str:
     """When only the cut differs, say whether the cache already serves the training request."""
-    cache = Cache(pipeline.extract.cache)
+    cache = Cache(pipeline_location(pipeline))
     m, k = cache.manifest, pipeline.train.late_layers
     have = f"extract.late_layers = {m['late_layers']}, tiers {m['tiers']}"
     if serves(m, k, pipeline.train.tiers):
@@ -317,46 +318,80 @@ def plan_blocks(writer: CacheWriter, plan: Plan, cfg, summary: ExtractSummary) -
     return blocks
 
 
-def block_arrays(plan: Plan, name: str, b: int, cfg) -> tuple[int, dict[str, np.ndarray]]:
-    """Block b of a split: its tiers from the model, and its side arrays."""
-    split, tok = plan.dataset.splits[name], plan.tokenized[name]
-    start = b * cfg.chunk_size
-    idx = np.arange(start, min(start + cfg.chunk_size, len(split)))
-    width = block_width(tok, idx, cfg.time_chunk)
-    pad_id = plan.backbone.tokenizer.pad_token_id or 0
-    arrays = forward_block(plan.backbone, tok, idx, plan.tiers, width, cfg.batch_size, cfg.dtype, plan.device,
-                           f"cache {cfg.cache}, split '{name}', block {b}", cfg.precision)
-    arrays["input_ids"] = pad_batch([tok.ids[i] for i in idx], pad_id, width, np.int32)
-    if tok.types is not None:
-        arrays["token_type_ids"] = pad_batch([tok.types[i] for i in idx], 0, width, np.int8)
-    arrays["lengths"] = tok.lengths[idx]
-    arrays["labels"] = split.labels[idx]
-    arrays["row_ids"] = split.row_ids[idx]
-    return start, arrays
+def block_job(pipeline: Pipeline, plan: Plan) -> BlockJob:
+    """What every block of this extraction shares, with the paths a worker elsewhere must be given
+    made absolute (and the storage options, in memory only)."""
+    import uuid
+
+    from sherl_pipe.config import absolute_paths
+
+    absolute = absolute_paths(pipeline)
+    b = absolute.backbone
+    return BlockJob(pipeline_location(absolute), b.source, b.attn_implementation, b.device, tuple(plan.tiers),
+                    pipeline.extract.batch_size, pipeline.extract.dtype, pipeline.extract.time_chunk,
+                    plan.manifest["backbone"]["module_hashes"], str(pipeline.extract.cache), uuid.uuid4().hex[:8],
+                    pipeline.extract.precision)
 
 
-def write_blocks(writer: CacheWriter, plan: Plan, blocks, cfg, summary: ExtractSummary, progress) -> None:
+def count_block(summary: ExtractSummary, progress, split: str, samples: int, tokens: int) -> None:
+    s = summary.splits[split]
+    s.samples += samples
+    s.blocks_written += 1
+    summary.samples += samples
+    summary.real_tokens += tokens
+    if progress is not None:
+        if hasattr(progress, "set_postfix"):
+            done = sum(x.blocks_written for x in summary.splits.values())
+            progress.set_postfix(blocks=f"{done}/{summary.blocks_planned}")
+        progress(samples)
+
+
+def write_blocks(writer: CacheWriter, plan: Plan, blocks, cfg, summary: ExtractSummary, progress,
+                 job: BlockJob) -> None:
+    """The blocks in this process: the forward pass here, a background thread writing."""
     bg = _Writer(writer)
     ok = False
     try:
         with torch.inference_mode():
             for name, b in blocks:
-                start, arrays = block_arrays(plan, name, b, cfg)
-                bg.put((name, b, start, arrays))
-                s = summary.splits[name]
-                s.samples += len(arrays["lengths"])
-                s.blocks_written += 1
-                summary.samples += len(arrays["lengths"])
-                summary.real_tokens += int(arrays["lengths"].sum())
-                if progress is not None:
-                    progress(len(arrays["lengths"]))
+                task = make_task(plan, name, b, cfg.chunk_size)
+                arrays = compute_block(plan.backbone, job, task, plan.device)
+                bg.put((name, b, task.block * cfg.chunk_size, arrays))
+                count_block(summary, progress, name, task.samples, int(task.lengths.sum()))
+                writer.check_lock()
         ok = True
     finally:
         bg.close(check=ok)
 
 
-def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=print, check=None) -> ExtractSummary:
-    """Run stage one for the pipeline; `progress(n_samples)` is called as blocks finish.
+def write_blocks_on_cluster(writer: CacheWriter, plan: Plan, blocks, cfg, summary: ExtractSummary, progress,
+                            job: BlockJob, scheduler: str | None, log) -> None:
+    """The blocks as tasks on a dask cluster (distributed_extract.py)."""
+    from sherl_pipe.distributed_extract import extraction_cluster, run_blocks
+
+    with extraction_cluster(cfg.workers, scheduler, cfg.threads) as (client, where):
+        log(f"extract: {len(blocks)} block(s) on {where}")
+        tasks = (make_task(plan, name, b, cfg.chunk_size) for name, b in blocks)
+        run_blocks(client, job, tasks, lambda c: count_block(summary, progress, c["split"], c["samples"], c["tokens"]),
+                   writer.check_lock)
+
+
+def require_done(writer: CacheWriter, plan: Plan) -> None:
+    """After the blocks: every split's `done` flags read back, all set (the proof of completeness
+    the readers trust; a block a worker claimed but did not mark is an error, never a silent gap)."""
+    cache = Cache(writer.location)
+    for name in plan.dataset.splits:
+        done, total = cache.blocks_done(name)
+        if done != total:
+            raise SherlError(f"cache {writer.path}: split '{name}' has {done}/{total} blocks done after every block "
+                             f"was written; rerun the command to redo the others")
+
+
+def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=print, check=None,
+            scheduler: str | None = None) -> ExtractSummary:
+    """Run stage one for the pipeline; `progress(n_samples)` is called as blocks finish. The blocks
+    run in this process (extract.workers = 1), on a local dask cluster (extract.workers = N), or on
+    the cluster at SCHEDULER, whose workers reach the cache and the backbone at the same places.
     `check(pipeline, planned_manifest, overwrite)`, if given, runs once the data is read and before
     the model loads: what the caller will do with the cache (`run`: check_serves_training; `sweep`:
     its space), refused before a long extraction, with the data read once.
@@ -375,12 +410,18 @@ def extract(pipeline: Pipeline, overwrite: bool = False, progress=None, log=prin
         if progress is not None and hasattr(progress, "set_total"):
             progress.set_total(sum(min(cfg.chunk_size, len(plan.dataset.splits[n]) - b * cfg.chunk_size)
                                    for n, b in blocks))
+        summary.blocks_planned = len(blocks)
         t_blocks = time.perf_counter()
-        write_blocks(writer, plan, blocks, cfg, summary, progress)
+        job = block_job(pipeline, plan)
+        if blocks and (scheduler or cfg.workers > 1):
+            write_blocks_on_cluster(writer, plan, blocks, cfg, summary, progress, job, scheduler, log)
+        else:
+            write_blocks(writer, plan, blocks, cfg, summary, progress, job)
         timings["blocks"] = time.perf_counter() - t_blocks
+        require_done(writer, plan)
     finally:
         writer.close()
     timings["extract"] = time.perf_counter() - t_write
-    summary.bytes_on_disk = Cache(cfg.cache).bytes_on_disk()
+    summary.bytes_on_disk = Cache(writer.location).bytes_on_disk()
     summary.seconds = time.perf_counter() - t_start
     return summary

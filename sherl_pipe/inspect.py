@@ -89,7 +89,12 @@ def is_run_folder(path: str) -> bool:
 
 
 def folder_kind(path: str) -> str:
-    """'run' or 'cache', for `info`; anything else is refused naming both."""
+    """'run' or 'cache', for `info`; anything else is refused naming both. A URL is a cache (run
+    folders are always local)."""
+    from sherl_pipe.cache.location import is_url
+
+    if is_url(path):
+        return "cache"
     if is_run_folder(path):
         return "run"
     if (Path(path) / "zarr.json").is_file() or Path(path).is_file():  # a file: the cache check names it

@@ -40,6 +40,9 @@ class FolderLock:
         self._fd = fd
         return True
 
+    def check(self) -> None:
+        """Nothing to check: the kernel never takes a held flock away (a lease can run out)."""
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock

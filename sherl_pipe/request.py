@@ -5,7 +5,6 @@ it; `train` compares it with the cache it is given, so a stale cache is refused,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from sherl_pipe.backbone import describe_backbone, load_config, load_tokenizer, position_limit, tokenizer_identity
 from sherl_pipe.cache import Cache
@@ -55,13 +54,14 @@ def check_cache_matches(cache: Cache, pipeline: Pipeline) -> None:
 def cache_ready(pipeline: Pipeline) -> bool:
     """Whether the pipeline's cache exists, is complete and matches it (checked without the model's
     weights): commands that only read the cache (sweep) then skip the extract step and its model load."""
+    from sherl_pipe.cache.location import pipeline_location
     from sherl_pipe.cache.store import is_sherl_cache
 
-    path = Path(pipeline.extract.cache)
-    if not is_sherl_cache(path):
-        return False
+    loc = pipeline_location(pipeline, training=True)
     try:
-        cache = Cache(path)
+        if not is_sherl_cache(loc):
+            return False
+        cache = Cache(loc)
         wanted = list(pipeline.extract.splits) or cache.splits
         if not all(s in cache.splits for s in wanted):
             return False

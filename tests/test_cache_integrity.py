@@ -164,4 +164,4 @@ def test_every_chunk_of_a_done_block_is_stored_even_when_all_fill(tmp_path, bert
     cache = Cache(tmp_path / "cache")
     for split in cache.splits:
         assert cache.missing_chunks(split) == {}
-        assert len(cache.chunk_files(split, "labels")) == cache.split_info(split)["blocks"]
+        assert len(cache.chunk_keys(split, "labels")) == cache.split_info(split)["blocks"]

@@ -47,11 +47,21 @@ def fail_nth_call(monkeypatch, module, name, n, err):
 
 
 def test_a_full_disk_during_extraction_keeps_finished_blocks(tmp_path, bert_dir, labeled_csv, monkeypatch):
-    import sherl_pipe.cache.writer as writer
+    """The 20th chunk the store is asked to write fails as a full disk does (no file name)."""
+    from zarr.storage import LocalStore
+
+    real, calls = LocalStore.set, [0]
+
+    async def full_at_the_20th(self, key, value, *a, **kw):
+        if "/c/" in key:
+            calls[0] += 1
+            if calls[0] == 20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await real(self, key, value, *a, **kw)
 
     pipe = write_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, tmp_path / "cache", 'dtype = "float32"')
     with monkeypatch.context() as m:
-        fail_nth_call(m, writer, "write_atomically", 20, errno.ENOSPC)
+        m.setattr(LocalStore, "set", full_at_the_20th)
         r = CliRunner().invoke(main, ["extract", str(pipe), "-q"])
     one_error_line(r, "No space left on device", "free some space and rerun the same command")
     done, total = Cache(tmp_path / "cache").blocks_done("train")

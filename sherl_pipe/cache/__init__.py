@@ -1,6 +1,6 @@
 """The cache: a Zarr v3 group holding per-split, per-tier activations and a manifest.
 
-Layout (a local folder):
+Layout (a local folder, or the same keys under an object-store URL):
 
     CACHE/zarr.json                 group attributes: {"sherl_pipe": MANIFEST}
     CACHE/<split>/h<t>              (N, T, D) float16|float32, chunks (chunk_size, time_chunk, D);
@@ -18,8 +18,10 @@ back), and the time axis T is the split's longest sample, chunked by `time_chunk
 Positions past a sample's length hold zeros, and since a block's samples have similar lengths, the
 time chunks past its longest sample are entirely zero: they are never compressed, written or read.
 
-Modules: `manifest` (what a cache holds, matching, fingerprint), `codec` (direct chunk I/O),
-`store` (reading), `writer` (creating and writing blocks).
+Modules: `location` (a path or URL and the zarr store it maps to), `access` (reading, writing,
+listing keys through that store; a remote store's refusals as one line), `manifest` (what a cache
+holds, matching, fingerprint), `codec` (direct chunk encoding and decoding), `store` (reading),
+`writer` (creating and writing blocks), `lease` (one writer at a time).
 """
 
 from sherl_pipe.cache.codec import BlockReader, make_compressors, set_codec_threads, whole_time_chunks

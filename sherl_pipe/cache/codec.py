@@ -1,21 +1,21 @@
-"""Chunks read and written directly as files, with the array's own codec chain, checksums included.
+"""Chunks encoded and decoded directly, with the array's own codec chain, checksums included.
 
 Every array's chain ends in zarr's `crc32c` codec: each stored chunk carries the CRC-32C of its
 encoded bytes in its last 4 bytes, checked on every read (by zarr for the arrays it reads, here for
-the tier chunks), so a flipped byte or a truncated file is an error that names the chunk, never
+the tier chunks), so a flipped byte or a truncated chunk is an error that names the chunk, never
 wrong values. A chunk that should exist and does not is an error too (see store.py).
 
-The tier arrays are encoded and decoded here, chunk by chunk, exactly as zarr would: zarr's generic
-write path copies each chunk several times (as much as a quarter of the forward pass in
-extraction), and its read path allocates a decoded copy per chunk, whose page faults cost more than
-the decompression on a training epoch. zarr reads everything back as usual.
+A block's chunks are encoded here, chunk by chunk, exactly as zarr would, and written as one value
+each through the store (zarr 3.1 has no public call for writing an encoded chunk; the key is the
+array's own chunk key encoding): zarr's generic write path copies each chunk several times (as
+much as a quarter of the forward pass in extraction), and its read path allocates a decoded copy
+per chunk, whose page faults cost more than the decompression on a training epoch. zarr reads
+everything back as usual.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -95,7 +95,7 @@ class ChunkCodec:
     def decode(self, data, out: np.ndarray) -> str | None:
         """Decode into OUT; returns what is wrong with the chunk, or None."""
         if not checksum_ok(data):
-            return "checksum mismatch (the chunk file is damaged or truncated)"
+            return "checksum mismatch (the stored chunk is damaged or truncated)"
         try:
             self.compressor.decode(memoryview(data)[:-CRC_BYTES], out=out)
         except (ValueError, RuntimeError) as exc:
@@ -132,50 +132,45 @@ def whole_time_chunks(longest: int, time_chunk: int, time_len: int) -> int:
     return min(time_len, -(-longest // time_chunk) * time_chunk)
 
 
-def chunk_path(root: Path, arr, coords: tuple) -> Path:
-    key = arr.metadata.chunk_key_encoding.encode_chunk_key(tuple(coords) + (0,) * (arr.ndim - len(coords)))
-    return root / key
-
-
-def read_file_into(path: Path, buffer: bytearray) -> tuple[bytearray, memoryview]:
-    """A whole file's bytes, read into BUFFER (grown if needed); (buffer, view of the bytes)."""
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if len(buffer) < size:
-            buffer = bytearray(size)
-        view = memoryview(buffer)[:size]
-        got = 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
-    return buffer, view[:got]
+def chunk_key(arr, coords: tuple) -> str:
+    """The store key of chunk COORDS of an array opened from its group (coordinates past those
+    given are 0: a tier's width axis is one chunk), by the array's own chunk key encoding."""
+    full = tuple(int(c) for c in coords) + (0,) * (arr.ndim - len(coords))
+    return f"{arr.path}/{arr.metadata.chunk_key_encoding.encode_chunk_key(full)}"
 
 
 class BlockReader:
-    """Reads one tier array's chunks straight from their files.
+    """Decodes one tier array's chunks, fetched through the cache's store.
 
     A block (one chunk of samples) is handed out as its time chunks: one array of the zarr chunk
-    shape per time chunk, decoded in place into arrays the caller owns and reuses. Compressed bytes
-    are read into one reused buffer. Only chunks that were written are ever asked for."""
+    shape per time chunk, decoded in place into arrays the caller owns and reuses. The trainer's
+    reader fetches many chunks' bytes at once (training/prefetch.py) and decodes them here; only
+    chunks that were written are ever asked for."""
 
-    def __init__(self, cache_path: Path, split: str, name: str, arr):
-        self.cache_path, self.split, self.name = cache_path, split, name
-        self.arr, self.root = arr, cache_path / split / name
+    def __init__(self, where, split: str, name: str, arr):
+        from sherl_pipe.cache.location import as_location
+
+        self.location, self.split, self.name = as_location(where), split, name
+        self.cache_path, self.arr = str(self.location), arr
         self.codec = chunk_codec(arr)
         if self.codec is None:
-            raise SherlError(f"cache {cache_path}: array {split}/{name} has codecs sherl-pipe does not write; "
+            raise SherlError(f"cache {self.cache_path}: array {split}/{name} has codecs sherl-pipe does not write; "
                              f"re-extract the cache with this version of sherl-pipe")
         self.chunk_shape, self.dtype = tuple(arr.chunks), arr.dtype
-        self._raw = bytearray()
+
+    def key(self, block: int, j: int) -> str:
+        return chunk_key(self.arr, (block, j))
 
     def read_time_chunk(self, block: int, j: int, out: np.ndarray) -> None:
-        """Decode chunk (block, j) into OUT (the chunk shape)."""
-        try:
-            self._raw, data = read_file_into(chunk_path(self.root, self.arr, (block, j)), self._raw)
-        except FileNotFoundError:
-            raise ChunkError(self.cache_path, self.split, self.name, (block, j), "missing") from None
-        problem = self.codec.decode(data, out)
+        """Fetch and decode chunk (block, j) into OUT (the chunk shape)."""
+        from sherl_pipe.cache import access
+
+        self.decode(block, j, access.get(self.location, self.key(block, j)), out)
+
+    def decode(self, block: int, j: int, data, out: np.ndarray) -> None:
+        """Decode chunk (block, j)'s stored bytes (a zarr Buffer, or None: not stored) into OUT."""
+        if data is None:
+            raise ChunkError(self.cache_path, self.split, self.name, (block, j), "missing")
+        problem = self.codec.decode(data.as_buffer_like(), out)
         if problem:
             raise ChunkError(self.cache_path, self.split, self.name, (block, j), problem)

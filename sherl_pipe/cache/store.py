@@ -1,20 +1,22 @@
 """Read access to a cache: its manifest, arrays, completeness, and which chunks must exist.
 
+A cache is read through its zarr store (location.py): a local folder or an object store alike.
 A done block has every chunk of its 1-D arrays and, for its 2-D and 3-D arrays, every time chunk
 up to its longest sample (the rest are all padding and never written). `expected_chunks` derives
-that set from the checksummed `lengths` array, so a deleted chunk is found by listing the files,
-without reading them.
+that set from the checksummed `lengths` array, so a deleted chunk is found by listing each
+array's keys once, without reading them. Only `done` says a block is written, never a listing.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
+from sherl_pipe.cache import access
 from sherl_pipe.cache.codec import ChunkError, checksum_ok
+from sherl_pipe.cache.location import Location, as_location
 from sherl_pipe.cache.manifest import FORMAT_VERSION, MANIFEST_KEY
 from sherl_pipe.errors import SherlError
 
@@ -29,35 +31,69 @@ def is_tier_name(name: str) -> bool:
     return name[:1] == "h" and name[1:].isdigit()
 
 
-def is_sherl_cache(path: Path) -> bool:
-    """A folder whose Zarr group attributes hold a sherl-pipe manifest."""
+def read_manifest(where) -> dict | None:
+    """The sherl-pipe manifest in a location's zarr.json, or None (nothing there, or not ours).
+    A remote store's refusal (no bucket, no access) is an error, not a missing cache."""
+    loc = as_location(where)
+    if loc.is_local and not (loc.path / "zarr.json").is_file():
+        return None
+    data = access.get(loc, "zarr.json")
+    if data is None:
+        return None
     try:
-        meta = json.loads((Path(path) / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and isinstance(meta.get("attributes", {}).get(MANIFEST_KEY), dict)
+        meta = json.loads(data.to_bytes())
+    except ValueError:
+        return None
+    manifest = meta.get("attributes", {}).get(MANIFEST_KEY) if isinstance(meta, dict) else None
+    return manifest if isinstance(manifest, dict) else None
 
 
-def check_cache_path(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise SherlError(f"cache {path}: is a file, not a cache folder; set extract.cache (or --cache) to a folder")
+def is_sherl_cache(where) -> bool:
+    """A location whose Zarr group attributes hold a sherl-pipe manifest."""
+    return read_manifest(where) is not None
+
+
+def check_cache_path(where) -> None:
+    loc = as_location(where)
+    if loc.is_local and loc.path.exists() and not loc.path.is_dir():
+        raise SherlError(f"cache {loc}: is a file, not a cache folder; set extract.cache (or --cache) to a folder")
+
+
+def chunk_coords(key: str, prefix: str, ndim: int) -> tuple | None:
+    """The chunk coordinates of KEY under an array's `c/` PREFIX (the width axis dropped), or None
+    for anything else there (a local writer's `*.partial` temporary)."""
+    parts = key[len(prefix):].split("/")
+    if not all(p.isdigit() for p in parts):
+        return None
+    coords = tuple(int(p) for p in parts)
+    return coords[:2] if ndim == 3 else coords
 
 
 class Cache:
     """Read access to a finished or partial cache."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, where: str | os.PathLike | Location, options: dict | None = None):
         import zarr
 
-        self.path = Path(path)
-        check_cache_path(self.path)
-        if not (self.path / "zarr.json").is_file():
-            raise SherlError(f"cache {self.path}: not found (no zarr.json); run `sherl-pipe extract` first")
+        self.location = as_location(where, options)
+        self.path = str(self.location)  # for messages: a folder or a URL
+        check_cache_path(self.location)
+        missing = SherlError(f"cache {self.path}: not found (no zarr.json); run `sherl-pipe extract` first")
+        if self.location.is_local and not (self.location.path / "zarr.json").is_file():
+            raise missing
+        self.store = self.location.store(read_only=True)
+        if access.get(self.location, "zarr.json", self.store) is None:
+            access.any_key(self.location, "", self.store)  # a missing bucket is named as such, not as no cache
+            raise missing
         try:
-            self.group = zarr.open_group(str(self.path), mode="r")
+            with access.translated(self.location):
+                self.group = zarr.open_group(store=self.store, mode="r")
+        except SherlError:
+            raise
         except Exception as exc:  # zarr raises several types for a damaged group
             raise SherlError(f"cache {self.path}: cannot open as a Zarr group ({exc})") from None
         manifest = self.group.attrs.get(MANIFEST_KEY)
+        self._listed: dict = {}  # listings kept for this Cache's life (it reads; writers open a new one)
         if not isinstance(manifest, dict):
             raise SherlError(f"cache {self.path}: no sherl-pipe manifest in its attributes; not a sherl-pipe cache")
         if manifest.get("format_version") != FORMAT_VERSION:
@@ -87,7 +123,11 @@ class Cache:
                              f"or incomplete: rerun `sherl-pipe extract`") from None
 
     def array_names(self, split: str) -> list[str]:
-        return [n for n, _ in self.group[split].arrays()]
+        """The split's arrays (listed once per Cache: on an object store a listing and a metadata
+        request per array)."""
+        if ("names", split) not in self._listed:
+            self._listed[("names", split)] = [n for n, _ in self.group[split].arrays()]
+        return list(self._listed[("names", split)])
 
     def read(self, split: str, name: str) -> np.ndarray:
         """A whole (small) array, its checksums verified by zarr; a bad chunk is named."""
@@ -95,26 +135,26 @@ class Cache:
         try:
             return arr[:]
         except Exception:  # zarr raises ValueError for a checksum, codec errors for garbage
-            for coords, path in self.chunk_files(split, name).items():
-                if not checksum_ok(path.read_bytes()):
-                    raise ChunkError(self.path, split, name, coords, "checksum mismatch (the chunk file is "
+            keys = self.chunk_keys(split, name)
+            for coords, data in zip(keys, access.get_many(self.location, list(keys.values()), self.store)):
+                if data is not None and not checksum_ok(data.as_buffer_like()):
+                    raise ChunkError(self.path, split, name, coords, "checksum mismatch (the stored chunk is "
                                      "damaged or truncated)") from None
             raise
 
-    def chunk_files(self, split: str, name: str) -> dict[tuple, Path]:
-        """The stored chunk files of an array, by chunk coordinates (the width axis dropped)."""
-        arr = self.array(split, name)
-        root = self.path / split / name / "c"
-        out = {}
-        if not root.is_dir():
-            return out
-        for dirpath, _, files in os.walk(root):
-            rel = Path(dirpath).relative_to(root).parts
-            for f in files:
-                if not f.endswith(".partial") and all(p.isdigit() for p in (*rel, f)):
-                    coords = tuple(int(p) for p in (*rel, f))
-                    out[coords[:2] if arr.ndim == 3 else coords] = Path(dirpath) / f
-        return out
+    def chunk_keys(self, split: str, name: str) -> dict[tuple, str]:
+        """The stored chunks of an array, by chunk coordinates (the width axis dropped): their
+        store keys, from one listing of the array's prefix (kept: a check lists each array once)."""
+        if (split, name) not in self._listed:
+            arr = self.array(split, name)
+            prefix = f"{split}/{name}/c/"
+            out = {}
+            for key in access.keys(self.location, prefix, self.store):
+                coords = chunk_coords(key, prefix, arr.ndim)
+                if coords is not None:
+                    out[coords] = key
+            self._listed[(split, name)] = out
+        return self._listed[(split, name)]
 
     def done_flags(self, split: str) -> np.ndarray:
         info = self.split_info(split)
@@ -143,11 +183,11 @@ class Cache:
         if blocks is None:
             blocks = np.flatnonzero(self.done_flags(split))
         side = {n: {(int(b),) for b in blocks} for n in SIDE_1D if n in self.array_names(split)}
-        missing = {n: sorted(want - set(self.chunk_files(split, n))) for n, want in side.items()}
+        missing = {n: sorted(want - set(self.chunk_keys(split, n))) for n, want in side.items()}
         if any(missing.values()):  # lengths itself is incomplete: the rest cannot be derived
             return {n: m for n, m in missing.items() if m}
         for name, want in self.expected_chunks(split, blocks).items():
-            gone = sorted(want - set(self.chunk_files(split, name)))
+            gone = sorted(want - set(self.chunk_keys(split, name)))
             if gone:
                 missing[name] = gone
         return {n: m for n, m in missing.items() if m}
@@ -188,7 +228,6 @@ class Cache:
         self.require_present(split)
 
     def bytes_on_disk(self, split: str | None = None, name: str | None = None) -> int:
-        root = self.path / split if split else self.path
-        if name:
-            root = root / name
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        """Bytes stored (on disk, or in the object store) under the cache, a split or an array."""
+        prefix = "/".join(p for p in (split, name) if p)
+        return access.size(self.location, f"{prefix}/" if prefix else "", self.store)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from sherl_pipe.cache import access
 from sherl_pipe.cache.codec import checksum_ok
 from sherl_pipe.cache.store import Cache, ChunkError
+
+BATCH = 64  # chunks fetched at once (concurrently from an object store)
 
 
 @dataclass
@@ -36,12 +37,17 @@ class VerifyReport:
 def _scan_split(cache: Cache, split: str, report: VerifyReport, progress) -> None:
     names = cache.array_names(split)
     for name in names:
-        for coords, path in sorted(cache.chunk_files(split, name).items()):
-            report.chunks_checked += 1
-            if not checksum_ok(path.read_bytes()):
-                report.problems.append(Problem(split, name, coords, "checksum mismatch (damaged or truncated)"))
+        stored = sorted(cache.chunk_keys(split, name).items())
+        for i in range(0, len(stored), BATCH):
+            part = stored[i:i + BATCH]
+            for (coords, _), data in zip(part, access.get_many(cache.location, [k for _, k in part], cache.store)):
+                report.chunks_checked += 1
+                if data is None:  # listed, then gone: deleted while verify ran
+                    report.problems.append(Problem(split, name, coords, "missing"))
+                elif not checksum_ok(data.as_buffer_like()):
+                    report.problems.append(Problem(split, name, coords, "checksum mismatch (damaged or truncated)"))
             if progress is not None:
-                progress(1)
+                progress(len(part))
     try:
         missing = cache.missing_chunks(split)
     except ChunkError:  # lengths or done is damaged: already reported above
@@ -51,26 +57,27 @@ def _scan_split(cache: Cache, split: str, report: VerifyReport, progress) -> Non
 
 
 def count_chunks(cache: Cache) -> int:
-    return sum(len(cache.chunk_files(s, n)) for s in cache.splits for n in cache.array_names(s))
+    return sum(len(cache.chunk_keys(s, n)) for s in cache.splits for n in cache.array_names(s))
 
 
 def mark_bad_blocks(cache: Cache, report: VerifyReport) -> None:
     """Set done[b] = 0 for every block holding a bad chunk (a bad `done` chunk is rewritten as 0)."""
-    import zarr
+    from sherl_pipe.cache.writer import BlockWriter
 
+    writer = None
     for split in cache.splits:
         blocks = sorted({int(p.coords[0]) for p in report.problems if p.split == split})
         if not blocks:
             continue
-        done = zarr.open_array(str(cache.path / split / "done"), mode="r+").with_config({"write_empty_chunks": True})
+        writer = writer or BlockWriter(cache.location)
         for b in blocks:
-            done[b] = np.uint8(0)
+            writer.set_done(split, b, 0)
         report.marked[split] = blocks
 
 
-def verify_cache(path, mark_bad: bool = False, progress=None) -> VerifyReport:
-    """Read every chunk file of every array once (checksums only, nothing is decoded)."""
-    cache = Cache(path)
+def verify_cache(where, mark_bad: bool = False, progress=None, options: dict | None = None) -> VerifyReport:
+    """Read every stored chunk of every array once (checksums only, nothing is decoded)."""
+    cache = Cache(where, options)
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(count_chunks(cache))
     report = VerifyReport()

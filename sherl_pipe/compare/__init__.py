@@ -40,11 +40,12 @@ def compare(pipeline: Pipeline, methods: list[str], seeds: int = 3, live_seeds: 
     here unless check_cache=False); returns the report (compare/report.py) and whether it was
     interrupted."""
     from sherl_pipe.cache import Cache, manifest_fingerprint
+    from sherl_pipe.cache.location import pipeline_location
     from sherl_pipe.compare.report import build_report
     from sherl_pipe.compare.run import plan_compare, run_compare, save_plan
     from sherl_pipe.request import check_cache_matches
 
-    cache = Cache(pipeline.extract.cache)
+    cache = Cache(pipeline_location(pipeline, training=True))
     if check_cache:
         check_cache_matches(cache, pipeline)
     c = plan_compare(pipeline, methods, seeds, live_seeds, budget, tune_lr, compare_dir, cache.manifest)

@@ -31,6 +31,7 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
     """The sweep's settings and space, checked against the pipeline and its cache (or, before the
     cache is made, the manifest it will have: extraction.planned_manifest) before anything runs."""
     from sherl_pipe.cache import Cache
+    from sherl_pipe.cache.location import pipeline_location
     from sherl_pipe.sweep.config import load_sweep, resolve_metric
     from sherl_pipe.sweep.run import Plan
     from sherl_pipe.sweep.space import check_space, grid, grid_size, parse_space
@@ -41,7 +42,7 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
     if not pipeline.train.eval_split:
         raise SherlError(f"{pipeline.origin}: a sweep ranks trials on train.eval_split; set it (for example "
                          f"validation, or data.validation_size to carve one out of data.train)")
-    manifest = manifest or Cache(pipeline.extract.cache).manifest
+    manifest = manifest or Cache(pipeline_location(pipeline, training=True)).manifest
     check_splits(pipeline.train, list(manifest["splits"]), f"cache {pipeline.extract.cache}")
     metric, direction = resolve_metric(cfg, manifest["task"]["type"], sweep.where("metric"))
     if metric == "f1_positive" and len(manifest["task"]["label_names"]) != 2:
@@ -68,11 +69,12 @@ def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str 
     unless check_cache=False: the caller has just checked or made it). `should_stop()` is polled:
     once true, no trial starts and the running ones stop at their next step, to run again on resume."""
     from sherl_pipe.cache import Cache, manifest_fingerprint
+    from sherl_pipe.cache.location import pipeline_location
     from sherl_pipe.request import check_cache_matches
     from sherl_pipe.sweep.report import build_report
     from sherl_pipe.sweep.study import prepare_folder, repair_journal
 
-    cache = Cache(pipeline.extract.cache)
+    cache = Cache(pipeline_location(pipeline, training=True))
     if check_cache:
         check_cache_matches(cache, pipeline)
     cfg, plan = plan_sweep(pipeline, sweep_file, sweep_dir)

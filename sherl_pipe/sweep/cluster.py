@@ -1,5 +1,6 @@
 """The dask cluster a sweep runs its trials on: a LocalCluster of worker processes by default,
-or an existing cluster by address (its workers must be able to read the cache path).
+or an existing cluster by address (its workers must be able to read the cache path); both made
+by sherl_pipe/cluster.py, which extraction shares.
 
 A trial runs alone in its worker process: torch's global RNG (which dropout inside transformers'
 attention draws from, with no way to pass a generator) and its thread count are per process, so
@@ -11,15 +12,12 @@ well (a cluster whose workers have several threads still runs one trial per work
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import signal
-import threading
 from dataclasses import dataclass
 
 from distributed import WorkerPlugin
 
-from sherl_pipe.errors import SherlError
+from sherl_pipe.cluster import connect, ignore_interrupts, local_cluster
 from sherl_pipe.sweep.config import SweepConfig
 
 PLUGIN = "sherl-pipe-sweep"
@@ -37,8 +35,8 @@ class TrialWorker(WorkerPlugin):
         self.model_type, self.shield = model_type, shield
 
     def setup(self, worker=None):
-        if self.shield and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.shield:
+            ignore_interrupts()
         import sherl_pipe.sweep.trial  # noqa: F401
         import sherl_pipe.training.run  # noqa: F401
 
@@ -87,73 +85,17 @@ def engine(cfg: SweepConfig, scheduler: str | None, model_type: str | None = Non
 
 @contextlib.contextmanager
 def _remote(cfg: SweepConfig, scheduler: str):
-    from distributed import Client
-
-    try:
-        client = Client(scheduler, timeout="20s")
-    except (OSError, TimeoutError) as exc:
-        raise SherlError(f"--scheduler {scheduler}: cannot connect ({exc}); give a running dask scheduler's "
-                         f"address, or leave it out for a local cluster") from None
-    with client:
-        workers = client.scheduler_info()["workers"]
-        if not workers:
-            raise SherlError(f"--scheduler {scheduler}: the cluster has no workers; start some")
+    with connect(scheduler) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
         threads = cfg.threads or max(1, min(w.get("nthreads", 1) for w in workers.values()))
         yield Engine(client, len(workers), threads, f"the cluster at {scheduler} ({len(workers)} workers)")
 
 
 @contextlib.contextmanager
 def _local(cfg: SweepConfig):
-    """Worker processes that run one trial at a time. Their environment is dask's default less
-    MALLOC_TRIM_THRESHOLD_: setting it turns off glibc's adaptive mmap threshold, so every tensor
-    of 128 KiB or more was mmapped and page-faulted afresh at each step (about 600 mmap/munmap
-    pairs a second, a third of a worker's CPU time in the kernel, measured here on 2 cores). The
-    statistical profiler, which samples the running trial's stack every 10 ms, is off too."""
-    import dask
-    from distributed import Client, LocalCluster
-
+    """Worker processes that run one trial at a time (cluster.local_cluster)."""
     cores = os.cpu_count() or 1
     n = cfg.workers or min(cfg.parallel or cores, cores)
     threads = cfg.threads or max(1, cores // n)
-    environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, "distributed.worker.profile.enabled": False}):
-        # The scheduler serves HTTP even without a dashboard, on 8787 unless told otherwise; ":0"
-        # takes a free port, so a second sweep (or another dask cluster) causes no port warning.
-        # Logs below CRITICAL stay quiet: a trial's error (dask's "Compute Failed" with its
-        # traceback) is in its error.txt and one line of the sweep's; a dead worker is reported too.
-        with _shielded():
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                   silence_logs=logging.CRITICAL)
-        with cluster, Client(cluster) as client:
-            _pin(client, threads)
-            yield Engine(client, n, threads, f"a local cluster of {n} worker processes")
-
-
-@contextlib.contextmanager
-def _shielded():
-    """Ctrl-C ignored while the first workers start: an ignored signal stays ignored across fork
-    and exec (and Python keeps it so), so the terminal's Ctrl-C, sent to the whole foreground
-    process group, never reaches them; workers started later ignore it from TrialWorker.setup on.
-    (Blocking the signal instead does not reach them: dask spawns from threads that exist already.)
-    A Ctrl-C in those few seconds is lost; the next one stops the sweep."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _pin(client, threads: int) -> None:
-    """Each worker on cores of its own (when the machine has enough): a trial's threads neither
-    migrate nor compete with another trial's. Measured on 2 cores: a trial next to another took
-    14.0 s unpinned and about 12.6 s pinned, against 12.4 s alone."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    workers = sorted(client.scheduler_info()["workers"])
-    if len(cores) < len(workers) * threads:
-        return
-    for i, address in enumerate(workers):
-        mine = set(cores[i * threads:(i + 1) * threads])
-        client.run(os.sched_setaffinity, 0, mine, workers=[address])
+    with local_cluster(n, threads) as client:
+        yield Engine(client, n, threads, f"a local cluster of {n} worker processes")

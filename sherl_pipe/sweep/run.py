@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from sherl_pipe.cache.location import storage_options_of
 from sherl_pipe.config import Pipeline
 from sherl_pipe.metrics import best_of
 from sherl_pipe.sweep.cluster import Engine
@@ -109,6 +110,8 @@ class Coordinator:
         return {"number": trial.number, "pipeline": pipe, "threads": self.engine.threads, "metric": self.plan.metric,
                 "reports": f"{self.prefix}-reports", "decisions": f"{self.prefix}-decide", "decide": self.decide,
                 "stop": f"{self.prefix}-stop", "cache_fingerprint": self.plan.cache_fingerprint,
+                # the storage credentials go to the worker in memory (dask), never to a file or a log
+                "storage_options": storage_options_of(self.plan.pipeline),
                 "methods": registered_classes()}
 
     def submit(self, worker: str) -> None:

@@ -23,7 +23,8 @@ FIXED = {"run_dir": "each trial has its own run folder in the sweep folder",
          "eval_split": "the sweep's metric is measured on it",
          "threads": "the sweep sets each trial's threads", "device": "the sweep's workers decide it",
          "preload": "set it in the pipeline", "save_every": "set it in the pipeline",
-         "save_minutes": "set it in the pipeline", "log_every": "set it in the pipeline"}
+         "save_minutes": "set it in the pipeline", "log_every": "set it in the pipeline",
+         "storage_options": "set it in the pipeline"}
 
 
 @dataclass(frozen=True)

@@ -75,11 +75,23 @@ def make_pruner(cfg: SweepConfig):
     return optuna.pruners.NopPruner()
 
 
-def signature(cfg: SweepConfig, params: list[Param], base: dict, metric: str, direction: str) -> dict:
-    """What makes two runs of a sweep the same sweep (where it runs and how fast do not count)."""
+# Where a sweep's pieces run and how they reach the cache, not what they compute
+NOT_SIGNED = {"train": ("run_dir", "threads", "storage_options"), "extract": ("workers", "storage_options")}
+
+
+def _signed(base: dict) -> dict:
     from sherl_pipe.methods import effective_train
 
-    base = {**base, "train": effective_train({k: v for k, v in base["train"].items() if k not in ("run_dir", "threads")})}
+    out = {s: ({k: v for k, v in body.items() if k not in NOT_SIGNED.get(s, ())} if isinstance(body, dict) else body)
+           for s, body in base.items()}
+    if "train" in out:
+        out["train"] = effective_train(out["train"])
+    return out
+
+
+def signature(cfg: SweepConfig, params: list[Param], base: dict, metric: str, direction: str) -> dict:
+    """What makes two runs of a sweep the same sweep (where it runs and how fast do not count)."""
+    base = _signed(base)
     return json.loads(json.dumps({"space": [p.to_dict() for p in params], "metric": metric, "direction": direction,
                                   "sampler": cfg.sampler, "seed": cfg.seed, "pipeline": base}))
 
@@ -88,12 +100,7 @@ def upgraded(sig: dict) -> dict:
     """A stored signature with the pipeline keys its sherl-pipe lacked (config.upgrade_saved)."""
     from sherl_pipe.config import upgrade_saved
 
-    from sherl_pipe.methods import effective_train
-
-    pipe = upgrade_saved(sig.get("pipeline", {}))
-    if "train" in pipe:
-        pipe["train"] = effective_train({k: v for k, v in pipe["train"].items() if k not in ("run_dir", "threads")})
-    return {**sig, "pipeline": pipe}
+    return {**sig, "pipeline": _signed(upgrade_saved(sig.get("pipeline", {})))}
 
 
 def _pipeline_diff(kept: dict, sig: dict) -> str:

@@ -114,10 +114,11 @@ def check_cache(pipeline, fingerprint: str, number: int) -> None:
     import socket
 
     from sherl_pipe.cache import Cache, manifest_fingerprint
+    from sherl_pipe.cache.location import pipeline_location
     from sherl_pipe.errors import SherlError
 
     path = pipeline.extract.cache
-    if manifest_fingerprint(Cache(path).manifest) != fingerprint:
+    if manifest_fingerprint(Cache(pipeline_location(pipeline, training=True)).manifest) != fingerprint:
         raise SherlError(f"sweep trial {number}: the cache at {path} on {socket.gethostname()} is not the one the "
                          f"sweep checked (its manifest fingerprint differs); the workers must reach the sweep's "
                          f"cache at the same path")
@@ -135,6 +136,7 @@ def _run_trial(spec: dict) -> dict:
     import torch
 
     from sherl_pipe.cache import set_codec_threads
+    from sherl_pipe.cache.location import with_storage_options
     from sherl_pipe.config import Pipeline
     from sherl_pipe.training import train
 
@@ -144,7 +146,8 @@ def _run_trial(spec: dict) -> dict:
         register_method(name, cls)
     torch.set_num_threads(spec["threads"])
     set_codec_threads(spec["threads"])  # the decompressor's threads too: trials share the machine's cores
-    pipeline = Pipeline.from_dict(spec["pipeline"], f"sweep trial {spec['number']}")
+    pipeline = with_storage_options(Pipeline.from_dict(spec["pipeline"], f"sweep trial {spec['number']}"),
+                                    spec.get("storage_options"))
     check_cache(pipeline, spec["cache_fingerprint"], spec["number"])
     reporter = Reporter(spec)
     t0 = time.perf_counter()

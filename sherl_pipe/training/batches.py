@@ -14,8 +14,10 @@ Window sizes count every tier the cache stores, not the ones a method reads, so 
 depend on the method or on train.tiers.
 
 A reader touches each chunk once per epoch. The
-cache reader decodes whole chunks in a background thread, keeps only the chunks the coming batches
-need, trims every batch to its longest sample and only then decodes it: int8 and float8 codes to
+cache reader fetches the stored bytes of the coming chunks through the cache's store, many
+requests at once (prefetch.py: at most one window's worth, train.buffer_mb, in flight), so an
+object store's latency per request does not stall training; it decodes whole chunks in a
+background thread, keeps only the chunks the coming batches need, trims every batch to its longest sample and only then decodes it: int8 and float8 codes to
 float32; float16 stays float16, since the consolidation converts each tier as it copies it into its
 input buffer anyway (a second float32 copy per tier cost a pass over every tier each step). The
 trainer gets plain tensors and never touches Zarr.
@@ -37,6 +39,9 @@ import torch
 
 from sherl_pipe.cache import BlockReader, Cache, tier_name
 from sherl_pipe.storage import LOSSY, decode, nominal_itemsize, through_storage
+from sherl_pipe.training.prefetch import Prefetcher
+
+MAX_AHEAD = 64  # chunk requests in flight at most, however small the chunks
 
 
 def _libc_trim():
@@ -134,7 +139,8 @@ class ChunkSampler:
 class SplitSource:
     """Batches of one cached split: tiers read from the cache (or preloaded), side arrays from memory."""
 
-    def __init__(self, cache: Cache, split: str, tiers: list[int], read_tiers: bool = True, preload: bool = False):
+    def __init__(self, cache: Cache, split: str, tiers: list[int], read_tiers: bool = True, preload: bool = False,
+                 ahead_bytes: int = 32 * 2**20):
         cache.require_complete(split)
         self.cache, self.split, self.tiers = cache, split, list(tiers) if read_tiers else []
         self.chunk_size = cache.manifest["chunk_size"]
@@ -147,12 +153,32 @@ class SplitSource:
         self.token_type_ids = cache.read(split, "token_type_ids") if "token_type_ids" in names else None
         self.n = len(self.lengths)
         self.n_chunks = -(-self.n // self.chunk_size)
-        self._readers = {t: BlockReader(cache.path, split, tier_name(t), cache.array(split, tier_name(t)))
+        self._readers = {t: BlockReader(cache.location, split, tier_name(t), cache.array(split, tier_name(t)))
                          for t in self.tiers}
+        self.ahead = self._ahead(ahead_bytes)
         self._preloaded = None
         if preload:
             pool = self._pool()
-            self._preloaded = {c: self._read_chunk(c, pool) for c in range(self.n_chunks)}
+            chunks = list(range(self.n_chunks))
+            fetched = self._prefetcher(chunks)
+            self._preloaded = {c: self._read_chunk(c, pool, fetched) for c in chunks}
+
+    def _ahead(self, budget: int) -> int:
+        """Requests in flight: as many chunks as AHEAD_BYTES of decoded slabs (the reader's window
+        budget, train.buffer_mb: stored chunks are about their decoded size), at least 4."""
+        if not self._readers:
+            return 1
+        reader = next(iter(self._readers.values()))
+        slab = int(np.prod(reader.chunk_shape)) * np.dtype(reader.dtype).itemsize
+        return int(min(MAX_AHEAD, max(4, budget // max(slab, 1))))
+
+    def _keys(self, chunks) -> list[str]:
+        """The store keys of these chunks' tiers, in the order _read_chunk decodes them."""
+        return [reader.key(c, j) for c in chunks for reader in self._readers.values()
+                for j in range(self._time_chunks(c))]
+
+    def _prefetcher(self, chunks) -> Prefetcher:
+        return Prefetcher(self.cache.location, self.cache.store, self._keys(chunks), self.ahead)
 
     def _pool(self) -> SlabPool | None:
         if not self._readers:
@@ -178,15 +204,15 @@ class SplitSource:
         return ChunkSampler(self.n, self.chunk_size, batch_size, buffer_chunks, seed,
                             chunk_bytes=self.chunk_bytes(), buffer_bytes=int(buffer_mb * 2**20), policy=policy)
 
-    def _read_chunk(self, c: int, pool: SlabPool | None = None) -> dict[int, list[np.ndarray]]:
-        """Chunk c's tiers: for each, one slab per time chunk up to the chunk's longest sample."""
-        pool = pool or self._pool()
+    def _read_chunk(self, c: int, pool: SlabPool, fetched: Prefetcher) -> dict[int, list[np.ndarray]]:
+        """Chunk c's tiers: for each, one slab per time chunk up to the chunk's longest sample,
+        decoded from the bytes FETCHED hands out (in _keys' order)."""
         n_time = self._time_chunks(c)
         out = {}
         for t, reader in self._readers.items():
             slabs = [pool.take() for _ in range(n_time)]
             for j, slab in enumerate(slabs):
-                reader.read_time_chunk(c, j, slab)
+                reader.decode(c, j, fetched.next(reader.key(c, j)), slab)
             out[t] = slabs
         return out
 
@@ -244,12 +270,17 @@ class SplitSource:
                 thread.join(timeout=0.05)
 
     def _produce(self, batches, out: queue.Queue, stop: threading.Event) -> None:
+        fetched = None
         try:
             last_use: dict[int, int] = {}
+            first_use: dict[int, None] = {}  # chunks in the order they are first needed
             for b, idx in enumerate(batches):
                 for c in np.unique(idx // self.chunk_size):
                     last_use[int(c)] = b
+                    first_use.setdefault(int(c), None)
             pool = self._pool()
+            if self._preloaded is None:
+                fetched = self._prefetcher(list(first_use))
             held: dict[int, dict[int, list[np.ndarray]]] = {}
             for b, idx in enumerate(batches):
                 if stop.is_set():
@@ -257,7 +288,8 @@ class SplitSource:
                 for c in np.unique(idx // self.chunk_size):
                     c = int(c)
                     if c not in held:
-                        held[c] = self._preloaded[c] if self._preloaded is not None else self._read_chunk(c, pool)
+                        held[c] = self._preloaded[c] if self._preloaded is not None else self._read_chunk(c, pool,
+                                                                                                          fetched)
                 batch = self.make_batch(idx, held)
                 for c in [c for c in held if last_use[c] <= b]:
                     released = held.pop(c)
@@ -269,6 +301,9 @@ class SplitSource:
             release_free_memory()
         except BaseException as exc:  # handed to the consumer
             out.put(exc)
+        finally:
+            if fetched is not None:
+                fetched.close()
 
 
 class LiveStates:

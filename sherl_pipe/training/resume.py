@@ -19,9 +19,11 @@ from sherl_pipe.model import ModelSpec
 from sherl_pipe.training.loop import RunState
 
 # Settings that do not change what is computed: where the run lives and how it is checkpointed,
-# how many threads and which device run it, whether the split is read ahead into memory, logging.
+# how many threads and which device run it, how the cache's store is reached, whether the split
+# is read ahead into memory, logging.
 # Not `compile`: the compiler draws the consolidation's dropout masks from its own generator.
-FREE_ON_RESUME = {"run_dir", "threads", "device", "preload", "save_every", "save_minutes", "log_every"}
+FREE_ON_RESUME = {"run_dir", "threads", "device", "preload", "save_every", "save_minutes", "log_every",
+                  "storage_options"}
 
 
 def check_resume(run_dir: Path, saved: dict, spec: ModelSpec, fingerprint: str, cfg: TrainConfig,

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from sherl_pipe.cache import Cache, manifest_fingerprint
+from sherl_pipe.cache.location import pipeline_location
 from sherl_pipe.config import Pipeline
 from sherl_pipe.devices import native_cpu_bf16, pick_device, stage_two_precision
 from sherl_pipe.errors import SherlError
@@ -93,7 +94,7 @@ def with_target_scale(spec: ModelSpec, cache: Cache) -> ModelSpec:
 def open_training_cache(pipeline: Pipeline, check_cache: bool = True) -> tuple[Cache, ModelSpec, str | None]:
     """The cache, the model spec and the evaluation split, checked before any work."""
     cfg = pipeline.train
-    cache = Cache(pipeline.extract.cache)
+    cache = Cache(pipeline_location(pipeline, training=True))
     if check_cache:
         check_cache_matches(cache, pipeline)
     check_splits(cfg, cache.splits, f"cache {cache.path}")
@@ -144,7 +145,7 @@ def start_run(run: RunFolder, s: Session) -> RunState:
     run.write_json("config.json", s.pipeline.to_dict())
     run.write_json("manifest.json", s.cache.manifest)
     run.write_json("model.json", {
-        "spec": s.spec.to_dict(), "cache": str(s.cache.path.resolve()),
+        "spec": s.spec.to_dict(), "cache": str(s.cache.location.absolute()),
         "cache_fingerprint": manifest_fingerprint(s.cache.manifest),
         "backbone_source": s.pipeline.backbone.source,
         "backbone_folder": str(resolve_model(s.pipeline.backbone.source).resolve()),

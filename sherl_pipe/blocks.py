@@ -1,0 +1,147 @@
+"""One extraction block: the early layers' tiers of its samples, its side arrays, then written and
+marked done. The in-process extraction and a dask worker run the same code on the same inputs (the
+coordinator's tokens in storage order), so a cache written by N workers holds the bytes of a
+single-process one, and a block that dask runs twice writes the same bytes twice.
+
+A worker keeps what it needs across blocks in its process: the backbone (checked once against the
+manifest's module hashes, so a worker whose folder holds other weights refuses to write) and the
+cache's block writer (the store opened once).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from sherl_pipe.cache.codec import whole_time_chunks
+from sherl_pipe.cache.location import Location
+from sherl_pipe.errors import SherlError
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """What every block of one extraction shares; small, so it travels with each task."""
+
+    location: Location  # with its storage options: handed over in memory, never written
+    backbone: str  # the backbone folder or embedded: name, as the workers reach it
+    attn_implementation: str
+    device: str  # backbone.device (auto is resolved where the block runs)
+    tiers: tuple[int, ...]
+    batch_size: int
+    dtype: str
+    time_chunk: int
+    hashes: dict  # the manifest's per-module hashes
+    cache_name: str  # for messages
+    run_id: str = ""  # one extraction run: a worker that outlives it (a cluster elsewhere) reopens the cache
+    precision: str = "fp32"  # extract.precision: the early layers' autocast
+
+
+@dataclass
+class BlockTask:
+    """One block's samples in storage order: tokens and side arrays, and the split's time axis."""
+
+    split: str
+    block: int
+    time_len: int
+    ids: list
+    types: list | None
+    lengths: np.ndarray
+    labels: np.ndarray
+    row_ids: np.ndarray
+
+    @property
+    def samples(self) -> int:
+        return len(self.lengths)
+
+
+def make_task(plan, split: str, block: int, chunk_size: int) -> BlockTask:
+    """Block BLOCK of a split, from the coordinator's plan (extraction.Plan)."""
+    data, tok = plan.dataset.splits[split], plan.tokenized[split]
+    idx = np.arange(block * chunk_size, min((block + 1) * chunk_size, len(data)))
+    return BlockTask(split, block, tok.max_len, [tok.ids[i] for i in idx],
+                     None if tok.types is None else [tok.types[i] for i in idx],
+                     tok.lengths[idx], data.labels[idx], data.row_ids[idx])
+
+
+def compute_block(backbone, job: BlockJob, task: BlockTask, device) -> dict[str, np.ndarray]:
+    """The block's arrays: tiers from the model (positions up to its longest sample, in whole
+    time chunks), input_ids (and token types), lengths, labels, row ids."""
+    from sherl_pipe.extraction import Tokenized, forward_block, pad_batch
+
+    tok = Tokenized(task.ids, task.types, task.lengths)
+    idx = np.arange(task.samples)
+    width = whole_time_chunks(int(task.lengths.max()), job.time_chunk, task.time_len)
+    pad_id = backbone.tokenizer.pad_token_id or 0
+    arrays = forward_block(backbone, tok, idx, list(job.tiers), width, job.batch_size, job.dtype, device,
+                           f"cache {job.cache_name}, split '{task.split}', block {task.block}", job.precision)
+    arrays["input_ids"] = pad_batch(task.ids, pad_id, width, np.int32)
+    if task.types is not None:
+        arrays["token_type_ids"] = pad_batch(task.types, 0, width, np.int8)
+    arrays["lengths"] = task.lengths
+    arrays["labels"] = task.labels
+    arrays["row_ids"] = task.row_ids
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# On a worker: the backbone and the writer, once per process
+
+_HELD: dict = {}
+_HELD_LOCK = threading.Lock()
+
+
+def worker_backbone(job: BlockJob):
+    """The backbone, loaded once per process, refused if its modules are not the manifest's."""
+    from sherl_pipe.backbone import Backbone
+    from sherl_pipe.devices import pick_device
+
+    # the expected hashes are part of the key: a long-lived worker reloads a folder whose weights changed
+    key = ("backbone", job.backbone, job.attn_implementation, job.device, tuple(sorted(job.hashes.items())))
+    with _HELD_LOCK:
+        if key not in _HELD:
+            _forget("backbone")
+            import socket
+
+            device = pick_device(job.device)
+            backbone = Backbone(job.backbone, job.attn_implementation, device)
+            hashes = backbone.module_hashes()
+            differ = sorted(k for k, v in job.hashes.items() if hashes.get(k) != v)
+            if differ:
+                raise SherlError(f"backbone {job.backbone} on worker {socket.gethostname()}: its modules "
+                                 f"{', '.join(differ[:4])} differ from the cache's manifest; every worker must "
+                                 f"reach the same backbone at the same path")
+            _HELD[key] = (backbone, device)
+        return _HELD[key]
+
+
+def worker_writer(job: BlockJob):
+    """The cache's block writer, opened once per extraction run (an --overwrite may have made its
+    arrays anew since the last run this worker served)."""
+    from sherl_pipe.cache.writer import BlockWriter
+
+    key = ("writer", job.location.url, job.run_id)
+    with _HELD_LOCK:
+        if key not in _HELD:
+            _forget("writer")
+            _HELD[key] = BlockWriter(job.location)
+        return _HELD[key]
+
+
+def _forget(kind: str) -> None:
+    """Drop what an earlier extraction left in this process (one backbone, one writer at a time)."""
+    for key in [k for k in _HELD if k[0] == kind]:
+        del _HELD[key]
+
+
+def run_block(job: BlockJob, task: BlockTask) -> dict:
+    """What a dask worker runs for one block: forward, encode, write, mark done; returns counts."""
+    import torch
+
+    backbone, device = worker_backbone(job)
+    with torch.inference_mode():
+        arrays = compute_block(backbone, job, task, device)
+    worker_writer(job).write_block(task.split, task.block, arrays)
+    return {"split": task.split, "block": task.block, "samples": task.samples,
+            "tokens": int(task.lengths.sum())}

@@ -1,0 +1,110 @@
+"""Extraction on dask.distributed: blocks as tasks on a local cluster (`extract.workers = N`) or an
+existing one (`extract --scheduler ADDRESS`), whose workers must reach the cache location and the
+backbone at the paths the coordinator gives (made absolute first).
+
+The coordinator (extraction.extract) has read and tokenized the data, written the manifest and
+created the arrays, and holds the cache's lock; here it hands out the blocks not yet done, at most
+IN_FLIGHT_PER_WORKER per worker at a time (each carries its own samples' tokens), releases each
+finished future, and counts what came back. A task runs tokens -> forward -> encode -> write ->
+done on its worker (blocks.run_block). A worker that dies loses only its blocks in flight: dask
+runs them again elsewhere (a block written twice leaves the same bytes). A coordinator that is
+killed leaves the blocks done so far; rerunning the command redoes only the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+
+from distributed import WorkerPlugin
+
+from sherl_pipe.errors import SherlError
+
+PLUGIN = "sherl-pipe-extract"
+IN_FLIGHT_PER_WORKER = 2  # one running, one waiting: a worker never idles between blocks
+
+
+class ExtractWorker(WorkerPlugin):
+    """Run in every worker as it starts (restarted ones too): torch's and the codec's threads, the
+    imports a block needs, and, on a local cluster, the terminal's Ctrl-C ignored."""
+
+    name = PLUGIN
+
+    def __init__(self, threads: int, shield: bool):
+        self.threads, self.shield = threads, shield
+
+    def setup(self, worker=None):
+        import torch
+
+        from sherl_pipe.cache import set_codec_threads
+        from sherl_pipe.cluster import ignore_interrupts
+
+        if self.shield:
+            ignore_interrupts()
+        torch.set_num_threads(self.threads)
+        set_codec_threads(1)
+        import sherl_pipe.blocks  # noqa: F401
+        import sherl_pipe.extraction  # noqa: F401
+
+
+@contextlib.contextmanager
+def extraction_cluster(workers: int, scheduler: str | None, threads: int):
+    """(client, description): an existing cluster at SCHEDULER, or a LocalCluster of WORKERS
+    processes with cores / WORKERS torch threads each (THREADS: a remote worker's)."""
+    from sherl_pipe.cluster import connect, local_cluster
+
+    if scheduler:
+        with connect(scheduler) as client:
+            client.register_plugin(ExtractWorker(threads, shield=False), name=PLUGIN)
+            n = len(client.scheduler_info(n_workers=-1)["workers"])
+            yield client, f"the cluster at {scheduler} ({n} workers)"
+        return
+    per = max(1, (os.cpu_count() or 1) // workers)
+    with local_cluster(workers, per) as client:
+        client.register_plugin(ExtractWorker(per, shield=True), name=PLUGIN)
+        yield client, f"a local cluster of {workers} worker processes ({per} torch thread(s) each)"
+
+
+def run_blocks(client, job, tasks, on_done, check_lock=lambda: None) -> None:
+    """Run every task of TASKS (an iterator of BlockTask) on the cluster, a bounded number at a
+    time; ON_DONE(counts) as each finishes. A task's error (a SherlError on its worker) is raised
+    here once the tasks in flight are cancelled."""
+    from distributed import as_completed
+
+    from sherl_pipe.blocks import run_block
+
+    workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    tasks = iter(tasks)
+    running = as_completed()
+    run_id = job.run_id or uuid.uuid4().hex[:8]
+
+    def submit_next() -> None:
+        task = next(tasks, None)
+        if task is not None:
+            key = f"sherl-extract-{run_id}-{task.split}-{task.block}"
+            running.add(client.submit(run_block, job, task, key=key, pure=False))
+
+    for _ in range(IN_FLIGHT_PER_WORKER * workers):
+        submit_next()
+    try:
+        for future in running:
+            counts = _result(future)
+            future.release()
+            on_done(counts)
+            check_lock()
+            submit_next()
+    except BaseException:
+        for future in list(running.futures):
+            future.cancel()
+        raise
+
+
+def _result(future):
+    from distributed.scheduler import KilledWorker
+
+    try:
+        return future.result()
+    except KilledWorker as exc:
+        raise SherlError(f"extraction: the workers running one block kept dying ({exc}); check the workers' "
+                         f"memory and logs, then rerun the command: finished blocks are kept") from None

@@ -1,0 +1,81 @@
+"""Cache locations other than a local folder, without a server: fsspec's memory:// filesystem,
+file:// URLs, storage options on the command line and kept out of everything written; and the
+trainer's reader hiding a store's latency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+
+from conftest import write_full_pipeline
+from sherl_pipe.cache import Cache
+from sherl_pipe.config import dumps, load_pipeline, to_toml
+from sherl_pipe.extraction import extract
+from sherl_pipe.training import train
+
+
+def test_a_cache_in_memory_is_extracted_trained_on_and_equal_to_a_folder(tmp_path, bert_dir, labeled_csv,
+                                                                        fp32_cache):
+    """memory:// goes through FsspecStore (the fallback for every scheme obstore does not serve);
+    its lease through the memory filesystem's exclusive create."""
+    from zarr.storage import FsspecStore
+
+    p = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, "memory://sherl/cache", tmp_path / "run",
+                            'dtype = "float32"', "max_steps = 2")
+    pipe = load_pipeline(str(p))
+    extract(pipe, log=lambda m: None)
+    cache = Cache("memory://sherl/cache")
+    assert isinstance(cache.store, FsspecStore)
+    local = Cache(fp32_cache)
+    for split in local.splits:
+        for name, arr in local.group[split].arrays():
+            np.testing.assert_array_equal(arr[:], cache.group[split][name][:])
+    assert train(pipe, log=lambda m: None).steps == 2
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["cache"] == "memory://sherl/cache"
+
+
+def test_a_file_url_is_the_local_folder(fp32_cache):
+    assert Cache(f"file://{fp32_cache}").location.is_local
+    assert Cache(f"file://{fp32_cache}").manifest == Cache(fp32_cache).manifest
+
+
+def test_storage_options_are_set_key_by_key_and_credentials_never_shown():
+    pipe = load_pipeline(None, ["extract.cache=s3://b/c", "extract.storage_options.endpoint_url=http://h:1",
+                                "extract.storage_options.client_kwargs.region_name=eu-west-1",
+                                "extract.storage_options.secret=TOPSECRET", "train.storage_options.key=AKIA1"])
+    assert pipe.extract.storage_options == {"endpoint_url": "http://h:1", "client_kwargs": {"region_name": "eu-west-1"},
+                                            "secret": "TOPSECRET"}
+    for text in (dumps(pipe), to_toml(pipe), json.dumps(pipe.to_dict())):
+        assert "TOPSECRET" not in text and "AKIA1" not in text and "http://h:1" in text
+    assert pipe.to_dict(secrets=True)["extract"]["storage_options"]["secret"] == "TOPSECRET"  # in memory only
+
+
+def test_the_reader_fetches_chunks_concurrently_so_a_stores_latency_does_not_add_up(fp32_cache, monkeypatch):
+    """Every chunk request takes 50 ms (a distant object store): one at a time an epoch would wait
+    50 ms per chunk; fetched ahead, concurrently, it waits a few such delays in all."""
+    from zarr.storage import LocalStore
+
+    from sherl_pipe.training.batches import SplitSource
+
+    real = LocalStore.get
+    requests = []
+
+    async def slow_get(self, key, *args, **kwargs):
+        if "/c/" in key:
+            requests.append(key)
+            await asyncio.sleep(0.05)
+        return await real(self, key, *args, **kwargs)
+
+    cache = Cache(fp32_cache)
+    source = SplitSource(cache, "train", cache.tiers)
+    batches = source.sampler(8, 4, 32, seed=0).batches(0)
+    monkeypatch.setattr(LocalStore, "get", slow_get)
+    start = time.perf_counter()
+    seen = sum(len(b.index) for b in source.iterate(batches))
+    elapsed = time.perf_counter() - start
+    assert seen == source.n and len(requests) >= 20
+    assert elapsed < 0.05 * len(requests) / 3, (elapsed, len(requests))
