@@ -105,10 +105,12 @@ def baselines(spec: ModelSpec, cache: Cache, gold: np.ndarray) -> dict:
 
 
 def evaluate(run_dir, split: str = "test", checkpoint: str = "best", batch_size: int = 128,
-             cache_path: str | None = None) -> dict:
-    """Metrics on a cached split; writes eval_SPLIT_CHECKPOINT.json and predictions_SPLIT_CHECKPOINT.csv."""
+             cache_path: str | None = None, storage_options: dict | None = None) -> dict:
+    """Metrics on a cached split; writes eval_SPLIT_CHECKPOINT.json and predictions_SPLIT_CHECKPOINT.csv.
+    STORAGE_OPTIONS: for a cache on an object store, in place of the run's (which hold no secrets)."""
     t = load_trained(run_dir, checkpoint)
-    cache = open_run_cache(t.run_dir, t.info, cache_path, pipeline_location(t.pipeline, training=True).options)
+    options = storage_options if storage_options is not None else pipeline_location(t.pipeline, training=True).options
+    cache = open_run_cache(t.run_dir, t.info, cache_path, options)
     if split not in cache.splits:
         raise SherlError(f"cache {cache.path}: no split '{split}' to evaluate (has: {', '.join(cache.splits)})")
     source = source_for(cache, split, dataclasses.replace(t.spec, source="cached"))  # live runs saw these values

@@ -50,13 +50,16 @@ def measure_state(pipeline) -> dict:
     return {**out, "batch": [len(first), int(batch.mask.shape[1])]}
 
 
-def test_predictions(run_dir: Path, split: str) -> dict:
-    """The best checkpoint's metrics on SPLIT, and each row's prediction and gold value."""
+def test_predictions(pipeline, run_dir: Path) -> dict:
+    """The best checkpoint's metrics on the pipeline's evaluation split, and each row's prediction
+    and gold value."""
     import csv
 
+    from sherl_pipe.cache.location import pipeline_location
     from sherl_pipe.evaluation import evaluate
 
-    metrics = evaluate(run_dir, split, "best")
+    split = pipeline.evaluate.split
+    metrics = evaluate(run_dir, split, "best", storage_options=pipeline_location(pipeline, training=True).options)
     with open(run_dir / f"predictions_{split}_best.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     value = "label" if "label" in rows[0] else "value"
@@ -82,7 +85,9 @@ def warm_imports(pipeline) -> None:
     get_method(pipeline.train.method)
 
 
-def run(spec: dict) -> dict:
+def run(spec: dict, storage_options: list | None = None) -> dict:
+    """SPEC as written by compare/trial.py; STORAGE_OPTIONS the pipeline's [extract, train]
+    storage options, which never travel in the spec file."""
     import torch
 
     from sherl_pipe.cache import set_codec_threads
@@ -93,7 +98,10 @@ def run(spec: dict) -> dict:
     set_codec_threads(spec["threads"])
     from sherl_pipe.sweep.trial import check_cache
 
+    from sherl_pipe.cache.location import Hidden, with_storage_options
+
     pipeline = Pipeline.from_dict(spec["pipeline"], f"compare trial {spec['number']}")
+    pipeline = with_storage_options(pipeline, Hidden(storage_options) if storage_options else None)
     check_cache(pipeline, spec["cache_fingerprint"], spec["number"])
     warm_imports(pipeline)
     values: list[float] = []
@@ -114,7 +122,7 @@ def run(spec: dict) -> dict:
         return out
     info = json.loads((Path(result.run_dir) / "model.json").read_text())
     out.update(trainable_parameters=info["trainable_parameters"], state_bytes=measure_state(pipeline),
-               test=test_predictions(Path(result.run_dir), pipeline.evaluate.split))
+               test=test_predictions(pipeline, Path(result.run_dir)))
     return out
 
 
@@ -124,7 +132,7 @@ def main(argv: list[str]) -> int:
 
     spec_path = Path(argv[0])
     try:
-        out = run(json.loads(spec_path.read_text()))
+        out = run(json.loads(spec_path.read_text()), json.loads(sys.stdin.read() or "null"))
     except SherlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -25,10 +25,14 @@ def run_compare_trial(spec: dict) -> dict:
     folder = job_folder(spec["pipeline"]["train"]["run_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").unlink(missing_ok=True)
-    (folder / "spec.json").write_text(json.dumps(spec))
+    # the storage options (credentials among them) reach the job through its stdin, never a file
+    hidden = spec.get("storage_options")
+    (folder / "spec.json").write_text(json.dumps({k: v for k, v in spec.items() if k != "storage_options"}))
     env = {**os.environ, **{k: str(spec["threads"]) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
     proc = subprocess.Popen([sys.executable, "-m", "sherl_pipe.compare.job", str(folder / "spec.json")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(json.dumps(hidden.value if hidden is not None else None))
+    proc.stdin.close()
     stop, asked = StopFlag(spec["stop"]), False
     while proc.poll() is None:
         time.sleep(0.2)
