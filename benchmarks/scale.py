@@ -55,7 +55,7 @@ def extract_timed(pipe_file: str, sets: list[str]) -> dict:
 
     pipe = load_pipeline(pipe_file, sets)
     torch.set_num_threads(pipe.extract.threads)
-    if not pipe.extract.cache.startswith(("s3://", "gs://", "memory://")):
+    if "://" not in pipe.extract.cache:
         shutil.rmtree(pipe.extract.cache, ignore_errors=True)
     t = time.perf_counter()
     s = extract(pipe, log=lambda m: None)
@@ -100,16 +100,83 @@ def median_range(xs: list[float]) -> str:
     return f"{statistics.median(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]"
 
 
-def ratios(job, pipe: Path, name: str, a: list[str], b: list[str], repeats: int, key: str = "blocks_s") -> list:
-    """A over B, back to back, the order reversed every other round."""
+def ratios(job, pipe: Path, name: str, a: list[str], b: list[str], repeats: int, key: str = "blocks_s",
+           kind: str = "extract") -> list:
+    """A over B, back to back, the order reversed every other round ({r} in a setting: the round)."""
+    return [pair["a"][key] / pair["b"][key] for pair in pairs(job, pipe, name, a, b, repeats, kind)]
+
+
+def pairs(job, pipe: Path, name: str, a: list[str], b: list[str], repeats: int, kind: str = "extract") -> list:
     out = []
     for r in range(repeats):
         pair = {}
         for side, sets in ((("a", a), ("b", b)) if r % 2 == 0 else (("b", b), ("a", a))):
-            pair[side] = job(f"{name}-{side}-{r}", ["--job", "extract", "--pipe", str(pipe),
-                                                     *[x for s in sets for x in ("--set", s)]])
-        out.append(pair["a"][key] / pair["b"][key])
+            pair[side] = job(f"{name}-{side}-{r}", ["--job", kind, "--pipe", str(pipe),
+                                                     *[x for s in sets for x in ("--set", s.format(r=r))]])
+        out.append(pair)
     return out
+
+
+def part_workers(job, pipe: Path, args, work: Path) -> dict:
+    """(a): the whole extraction (2 workers: the cluster's start and each worker's model load
+    included) and its block loop, each against one process with one torch thread."""
+    got = pairs(job, pipe, "workers", [f"extract.cache={work / 'c-w2'}", "extract.workers=2", "extract.threads=1"],
+                [f"extract.cache={work / 'c-w1'}", "extract.threads=1"], args.repeats)
+    whole = [p["a"]["seconds"] / p["b"]["seconds"] for p in got]
+    loop = [p["a"]["blocks_s"] / p["b"]["blocks_s"] for p in got]
+    print(f"  (a) 2 workers / 1 worker (1 thread each): whole extraction {median_range(whole)}, block loop "
+          f"{median_range(loop)} (1 worker's loop {statistics.median(p['b']['blocks_s'] for p in got):.1f} s)", flush=True)
+    return {"extract_two_over_one_worker": round(statistics.median(whole), 4),
+            "extract_two_over_one_worker_blocks": round(statistics.median(loop), 4)}
+
+
+def start_s3():
+    """moto's S3 server on a free loopback port with a bucket, fake credentials in the environment
+    (the jobs inherit them); (server, endpoint URL)."""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="bench")
+    return server, url
+
+
+def part_s3(job, pipe: Path, args, work: Path) -> dict:
+    """(c) extraction written to S3 against a local folder (a fresh prefix each round), then (b)
+    one epoch of training (k = 1, frozen) from the S3 cache against the local one."""
+    server, url = start_s3()
+    try:
+        opt = f"extract.storage_options.endpoint_url={url}"
+        ex = pairs(job, pipe, "s3-extract", ["extract.cache=s3://bench/c-{r}", opt],
+                   [f"extract.cache={work / 'c-local'}"], args.repeats)
+        write = [p["a"]["blocks_s"] / p["b"]["blocks_s"] for p in ex]
+        print(f"  (c) extraction to S3 / local (block loop, 2 threads): {median_range(write)}", flush=True)
+        run = ["train.late_layers=1", "train.late_tuning=frozen", "train.epochs=1", f"train.run_dir={work / 'run'}"]
+        ep = ratios(job, pipe, "s3-epoch", ["extract.cache=s3://bench/c-0", opt, *run],
+                    [f"extract.cache={work / 'c-local'}", *run], args.repeats, key="seconds", kind="epoch")
+        print(f"  (b) one epoch from S3 / local: {median_range(ep)}", flush=True)
+    finally:
+        server.stop()
+    return {"extract_s3_over_local": round(statistics.median(write), 4),
+            "epoch_s3_over_local": round(statistics.median(ep), 4)}
+
+
+def epoch_job(pipe_file: str, sets: list[str]) -> dict:
+    import torch
+
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.training import train
+
+    pipe = load_pipeline(pipe_file, sets)
+    torch.set_num_threads(pipe.train.threads)
+    result = train(pipe, overwrite=True, log=lambda m: None)
+    return {"seconds": result.seconds, "steps": result.steps, "samples_per_s": result.samples_per_s}
 
 
 def part_precision(job, pipe: Path, args, work: Path) -> dict:
@@ -161,6 +228,8 @@ def run_job(args) -> dict:
         return extract_timed(args.pipe, args.set)
     if args.job == "peak":
         return matmul_peak(2, args.set[0])
+    if args.job == "epoch":
+        return epoch_job(args.pipe, args.set)
     if args.job == "tier-error":
         return tier_error(*args.set)
     return train_job(args.pipe, args.set)
@@ -198,7 +267,7 @@ def main() -> None:
     print(json.dumps(out))
 
 
-PART_FUNCTIONS = {"precision": part_precision, "flops": part_flops, "accuracy": part_accuracy}
+PART_FUNCTIONS = {"workers": part_workers, "s3": part_s3, "precision": part_precision, "flops": part_flops, "accuracy": part_accuracy}
 
 if __name__ == "__main__":
     main()

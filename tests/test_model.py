@@ -56,7 +56,9 @@ def test_non_finite_padding_changes_neither_the_loss_nor_the_gradients(fp32_cach
     config = config_from_manifest(cache.manifest)
     source = SplitSource(cache, "train", [0, 1, 2])
     idx = np.arange(0, source.n, max(1, source.n // 8))[:8]
-    batch = source.make_batch(idx, {c: source._read_chunk(c) for c in np.unique(idx // source.chunk_size)})
+    chunks = [int(c) for c in np.unique(idx // source.chunk_size)]
+    pool, fetched = source._pool(), source._prefetcher(chunks)
+    batch = source.make_batch(idx, {c: source._read_chunk(c, pool, fetched) for c in chunks})
     states = {t: s.float() for t, s in batch.states.items()}
     pad = ~batch.mask.bool()
     assert pad.any()

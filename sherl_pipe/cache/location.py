@@ -154,7 +154,10 @@ if hasattr(os, "register_at_fork"):  # a forked child gets a new zarr loop (zarr
 
 
 def open_store(loc: Location, read_only: bool = False):
-    cache_key = (loc.url, json.dumps(loc.options, sort_keys=True, default=str), read_only)
+    """The store of LOC, one per place and options in this process (a local path is keyed by its
+    absolute form: the same relative path names another folder once the directory changes)."""
+    where = str(Path(loc.url).absolute()) if loc.is_local else loc.url
+    cache_key = (where, json.dumps(loc.options, sort_keys=True, default=str), read_only)
     with _STORES_LOCK:
         store = _STORES.get(cache_key)
         if store is None:
