@@ -133,12 +133,14 @@ def part_workers(job, pipe: Path, args, work: Path) -> dict:
 def start_s3():
     """moto's S3 server on a free loopback port with a bucket, fake credentials in the environment
     (the jobs inherit them); (server, endpoint URL)."""
+    import logging
     import os
 
     import boto3
     from moto.server import ThreadedMotoServer
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
