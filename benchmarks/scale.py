@@ -153,20 +153,48 @@ def part_s3(job, pipe: Path, args, work: Path) -> dict:
     """(c) extraction written to S3 against a local folder (a fresh prefix each round), then (b)
     one epoch of training (k = 1, frozen) from the S3 cache against the local one."""
     server, url = start_s3()
+    served = ServerCPU(job)  # the server runs in this process: its CPU seconds are this process's
     try:
         opt = f"extract.storage_options.endpoint_url={url}"
-        ex = pairs(job, pipe, "s3-extract", ["extract.cache=s3://bench/c-{r}", opt],
+        ex = pairs(served, pipe, "s3-extract", ["extract.cache=s3://bench/c-{r}", opt],
                    [f"extract.cache={work / 'c-local'}"], args.repeats)
         write = [p["a"]["blocks_s"] / p["b"]["blocks_s"] for p in ex]
-        print(f"  (c) extraction to S3 / local (block loop, 2 threads): {median_range(write)}", flush=True)
+        print(f"  (c) extraction to S3 / local (block loop, 2 threads): {median_range(write)}; {served.says(ex)}",
+              flush=True)
         run = ["train.late_layers=1", "train.late_tuning=frozen", "train.epochs=1", f"train.run_dir={work / 'run'}"]
-        ep = ratios(job, pipe, "s3-epoch", ["extract.cache=s3://bench/c-0", opt, *run],
-                    [f"extract.cache={work / 'c-local'}", *run], args.repeats, key="seconds", kind="epoch")
-        print(f"  (b) one epoch from S3 / local: {median_range(ep)}", flush=True)
+        ep = pairs(served, pipe, "s3-epoch", ["extract.cache=s3://bench/c-0", opt, *run],
+                   [f"extract.cache={work / 'c-local'}", *run], args.repeats, kind="epoch")
+        epoch = [p["a"]["seconds"] / p["b"]["seconds"] for p in ep]
+        print(f"  (b) one epoch from S3 / local: {median_range(epoch)}; {served.says(ep)}", flush=True)
     finally:
         server.stop()
     return {"extract_s3_over_local": round(statistics.median(write), 4),
-            "epoch_s3_over_local": round(statistics.median(ep), 4)}
+            "epoch_s3_over_local": round(statistics.median(epoch), 4),
+            "s3_server_cpu_s": {"extract": served.median(ex), "epoch": served.median(ep)}}
+
+
+class ServerCPU:
+    """Jobs, each result with `server_cpu_s`: the CPU seconds this process (the S3 server's
+    threads; the benchmark itself only waits) spent while the job ran. On 2 cores, a job using both
+    loses about that much time to the server."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def __call__(self, key: str, argv: list[str]) -> dict:
+        ran, t = key not in self.job.results, time.process_time()
+        out = self.job(key, argv)
+        if ran:  # a result read back from an earlier run has no such figure
+            out["server_cpu_s"] = round(time.process_time() - t, 3)
+        return out
+
+    def median(self, got: list) -> float:
+        cpu = [p["a"]["server_cpu_s"] for p in got if "server_cpu_s" in p["a"]]
+        return round(statistics.median(cpu), 3) if cpu else float("nan")
+
+    def says(self, got: list) -> str:
+        return (f"the S3 server's own CPU time per S3 run {self.median(got):.2f} s (median; its process's "
+                f"CPU time while the run lasted)")
 
 
 def epoch_job(pipe_file: str, sets: list[str]) -> dict:
@@ -206,6 +234,13 @@ def part_flops(job, pipe: Path, args, work: Path) -> dict:
         out[f"extract_flop_share_{p}"] = round(achieved / peak, 4)
         print(f"  (e) {p}: {run['real_tokens'] / run['blocks_s']:.0f} real tokens/s x {flops / 1e6:.1f} MFLOP = "
               f"{achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s matmul peak: {achieved / peak:.3f}", flush=True)
+        sets = [f"extract.cache={work / f'c-fwd-{p}'}", f"extract.precision={p}"]
+        fwd = job(f"forward-{p}", ["--job", "forward", "--pipe", str(pipe), *[x for s in sets for x in ("--set", s)]])
+        share = run["blocks_s"] and fwd["forward_s"] / run["blocks_s"]
+        out[f"forward_flop_share_{p}"] = round(run["real_tokens"] * flops / fwd["forward_s"] / 1e9 / peak, 4)
+        print(f"      the forward passes alone took {fwd['forward_s']:.2f} s of the block loop's {run['blocks_s']:.2f} s "
+              f"({share:.2f}; the rest: encoding and writing the chunks, in a second thread on the same 2 cores): "
+              f"{out[f'forward_flop_share_{p}']:.3f} of the peak", flush=True)
     return out
 
 
@@ -225,11 +260,36 @@ def part_accuracy(job, pipe: Path, args, work: Path) -> dict:
             "tier_error": {t: e for t, e in errors.items() if t.startswith("h")}}
 
 
+def forward_job(pipe_file: str, sets: list[str]) -> dict:
+    """The extraction's forward passes alone (compute_block over every block: the early layers and
+    the conversion to the stored dtype; no encoding or writing), in the pipeline's precision."""
+    import torch
+
+    from sherl_pipe.blocks import compute_block
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.extraction import block_job, make_task, prepare
+
+    pipe = load_pipeline(pipe_file, sets)
+    torch.set_num_threads(pipe.extract.threads)
+    shutil.rmtree(pipe.extract.cache, ignore_errors=True)
+    plan = prepare(pipe, {}, overwrite=False, log=lambda m: None)
+    job, size = block_job(pipe, plan), pipe.extract.chunk_size
+    blocks = [(n, b) for n, split in plan.dataset.splits.items() for b in range(-(-len(split) // size))]
+    with torch.inference_mode():
+        compute_block(plan.backbone, job, make_task(plan, *blocks[0], size), plan.device)  # warm up
+        t = time.perf_counter()
+        for name, b in blocks:
+            compute_block(plan.backbone, job, make_task(plan, name, b, size), plan.device)
+    return {"forward_s": time.perf_counter() - t}
+
+
 def run_job(args) -> dict:
     if args.job == "extract":
         return extract_timed(args.pipe, args.set)
     if args.job == "peak":
         return matmul_peak(2, args.set[0])
+    if args.job == "forward":
+        return forward_job(args.pipe, args.set)
     if args.job == "epoch":
         return epoch_job(args.pipe, args.set)
     if args.job == "tier-error":
