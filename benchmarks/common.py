@@ -82,11 +82,17 @@ def train_job(pipe_file: str, overrides: list[str]) -> dict:
     from sherl_pipe.evaluation import evaluate
     from sherl_pipe.training import train
 
+    from sherl_pipe.compare.job import warm_imports
+    from sherl_pipe.compare.measure import peak_mib, reset_peak, rss_mib
+
     pipe = load_pipeline(pipe_file, overrides)
     torch.set_num_threads(pipe.train.threads)
+    warm_imports(pipe)  # as compare measures: the peak above an idle process that imported the libraries
+    idle = rss_mib()
+    reset_peak()
     result = train(pipe, overwrite=True, log=lambda m: None)
     out = {"seconds": result.seconds, "steps": result.steps, "samples_per_s": result.samples_per_s,
-           "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+           "peak_rss_mb": peak_rss_mb(), "peak_above_idle_mib": peak_mib() - idle, "threads": torch.get_num_threads()}
     info = json.loads((Path(pipe.train.run_dir) / "model.json").read_text())
     out["hyperparameters"] = {"lr_new": info["lr_new"], "lr_pretrained": info["lr_pretrained"],
                               "trainable_parameters": info["trainable_parameters"], **pipe.to_dict()["train"]}

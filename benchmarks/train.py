@@ -166,7 +166,7 @@ def main() -> None:
     for key, x in results.items():
         if "hyperparameters" in x:
             h = x["hyperparameters"]
-            print(f"  {key}: mode {h['mode']}, late_tuning {h['late_tuning']}, lr_new {h['lr_new']}, lr_pretrained "
+            print(f"  {key}: method {h['method']}, source {h['source']}, late_tuning {h['late_tuning']}, lr_new {h['lr_new']}, lr_pretrained "
                   f"{h['lr_pretrained']}, batch {h['batch_size']}, epochs {h['epochs']}, warmup {h['warmup_ratio']}, "
                   f"weight_decay {h['weight_decay']}, dropout {h['dropout']}, seed {h['seed']}, "
                   f"trainable {h['trainable_parameters']}")
@@ -211,7 +211,8 @@ def report_speed(rounds: list[dict], fullft: dict, rows: int, threads: int) -> d
     for name, _ in SPEED_METHODS:
         sec = [r[name]["seconds"] for r in rounds]
         print(f"  {name:<14} {med(sec):7.2f} s [{min(sec):.2f}, {max(sec):.2f}]  "
-              f"{rows / med(sec):8.1f} samples/s  peak RSS {max(r[name]['peak_rss_mb'] for r in rounds):.0f} MB")
+              f"{rows / med(sec):8.1f} samples/s  peak RSS {max(r[name]['peak_rss_mb'] for r in rounds):.0f} MB, "
+              f"above idle {med(r[name]['peak_above_idle_mib'] for r in rounds):.0f} MiB")
     print(f"  {'fullft':<14} {fullft['seconds']:7.2f} s (one run)  {fullft['samples_per_s']:8.1f} samples/s  "
           f"peak RSS {fullft['peak_rss_mb']:.0f} MB")
     out = {}
