@@ -43,7 +43,7 @@ def _between(default, minimum, maximum, below_max: bool = False):
 def _options():
     """A table of a remote filesystem's options (location.py), which may hold credentials: they are
     used, never written or printed (section_to_dict leaves them out), and never compared."""
-    return field(default_factory=dict, hash=False, compare=False, metadata={"options": True})
+    return field(default_factory=dict, hash=False, compare=False, repr=False, metadata={"options": True})
 
 
 def _column(default):

@@ -79,3 +79,49 @@ def test_the_reader_fetches_chunks_concurrently_so_a_stores_latency_does_not_add
     elapsed = time.perf_counter() - start
     assert seen == source.n and len(requests) >= 20
     assert elapsed < 0.05 * len(requests) / 3, (elapsed, len(requests))
+
+
+def test_a_cache_at_a_buckets_root_is_refused_before_any_work(tmp_path, bert_dir, labeled_csv):
+    """Its lease would sit inside it (beside a cache means beside the prefix), so the cache was
+    taken for someone else's objects once the lease existed, and could never be written."""
+    from click.testing import CliRunner
+
+    from sherl_pipe.cli import main
+
+    p = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, "memory://rootcache", tmp_path / "run")
+    r = CliRunner().invoke(main, ["extract", str(p), "-q"])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        "error: cache memory://rootcache: a cache on an object store needs a prefix inside the bucket, e.g. "
+        "memory://rootcache/my-cache; set extract.cache (or --cache) to one"], r.output
+
+
+def test_clearing_a_cache_deletes_its_zarr_json_last(fp32_cache, tmp_path, monkeypatch):
+    """An --overwrite cut off half-way leaves something still recognisably a cache (which a rerun
+    may clear), never a folder refused ever after as someone else's."""
+    import shutil
+
+    from zarr.storage import LocalStore
+
+    from sherl_pipe.cache import access
+    from sherl_pipe.cache.location import Location
+    from sherl_pipe.cache.store import is_sherl_cache
+
+    cache = tmp_path / "c"
+    shutil.copytree(fp32_cache, cache)
+    deleted, real = [], LocalStore.delete
+
+    async def cut_after_the_first(self, key):
+        deleted.append(key)
+        if len(deleted) == 2:
+            raise KeyboardInterrupt
+        return await real(self, key)
+
+    monkeypatch.setattr(LocalStore, "delete", cut_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        access.clear(Location(str(cache)))
+    assert deleted[0] != "zarr.json" and is_sherl_cache(Location(str(cache)))
+
+
+def test_a_pipelines_repr_shows_no_storage_option():
+    p = load_pipeline("quickstart", ["extract.storage_options.secret=s3cr3t-value"])
+    assert "s3cr3t-value" not in repr(p) and "s3cr3t-value" not in repr(p.extract)

@@ -224,7 +224,10 @@ def clear(loc: Location) -> None:
 
     store = loc.store()
     with translated(loc):
-        for entry in collect_aiterator(store.list_dir("")):
+        entries = collect_aiterator(store.list_dir(""))
+        # zarr.json last: cut off half-way, what is left is still recognisably a cache (which
+        # --overwrite may clear again), never a folder that looks like someone else's
+        for entry in sorted(entries, key=lambda e: e == "zarr.json"):
             run(store.delete(entry))  # a file, or (local) a folder and all in it
             if not loc.is_local:
                 run(store.delete_dir(entry))  # every key under the prefix

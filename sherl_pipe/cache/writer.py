@@ -53,6 +53,10 @@ def check_target(where, overwrite: bool) -> bool:
     holds anything."""
     loc = as_location(where)
     check_cache_path(loc)
+    if not loc.is_local and loc.sibling(SUFFIX) is None:
+        # the lease lives beside the cache; at a bucket's root it would sit inside it
+        raise SherlError(f"cache {loc}: a cache on an object store needs a prefix inside the bucket, e.g. "
+                         f"{str(loc).rstrip('/')}/my-cache; set extract.cache (or --cache) to one")
     existing = has_content(loc)
     if existing and not is_sherl_cache(loc):
         what = "exists" if loc.is_local else "holds objects"
