@@ -136,3 +136,20 @@ def test_clearing_a_cache_deletes_its_zarr_json_last(fp32_cache, tmp_path, monke
 def test_a_pipelines_repr_shows_no_storage_option():
     p = load_pipeline("quickstart", ["extract.storage_options.secret=s3cr3t-value"])
     assert "s3cr3t-value" not in repr(p) and "s3cr3t-value" not in repr(p.extract)
+
+
+def test_releasing_a_lease_never_hides_the_error_that_ended_the_run(monkeypatch):
+    """release() runs in extract's `finally`: a store error there (one the translation does not
+    know, as a server's 5xx) replaced the run's own error line with a traceback."""
+    from sherl_pipe.cache import access
+    from sherl_pipe.cache.lease import Lease
+    from sherl_pipe.cache.location import Location
+
+    def failing_put(*args, **kwargs):
+        raise RuntimeError("503 Service Unavailable")
+
+    lease = Lease(Location("memory://bucket/cache"))
+    lease.generation = 1  # held, without a renewal thread
+    monkeypatch.setattr(access, "put", failing_put)
+    lease.release()  # no exception: the lease runs out by itself
+    assert lease.generation is None
