@@ -79,3 +79,24 @@ def test_compare_at_equal_time_gives_each_method_the_epochs_that_fit(tmp_path, c
     assert plan["epochs"]["sherl"] == want
     rows = {x["method"]: x for x in out["rows"]}
     assert rows["sherl"]["epochs"] == want and rows["full-finetune"]["epochs"] == 2  # its calibration runs
+
+
+def test_a_killed_phase_reruns_the_trials_it_left_running(tmp_path):
+    """A compare killed while trials ran that had not drawn their parameters yet: resumed, those
+    trials were counted as held and never ran again, and the phase filled its count with sampled
+    settings (another method, seed or rate) in their place."""
+    from types import SimpleNamespace
+
+    from optuna.trial import TrialState
+
+    from sherl_pipe.compare.phase import open_phase
+    from sherl_pipe.config import load_pipeline
+
+    c = SimpleNamespace(pipeline=load_pipeline("quickstart"), metric="accuracy", direction="maximize")
+    planned = [{"method": m, "seed": s, "epochs": 3, "lr": 0.001} for m in ("sherl", "linear-probe") for s in (0, 1)]
+    study, _ = open_phase(c, tmp_path, planned)
+    running = study.ask()  # taken from the queue; killed before it drew its parameters
+    study, _ = open_phase(c, tmp_path, planned)  # the rerun
+    assert study.get_trials(deepcopy=False)[running.number].state == TrialState.FAIL
+    waiting = [t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+    assert sorted(map(str, waiting)) == sorted(map(str, planned))

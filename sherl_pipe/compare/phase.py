@@ -26,12 +26,23 @@ def open_phase(c, folder: Path, trials: list[dict]):
     sig = signature(SweepConfig(sampler="random"), [], c.pipeline.to_dict(), c.metric, c.direction)
     study = open_study(folder, SweepConfig(sampler="random"), params, sig, c.direction, "compare")
     recover_interrupted(study, folder)
-    held = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
+    held = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)
+            if not stopped_before_its_end(t, folder)]
     done_or_queued = {json.dumps(p, sort_keys=True) for p in held}
     for t in trials:
         if json.dumps(t, sort_keys=True) not in done_or_queued:
             study.enqueue_trial(t, skip_if_exists=False)
     return study, params
+
+
+def stopped_before_its_end(t, folder: Path) -> bool:
+    """A trial recorded as interrupted or lost: its parameters still have to run (a killed compare
+    left trials running that had not drawn their parameters yet, which nothing requeued: they
+    counted as held, and the phase filled its count with sampled settings instead)."""
+    from sherl_pipe.sweep.study import is_rerun_error, trial_dir
+
+    error = trial_dir(folder, t.number) / "error.txt"
+    return t.state.name == "FAIL" and error.is_file() and is_rerun_error(error.read_text())
 
 
 def results_of(study, folder: Path) -> list[dict]:

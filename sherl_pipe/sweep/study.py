@@ -231,11 +231,13 @@ def run_again(study, sweep_dir: Path, trial, reason: str) -> None:
 
     record_error(sweep_dir, trial.number, reason)
     study.tell(trial.number, state=TrialState.FAIL)
-    keys = [p["key"] for p in study.user_attrs["signature"]["space"]]
-    if set(trial.params) == set(keys):
+    keys = {p["key"] for p in study.user_attrs["signature"]["space"]}
+    # a queued trial's parameters are fixed before it draws them (compare's trials, whose study has
+    # no space: an empty requeue would have run whatever the sampler drew)
+    params = {**getattr(trial, "system_attrs", {}).get("fixed_params", {}), **trial.params}
+    if params and keys <= set(params):
         lost = int(trial.user_attrs.get("lost", 0)) + (reason == LOST)
-        study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number, "lost": lost},
-                            skip_if_exists=False)
+        study.enqueue_trial(params, user_attrs={"rerun_of": trial.number, "lost": lost}, skip_if_exists=False)
 
 
 def is_rerun_error(text: str) -> bool:
