@@ -198,3 +198,12 @@ def fp32_cache(tmp_path_factory, bert_dir, labeled_csv) -> Path:
     pipe = write_pipeline(root / "p.toml", bert_dir, labeled_csv, root / "cache", 'dtype = "float32"')
     extract(load_pipeline(str(pipe)))
     return root / "cache"
+
+
+def one_error_line(result, *needles):
+    """A CLI result that failed with status 2 and exactly one `error:` line holding every NEEDLE."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -17,20 +17,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import write_full_pipeline, write_pipeline
+from conftest import one_error_line, write_full_pipeline, write_pipeline
 from sherl_pipe.cache import Cache
 from sherl_pipe.cli import main
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.extraction import extract
 from sherl_pipe.training import train
 
-
-def one_error_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def fail_nth_call(monkeypatch, module, name, n, err):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import conftest
 from conftest import skip_unless_ci, write_full_pipeline
 from sherl_pipe.cache import Cache
 from sherl_pipe.cli import main
@@ -111,11 +112,7 @@ def no_secret_anywhere(client, folders: list[Path], outputs: list[str]) -> None:
 
 
 def one_error_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    conftest.one_error_line(result, *needles)
     assert SECRET not in result.output
 
 
