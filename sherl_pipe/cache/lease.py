@@ -9,12 +9,18 @@ Leases are numbered generations beside the cache (`s3://b/cache.sherl-lease/0000
 it, under `.sherl-lease/`, for a cache at a bucket's root), so that zarr never sees them. The newest
 generation is the lease. Its holder rewrites it every third of LEASE_SECONDS (its `renewed` time)
 and marks it released when done. A contender reads the newest generation: released, run out (not
-renewed for LEASE_SECONDS: its holder crashed), or held by a dead process of this host, it may
-be taken over by creating the next generation, which again only one contender can do; otherwise
+renewed for LEASE_SECONDS: its holder crashed), or held by a dead process of this host (and of the
+same pid namespace: containers may share a host name and reuse pids), it may be taken over by
+creating the next generation, which again only one contender can do; otherwise
 the contender is refused with the holder's host, pid and age (object stores: a second extractor
-is refused, not queued). A holder that finds a newer generation than its own has lost the lease
-(it was frozen past the expiry) and stops before writing more; what it wrote is deterministic,
-so a block written by both leaves identical bytes.
+is refused, not queued). A holder stops before writing more when it finds a newer generation
+than its own (it was frozen past the expiry) or when it has not managed to renew its lease for
+STOP_SHARE of LEASE_SECONDS (the store unreachable, or the process frozen): by then another
+extraction may soon take the cache over, so the holder gives up first rather than learn it later.
+A failed renewal is retried every RETRY_SHARE of the lease. What a holder wrote is deterministic,
+so a block written by both leaves identical bytes. The expiry compares the contender's clock
+with the holder's: machines whose clocks differ by more than the margin left (a quarter of the
+lease, 30 s) can take a lease over early; keep clocks synchronised (NTP).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.locks import FolderLock
 
 LEASE_SECONDS = 120.0
+STOP_SHARE = 0.75  # a holder that has not renewed for this share of the lease stops writing
+RETRY_SHARE = 1 / 12  # a failed renewal is retried after this share of the lease (10 s)
 SUFFIX = ".sherl-lease"
 WAIT_MESSAGE = "another sherl-pipe process is writing this cache; waiting for it to finish"
 
@@ -48,6 +56,14 @@ def take_cache_lock(loc: Location, log=print):
     lease = Lease(loc)
     lease.acquire()
     return lease
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (`pid:[4026531836]`), where Linux says; None elsewhere."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -70,6 +86,8 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.since = time.time()
+        self.renewed_at = time.monotonic()  # the last renewal the store accepted
+        self.renew_error: str | None = None
 
     def _key(self, generation: int) -> str:
         return f"{self.prefix}{generation:08d}.json"
@@ -85,9 +103,12 @@ class Lease:
         except ValueError:
             return {}
 
+    def record_fields(self, released: bool = False) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(), "since": self.since,
+                "renewed": time.time(), "seconds": self.seconds, "released": released}
+
     def record(self, released: bool = False) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": self.since,
-                           "renewed": time.time(), "seconds": self.seconds, "released": released}).encode()
+        return json.dumps(self.record_fields(released)).encode()
 
     def acquire(self) -> None:
         for _ in range(20):  # each turn either takes the lease, is refused, or saw a newer generation
@@ -97,7 +118,7 @@ class Lease:
                 if self.holds(holder):
                     raise LeaseHeld(self.refusal(holder))
             if access.put_new(self.place, self._key(top + 1), self.record()):
-                self.generation = top + 1
+                self.generation, self.renewed_at = top + 1, time.monotonic()
                 self._thread = threading.Thread(target=self._renew, daemon=True, name="sherl-lease")
                 self._thread.start()
                 return
@@ -110,7 +131,8 @@ class Lease:
             return False
         if time.time() - float(holder.get("renewed", 0)) > float(holder.get("seconds", LEASE_SECONDS)):
             return False  # not renewed in time: its holder crashed (or froze), the lease ran out
-        if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0))):
+        here = holder.get("host") == socket.gethostname() and holder.get("pidns") == _pid_namespace()
+        if here and not _pid_alive(int(holder.get("pid", 0))):
             return False  # its process on this machine is gone (killed): no need to wait for the expiry
         return True
 
@@ -124,9 +146,11 @@ class Lease:
                 f"runs out in {max(left, 0):.0f} s)")
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.seconds / 3):
+        wait = self.seconds / 3
+        while not self._stop.wait(wait):
             if not self._renew_once():
                 return
+            wait = self.seconds / 3 if self.renew_error is None else self.seconds * RETRY_SHARE
 
     def _renew_once(self) -> bool:
         """Rewrite this generation with the time now; False once a newer generation shows that
@@ -137,16 +161,24 @@ class Lease:
                 self.lost = self.read(newer[-1])
                 return False
             access.put(self.place, self._key(self.generation), self.record())
-        except Exception:  # a failed renewal is retried; the lease runs out if none succeeds
-            pass
+            self.renewed_at, self.renew_error = time.monotonic(), None
+        except Exception as exc:  # retried soon; check() stops the writing if none succeeds in time
+            self.renew_error = f"{type(exc).__name__}: {exc}"
         return True
 
     def check(self) -> None:
-        """Raise if another extraction took the lease over (this one froze past the expiry)."""
+        """Raise if another extraction took the lease over, or may soon: this one has not renewed
+        it for STOP_SHARE of its length (the store unreachable, or this process frozen)."""
         if self.lost is not None:
             raise SherlError(f"cache {self.cache}: this extraction lost its lease to host {self.lost.get('host')} "
                              f"(pid {self.lost.get('pid')}): it was not renewed for {self.seconds:.0f} s; it "
                              f"stops here, and the blocks it finished are kept")
+        since = time.monotonic() - self.renewed_at
+        if self.generation is not None and since > STOP_SHARE * self.seconds:
+            why = f" (last error: {self.renew_error})" if self.renew_error else " (this process did not run)"
+            raise SherlError(f"cache {self.cache}: this extraction could not renew its lease for {since:.0f} s"
+                             f"{why}; it stops before another extraction may take the cache over; the blocks "
+                             f"it finished are kept: rerun the command once the store is reachable")
 
     def release(self) -> None:
         if self.generation is None:
