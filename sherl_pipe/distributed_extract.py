@@ -7,14 +7,17 @@ created the arrays, and holds the cache's lock; here it hands out the blocks not
 IN_FLIGHT_PER_WORKER per worker at a time (each carries its own samples' tokens), releases each
 finished future, and counts what came back. A task runs tokens -> forward -> encode -> write ->
 done on its worker (blocks.run_block). A worker that dies loses only its blocks in flight: dask
-runs them again elsewhere (a block written twice leaves the same bytes). A coordinator that is
-killed leaves the blocks done so far; rerunning the command redoes only the others.
+runs them again elsewhere (a block written twice leaves the same bytes). A coordinator whose
+extraction fails or is interrupted cancels the blocks in flight and waits for those already
+running to end before it releases the cache's lock. A coordinator that is killed leaves the
+blocks done so far; rerunning the command redoes only the others.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 
 from distributed import WorkerPlugin
@@ -23,6 +26,7 @@ from sherl_pipe.errors import SherlError
 
 PLUGIN = "sherl-pipe-extract"
 IN_FLIGHT_PER_WORKER = 2  # one running, one waiting: a worker never idles between blocks
+STRAGGLER_SECONDS = 300.0  # a failed extraction waits this long at most for its running blocks to end
 
 
 class ExtractWorker(WorkerPlugin):
@@ -97,7 +101,32 @@ def run_blocks(client, job, tasks, on_done, check_lock=lambda: None) -> None:
     except BaseException:
         for future in list(running.futures):
             future.cancel()
+        wait_for_stragglers(client, f"sherl-extract-{run_id}-")
         raise
+
+
+def _ours_running(prefix: str, dask_worker=None) -> list[str]:
+    """The tasks of this extraction (keys starting PREFIX) still running on DASK_WORKER: a
+    cancelled task keeps running its thread to the end, and stays in the worker's state till then."""
+    return [str(ts.key) for ts in list(dask_worker.state.tasks.values())
+            if str(ts.key).startswith(prefix) and ts.state in ("executing", "long-running", "cancelled", "resumed")]
+
+
+def wait_for_stragglers(client, prefix: str, timeout: float = STRAGGLER_SECONDS) -> None:
+    """Until no block of this extraction runs on any worker (at most TIMEOUT): cancelling a
+    future does not stop a running task, and one that went on after the coordinator gave up and
+    released the cache's lock could mark its block done in a cache that another extraction, with
+    other settings, has cleared and begun to write since (on --scheduler's cluster, which
+    outlives the coordinator). Best effort: a cluster that cannot answer runs nothing of ours."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            left = client.run(_ours_running, prefix)
+        except Exception:  # noqa: BLE001 (the cluster is gone, or going: its workers write nothing more)
+            return
+        if not any(left.values()):
+            return
+        time.sleep(0.1)
 
 
 def _result(future):
