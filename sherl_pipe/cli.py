@@ -1,7 +1,8 @@
 """The `sherl-pipe` command: thin click commands over the library.
 
-Every `SherlError` and every refusal by the operating system becomes one line on stderr starting
-with `error:` and exit status 2; Ctrl-C is one line and status 130. Nothing else is caught.
+Every `SherlError`, every refusal by the operating system and every failure of a storage backend
+(cache.access.backend_error_line) becomes one line on stderr starting with `error:` and exit
+status 2; Ctrl-C is one line and status 130. Nothing else is caught: a bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def _fail_cleanly(fn):
             click.echo("error: interrupted; what was finished is kept: rerun the same command to continue "
                        "(train: with --resume)", err=True)
             sys.exit(130)
+        except Exception as exc:
+            from sherl_pipe.cache.access import backend_error_line
+
+            line = backend_error_line(exc)  # a storage backend's failure inside zarr's own reads
+            if line is None:
+                raise
+            click.echo(f"error: {line}", err=True)
+            sys.exit(2)
 
     return wrapper
 

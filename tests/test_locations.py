@@ -153,3 +153,63 @@ def test_releasing_a_lease_never_hides_the_error_that_ended_the_run(monkeypatch)
     monkeypatch.setattr(access, "put", failing_put)
     lease.release()  # no exception: the lease runs out by itself
     assert lease.generation is None
+
+
+def test_a_store_failure_is_one_line_naming_the_cache_without_its_secret():
+    """A server's 5xx after the client's retries (obstore's GenericError) was no known refusal:
+    `translated` re-raised it and the user got a traceback."""
+    from obstore.exceptions import GenericError
+
+    from sherl_pipe.cache.access import storage_problem
+    from sherl_pipe.cache.location import Location
+
+    loc = Location("s3://bucket/cache", {"secret": "s3cr3t-value", "key": "id"})
+    line = storage_problem(loc, GenericError("Generic S3 error: 503 Service Unavailable (s3cr3t-value)"))
+    assert line.startswith("cache s3://bucket/cache: the store failed (GenericError: ") and "rerun" in line
+    assert "s3cr3t-value" not in line
+    assert storage_problem(loc, ZeroDivisionError("a bug")) is None  # a bug keeps its traceback
+
+
+def test_a_store_failure_inside_zarrs_reads_is_one_error_line(fp32_cache, monkeypatch):
+    """Reads zarr makes itself (arrays, not our access calls) raise the backend's own exception; the
+    CLI turned none of them into a line."""
+    from click.testing import CliRunner
+    from obstore.exceptions import GenericError
+    from zarr.storage import LocalStore
+
+    from conftest import one_error_line
+    from sherl_pipe.cli import main
+
+    async def failing_get(self, key, *args, **kwargs):
+        if key.endswith("zarr.json"):
+            return await real_get(self, key, *args, **kwargs)
+        raise GenericError("Generic S3 error: 503 Service Unavailable")
+
+    real_get = LocalStore.get
+    monkeypatch.setattr(LocalStore, "get", failing_get)
+    result = CliRunner().invoke(main, ["verify", str(fp32_cache)])
+    one_error_line(result, "GenericError: Generic S3 error: 503 Service Unavailable", "rerun the command")
+
+
+def test_the_cli_turns_a_backend_failure_anywhere_into_one_line_and_keeps_a_bugs_traceback(capsys):
+    """The last resort for a backend's exception raised where no location is at hand (inside
+    zarr's array reads, behind the training reader)."""
+    from obstore.exceptions import GenericError
+
+    import sherl_pipe.cli as cli
+
+    @cli._fail_cleanly
+    def store_fails():
+        raise GenericError("Generic S3 error: 503 Service Unavailable")
+
+    @cli._fail_cleanly
+    def buggy():
+        raise ZeroDivisionError("ours")
+
+    with pytest.raises(SystemExit) as stop:
+        store_fails()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the storage backend failed (GenericError: "), err
+    with pytest.raises(ZeroDivisionError):
+        buggy()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 
-from sherl_pipe.cache.location import CONCURRENCY, Location, _clean, run
+from sherl_pipe.cache.location import CONCURRENCY, Location, _clean, _secret_values, run
 from sherl_pipe.errors import SherlError, naming
 
 
@@ -81,7 +81,35 @@ def storage_problem(loc: Location, exc: BaseException) -> str | None:
             "EndpointConnectionError", "dns error", "timed out", "Name or service not known")):
         return (f"cache {loc}: cannot reach the storage endpoint {_endpoint(loc)} ({why}); check endpoint_url "
                 f"in extract.storage_options (or AWS_ENDPOINT_URL) and that the server is up")
+    if from_backend(exc):
+        return f"cache {loc}: the store failed ({type(exc).__name__}: {why}); {RETRY_HINT}"
     return None
+
+
+# Storage backends whose exceptions are the store's or the network's, not a bug of ours: a server's
+# 5xx after the client's retries, a reset connection, a throttled bucket.
+BACKENDS = frozenset({"obstore", "botocore", "aiobotocore", "s3fs", "aiohttp", "gcsfs", "adlfs", "fsspec",
+                      "google", "azure"})
+SERVER_WORDS = ("InternalError", "ServiceUnavailable", "SlowDown", "500 Internal", "502 Bad Gateway",
+                "503 Service", "504 Gateway")
+RETRY_HINT = ("rerun the command (what was finished is kept: extract redoes only the blocks not done, train "
+              "with --resume); if it keeps failing, check the URL and the storage service")
+
+
+def from_backend(exc: BaseException) -> bool:
+    module = type(exc).__module__.split(".")[0]
+    return module in BACKENDS or any(w in f"{type(exc).__name__} {exc}" for w in SERVER_WORDS)
+
+
+def backend_error_line(exc: BaseException) -> str | None:
+    """One line for a storage backend's error raised where no cache location is at hand (inside
+    zarr's reads): the CLI's last resort before a traceback; None for anything else."""
+    if not from_backend(exc):
+        return None
+    text = (str(exc).strip().splitlines() or [""])[0]
+    for value in _secret_values({}):
+        text = text.replace(value, "***")
+    return f"the storage backend failed ({type(exc).__name__}: {text[:160]}); {RETRY_HINT}"
 
 
 async def _bounded(coros, limit: int = CONCURRENCY):
