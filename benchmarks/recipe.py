@@ -88,6 +88,7 @@ def main() -> None:
         pipe = prepare(task, args)
         for name in args.variants.split(","):
             phase = args.work / task / "recipe" / f"{name}-e{args.epochs}"
+            phase.parent.mkdir(parents=True, exist_ok=True)
             run_phase(pipe, phase, {"seed": seeds}, [f"train.epochs={args.epochs}", *VARIANTS[name]])
             s = results.setdefault(task, {})[name] = summarize(variant_figures(phase))
             print(f"   {task:<8} {name:<16} val {100 * s['val']:6.2f} +- {100 * s['val_sd']:.2f}  test "
