@@ -73,6 +73,27 @@ def shielded():
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def held_interrupts():
+    """Ctrl-C held back while the block runs, then handed to the handler it would have reached:
+    for bookkeeping that must not be cut in two (a sweep's trial taken off its running set but not
+    yet recorded: a second Ctrl-C there left it 'running' in the study and queued nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(*held[0])
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
 def ignore_interrupts() -> None:
     """In a local worker: the terminal's Ctrl-C reaches every process of the foreground group;
     the coordinating process stops the work itself."""

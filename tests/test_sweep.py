@@ -558,3 +558,44 @@ def test_a_sweep_folder_from_before_new_train_keys_still_resumes(tmp_path, bert_
     with pytest.raises(SherlError, match=r"another pipeline \(train.tier_score: sweep has 'relu', request has "
                                          r"'softmax-normed'\)"):
         run_sweep(load_pipeline(str(path), ["train.tier_score=softmax-normed", "sweep.trials=3"]), log=lambda m: None)
+
+
+def interrupted_trial(spec):
+    """A trial that runs until the sweep is told to stop, then ends 'interrupted'."""
+    time.sleep(1.0)
+    return {"state": "interrupted", "values": []}
+
+
+def test_a_second_ctrl_c_during_a_trials_bookkeeping_still_records_every_trial(tmp_path, bert_dir, labeled_csv,
+                                                                               fp32_cache, monkeypatch):
+    """The second Ctrl-C raised KeyboardInterrupt wherever the coordinator was: after a finished
+    trial was taken off the running set and before it was recorded, it stayed 'running' in the
+    study and was queued for no rerun (seen under load: test_sweep_faults' double Ctrl-C)."""
+    import cloudpickle
+
+    import sherl_pipe.sweep.run as run_mod
+    from sherl_pipe.sweep import run_sweep
+    from sherl_pipe.sweep.report import build_report
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    real_run_again, calls = run_mod.run_again, []
+
+    def run_again_cut(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the second Ctrl-C arrives in the middle of the first trial's record
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_run_again(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "run_again", run_again_cut)
+    asked = []
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, GRID.replace("workers = 1", "workers = 2"))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C raises, as the CLI's second
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(load_pipeline(str(path)), log=lambda m: None, trial_fn=interrupted_trial,
+                      should_stop=lambda: asked.append(1) or len(asked) > 1)  # stop once both were submitted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    got = build_report(tmp_path / "sweep", plots=False).rows
+    assert [r["state"] for r in got] == ["failed", "failed", "waiting", "waiting"], got
+    assert sorted(r["lr"] for r in got[2:]) == [0.001, 0.003]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from sherl_pipe.cache.location import storage_options_of
+from sherl_pipe.cluster import held_interrupts
 from sherl_pipe.config import Pipeline
 from sherl_pipe.metrics import best_of
 from sherl_pipe.sweep.cluster import Engine
@@ -231,25 +232,31 @@ class Coordinator:
                 self.lost(trial)
 
     def run(self) -> Tally:
+        """The loop. A second Ctrl-C lands only between its bookkeeping steps (held_interrupts):
+        every trial is then either recorded or still in the running set, which it records."""
         self.checked, self.missing = 0.0, {}
         try:
             while True:
-                if self.should_stop() and not self.tally.interrupted:
-                    self.stop()
-                self.fill()
+                with held_interrupts():
+                    if self.should_stop() and not self.tally.interrupted:
+                        self.stop()
+                    self.fill()
                 if not self.running:
                     return self.tally
                 time.sleep(0.1)
                 done = [f for f in self.running if f.done()]
                 self.pass_reports()  # before finishing: a trial's last reports arrive before its result
                 for future in done:
-                    self.finish(future)
-                self.orphans()
+                    with held_interrupts():
+                        self.finish(future)
+                with held_interrupts():
+                    self.orphans()
         except KeyboardInterrupt:  # a second Ctrl-C: the running trials are run again on resume
-            for future, (trial, _) in list(self.running.items()):
-                future.cancel()
-                run_again(self.study, self.plan.sweep_dir, trial, INTERRUPTED)
-            self.running.clear()
+            with held_interrupts():
+                for future, (trial, _) in list(self.running.items()):
+                    future.cancel()
+                    run_again(self.study, self.plan.sweep_dir, trial, INTERRUPTED)
+                self.running.clear()
             raise
         finally:
             for future in self.running:
