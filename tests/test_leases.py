@@ -57,7 +57,7 @@ def test_a_frozen_holder_stops_before_it_sees_the_lease_taken(monkeypatch):
 def test_a_renewal_that_fails_once_is_retried_soon_and_the_lease_holds(monkeypatch):
     """One failed PUT must not end a long extraction: the renewal is retried well before the
     holder would stop."""
-    lease = fresh("retry", 1.2)
+    lease = fresh("retry", 2.4)  # renewed every 0.8 s, retried 0.2 s after a failure, stops at 1.8 s
     real_put, failures = access.put, []
 
     def flaky_put(*args, **kwargs):
@@ -69,7 +69,7 @@ def test_a_renewal_that_fails_once_is_retried_soon_and_the_lease_holds(monkeypat
     lease.acquire()
     monkeypatch.setattr(access, "put", flaky_put)
     try:
-        time.sleep(1.3)  # more than the lease: renewals (one failed) kept it
+        time.sleep(2.5)  # more than the lease: renewals (one failed) kept it
         assert failures
         lease.check()
     finally:
