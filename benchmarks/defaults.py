@@ -139,9 +139,16 @@ def run_phase(pipe_file: Path, phase_dir: Path, space: dict, sets: list[str]) ->
     run_sweep(load_pipeline(str(pipe_file), sets), str(sweep_file), log=lambda m: print("   ", m, flush=True))
 
 
+def best_on_test(run: Path) -> dict:
+    """A finished run's best checkpoint evaluated on test (read back if done before)."""
+    from sherl_pipe.evaluation import evaluate
+
+    cached = run / "eval_test_best.json"
+    return json.loads(cached.read_text()) if cached.is_file() else evaluate(run, "test")
+
+
 def test_scores(phase_dir: Path) -> list[dict]:
     """Each complete trial's settings, validation objective, and its best checkpoint's test metric."""
-    from sherl_pipe.evaluation import evaluate
     from sherl_pipe.sweep.report import build_report
 
     report = build_report(phase_dir, plots=False)
@@ -149,9 +156,7 @@ def test_scores(phase_dir: Path) -> list[dict]:
     for row in report.rows:
         if row["state"] != "complete":
             continue
-        run = Path(row["run_dir"])
-        cached = run / "eval_test_best.json"
-        result = json.loads(cached.read_text()) if cached.is_file() else evaluate(run, "test")
+        result = best_on_test(Path(row["run_dir"]))
         out.append({**{k: row[k] for k in report.keys}, "val": row["value"], "test": result[report.metric]})
     return out
 

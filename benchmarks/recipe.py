@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, load_avg  # noqa: E402
 from compare import prepare  # noqa: E402
-from defaults import run_phase  # noqa: E402
+from defaults import best_on_test, run_phase  # noqa: E402
 
 VARIANTS = {
     "default": [],
@@ -41,13 +41,10 @@ VARIANTS = {
 def trial_figures(run: Path, metric: str) -> dict:
     """A finished trial's best validation value, test value (its best checkpoint), last epoch's
     train loss and seconds per epoch."""
-    from sherl_pipe.evaluation import evaluate
-
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
               if '"event": "epoch"' in line]
     summary = json.loads((run / "summary.json").read_text())
-    cached = run / "eval_test_best.json"
-    test = json.loads(cached.read_text()) if cached.is_file() else evaluate(run, "test")
+    test = best_on_test(run)
     return {"val": max(e["eval"][metric] for e in epochs), "test": test[metric],
             "train_loss": epochs[-1]["train_loss"], "s_per_epoch": summary["train_seconds"] / len(epochs)}
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 
-from sherl_pipe.cache.location import CONCURRENCY, Location, _clean, _secret_values, run
+from sherl_pipe.cache.location import CONCURRENCY, Location, _clean, first_line, run
 from sherl_pipe.errors import SherlError, naming
 
 
@@ -106,10 +106,7 @@ def backend_error_line(exc: BaseException) -> str | None:
     zarr's reads): the CLI's last resort before a traceback; None for anything else."""
     if not from_backend(exc):
         return None
-    text = (str(exc).strip().splitlines() or [""])[0]
-    for value in _secret_values({}):
-        text = text.replace(value, "***")
-    return f"the storage backend failed ({type(exc).__name__}: {text[:160]}); {RETRY_HINT}"
+    return f"the storage backend failed ({type(exc).__name__}: {first_line(exc, {})}); {RETRY_HINT}"
 
 
 async def _bounded(coros, limit: int = CONCURRENCY):

@@ -265,8 +265,14 @@ def submit(coro):
 
 def _clean(exc: BaseException, loc: Location, limit: int = 160) -> str:
     """The first line of a backend's message, with any secret option value blanked out."""
+    return first_line(exc, loc.options, limit)
+
+
+def first_line(exc: BaseException, options: dict, limit: int = 160) -> str:
+    """The first line of EXC's message, with the secret values of OPTIONS (and of the environment)
+    blanked out, cut to LIMIT characters."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    for value in _secret_values(loc.options):
+    for value in _secret_values(options):
         text = text.replace(value, "***")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
