@@ -92,28 +92,42 @@ _HELD: dict = {}
 _HELD_LOCK = threading.Lock()
 
 
-def worker_backbone(job: BlockJob):
-    """The backbone, loaded once per process, refused if its modules are not the manifest's."""
+def loaded_backbone(source: str, attn_implementation: str, device_name: str):
+    """(backbone, device, module hashes) of SOURCE, loaded once per process (a worker's plugin
+    loads it as the worker starts, before its first block)."""
     from sherl_pipe.backbone import Backbone
     from sherl_pipe.devices import pick_device
 
-    # the expected hashes are part of the key: a long-lived worker reloads a folder whose weights changed
-    key = ("backbone", job.backbone, job.attn_implementation, job.device, tuple(sorted(job.hashes.items())))
+    key = ("backbone", source, attn_implementation, device_name)
     with _HELD_LOCK:
         if key not in _HELD:
             _forget("backbone")
-            import socket
-
-            device = pick_device(job.device)
-            backbone = Backbone(job.backbone, job.attn_implementation, device)
-            hashes = backbone.module_hashes()
-            differ = sorted(k for k, v in job.hashes.items() if hashes.get(k) != v)
-            if differ:
-                raise SherlError(f"backbone {job.backbone} on worker {socket.gethostname()}: its modules "
-                                 f"{', '.join(differ[:4])} differ from the cache's manifest; every worker must "
-                                 f"reach the same backbone at the same path")
-            _HELD[key] = (backbone, device)
+            device = pick_device(device_name)
+            backbone = Backbone(source, attn_implementation, device)
+            _HELD[key] = (backbone, device, backbone.module_hashes())
         return _HELD[key]
+
+
+def worker_backbone(job: BlockJob):
+    """The backbone, refused if its modules are not the manifest's. One loaded earlier whose
+    modules differ is loaded once more first: a long-lived worker sees a folder whose weights changed."""
+    import socket
+
+    backbone, device, hashes = loaded_backbone(job.backbone, job.attn_implementation, job.device)
+    if _differ(job.hashes, hashes):
+        with _HELD_LOCK:
+            _forget("backbone")
+        backbone, device, hashes = loaded_backbone(job.backbone, job.attn_implementation, job.device)
+    differ = _differ(job.hashes, hashes)
+    if differ:
+        raise SherlError(f"backbone {job.backbone} on worker {socket.gethostname()}: its modules "
+                         f"{', '.join(differ[:4])} differ from the cache's manifest; every worker must "
+                         f"reach the same backbone at the same path")
+    return backbone, device
+
+
+def _differ(expected: dict, hashes: dict) -> list[str]:
+    return sorted(k for k, v in expected.items() if hashes.get(k) != v)
 
 
 def worker_writer(job: BlockJob):

@@ -30,10 +30,19 @@ def connect(scheduler: str, option: str = "--scheduler"):
     return client
 
 
+FORKSERVER = "forkserver"
+
+
+def thread_environ(threads: int) -> dict[str, str]:
+    """The thread-count variables a worker process starts with."""
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
 @contextlib.contextmanager
-def local_cluster(n: int, threads: int):
+def local_cluster(n: int, threads: int, method: str = "spawn"):
     """A client of a new LocalCluster of N single-threaded worker processes, each with THREADS
-    torch/BLAS threads, pinned to cores of their own when the machine has enough.
+    torch/BLAS threads, pinned to cores of their own when the machine has enough. METHOD: how the
+    worker processes start, spawned (dask's default) or forked from the fork server (start_forkserver).
 
     Their environment is dask's default less MALLOC_TRIM_THRESHOLD_: setting it turns off glibc's
     adaptive mmap threshold, so every tensor of 128 KiB or more was mmapped and page-faulted afresh
@@ -43,8 +52,9 @@ def local_cluster(n: int, threads: int):
     import dask
     from distributed import Client, LocalCluster
 
-    environ = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, "distributed.worker.profile.enabled": False}):
+    settings = {"distributed.nanny.pre-spawn-environ": thread_environ(threads),
+                "distributed.worker.profile.enabled": False, "distributed.worker.multiprocessing-method": method}
+    with dask.config.set(settings):
         # The scheduler serves HTTP even without a dashboard, on 8787 unless told otherwise; ":0"
         # takes a free port, so a second cluster causes no port warning. Logs below CRITICAL stay
         # quiet: a task's error reaches the caller, which reports it in one line.
@@ -54,6 +64,41 @@ def local_cluster(n: int, threads: int):
         with cluster, Client(cluster) as client:
             pin(client, threads)
             yield client
+
+
+def start_forkserver(preload: tuple[str, ...], environ: dict[str, str]) -> None:
+    """Start, once per process, the fork server that local_cluster(method=FORKSERVER) forks its
+    workers from, with the modules PRELOAD imported in it: each worker then starts with them
+    imported instead of importing them itself (torch and transformers: about 2 s per worker here,
+    every worker at once competing with the coordinator for the cores). The server runs no torch
+    work, so its children may use any number of threads (a child forked from a process whose
+    OpenMP pool has run hangs in its first parallel region: measured here).
+
+    Call it from the main thread: the server starts with Ctrl-C ignored and every process it forks
+    inherits that, whichever thread later asks for a worker. ENVIRON: the thread variables the
+    server, and so every worker, starts with (the nanny's pre-spawn environment reaches only
+    processes spawned from this one); a later cluster with other thread counts sets them in its
+    workers itself (torch.set_num_threads). A server already running is reused as it is; it ends
+    with this process."""
+    import multiprocessing.forkserver
+
+    import dask
+    from distributed.utils import get_mp_context
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": FORKSERVER}):
+        context = get_mp_context()  # on first use dask sets its own preload list: ours replaces it
+    context.set_forkserver_preload(["distributed", *preload])
+    saved = {name: os.environ.get(name) for name in environ}
+    try:
+        os.environ.update(environ)
+        with shielded():
+            multiprocessing.forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import uuid
 
@@ -29,14 +30,21 @@ IN_FLIGHT_PER_WORKER = 2  # one running, one waiting: a worker never idles betwe
 STRAGGLER_SECONDS = 300.0  # a failed extraction waits this long at most for its running blocks to end
 
 
+# What a worker forked from the fork server has imported already (cluster.start_forkserver):
+# transformers.modeling_utils is the bulk of a model class's import (1.5 of 2 s for BERT here).
+PRELOAD = ("torch", "transformers.modeling_utils", "sherl_pipe.backbone", "sherl_pipe.blocks", "sherl_pipe.extraction")
+
+
 class ExtractWorker(WorkerPlugin):
     """Run in every worker as it starts (restarted ones too): torch's and the codec's threads, the
-    imports a block needs, and, on a local cluster, the terminal's Ctrl-C ignored."""
+    imports a block needs, on a local cluster the terminal's Ctrl-C ignored and, given WARM
+    (backbone source, attention implementation, device), the backbone loaded before any block
+    asks for it."""
 
     name = PLUGIN
 
-    def __init__(self, threads: int, shield: bool):
-        self.threads, self.shield = threads, shield
+    def __init__(self, threads: int, shield: bool, warm: tuple[str, str, str] | None = None):
+        self.threads, self.shield, self.warm = threads, shield, warm
 
     def setup(self, worker=None):
         import torch
@@ -48,15 +56,67 @@ class ExtractWorker(WorkerPlugin):
             ignore_interrupts()
         torch.set_num_threads(self.threads)
         set_codec_threads(1)
-        import sherl_pipe.blocks  # noqa: F401
         import sherl_pipe.extraction  # noqa: F401
+        from sherl_pipe.blocks import loaded_backbone
+
+        if self.warm:
+            try:
+                loaded_backbone(*self.warm)
+            except Exception:  # noqa: BLE001 - only a head start: the first block loads it again and says why it failed
+                pass
+
+
+class ClusterStart:
+    """A local cluster of WORKERS processes for the blocks, started in a background thread as the
+    extraction begins, so its workers start, import and load the backbone (WARM) while the
+    coordinator reads, tokenizes and hashes, instead of after. The fork server the workers come
+    from is started first, here in the calling (main) thread: the workers ignore the terminal's
+    Ctrl-C, as spawned ones did. `get()` waits for the cluster: (client, description); `close()`
+    stops it, in the thread that started it (a dask client is left where it was entered)."""
+
+    def __init__(self, workers: int, warm: tuple[str, str, str] | None = None):
+        from sherl_pipe.cluster import start_forkserver, thread_environ
+
+        self.workers, self.per = workers, max(1, (os.cpu_count() or 1) // workers)
+        start_forkserver(PRELOAD, thread_environ(self.per))
+        self._ready, self._stop = threading.Event(), threading.Event()
+        self._got, self._error = None, None
+        self._thread = threading.Thread(target=self._serve, args=(warm,), name="sherl-pipe cluster", daemon=True)
+        self._thread.start()
+
+    def _serve(self, warm) -> None:
+        from sherl_pipe.cluster import FORKSERVER, local_cluster
+
+        try:
+            with local_cluster(self.workers, self.per, FORKSERVER) as client:
+                client.register_plugin(ExtractWorker(self.per, shield=True, warm=warm), name=PLUGIN)
+                self._got = (client, f"a local cluster of {self.workers} worker processes "
+                                     f"({self.per} torch thread(s) each)")
+                self._ready.set()
+                self._stop.wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that asks for the cluster
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def get(self):
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self._got
+
+    def close(self) -> None:
+        """Stop the cluster and wait until it has. Safe to call again."""
+        self._stop.set()
+        self._thread.join()
 
 
 @contextlib.contextmanager
-def extraction_cluster(workers: int, scheduler: str | None, threads: int):
-    """(client, description): an existing cluster at SCHEDULER, or a LocalCluster of WORKERS
-    processes with cores / WORKERS torch threads each (THREADS: a remote worker's)."""
-    from sherl_pipe.cluster import connect, local_cluster
+def extraction_cluster(workers: int, scheduler: str | None, threads: int, started: ClusterStart | None = None):
+    """(client, description): an existing cluster at SCHEDULER, or a local cluster of WORKERS
+    processes with cores / WORKERS torch threads each (THREADS: a remote worker's): STARTED, or
+    one started now. A local cluster is stopped as the blocks end."""
+    from sherl_pipe.cluster import connect
 
     if scheduler:
         with connect(scheduler) as client:
@@ -64,10 +124,11 @@ def extraction_cluster(workers: int, scheduler: str | None, threads: int):
             n = len(client.scheduler_info(n_workers=-1)["workers"])
             yield client, f"the cluster at {scheduler} ({n} workers)"
         return
-    per = max(1, (os.cpu_count() or 1) // workers)
-    with local_cluster(workers, per) as client:
-        client.register_plugin(ExtractWorker(per, shield=True), name=PLUGIN)
-        yield client, f"a local cluster of {workers} worker processes ({per} torch thread(s) each)"
+    started = started or ClusterStart(workers)
+    try:
+        yield started.get()
+    finally:
+        started.close()
 
 
 def run_blocks(client, job, tasks, on_done, check_lock=lambda: None) -> None:

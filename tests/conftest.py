@@ -207,3 +207,17 @@ def one_error_line(result, *needles):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def assert_same_arrays(a, b) -> None:
+    """Two caches (sherl_pipe.cache.Cache) hold equal manifests (volatile fields aside) and arrays."""
+    import numpy as np
+
+    from sherl_pipe.cache.manifest import manifest_diff
+
+    assert manifest_diff(a.manifest, b.manifest) == []
+    for split in a.splits:
+        names = sorted(n for n, _ in a.group[split].arrays())
+        assert names == sorted(n for n, _ in b.group[split].arrays())
+        for name in names:
+            np.testing.assert_array_equal(a.group[split][name][:], b.group[split][name][:], err_msg=f"{split}/{name}")

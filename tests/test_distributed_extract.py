@@ -45,3 +45,70 @@ def test_a_failed_extraction_waits_for_its_running_blocks_before_it_lets_go(monk
         with pytest.raises(SherlError, match="block 0"):
             run_blocks(client, SimpleNamespace(run_id="t1"), iter(tasks), lambda counts: None)
         assert FINISHED == [1]  # block 1 had ended when the coordinator gave up
+
+
+def _holds_backbone() -> bool:
+    from sherl_pipe.blocks import _HELD
+
+    return any(key[0] == "backbone" for key in _HELD)
+
+
+def test_a_local_cluster_starts_while_the_coordinator_prepares(tmp_path, bert_dir, labeled_csv, monkeypatch):
+    """extract.workers = 2: the cluster is started before the data is read, and its workers hold
+    the backbone before the first block (old code: the cluster started after the data was read,
+    tokenized and hashed, and each worker loaded the backbone in its first block); the blocks go out
+    longest first (old code: in storage order, short to long, the longest last); a rerun on the
+    finished cache starts no cluster; the arrays equal a single process's."""
+    import conftest
+    import sherl_pipe.distributed_extract as distributed
+    import sherl_pipe.extraction as extraction
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.config import load_pipeline
+
+    order, warm, sizes = [], [], []
+    real_start, real_prepare, real_run = distributed.ClusterStart.__init__, extraction.prepare, distributed.run_blocks
+
+    def start(self, *args, **kwargs):
+        order.append("cluster")
+        real_start(self, *args, **kwargs)
+
+    def prepare(*args, **kwargs):
+        order.append("prepare")
+        return real_prepare(*args, **kwargs)
+
+    def run_blocks(client, job, tasks, on_done, check_lock=lambda: None):
+        warm.extend(client.run(_holds_backbone).values())
+        tasks = list(tasks)
+        sizes.extend(t.samples * int(t.lengths.max()) for t in tasks)
+        return real_run(client, job, iter(tasks), on_done, check_lock)
+
+    monkeypatch.setattr(distributed.ClusterStart, "__init__", start)
+    monkeypatch.setattr(extraction, "prepare", prepare)
+    monkeypatch.setattr(distributed, "run_blocks", run_blocks)
+    one = conftest.write_pipeline(tmp_path / "one.toml", bert_dir, labeled_csv, tmp_path / "one")
+    two = conftest.write_pipeline(tmp_path / "two.toml", bert_dir, labeled_csv, tmp_path / "two", "workers = 2")
+    extraction.extract(load_pipeline(str(one)), log=lambda m: None)
+    order.clear()
+    said = []
+    extraction.extract(load_pipeline(str(two)), log=said.append)
+    assert order == ["cluster", "prepare"], order
+    assert warm == [True, True]
+    assert len(sizes) > 2 and sizes == sorted(sizes, reverse=True), sizes
+    assert any("local cluster of 2 worker processes" in m for m in said), said
+    conftest.assert_same_arrays(Cache(tmp_path / "one"), Cache(tmp_path / "two"))
+    order.clear()
+    summary = extraction.extract(load_pipeline(str(two)), log=lambda m: None)
+    assert summary.already_complete and order == ["prepare"]
+
+
+def test_bad_data_with_workers_stops_the_cluster_started_for_it(tmp_path, bert_dir, labeled_csv):
+    """The cluster starts before the data is read; data refused then leaves no cluster running."""
+    import conftest
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.extraction import extract
+
+    p = conftest.write_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, tmp_path / "c", "workers = 2")
+    with pytest.raises(SherlError, match="no_such_column"):
+        extract(load_pipeline(str(p), ["data.text_column=no_such_column"]), log=lambda m: None)
+    assert not [t for t in threading.enumerate() if t.name == "sherl-pipe cluster"]
+    assert not (tmp_path / "c" / "manifest.json").exists()

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -80,17 +79,6 @@ def s3_cache(s3, tmp_path_factory, bert_dir, labeled_csv):
     return p
 
 
-def assert_same_arrays(a: Cache, b: Cache) -> None:
-    from sherl_pipe.cache.manifest import manifest_diff
-
-    assert manifest_diff(a.manifest, b.manifest) == []
-    for split in a.splits:
-        names = sorted(n for n, _ in a.group[split].arrays())
-        assert names == sorted(n for n, _ in b.group[split].arrays())
-        for name in names:
-            np.testing.assert_array_equal(a.group[split][name][:], b.group[split][name][:], err_msg=f"{split}/{name}")
-
-
 def open_s3(endpoint: str, prefix: str) -> Cache:
     return Cache(f"s3://{BUCKET}/{prefix}", {"endpoint_url": endpoint})
 
@@ -145,7 +133,7 @@ def test_extract_info_verify_train_evaluate_predict_on_s3(s3, tmp_path, bert_dir
     r = runner.invoke(main, ["predict", str(run), "--input", str(tmp_path / "new.csv"), "--output",
                              str(tmp_path / "out.csv")])
     assert r.exit_code == 0 and "wrote 2 predictions" in r.output, r.output
-    assert_same_arrays(Cache(local_cache), open_s3(endpoint, "roundtrip"))
+    conftest.assert_same_arrays(Cache(local_cache), open_s3(endpoint, "roundtrip"))
     no_secret_anywhere(client, [tmp_path], outputs)
 
 
@@ -170,7 +158,7 @@ def test_a_killed_extraction_on_s3_resumes_to_an_equal_cache(s3, tmp_path, bert_
     assert 0 < done < total  # killed in the middle of the train split
     summary = extract(load_pipeline(str(p), small), log=lambda m: None)
     assert summary.resumed and summary.splits["train"].blocks_written == total - done
-    assert_same_arrays(Cache(tmp_path / "local4"), open_s3(endpoint, "killed"))
+    conftest.assert_same_arrays(Cache(tmp_path / "local4"), open_s3(endpoint, "killed"))
 
 
 def copy_prefix(client, source: str, target: str) -> None:
@@ -203,7 +191,7 @@ def test_damaged_objects_are_named_by_verify_and_repaired(s3, s3_cache, tmp_path
     cache = open_s3(endpoint, "damaged")
     for split in cache.splits:
         assert cache.missing_chunks(split) == {}
-    assert_same_arrays(open_s3(endpoint, "shared"), cache)
+    conftest.assert_same_arrays(open_s3(endpoint, "shared"), cache)
 
 
 async def _die():
@@ -236,7 +224,7 @@ def test_two_workers_write_to_s3_what_one_process_writes_locally(s3, tmp_path, b
     assert killed and any(killed[0] not in workers for workers in seen)  # it died and was replaced
     assert any("local cluster of 2 worker processes" in m for m in said), said
     assert summary.samples == 200 and sum(s.blocks_written for s in summary.splits.values()) == 14
-    assert_same_arrays(Cache(local_cache), open_s3(endpoint, "twoworkers"))
+    conftest.assert_same_arrays(Cache(local_cache), open_s3(endpoint, "twoworkers"))
 
 
 def test_a_sweep_reads_a_cache_on_s3(s3, s3_cache, tmp_path, monkeypatch):
@@ -268,7 +256,7 @@ def test_an_fsspec_store_serves_s3_too(s3, tmp_path, bert_dir, labeled_csv, loca
 
     loc = pipeline_location(pipe)
     assert isinstance(loc.store(), FsspecStore)
-    assert_same_arrays(Cache(local_cache), Cache(loc))
+    conftest.assert_same_arrays(Cache(local_cache), Cache(loc))
     assert keys(client, "viafsspec.sherl-lease/") == ["viafsspec.sherl-lease/00000001.json"]
 
 
