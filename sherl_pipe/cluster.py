@@ -66,7 +66,7 @@ def local_cluster(n: int, threads: int, method: str = "spawn"):
             yield client
 
 
-def start_forkserver(preload: tuple[str, ...], environ: dict[str, str]) -> None:
+def start_forkserver(preload: tuple[str, ...], environ: dict[str, str]) -> str:
     """Start, once per process, the fork server that local_cluster(method=FORKSERVER) forks its
     workers from, with the modules PRELOAD imported in it: each worker then starts with them
     imported instead of importing them itself (torch and transformers: about 2 s per worker here,
@@ -77,14 +77,19 @@ def start_forkserver(preload: tuple[str, ...], environ: dict[str, str]) -> None:
     Call it from the main thread: the server starts with Ctrl-C ignored and every process it forks
     inherits that, whichever thread later asks for a worker. ENVIRON: the thread variables the
     server, and so every worker, starts with (the nanny's pre-spawn environment reaches only
-    processes spawned from this one); a later cluster with other thread counts sets them in its
-    workers itself (torch.set_num_threads). A server already running is reused as it is; it ends
-    with this process."""
-    import multiprocessing.forkserver
+    processes spawned from this one). The server keeps the environment of its start: workers that
+    need this process's environment of later (other thread counts, credentials set since) are
+    given it by their plugin (distributed_extract.ExtractWorker). A server already running is
+    reused as it is; it ends with this process. Returns the start method for local_cluster: FORKSERVER, or "spawn" where
+    the platform has no fork server (Windows)."""
+    import multiprocessing
 
     import dask
     from distributed.utils import get_mp_context
 
+    if FORKSERVER not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    import multiprocessing.forkserver
     with dask.config.set({"distributed.worker.multiprocessing-method": FORKSERVER}):
         context = get_mp_context()  # on first use dask sets its own preload list: ours replaces it
     context.set_forkserver_preload(["distributed", *preload])
@@ -99,6 +104,7 @@ def start_forkserver(preload: tuple[str, ...], environ: dict[str, str]) -> None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+    return FORKSERVER
 
 
 @contextlib.contextmanager

@@ -37,14 +37,16 @@ PRELOAD = ("torch", "transformers.modeling_utils", "sherl_pipe.backbone", "sherl
 
 class ExtractWorker(WorkerPlugin):
     """Run in every worker as it starts (restarted ones too): torch's and the codec's threads, the
-    imports a block needs, on a local cluster the terminal's Ctrl-C ignored and, given WARM
-    (backbone source, attention implementation, device), the backbone loaded before any block
-    asks for it."""
+    imports a block needs, and on a local cluster the terminal's Ctrl-C ignored, ENVIRON (the
+    coordinator's environment: a worker forked from the fork server has the server's, which may be
+    older, without credentials set since) and, given WARM (backbone source, attention
+    implementation, device), the backbone loaded before any block asks for it."""
 
     name = PLUGIN
 
-    def __init__(self, threads: int, shield: bool, warm: tuple[str, str, str] | None = None):
-        self.threads, self.shield, self.warm = threads, shield, warm
+    def __init__(self, threads: int, shield: bool, warm: tuple[str, str, str] | None = None,
+                 environ: dict[str, str] | None = None):
+        self.threads, self.shield, self.warm, self.environ = threads, shield, warm, environ or {}
 
     def setup(self, worker=None):
         import torch
@@ -52,6 +54,7 @@ class ExtractWorker(WorkerPlugin):
         from sherl_pipe.cache import set_codec_threads
         from sherl_pipe.cluster import ignore_interrupts
 
+        os.environ.update(self.environ)
         if self.shield:
             ignore_interrupts()
         torch.set_num_threads(self.threads)
@@ -78,18 +81,20 @@ class ClusterStart:
         from sherl_pipe.cluster import start_forkserver, thread_environ
 
         self.workers, self.per = workers, max(1, (os.cpu_count() or 1) // workers)
-        start_forkserver(PRELOAD, thread_environ(self.per))
+        self.method = start_forkserver(PRELOAD, thread_environ(self.per))
+        self._plugin = ExtractWorker(self.per, shield=True, warm=warm,
+                                     environ={**os.environ, **thread_environ(self.per)})
         self._ready, self._stop = threading.Event(), threading.Event()
         self._got, self._error = None, None
-        self._thread = threading.Thread(target=self._serve, args=(warm,), name="sherl-pipe cluster", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="sherl-pipe cluster", daemon=True)
         self._thread.start()
 
-    def _serve(self, warm) -> None:
-        from sherl_pipe.cluster import FORKSERVER, local_cluster
+    def _serve(self) -> None:
+        from sherl_pipe.cluster import local_cluster
 
         try:
-            with local_cluster(self.workers, self.per, FORKSERVER) as client:
-                client.register_plugin(ExtractWorker(self.per, shield=True, warm=warm), name=PLUGIN)
+            with local_cluster(self.workers, self.per, self.method) as client:
+                client.register_plugin(self._plugin, name=PLUGIN)
                 self._got = (client, f"a local cluster of {self.workers} worker processes "
                                      f"({self.per} torch thread(s) each)")
                 self._ready.set()

@@ -112,3 +112,25 @@ def test_bad_data_with_workers_stops_the_cluster_started_for_it(tmp_path, bert_d
         extract(load_pipeline(str(p), ["data.text_column=no_such_column"]), log=lambda m: None)
     assert not [t for t in threading.enumerate() if t.name == "sherl-pipe cluster"]
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def _setting(name: str):
+    import os
+
+    return os.environ.get(name)  # read in the worker (os.environ.get itself would travel as a copy of ours)
+
+
+def test_local_workers_get_the_environment_of_now_not_the_fork_servers(monkeypatch):
+    """The fork server keeps the environment it started with; a worker gets the coordinator's as
+    it is when its cluster starts (S3 credentials set after an earlier extraction in the same
+    process: without this, the workers lacked them)."""
+    from sherl_pipe.distributed_extract import ClusterStart
+
+    ClusterStart(1).close()  # a fork server running, as after an earlier extraction
+    monkeypatch.setenv("SHERL_PIPE_TEST_SETTING", "set since")
+    started = ClusterStart(1)
+    try:
+        client, _ = started.get()
+        assert list(client.run(_setting, "SHERL_PIPE_TEST_SETTING").values()) == ["set since"]
+    finally:
+        started.close()
