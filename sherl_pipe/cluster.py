@@ -59,8 +59,13 @@ def local_cluster(n: int, threads: int, method: str = "spawn"):
         # takes a free port, so a second cluster causes no port warning. Logs below CRITICAL stay
         # quiet: a task's error reaches the caller, which reports it in one line.
         with shielded():
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                   silence_logs=logging.CRITICAL)
+            try:
+                cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                       silence_logs=logging.CRITICAL)
+            except RuntimeError as exc:  # dask's "Nanny failed to start."; the workers' own tracebacks are above it
+                raise SherlError(f"the local cluster's worker processes failed to start ({exc}); a script that "
+                                 f"starts local workers must do so under `if __name__ == \"__main__\":` (each "
+                                 f"worker starts by importing the script), or set workers = 1") from None
         with cluster, Client(cluster) as client:
             pin(client, threads)
             yield client

@@ -134,3 +134,20 @@ def test_local_workers_get_the_environment_of_now_not_the_fork_servers(monkeypat
         assert list(client.run(_setting, "SHERL_PIPE_TEST_SETTING").values()) == ["set since"]
     finally:
         started.close()
+
+
+def test_a_script_without_a_main_guard_is_told_what_to_add(tmp_path, bert_dir, labeled_csv):
+    """Local workers start by importing the calling script: one that calls extract at import time
+    made them fail, and ended on dask's 'Nanny failed to start.' under 170 lines of tracebacks."""
+    import subprocess
+    import sys
+
+    import conftest
+
+    p = conftest.write_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, tmp_path / "c", "workers = 2")
+    script = tmp_path / "no_guard.py"
+    script.write_text(f"from sherl_pipe.config import load_pipeline\nfrom sherl_pipe.extraction import extract\n"
+                      f"extract(load_pipeline({str(p)!r}))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert 'under `if __name__ == "__main__":`' in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
