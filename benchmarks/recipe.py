@@ -38,6 +38,8 @@ VARIANTS = {
     # fewer frozen early layers: 4 of MiniLM's 6 trained (lr_late 3e-5), 2 cached; where the gap
     # to full fine-tuning comes from if it is the frozen early layers
     "late4-full": ["train.late_layers=4", "train.late_tuning=full"],
+    # the same with the consolidation starting open: h[c] passed on, its own output at zero
+    "open-late4-full": ["train.late_layers=4", "train.late_tuning=full", "train.anchor_residual=open"],
 }
 
 

@@ -165,6 +165,9 @@ class TrainConfig:
     # how the consolidation turns tier scores into weights (consolidation.TIER_SCORES; relu: the paper's,
     # which left most runs' tiers unused; see README, The consolidation's tier score)
     tier_score: str = _choice("softmax-normed", "relu", "softplus", "softmax", "relu-normed", "softplus-normed")
+    # how the consolidation starts (consolidation.ANCHOR_RESIDUALS): shut, the paper's (its output
+    # replaces h[c]); open, h[c] passed on and the module's own output at zero (see README)
+    anchor_residual: str = _choice("shut", "open")
     reduction: int = _at_least(0, 0)  # width D / r of the method's modules; 0: the method's (sherl, lst 8; unipt 2)
     pooling: str = _choice("auto", "cls-pooler", "cls", "mean")
     dropout: float = _between(0.1, 0.0, 1.0, below_max=True)

@@ -10,7 +10,7 @@ That alpha is the paper's form, train.tier_score = "relu". The others (TIER_SCOR
 by softplus or exp (exp: a softmax over the tiers of s_t - log R_t, never all zero), and the
 "-normed" ones score the RMS-normalised product, s_t = w . (x_t / rms(x_t)) + b with x_t = a_t * g.
     y = W_out relu(z) + b_out      (post-LN families: Dropout(LayerNorm(y)))
-    out = y + tanh(gamma / T) * h[c]                 gamma = 0 at start, T = 0.1
+    out = y + tanh(gamma / T) * h[c]                 T = 0.1; gamma = 0 at start (or open: ANCHOR_RESIDUALS)
 Padding is cleared by selection (masked_fill), never by multiplying with the mask: inf * 0 is NaN.
 The inputs are cleared too, so whatever a padded position held (the cache stores zeros, but a
 caller may not) reaches neither the output nor the gradients; the output is zero there, so
@@ -27,6 +27,12 @@ from torch.nn import functional as F
 
 EPS = 1e-6
 GATE_TEMPERATURE = 0.1
+# How the module starts (train.anchor_residual): the anchor residual's gate gamma, and whether its
+# own output y starts at zero. "shut" is the paper's: y replaces h[c] and the late layers first see
+# a random projection of the tiers. "open": tanh(0.3 / T) = 0.995 of h[c] passes and y starts at
+# zero (its LayerNorm's scale, or for pre-LN families W_out and b_out), so the late layers start on
+# the pretrained path and y learns a correction (measured: README, The consolidation's start).
+ANCHOR_RESIDUALS = {"shut": 0.0, "open": 0.3}
 
 
 class GatedMLPProjection(nn.Module):
@@ -164,13 +170,21 @@ def _tier_major_weights(others: torch.Tensor, guide: torch.Tensor, score: nn.Lin
     return alpha / alpha.sum(0, keepdim=True).clamp_min(EPS)
 
 
+def _start_at_zero(module: nn.Module) -> None:
+    """The consolidation's own output at zero: the scale of its LayerNorm (post-LN), or W_out and
+    b_out (pre-LN). Their gradients are not zero, so y grows from there."""
+    with torch.no_grad():
+        for name in ("weight", "bias") if isinstance(module, nn.Linear) else ("weight",):
+            getattr(module, name).zero_()
+
+
 class Consolidation(nn.Module):
     """Turns the cached tiers into the input of the late layers, in place of the anchor h[c]
     (c = L - k, k = train.late_layers)."""
 
     def __init__(self, width: int, tiers: list[int], anchor: int, reduction: int = 8,
                  projection: str = "gated-mlp", post_ln: bool = True, dropout: float = 0.1,
-                 layer_norm_eps: float = 1e-12, tier_score: str = PAPER_TIER_SCORE):
+                 layer_norm_eps: float = 1e-12, tier_score: str = PAPER_TIER_SCORE, anchor_residual: str = "shut"):
         super().__init__()
         self.form = TIER_SCORES[tier_score]
         if anchor in tiers:
@@ -186,7 +200,9 @@ class Consolidation(nn.Module):
         self.up = nn.Linear(reduced, width)
         self.norm = nn.LayerNorm(width, eps=layer_norm_eps) if post_ln else nn.Identity()
         self.dropout = nn.Dropout(dropout)
-        self.gate = nn.Parameter(torch.zeros(()))  # gamma: tanh(0) = 0, the anchor residual starts shut
+        self.gate = nn.Parameter(torch.tensor(ANCHOR_RESIDUALS[anchor_residual]))  # gamma (shut: tanh(0) = 0)
+        if anchor_residual == "open":
+            _start_at_zero(self.norm if post_ln else self.up)
 
     @property
     def inputs(self) -> list[int]:

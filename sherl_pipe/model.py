@@ -45,6 +45,9 @@ class ModelSpec:
     # How the consolidation weighs its tiers (consolidation.TIER_SCORES). Runs saved before it
     # existed used the paper's relu; to_dict omits it there, so their specs compare equal.
     tier_score: str = PAPER_TIER_SCORE
+    # How the consolidation starts (consolidation.ANCHOR_RESIDUALS); runs saved before it existed
+    # started shut, and to_dict omits it there, so their specs compare equal.
+    anchor_residual: str = "shut"
     method: str = DEFAULT_METHOD  # train.method (sherl_pipe.methods)
     source: str = "cached"  # train.source: where its activations came from (cached, live)
 
@@ -65,6 +68,8 @@ class ModelSpec:
             del d["head_norm"]
         if self.tier_score == PAPER_TIER_SCORE:
             del d["tier_score"]
+        if self.anchor_residual == "shut":
+            del d["anchor_residual"]
         return d
 
     @classmethod
@@ -89,7 +94,8 @@ def make_spec(cfg, manifest: dict) -> ModelSpec:
         task_type=task["type"], num_outputs=len(task["label_names"]) if task["type"] == "classification" else 1,
         num_layers=manifest["backbone"]["num_layers"], pooling=resolve_pooling(cfg.pooling, manifest),
         projection=cfg.projection, reduction=cfg.reduction or method.reduction, dropout=cfg.dropout,
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, tier_score=cfg.tier_score, method=cfg.method,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, tier_score=cfg.tier_score,
+        anchor_residual=cfg.anchor_residual, method=cfg.method,
         source=source, **method.spec_fields(cfg, manifest))
 
 

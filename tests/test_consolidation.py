@@ -79,6 +79,28 @@ def test_gate_is_shut_at_init_and_opens_with_gamma():
     torch.testing.assert_close(opened, expect + math.tanh(0.5) * states[3] * mask.unsqueeze(-1))
 
 
+@pytest.mark.parametrize("post_ln", [True, False])
+def test_an_open_start_passes_the_anchor_and_learns_a_correction(post_ln):
+    """train.anchor_residual = "open": at init the output is tanh(3) h[c] (the late layers start on
+    the pretrained path), and a step moves the module's own output away from zero."""
+    states, mask = states_and_mask()
+    torch.manual_seed(0)
+    module = Consolidation(32, [0, 1, 2], 3, 4, post_ln=post_ln, dropout=0.0, anchor_residual="open")
+    out = module(states, mask)
+    torch.testing.assert_close(out, math.tanh(3.0) * states[3] * mask.unsqueeze(-1))
+    out.pow(2).sum().backward()
+    torch.optim.SGD(module.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        assert (module(states, mask) - math.tanh(module.gate / 0.1) * states[3] * mask.unsqueeze(-1)).abs().max() > 1e-3
+
+
+def test_the_config_offers_every_anchor_residual():
+    from sherl_pipe.config import TrainConfig
+    from sherl_pipe.consolidation import ANCHOR_RESIDUALS
+
+    assert set(TrainConfig.__dataclass_fields__["anchor_residual"].metadata["choices"]) == set(ANCHOR_RESIDUALS)
+
+
 def test_only_the_anchor():
     states, mask = states_and_mask()
     module = make(tiers=())

@@ -170,6 +170,19 @@ def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path, b
               log=lambda m: None)
 
 
+def test_an_open_anchor_residual_is_part_of_the_run(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """train.anchor_residual = "open" is written into the run's spec (a "shut" one is left out, as
+    runs before it existed wrote theirs) and a resume that asks for the other start is refused."""
+    run = tmp_path / "run"
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run,
+                        'max_steps = 2\neval_split = ""\nanchor_residual = "open"')
+    train(pipe, log=lambda m: None)
+    assert json.loads((run / "model.json").read_text())["spec"]["anchor_residual"] == "open"
+    with pytest.raises(SherlError, match=r"train.anchor_residual: run has 'open', request has 'shut'"):
+        train(load_pipeline(str(tmp_path / "run.toml"), ["train.anchor_residual=shut"]), resume=True,
+              log=lambda m: None)
+
+
 @pytest.mark.parametrize("tier_score", [t for t in TIER_SCORES if t != PAPER_TIER_SCORE])
 def test_every_tier_score_resumes_exactly(tmp_path, bert_dir, labeled_csv, fp32_cache, monkeypatch, tier_score):
     """The interrupted-run test above (relu, the paper's form) for the other tier scores, shorter:

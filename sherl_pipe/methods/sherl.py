@@ -81,7 +81,7 @@ class SherlModel(nn.Module):
         self.consolidation = Consolidation(
             config.hidden_size, list(spec.tiers), spec.anchor, spec.reduction, spec.projection,
             post_ln=self.family.post_ln, dropout=spec.dropout, layer_norm_eps=self.family.layer_norm_eps(config),
-            tier_score=spec.tier_score)
+            tier_score=spec.tier_score, anchor_residual=spec.anchor_residual)
         self.late = nn.ModuleList(late)
         self.shared = nn.ModuleDict(shared or {})
         self.helpers = nn.ModuleDict(self.family.helpers(config))
