@@ -146,7 +146,7 @@ def test_a_failed_overwrite_keeps_the_run_it_was_to_replace(tmp_path, bert_dir, 
 
 def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path, bert_dir, labeled_csv, fp32_cache):
     """A checkpoint written by an earlier version lacks keys added since (train.compile,
-    train.precision and the precision in effect, train.tier_score): they compare as their values
+    train.precision and the precision in effect, train.tier_score, train.anchor_residual): they compare as their values
     before they existed (the defaults then: tier_score relu, the paper's), so the run resumes
     instead of being refused as changed, and another value is refused."""
     import torch
@@ -159,6 +159,7 @@ def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path, b
     state_file = run / "checkpoints" / "state.pt"
     saved = torch.load(state_file, weights_only=False)
     del saved["train"]["compile"], saved["train"]["precision"], saved["precision"], saved["train"]["tier_score"]
+    del saved["train"]["anchor_residual"]
     torch.save(saved, state_file)
     messages = []
     train(pipe, resume=True, log=messages.append)
