@@ -431,11 +431,11 @@ def early_cluster(pipeline: Pipeline, scheduler: str | None, overwrite: bool):
     """The local cluster extract.workers > 1 asks for, started now in the background
     (distributed_extract.ClusterStart), or None: the blocks run in this process or on SCHEDULER's
     cluster, or the cache is complete already (a rerun that writes nothing starts no cluster)."""
-    from sherl_pipe.config import absolute_paths
-    from sherl_pipe.distributed_extract import ClusterStart
-
     if scheduler or pipeline.extract.workers <= 1 or (not overwrite and _complete(pipeline)):
         return None
+    from sherl_pipe.config import absolute_paths
+    from sherl_pipe.distributed_extract import ClusterStart  # dask: imported only when workers are asked for
+
     b = absolute_paths(pipeline).backbone
     return ClusterStart(pipeline.extract.workers, (b.source, b.attn_implementation, b.device))
 

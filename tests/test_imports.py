@@ -29,3 +29,16 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     assert proc.returncode == 0, proc.stderr[-2000:]
     count, *failed = proc.stdout.strip().splitlines()
     assert int(count) > 40 and failed == []
+
+
+def test_an_extraction_in_this_process_does_not_import_dask_distributed(tmp_path, bert_dir, labeled_csv):
+    """extract.workers = 1 runs the blocks here: dask.distributed (about 0.25 s to import) stays
+    out of it (the early cluster start once imported it before deciding it was not needed)."""
+    import conftest
+
+    p = conftest.write_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, tmp_path / "c")
+    code = ("import sys\nfrom sherl_pipe.config import load_pipeline\nfrom sherl_pipe.extraction import extract\n"
+            f"extract(load_pipeline({str(p)!r}), log=lambda m: None)\nprint('distributed' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
