@@ -189,7 +189,11 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, bert
     deadline, complete = time.time() + 240, []
     while time.time() < deadline and proc.poll() is None:
         if journal.is_file():
-            study = load_study(tmp_path / "sweep")
+            try:
+                study = load_study(tmp_path / "sweep")
+            except SherlError:  # the journal is there, the study not yet
+                time.sleep(0.3)
+                continue
             complete = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))]
             if complete and study.get_trials(states=(TrialState.RUNNING,)):
                 break
@@ -269,6 +273,19 @@ def test_a_changed_space_is_refused_unless_overwrite(tmp_path, bert_dir, labeled
     assert len(rows(tmp_path / "sweep")) == 1
     r = CliRunner().invoke(main, ["sweep-report", str(tmp_path / "sweep")])
     assert r.exit_code == 0 and "1 trials: 1 complete" in r.output, r.output
+
+
+def test_a_report_on_a_sweep_whose_study_is_not_written_yet_is_one_error_line(tmp_path):
+    """The sweep creates its journal a moment before it writes the study into it: a report (or the
+    kill test's polling) in between got optuna's bare KeyError."""
+    from sherl_pipe.sweep.study import JOURNAL, load_study
+
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / JOURNAL).write_bytes(b"")
+    with pytest.raises(SherlError, match=r"sweep folder .*sweep: study.journal holds no study yet"):
+        load_study(tmp_path / "sweep")
+    r = CliRunner().invoke(main, ["sweep-report", str(tmp_path / "sweep")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.output
 
 
 def test_a_sweep_leaves_dasks_configuration_as_it_found_it(tmp_path):

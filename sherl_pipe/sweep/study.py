@@ -260,4 +260,8 @@ def load_study(sweep_dir: Path):
     optuna = _quiet_optuna()
     if not is_sweep_folder(sweep_dir):
         raise SherlError(f"sweep folder {sweep_dir}: no {JOURNAL}; give the folder of a `sherl-pipe sweep`")
-    return optuna.load_study(study_name=STUDY_NAME, storage=storage(sweep_dir))
+    try:
+        return optuna.load_study(study_name=STUDY_NAME, storage=storage(sweep_dir))
+    except KeyError:  # the sweep creates the journal a moment before it writes the study into it
+        raise SherlError(f"sweep folder {sweep_dir}: {JOURNAL} holds no study yet (the sweep is starting, or "
+                         f"stopped before its first record); wait and report again, or rerun the sweep") from None
