@@ -7,6 +7,8 @@ tweets and the rotten-tomatoes reviews (4,000 training rows each), all-MiniLM-L6
 
     python benchmarks/compare.py                                # every task and budget (hours on 2 cores)
     python benchmarks/compare.py --tasks sst2 --budgets epochs --seeds 1 --live-seeds 1
+    python benchmarks/compare.py --methods sherl,full-finetune --budgets time --tag open4 \
+        --set train.late_layers=4 --set train.late_tuning=full --set train.anchor_residual=open
 
 Prints each comparison's table; last line: one JSON object with, per task and budget, each method's
 mean test metric, peak memory above idle (MiB) and training seconds.
@@ -15,6 +17,7 @@ mean test metric, peak memory above idle (MiB) and training seconds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -59,13 +62,21 @@ def run(task: str, budget: str, pipe: Path, args) -> dict:
     from sherl_pipe.methods import method_names
 
     methods = args.methods.split(",") if args.methods else method_names()
-    print(f"== {task}, --budget {budget}; {load_avg()}", flush=True)
-    out = compare(load_pipeline(str(pipe)), methods, args.seeds, args.live_seeds, budget,
-                  compare_dir=str(args.work / task / f"compare-{budget}"), workers=args.workers,
+    print(f"== {task}, --budget {budget}{' ' + ' '.join(args.set) if args.set else ''}; {load_avg()}", flush=True)
+    out = compare(load_pipeline(str(pipe), args.set), methods, args.seeds, args.live_seeds, budget,
+                  compare_dir=str(args.work / task / f"compare-{budget}{suffix(args)}"), workers=args.workers,
                   log=lambda m: print("   ", m, flush=True))
     print(out["markdown"], flush=True)
     return {s["method"]: {"test": s["test"][0], "test_sd": s["test"][1], "peak_mib": s["peak_mib"][0],
                           "seconds": s["seconds"][0], "epochs": s["epochs"][0]} for s in out["summary"]}
+
+
+def suffix(args) -> str:
+    """Settings given with --set get a compare folder of their own (a compare folder refuses to
+    resume with other settings): -TAG, or a hash of the settings."""
+    if not args.set:
+        return ""
+    return "-" + (args.tag or hashlib.sha1("\n".join(sorted(args.set)).encode()).hexdigest()[:8])
 
 
 def main() -> None:
@@ -80,6 +91,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--live-seeds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a pipeline setting for every comparison (repeatable), as `sherl-pipe compare --set`")
+    ap.add_argument("--tag", default="", help="the compare folders' suffix with --set (default: a hash of the settings)")
     args = ap.parse_args()
     results: dict = {}
     for task in args.tasks.split(","):
