@@ -182,7 +182,8 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, bert
     from sherl_pipe.sweep.study import load_study
 
     table = '[sweep]\nsampler = "grid"\ndir = "{dir}"\nworkers = 2\nthreads = 1\n[sweep.space]\nseed = [0, 1, 2]\n'
-    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 8")
+    # 40 epochs: a trial takes seconds (8 took under one), far longer than from the poll to the kill
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 40")
     proc = subprocess.Popen([sys.executable, "-m", "sherl_pipe", "sweep", "-q", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     journal = tmp_path / "sweep" / "study.journal"
@@ -195,7 +196,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, bert
                 time.sleep(0.3)
                 continue
             complete = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))]
-            if complete and study.get_trials(states=(TrialState.RUNNING,)):
+            # trials 0 and 1 start together on the 2 workers and end within moments of each other,
+            # so trial 1 seen running may finish before the kill (then nothing is interrupted);
+            # trial 2 starts when one of them ends and is surely mid-run at the kill
+            if complete and any(t.number >= 2 for t in study.get_trials(states=(TrialState.RUNNING,))):
                 break
         time.sleep(0.3)
     assert proc.poll() is None, "the sweep ended before it could be killed: " + proc.stderr.read().decode()
