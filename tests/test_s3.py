@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -319,9 +320,14 @@ def test_a_lease_held_elsewhere_refuses_a_second_extraction(s3, tmp_path, bert_d
     holder = {"host": "worker-7.example", "pid": 4242, "since": time.time() - 30, "renewed": time.time(),
               "seconds": 120, "released": False}
     client.put_object(Bucket=BUCKET, Key="held.sherl-lease/00000001.json", Body=json.dumps(holder).encode())
+    start = time.time()
     r = refused(s3, tmp_path, bert_dir, labeled_csv, "held")
+    took = time.time() - start
     one_error_line(r, f"s3://{BUCKET}/held", "another extraction is writing it", "host worker-7.example",
-                   "pid 4242", "for 30 s")
+                   "pid 4242", "s, lease renewed")
+    # the age is read when the refusal is made, up to TOOK seconds after the holder's 30 (a loaded
+    # machine took over a second: "for 31 s")
+    assert 30 <= int(re.search(r"for (\d+) s, lease renewed", r.stderr).group(1)) <= 30 + took + 1, r.stderr
     holder["renewed"] = time.time() - 121
     client.put_object(Bucket=BUCKET, Key="held.sherl-lease/00000001.json", Body=json.dumps(holder).encode())
     p = s3_pipeline(tmp_path, bert_dir, labeled_csv, endpoint, "held")
