@@ -33,6 +33,7 @@ GATE_TEMPERATURE = 0.1
 # zero (its LayerNorm's scale, or for pre-LN families W_out and b_out), so the late layers start on
 # the pretrained path and y learns a correction (measured: README, The consolidation's start).
 ANCHOR_RESIDUALS = {"shut": 0.0, "open": 0.3}
+PAPER_ANCHOR_RESIDUAL = "shut"
 
 
 class GatedMLPProjection(nn.Module):
@@ -184,7 +185,8 @@ class Consolidation(nn.Module):
 
     def __init__(self, width: int, tiers: list[int], anchor: int, reduction: int = 8,
                  projection: str = "gated-mlp", post_ln: bool = True, dropout: float = 0.1,
-                 layer_norm_eps: float = 1e-12, tier_score: str = PAPER_TIER_SCORE, anchor_residual: str = "shut"):
+                 layer_norm_eps: float = 1e-12, tier_score: str = PAPER_TIER_SCORE,
+                 anchor_residual: str = PAPER_ANCHOR_RESIDUAL):
         super().__init__()
         self.form = TIER_SCORES[tier_score]
         if anchor in tiers:

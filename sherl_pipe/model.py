@@ -14,7 +14,7 @@ from torch import nn
 
 from sherl_pipe.methods import DEFAULT as DEFAULT_METHOD
 from sherl_pipe.methods import LEGACY_MODES
-from sherl_pipe.consolidation import PAPER_TIER_SCORE
+from sherl_pipe.consolidation import PAPER_ANCHOR_RESIDUAL, PAPER_TIER_SCORE
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
 
@@ -47,7 +47,7 @@ class ModelSpec:
     tier_score: str = PAPER_TIER_SCORE
     # How the consolidation starts (consolidation.ANCHOR_RESIDUALS); runs saved before it existed
     # started shut, and to_dict omits it there, so their specs compare equal.
-    anchor_residual: str = "shut"
+    anchor_residual: str = PAPER_ANCHOR_RESIDUAL
     method: str = DEFAULT_METHOD  # train.method (sherl_pipe.methods)
     source: str = "cached"  # train.source: where its activations came from (cached, live)
 
@@ -68,7 +68,7 @@ class ModelSpec:
             del d["head_norm"]
         if self.tier_score == PAPER_TIER_SCORE:
             del d["tier_score"]
-        if self.anchor_residual == "shut":
+        if self.anchor_residual == PAPER_ANCHOR_RESIDUAL:
             del d["anchor_residual"]
         return d
 
