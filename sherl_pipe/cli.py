@@ -452,7 +452,7 @@ def _print_sweep(report, sweep_dir) -> None:
               help="Seeds for the fine-tuning methods (default: --seeds).")
 @click.option("--budget", type=click.Choice(["epochs", "time"]), default="epochs", show_default=True,
               help="epochs: the pipeline's epochs for every method; time: full fine-tuning's training time.")
-@click.option("--tune-lr", is_flag=True, help="A small per-method lr search on the validation split first.")
+@click.option("--tune-lr", is_flag=True, help="A small per-method search of its rates (x 1/3, x 1, x 3) on the validation split first.")
 @click.option("--compare-dir", default="sherl-compare/default", show_default=True, help="The compare folder.")
 @click.option("--scheduler", default=None, help="A dask scheduler's address (default: a local cluster).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Local cluster workers (0: one per core).")

@@ -92,11 +92,110 @@ def test_a_killed_phase_reruns_the_trials_it_left_running(tmp_path):
     from sherl_pipe.compare.phase import open_phase
     from sherl_pipe.config import load_pipeline
 
-    c = SimpleNamespace(pipeline=load_pipeline("quickstart"), metric="accuracy", direction="maximize")
-    planned = [{"method": m, "seed": s, "epochs": 3, "lr": 0.001} for m in ("sherl", "linear-probe") for s in (0, 1)]
+    c = SimpleNamespace(pipeline=load_pipeline("quickstart"), metric="accuracy", direction="maximize", rates={})
+    planned = [{"method": m, "seed": s, "epochs": 3, "lr": 0.001, "lr_late": 0.0} for m in ("sherl", "linear-probe")
+               for s in (0, 1)]
     study, _ = open_phase(c, tmp_path, planned)
     running = study.ask()  # taken from the queue; killed before it drew its parameters
     study, _ = open_phase(c, tmp_path, planned)  # the rerun
     assert study.get_trials(deepcopy=False)[running.number].state == TrialState.FAIL
     waiting = [t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
     assert sorted(map(str, waiting)) == sorted(map(str, planned))
+
+
+def _planned(compare_pipeline, tmp_path, overrides=(), budget="epochs", tune_lr=False):
+    from sherl_pipe.cache import Cache
+    from sherl_pipe.compare.run import plan_compare
+
+    pipe = load_pipeline(str(compare_pipeline), list(overrides))
+    manifest = Cache(pipe.extract.cache).manifest
+    c = plan_compare(pipe, ["sherl", "linear-probe", "full-finetune"], 1, None, budget, tune_lr,
+                     str(tmp_path / "cmp"), manifest)
+    c.epochs = {m: 2 for m in c.methods}  # as the budget would set them
+    return c
+
+
+def test_compare_trains_at_the_rates_the_pipeline_sets(tmp_path, compare_pipeline):
+    """train.lr and train.lr_late in the pipeline (or --set) were overwritten by every method's
+    default rate in each trial: a user's rates were dropped without a word."""
+    from sherl_pipe.compare.run import final_trials
+
+    c = _planned(compare_pipeline, tmp_path, ["train.lr=0.002", "train.lr_late=7e-05"])
+    assert {(t["method"], t["lr"], t["lr_late"]) for t in final_trials(c)} == {
+        ("sherl", 0.002, 7e-05), ("linear-probe", 0.002, 7e-05), ("full-finetune", 0.002, 7e-05)}
+    c = _planned(compare_pipeline, tmp_path, ["train.late_tuning=full"])  # 0: each method's own rates
+    assert {(t["method"], t["lr"], t["lr_late"]) for t in final_trials(c)} == {
+        ("sherl", 1e-3, 3e-5), ("linear-probe", 1e-3, 0.0), ("full-finetune", 1e-3, 3e-5)}
+
+
+def test_tune_lr_scales_the_pretrained_rate_too(tmp_path, compare_pipeline):
+    """--tune-lr tried x 1/3, x 1, x 3 of train.lr only: for full fine-tuning that is its head's rate,
+    never the rate of the 22 M weights it tunes (lr_late), so its search changed next to nothing."""
+    from sherl_pipe.compare.run import tune_trials
+
+    c = _planned(compare_pipeline, tmp_path, tune_lr=True)
+    ft = sorted((t["lr"], t["lr_late"]) for t in tune_trials(c) if t["method"] == "full-finetune")
+    assert [x for pair in ft for x in pair] == pytest.approx([1e-3 / 3, 1e-5, 1e-3, 3e-5, 3e-3, 9e-5])
+
+
+def test_at_equal_time_a_tuned_full_finetune_runs_again_at_its_tuned_rates(tmp_path, compare_pipeline):
+    """With --budget time --tune-lr, full fine-tuning's results were its calibration runs at the
+    default rates whatever its search found, while every other method trained at its tuned rates."""
+    from sherl_pipe.compare.run import final_trials
+
+    c = _planned(compare_pipeline, tmp_path, budget="time", tune_lr=True)
+    assert "full-finetune" not in {t["method"] for t in final_trials(c)}  # its calibration runs are its results
+    c.lr = {"full-finetune": (1e-3, 9e-5)}
+    assert [(t["method"], t["lr_late"]) for t in final_trials(c) if t["method"] == "full-finetune"] == [
+        ("full-finetune", 9e-5)]
+
+
+def test_tune_lr_at_equal_time_reports_every_method_at_its_chosen_rates(tmp_path, compare_pipeline):
+    from sherl_pipe.compare import compare
+
+    pipe = load_pipeline(str(compare_pipeline), ["train.epochs=1"])
+    out = compare(pipe, ["sherl"], seeds=1, budget="time", tune_lr=True, compare_dir=str(tmp_path / "cmp"),
+                  workers=2, log=lambda m: None)
+    plan = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    tune = read_csv_rows_of_phase(tmp_path / "cmp" / "tune")
+    want = sorted((m, plan["rates"][m][0] * f, plan["rates"][m][1] * f) for m in plan["methods"] for f in (1 / 3, 1, 3))
+    assert [t[0] for t in sorted(tune)] == [w[0] for w in want]
+    assert [x for t in sorted(tune) for x in t[1:]] == pytest.approx([x for w in want for x in w[1:]])
+    assert plan["rates"]["full-finetune"] == [1e-3, 3e-5]  # its pretrained rate is searched, not its head's only
+    rows = read_csv(tmp_path / "cmp" / "compare.csv")
+    assert sorted(x["method"] for x in rows) == ["full-finetune", "sherl"]  # one row each, never a duplicate
+    for x in rows:  # each at the rates its search chose, full fine-tuning too
+        assert [float(x["lr"]), float(x["lr_late"])] == pytest.approx(plan["tuned_rates"][x["method"]])
+    assert len(out["rows"]) == 2
+
+
+def read_csv_rows_of_phase(folder):
+    from sherl_pipe.compare.phase import results_of
+    from sherl_pipe.sweep.study import load_study
+
+    return [(r["method"], r["lr"], r["lr_late"]) for r in results_of(load_study(folder), folder)]
+
+
+def test_a_compare_folder_from_before_lr_late_resumes_without_running_its_trials_again(tmp_path, monkeypatch):
+    """Its trials hold (method, seed, epochs, lr): they trained at the method's pretrained rate, so
+    they count as the same trials now that lr_late is a trial parameter too, and still report."""
+    from types import SimpleNamespace
+
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    from sherl_pipe.compare import phase
+    from sherl_pipe.compare.phase import EARLIER_KEYS, open_phase, results_of
+
+    c = SimpleNamespace(pipeline=load_pipeline("quickstart"), metric="accuracy", direction="maximize", rates={})
+    earlier = {"method": "sherl", "seed": 0, "epochs": 3, "lr": 0.001}
+    with monkeypatch.context() as m:
+        m.setattr(phase, "KEYS", EARLIER_KEYS)  # the earlier version's study
+        study, _ = open_phase(c, tmp_path, [earlier])
+    t = study.ask({k: CategoricalDistribution([earlier[k]]) for k in EARLIER_KEYS})
+    study.tell(t, 0.8)
+    c.rates = {"sherl": (0.001, 3e-5)}
+    study, _ = open_phase(c, tmp_path, [{**earlier, "lr_late": 3e-5}])
+    assert not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [r["lr_late"] for r in results_of(study, tmp_path, c.rates)] == [3e-5]
+    assert [r.get("lr_late") for r in results_of(study, tmp_path)] == [None]  # compare-report: a blank cell

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from sherl_pipe.sweep.space import Param
 
-KEYS = ("method", "seed", "epochs", "lr")
+KEYS = ("method", "seed", "epochs", "lr", "lr_late")
+EARLIER_KEYS = KEYS[:4]  # compare folders made before lr_late was a trial parameter
 
 
 def params_for(trials: list[dict]) -> list[Param]:
@@ -26,13 +27,21 @@ def open_phase(c, folder: Path, trials: list[dict]):
     sig = signature(SweepConfig(sampler="random"), [], c.pipeline.to_dict(), c.metric, c.direction)
     study = open_study(folder, SweepConfig(sampler="random"), params, sig, c.direction, "compare")
     recover_interrupted(study, folder)
-    held = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)
-            if not stopped_before_its_end(t, folder)]
+    held = [with_lr_late(t.params or t.system_attrs.get("fixed_params", {}), c.rates)
+            for t in study.get_trials(deepcopy=False) if not stopped_before_its_end(t, folder)]
     done_or_queued = {json.dumps(p, sort_keys=True) for p in held}
     for t in trials:
         if json.dumps(t, sort_keys=True) not in done_or_queued:
             study.enqueue_trial(t, skip_if_exists=False)
     return study, params
+
+
+def with_lr_late(params: dict, rates: dict | None) -> dict:
+    """A trial from before lr_late was a trial parameter trained at its method's pretrained rate as
+    this comparison resolves it (the study's signature pins the pipeline), so it is given that one."""
+    if "lr_late" in params or rates is None or params.get("method") not in rates:
+        return params
+    return {**params, "lr_late": rates[params["method"]][1]}
 
 
 def stopped_before_its_end(t, folder: Path) -> bool:
@@ -45,18 +54,20 @@ def stopped_before_its_end(t, folder: Path) -> bool:
     return t.state.name == "FAIL" and error.is_file() and is_rerun_error(error.read_text())
 
 
-def results_of(study, folder: Path) -> list[dict]:
-    """Every finished trial's parameters with its job's result (failed ones: with their error)."""
+def results_of(study, folder: Path, rates: dict | None = None) -> list[dict]:
+    """Every finished trial's parameters with its job's result (failed ones: with their error); an
+    earlier folder's trials get lr_late from RATES (see with_lr_late), or none without them."""
     from sherl_pipe.compare.trial import job_folder
     from sherl_pipe.sweep.study import trial_dir
 
     out = []
     for t in study.get_trials(deepcopy=False):
-        if not t.state.is_finished() or set(t.params) != set(KEYS):
+        if not t.state.is_finished() or set(t.params) not in (set(KEYS), set(EARLIER_KEYS)):
             continue
         result = job_folder(str(trial_dir(folder, t.number))) / "result.json"
         error = trial_dir(folder, t.number) / "error.txt"
-        row = {**t.params, "number": t.number, "state": t.state.name.lower(), "phase": folder.name}
+        row = {**with_lr_late(t.params, rates), "number": t.number, "state": t.state.name.lower(),
+               "phase": folder.name}
         if t.state.name == "COMPLETE" and result.is_file():
             row.update(json.loads(result.read_text()))
         elif error.is_file():
@@ -81,6 +92,7 @@ def run_phase(c, name: str, trials: list[dict], eng, progress, log, should_stop)
             progress.set_total(len(trials))
             progress(finished_count(study, folder))
         tally = Coordinator(plan, study, eng, run_compare_trial, progress, log, should_stop).run()
-        return [r for r in results_of(study, folder) if r["state"] != "fail" or "error" in r], tally.interrupted
+        results = results_of(study, folder, c.rates)
+        return [r for r in results if r["state"] != "fail" or "error" in r], tally.interrupted
     finally:
         lock.release()

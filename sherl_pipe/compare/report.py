@@ -18,7 +18,7 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.methods import REFERENCE
 from sherl_pipe.metrics import REGRESSION_METRICS
 
-COLUMNS = ("method", "seed", "state", "epochs", "lr", "test", "validation", "seconds", "samples_per_s",
+COLUMNS = ("method", "seed", "state", "epochs", "lr", "lr_late", "test", "validation", "seconds", "samples_per_s",
            "trainable_parameters", "peak_mib", "state_mib", "parameters_mib", "gradients_mib", "optimizer_mib",
            "activations_mib", "batch", "cuda_max_allocated_mib", "error")
 MIB = 2**20
@@ -26,18 +26,18 @@ MIB = 2**20
 
 def load(folder: Path) -> tuple[dict, list[dict]]:
     """The comparison's description and its rows: the final phase, and with --budget time full
-    fine-tuning's calibration runs (they are its results)."""
+    fine-tuning's calibration runs (they are its results, unless --tune-lr ran it again at other rates)."""
     from sherl_pipe.compare.phase import results_of
     from sherl_pipe.sweep.study import is_sweep_folder, load_study
 
     if not (folder / "compare.json").is_file():
         raise SherlError(f"compare folder {folder}: no compare.json; give the folder of a `sherl-pipe compare`")
     plan = json.loads((folder / "compare.json").read_text())
-    rows = []
-    for phase in ("calibrate", "final"):
-        if is_sweep_folder(folder / phase):
-            got = results_of(load_study(folder / phase), folder / phase)
-            rows += [r for r in got if phase == "final" or r["method"] == REFERENCE]
+    got = {p: results_of(load_study(folder / p), folder / p) for p in ("calibrate", "final")
+           if is_sweep_folder(folder / p)}
+    rows = got.get("final", [])
+    if not any(r["method"] == REFERENCE for r in rows):  # a tuned rate runs it again in the final phase
+        rows += [r for r in got.get("calibrate", []) if r["method"] == REFERENCE]
     return plan, sorted(rows, key=lambda r: (plan["methods"].index(r["method"]), r["seed"]))
 
 
@@ -54,6 +54,7 @@ def row_of(r: dict, metric: str, direction: str) -> dict:
     mib = (lambda k: None if k not in sb else sb[k] / MIB)
     cuda = r.get("cuda_max_allocated")
     return {"method": r["method"], "seed": r["seed"], "state": r["state"], "epochs": r.get("epochs"), "lr": r["lr"],
+            "lr_late": r.get("lr_late"),
             "test": ((r.get("test") or {}).get("metrics") or {}).get(metric),
             "validation": best_of(r.get("values") or [], direction), "seconds": r.get("train_seconds"),
             "samples_per_s": r.get("samples_per_s"), "trainable_parameters": r.get("trainable_parameters"),

@@ -6,9 +6,13 @@ Phases, each a sweep folder of queued trials under the compare folder (a rerun r
   calibrate  --budget time only: full fine-tuning at the pipeline's epochs (its seeded runs, kept
              as its results) and one epoch of every other method; a method then gets as many
              epochs as fit in full fine-tuning's median training time (1 to MAX_EPOCHS)
-  tune       --tune-lr only: the method's rate x 1/3, x 1, x 3 on the first seed; the best
-             validation value wins
-  final      every method x seed at its epochs and rate (the budget's)
+  tune       --tune-lr only: the method's rates (its new modules' and its pretrained weights',
+             together) x 1/3, x 1, x 3 on the first seed; the best validation value wins
+  final      every method x seed at its epochs and rates (the budget's; with --budget time, full
+             fine-tuning runs again only where its search chose other rates than its calibration's)
+
+A method's rates are the pipeline's train.lr and train.lr_late where they are set, else its own
+defaults (training/setup.py: learning_rates), resolved once here so that every trial records both.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from sherl_pipe.methods import REFERENCE
 
 MAX_EPOCHS = 100
 LR_FACTORS = (1 / 3, 1.0, 3.0)
+Rates = tuple[float, float]  # (train.lr: new modules and head, train.lr_late: pretrained weights)
 
 
 @dataclass
@@ -39,7 +44,8 @@ class Compare:
     metric: str = ""
     direction: str = ""
     epochs: dict[str, int] = field(default_factory=dict)
-    lr: dict[str, float] = field(default_factory=dict)
+    rates: dict[str, Rates] = field(default_factory=dict)  # per method, before any search
+    lr: dict[str, Rates] = field(default_factory=dict)  # the rates --tune-lr chose
     fingerprint: str = ""  # the cache's manifest fingerprint, checked by every trial
 
 
@@ -49,6 +55,7 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
     from sherl_pipe.methods import get_method
     from sherl_pipe.metrics import selection
     from sherl_pipe.model import make_spec
+    from sherl_pipe.training.setup import learning_rates
 
     if not methods:
         raise SherlError("--methods: name at least one method")
@@ -59,29 +66,26 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
                          f"each run on it")
     if budget == "time" and REFERENCE not in methods:
         methods = [*methods, REFERENCE]  # the time budget is its time
+    rates = {}
     for name in methods:
-        make_spec(pipeline.with_overrides("train", method=name).train, manifest)  # refused before any trial
+        train = pipeline.with_overrides("train", method=name).train
+        rates[name] = learning_rates(make_spec(train, manifest), train)  # a bad spec: refused before any trial
     live = {n: live_seeds or seeds for n in methods if get_method(n).sources == ("live",)}
     first = pipeline.train.seed
     per = {n: list(range(first, first + live.get(n, seeds))) for n in methods}
     metric, direction = selection(manifest["task"]["type"], pipeline.train.metric)
-    return Compare(absolute_paths(pipeline), methods, per, budget, tune_lr, Path(folder).absolute(), metric, direction)
+    return Compare(absolute_paths(pipeline), methods, per, budget, tune_lr, Path(folder).absolute(), metric, direction,
+                   rates=rates)
 
 
-def default_lr(name: str) -> float:
-    from sherl_pipe.methods import get_method
-
-    return get_method(name).lr
-
-
-def trial(c: Compare, method: str, seed: int, epochs: int, lr: float) -> dict:
-    return {"method": method, "seed": seed, "epochs": epochs, "lr": lr}
+def trial(c: Compare, method: str, seed: int, epochs: int, rates: Rates) -> dict:
+    return {"method": method, "seed": seed, "epochs": epochs, "lr": rates[0], "lr_late": rates[1]}
 
 
 def calibrate_trials(c: Compare) -> list[dict]:
     epochs = c.pipeline.train.epochs
-    out = [trial(c, REFERENCE, s, epochs, default_lr(REFERENCE)) for s in c.seeds[REFERENCE]]
-    return out + [trial(c, m, c.seeds[m][0], 1, default_lr(m)) for m in c.methods if m != REFERENCE]
+    out = [trial(c, REFERENCE, s, epochs, c.rates[REFERENCE]) for s in c.seeds[REFERENCE]]
+    return out + [trial(c, m, c.seeds[m][0], 1, c.rates[m]) for m in c.methods if m != REFERENCE]
 
 
 def time_budget_epochs(c: Compare, results: list[dict]) -> dict[str, int]:
@@ -99,33 +103,37 @@ def time_budget_epochs(c: Compare, results: list[dict]) -> dict[str, int]:
 
 
 def tune_trials(c: Compare) -> list[dict]:
-    return [trial(c, m, c.seeds[m][0], c.epochs[m], default_lr(m) * f) for m in c.methods for f in LR_FACTORS
-            if m in c.epochs]
+    return [trial(c, m, c.seeds[m][0], c.epochs[m], (c.rates[m][0] * f, c.rates[m][1] * f)) for m in c.methods
+            for f in LR_FACTORS if m in c.epochs]
 
 
-def best_lr(c: Compare, results: list[dict]) -> dict[str, float]:
+def best_lr(c: Compare, results: list[dict]) -> dict[str, Rates]:
     from sherl_pipe.metrics import best_of, is_better
 
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, tuple[Rates, float]] = {}
     for r in results:
         value = best_of(r.get("values") or [], c.direction)
         if value is not None and (r["method"] not in out or is_better(value, out[r["method"]][1], c.direction)):
-            out[r["method"]] = (r["lr"], value)
-    return {m: lr for m, (lr, _) in out.items()}
+            out[r["method"]] = ((r["lr"], r["lr_late"]), value)
+    return {m: rates for m, (rates, _) in out.items()}
 
 
 def final_trials(c: Compare) -> list[dict]:
-    skip = {REFERENCE} if c.budget == "time" else set()  # its calibration runs are its results
-    return [trial(c, m, s, c.epochs[m], c.lr.get(m, default_lr(m))) for m in c.methods if m in c.epochs
-            and m not in skip for s in c.seeds[m]]
+    def rates(m: str) -> Rates:
+        return tuple(c.lr.get(m, c.rates[m]))
+
+    # at equal time full fine-tuning's calibration runs are its results, unless a search moved its rates
+    skip = {REFERENCE} if c.budget == "time" and rates(REFERENCE) == tuple(c.rates[REFERENCE]) else set()
+    return [trial(c, m, s, c.epochs[m], rates(m)) for m in c.methods if m in c.epochs and m not in skip
+            for s in c.seeds[m]]
 
 
 def save_plan(c: Compare) -> None:
     from sherl_pipe.atomic import write_atomically
 
     description = {"methods": c.methods, "seeds": c.seeds, "budget": c.budget, "tune_lr": c.tune_lr,
-                   "metric": c.metric, "direction": c.direction, "epochs": c.epochs, "lr": c.lr,
-                   "pipeline": c.pipeline.to_dict()}
+                   "metric": c.metric, "direction": c.direction, "epochs": c.epochs, "rates": c.rates,
+                   "tuned_rates": c.lr, "pipeline": c.pipeline.to_dict()}
     write_atomically(c.folder / "compare.json", (json.dumps(description, indent=2) + "\n").encode())
 
 
@@ -151,6 +159,6 @@ def run_compare(c: Compare, scheduler: str | None = None, workers: int = 0, prog
                 log("time budget: " + ", ".join(f"{m} {e} epoch(s)" for m, e in c.epochs.items()))
             elif name == "tune":
                 c.lr = best_lr(c, results)
-                log("tuned rates: " + ", ".join(f"{m} {lr:.3g}" for m, lr in c.lr.items()))
+                log("tuned rates (lr, lr_late): " + ", ".join(f"{m} {a:.3g}, {b:.3g}" for m, (a, b) in c.lr.items()))
             save_plan(c)
     return {"interrupted": False, "phases": phases}
