@@ -145,7 +145,7 @@ def test_at_equal_time_a_tuned_full_finetune_runs_again_at_its_tuned_rates(tmp_p
 
     c = _planned(compare_pipeline, tmp_path, budget="time", tune_lr=True)
     assert "full-finetune" not in {t["method"] for t in final_trials(c)}  # its calibration runs are its results
-    c.lr = {"full-finetune": (1e-3, 9e-5)}
+    c.tuned_rates = {"full-finetune": (1e-3, 9e-5)}
     assert [(t["method"], t["lr_late"]) for t in final_trials(c) if t["method"] == "full-finetune"] == [
         ("full-finetune", 9e-5)]
 

@@ -45,7 +45,7 @@ class Compare:
     direction: str = ""
     epochs: dict[str, int] = field(default_factory=dict)
     rates: dict[str, Rates] = field(default_factory=dict)  # per method, before any search
-    lr: dict[str, Rates] = field(default_factory=dict)  # the rates --tune-lr chose
+    tuned_rates: dict[str, Rates] = field(default_factory=dict)  # the rates --tune-lr chose
     fingerprint: str = ""  # the cache's manifest fingerprint, checked by every trial
 
 
@@ -120,10 +120,10 @@ def best_lr(c: Compare, results: list[dict]) -> dict[str, Rates]:
 
 def final_trials(c: Compare) -> list[dict]:
     def rates(m: str) -> Rates:
-        return tuple(c.lr.get(m, c.rates[m]))
+        return c.tuned_rates.get(m, c.rates[m])
 
     # at equal time full fine-tuning's calibration runs are its results, unless a search moved its rates
-    skip = {REFERENCE} if c.budget == "time" and rates(REFERENCE) == tuple(c.rates[REFERENCE]) else set()
+    skip = {REFERENCE} if c.budget == "time" and rates(REFERENCE) == c.rates[REFERENCE] else set()
     return [trial(c, m, s, c.epochs[m], rates(m)) for m in c.methods if m in c.epochs and m not in skip
             for s in c.seeds[m]]
 
@@ -133,7 +133,7 @@ def save_plan(c: Compare) -> None:
 
     description = {"methods": c.methods, "seeds": c.seeds, "budget": c.budget, "tune_lr": c.tune_lr,
                    "metric": c.metric, "direction": c.direction, "epochs": c.epochs, "rates": c.rates,
-                   "tuned_rates": c.lr, "pipeline": c.pipeline.to_dict()}
+                   "tuned_rates": c.tuned_rates, "pipeline": c.pipeline.to_dict()}
     write_atomically(c.folder / "compare.json", (json.dumps(description, indent=2) + "\n").encode())
 
 
@@ -158,7 +158,8 @@ def run_compare(c: Compare, scheduler: str | None = None, workers: int = 0, prog
                 c.epochs = time_budget_epochs(c, results)
                 log("time budget: " + ", ".join(f"{m} {e} epoch(s)" for m, e in c.epochs.items()))
             elif name == "tune":
-                c.lr = best_lr(c, results)
-                log("tuned rates (lr, lr_late): " + ", ".join(f"{m} {a:.3g}, {b:.3g}" for m, (a, b) in c.lr.items()))
+                c.tuned_rates = best_lr(c, results)
+                log("tuned rates (lr, lr_late): " + ", ".join(f"{m} {a:.3g}, {b:.3g}"
+                                                              for m, (a, b) in c.tuned_rates.items()))
             save_plan(c)
     return {"interrupted": False, "phases": phases}
