@@ -11,6 +11,7 @@ worth a default only if it is ahead on validation on every task.
 
     python benchmarks/recipe.py                                   # every task and variant (~1 h on 2 cores)
     python benchmarks/recipe.py --tasks sst2 --variants default,late-full --seeds 0,1
+    python benchmarks/recipe.py --variants default,open --tag r2   # folders default-e6-r2, open-e6-r2
 
 Results stay in the sweep folders (--work, shared with compare.py's caches): a rerun resumes.
 Last line: one JSON object, per task and variant, those figures.
@@ -34,6 +35,8 @@ VARIANTS = {
     "late-full": ["train.late_tuning=full"],  # the last k layers trained at lr_late 3e-5
     "late-full-1e-4": ["train.late_tuning=full", "train.lr_late=1e-4"],
     "regularised": ["train.dropout=0.3", "train.weight_decay_new=0.05"],
+    # the defaults with the consolidation starting open (h[c] passed on, its own output at zero)
+    "open": ["train.anchor_residual=open"],
     "lr-3e-4": ["train.lr=3e-4"],
     # fewer frozen early layers: 4 of MiniLM's 6 trained (lr_late 3e-5), 2 cached; where the gap
     # to full fine-tuning comes from if it is the frozen early layers
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--rows", type=int, default=4000, help="training rows per task")
+    ap.add_argument("--tag", default="", help="a suffix for the sweep folders: a fresh run beside earlier ones")
     args = ap.parse_args()
     args.work = args.work.resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -89,7 +93,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         pipe = prepare(task, args)
         for name in args.variants.split(","):
-            phase = args.work / task / "recipe" / f"{name}-e{args.epochs}"
+            phase = args.work / task / "recipe" / f"{name}-e{args.epochs}{'-' + args.tag if args.tag else ''}"
             phase.parent.mkdir(parents=True, exist_ok=True)
             run_phase(pipe, phase, {"seed": seeds}, [f"train.epochs={args.epochs}", *VARIANTS[name]])
             s = results.setdefault(task, {})[name] = summarize(variant_figures(phase))
