@@ -78,14 +78,14 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
                    rates=rates)
 
 
-def trial(c: Compare, method: str, seed: int, epochs: int, rates: Rates) -> dict:
+def trial(method: str, seed: int, epochs: int, rates: Rates) -> dict:
     return {"method": method, "seed": seed, "epochs": epochs, "lr": rates[0], "lr_late": rates[1]}
 
 
 def calibrate_trials(c: Compare) -> list[dict]:
     epochs = c.pipeline.train.epochs
-    out = [trial(c, REFERENCE, s, epochs, c.rates[REFERENCE]) for s in c.seeds[REFERENCE]]
-    return out + [trial(c, m, c.seeds[m][0], 1, c.rates[m]) for m in c.methods if m != REFERENCE]
+    out = [trial(REFERENCE, s, epochs, c.rates[REFERENCE]) for s in c.seeds[REFERENCE]]
+    return out + [trial(m, c.seeds[m][0], 1, c.rates[m]) for m in c.methods if m != REFERENCE]
 
 
 def time_budget_epochs(c: Compare, results: list[dict]) -> dict[str, int]:
@@ -103,7 +103,7 @@ def time_budget_epochs(c: Compare, results: list[dict]) -> dict[str, int]:
 
 
 def tune_trials(c: Compare) -> list[dict]:
-    return [trial(c, m, c.seeds[m][0], c.epochs[m], (c.rates[m][0] * f, c.rates[m][1] * f)) for m in c.methods
+    return [trial(m, c.seeds[m][0], c.epochs[m], (c.rates[m][0] * f, c.rates[m][1] * f)) for m in c.methods
             for f in LR_FACTORS if m in c.epochs]
 
 
@@ -124,7 +124,7 @@ def final_trials(c: Compare) -> list[dict]:
 
     # at equal time full fine-tuning's calibration runs are its results, unless a search moved its rates
     skip = {REFERENCE} if c.budget == "time" and rates(REFERENCE) == c.rates[REFERENCE] else set()
-    return [trial(c, m, s, c.epochs[m], rates(m)) for m in c.methods if m in c.epochs and m not in skip
+    return [trial(m, s, c.epochs[m], rates(m)) for m in c.methods if m in c.epochs and m not in skip
             for s in c.seeds[m]]
 
 
