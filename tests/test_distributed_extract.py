@@ -8,6 +8,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sherl_pipe.errors import SherlError
 
@@ -53,7 +54,8 @@ def _holds_backbone() -> bool:
     return any(key[0] == "backbone" for key in _HELD)
 
 
-def test_a_local_cluster_starts_while_the_coordinator_prepares(tmp_path, bert_dir, labeled_csv, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_local_cluster_starts_while_the_coordinator_prepares(tmp_path, bert_dir, labeled_csv, monkeypatch, threads):
     """extract.workers = 2: the cluster is started before the data is read, and its workers hold
     the backbone before the first block (old code: the cluster started after the data was read,
     tokenized and hashed, and each worker loaded the backbone in its first block); the blocks go out
@@ -87,7 +89,12 @@ def test_a_local_cluster_starts_while_the_coordinator_prepares(tmp_path, bert_di
     monkeypatch.setattr(distributed, "run_blocks", run_blocks)
     one = conftest.write_pipeline(tmp_path / "one.toml", bert_dir, labeled_csv, tmp_path / "one")
     two = conftest.write_pipeline(tmp_path / "two.toml", bert_dir, labeled_csv, tmp_path / "two", "workers = 2")
-    extraction.extract(load_pipeline(str(one)), log=lambda m: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the one-process cache at 1 and at 2 threads; each worker has 1
+    try:
+        extraction.extract(load_pipeline(str(one)), log=lambda m: None)
+    finally:
+        torch.set_num_threads(before)
     order.clear()
     said = []
     extraction.extract(load_pipeline(str(two)), log=said.append)
@@ -95,7 +102,7 @@ def test_a_local_cluster_starts_while_the_coordinator_prepares(tmp_path, bert_di
     assert warm == [True, True]
     assert len(sizes) > 2 and sizes == sorted(sizes, reverse=True), sizes
     assert any("local cluster of 2 worker processes" in m for m in said), said
-    conftest.assert_same_arrays(Cache(tmp_path / "one"), Cache(tmp_path / "two"))
+    conftest.assert_same_arrays(Cache(tmp_path / "one"), Cache(tmp_path / "two"))  # within one fp16 step
     order.clear()
     summary = extraction.extract(load_pipeline(str(two)), log=lambda m: None)
     assert summary.already_complete and order == ["prepare"]

@@ -22,10 +22,10 @@ from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
 from sherl_pipe.extraction import extract
 from sherl_pipe.families import FAMILIES, family_of
-from sherl_pipe.methods.sherl import SherlModel, build_sherl_model
+from sherl_pipe.methods.sherl import build_sherl_model
 from sherl_pipe.model import ModelSpec, config_from_manifest, pool
 from sherl_pipe.training import train
-from sherl_pipe.training.setup import build_model, make_spec
+from sherl_pipe.training.setup import make_spec
 from test_extract import assert_within_one_fp16_step, read_split, split_texts
 from test_train import step_losses
 
