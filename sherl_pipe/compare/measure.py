@@ -6,7 +6,8 @@ The peak is the kernel's high-water mark (VmHWM), reset when training starts (wr
 baseline is the resident memory at that moment. Each trial runs in a process of its own (job.py),
 so no earlier trial's memory is counted either. The state's bytes are counted, not sampled:
 parameters and buffers, gradients and AdamW's two moments of the trainable parameters, and the
-tensors autograd saves for the backward pass of one batch (each storage once).
+tensors autograd saves for the backward pass of one batch (each storage once; the parameters' and
+buffers' own storages, which autograd saves too, are counted under parameters only).
 """
 
 from __future__ import annotations
@@ -55,12 +56,16 @@ def state_bytes(model, batch_forward) -> dict:
     import torch
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # autograd saves a Linear's weight (trained or frozen) for its input's gradient: that storage
+    # is already counted under parameters, so it is no activation
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
 
     def pack(t):
         if t.device.type != "meta":
             storage = t.untyped_storage()
-            saved[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in owned:
+                saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
