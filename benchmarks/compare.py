@@ -11,7 +11,9 @@ tweets and the rotten-tomatoes reviews (4,000 training rows each), all-MiniLM-L6
         --set train.late_layers=4 --set train.late_tuning=full --set train.anchor_residual=open
 
 Prints each comparison's table; last line: one JSON object with, per task and budget, each method's
-mean test metric, peak memory above idle (MiB) and training seconds.
+mean test metric (its sd, seeds n and the 95% interval against full fine-tuning that covers seed
+noise and test rows), peak memory above idle (MiB), training seconds and, at --budget time, those
+seconds over the budget (budget_share; the final runs stop at the budget: train.max_seconds).
 """
 
 from __future__ import annotations
@@ -67,8 +69,10 @@ def run(task: str, budget: str, pipe: Path, args) -> dict:
                   compare_dir=str(args.work / task / f"compare-{budget}{suffix(args)}"), workers=args.workers,
                   log=lambda m: print("   ", m, flush=True))
     print(out["markdown"], flush=True)
-    return {s["method"]: {"test": s["test"][0], "test_sd": s["test"][1], "peak_mib": s["peak_mib"][0],
-                          "seconds": s["seconds"][0], "epochs": s["epochs"][0]} for s in out["summary"]}
+    return {s["method"]: {"test": s["test"][0], "test_sd": s["test"][1], "n": s["n"], "peak_mib": s["peak_mib"][0],
+                          "seconds": s["seconds"][0], "budget_share": s["budget_share"][0], "epochs": s["epochs"][0],
+                          "interval": None if s["ci"] is None else [s["ci"].low, s["ci"].high]}
+            for s in out["summary"]}
 
 
 def suffix(args) -> str:

@@ -469,7 +469,7 @@ def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, co
     from sherl_pipe.methods import method_names
 
     pipe = load_pipeline(pipeline, overrides)
-    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else method_names()
+    names = method_names() if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     if not quiet:
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
 

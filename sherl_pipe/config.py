@@ -173,6 +173,9 @@ class TrainConfig:
     dropout: float = _between(0.1, 0.0, 1.0, below_max=True)
     epochs: int = _at_least(3, 0)
     max_steps: int = _at_least(0, 0)  # > 0: stop after this many optimizer steps
+    # > 0: stop once training (its evaluations included) would pass this many seconds; the epoch
+    # cut short is evaluated, and the time its evaluation takes is kept in reserve
+    max_seconds: float = _at_least(0.0, 0.0)
     batch_size: int = _at_least(32, 1)
     grad_accum: int = _at_least(1, 1)
     lr: float = _at_least(0.0, 0.0)  # new modules and head; 0: 1e-3

@@ -49,7 +49,8 @@ def test_compare_at_equal_epochs_writes_the_table_and_the_pictures(tmp_path, com
     state = {x["method"]: float(x["state_mib"]) for x in rows}
     assert state["linear-probe"] < state["full-finetune"] and state["sherl"] < state["full-finetune"]
     table = (out / "compare.md").read_text()
-    assert "| sherl | 2 |" in table and "− full-finetune (paired bootstrap 95%)" in table and "| full-finetune | 1 |" in table
+    assert "| sherl | 2 |" in table and "− full-finetune (95%: seeds and test rows)" in table
+    assert "| full-finetune | 1 |" in table and "(no interval: needs 2+ seeds each)" in table  # one FT seed
     assert "| sherl | 2 |" in r.stdout
     for name in ("accuracy_vs_memory.png", "accuracy_vs_time.png"):
         assert (out / name).stat().st_size > 1000
@@ -64,21 +65,47 @@ def test_compare_at_equal_epochs_writes_the_table_and_the_pictures(tmp_path, com
 
 
 def test_compare_at_equal_time_gives_each_method_the_epochs_that_fit(tmp_path, compare_pipeline):
+    """The calibration times 3 epochs of each other method (the first, with its warm-up, apart) one
+    trial at a time; the final runs stop at the budget (train.max_seconds) and report their share
+    of it. (Old code: one calibration epoch, warm-up included; no stop; trials side by side.)"""
     from sherl_pipe.compare import compare
+    from sherl_pipe.compare.run import CALIBRATION_EPOCHS, epochs_that_fit
 
     pipe = load_pipeline(str(compare_pipeline), ["train.epochs=2"])
+    said = []
     out = compare(pipe, ["sherl"], seeds=1, budget="time", compare_dir=str(tmp_path / "cmp"), workers=2,
-                  log=lambda m: None)
+                  log=said.append)
     plan = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert plan["methods"] == ["sherl", "full-finetune"] and plan["epochs"]["full-finetune"] == 2
     calib = {}
     for job in (tmp_path / "cmp" / "calibrate" / "jobs").iterdir():
         method = json.loads((job / "spec.json").read_text())["pipeline"]["train"]["method"]
         calib[method] = json.loads((job / "result.json").read_text())
-    want = int(np.clip(np.floor(calib["full-finetune"]["train_seconds"] / calib["sherl"]["train_seconds"]), 1, 100))
-    assert plan["epochs"]["sherl"] == want
+    assert len(calib["sherl"]["epoch_seconds"]) == CALIBRATION_EPOCHS == calib["sherl"]["epochs"]
+    assert plan["budget_seconds"] == calib["full-finetune"]["train_seconds"]
+    assert plan["epochs"]["sherl"] == epochs_that_fit(plan["budget_seconds"], calib["sherl"])
+    (final,) = (tmp_path / "cmp" / "final" / "jobs").iterdir()
+    spec = json.loads((final / "spec.json").read_text())
+    assert spec["pipeline"]["train"]["max_seconds"] == plan["budget_seconds"]  # the budget is enforced
+    assert sum("one at a time (timed)" in m for m in said) == 2, said  # calibrate and final
     rows = {x["method"]: x for x in out["rows"]}
-    assert rows["sherl"]["epochs"] == want and rows["full-finetune"]["epochs"] == 2  # its calibration runs
+    assert rows["sherl"]["epochs"] <= plan["epochs"]["sherl"] and rows["full-finetune"]["epochs"] == 2
+    for row in rows.values():
+        assert row["budget_share"] == pytest.approx(row["seconds"] / plan["budget_seconds"])
+    assert "× budget" in out["markdown"] and f"of {plan['budget_seconds']:.1f} s" in out["markdown"]
+    csv_rows = read_csv(tmp_path / "cmp" / "compare.csv")
+    assert all(x["budget_share"] for x in csv_rows)
+
+
+def test_epochs_that_fit_leave_the_first_epochs_warm_up_out():
+    from sherl_pipe.compare.run import MAX_EPOCHS, epochs_that_fit
+
+    # the first epoch took 10 s (warm-up), later ones 4 s: 10 + 4 + 4 + 4 = 22 fit in 23 s
+    assert epochs_that_fit(23.0, {"epoch_seconds": [10.0, 14.0, 18.0], "train_seconds": 18.0}) == 4
+    assert epochs_that_fit(9.0, {"epoch_seconds": [10.0, 14.0, 18.0], "train_seconds": 18.0}) == 1
+    assert epochs_that_fit(1e6, {"epoch_seconds": [1.0, 2.0, 3.0], "train_seconds": 3.0}) == MAX_EPOCHS
+    # a calibration run from an earlier compare folder: one epoch, its whole time
+    assert epochs_that_fit(30.0, {"epochs": 1, "train_seconds": 7.0}) == 4
 
 
 def test_a_killed_phase_reruns_the_trials_it_left_running(tmp_path):
@@ -199,3 +226,24 @@ def test_a_compare_folder_from_before_lr_late_resumes_without_running_its_trials
     assert not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     assert [r["lr_late"] for r in results_of(study, tmp_path, c.rates)] == [3e-5]
     assert [r.get("lr_late") for r in results_of(study, tmp_path)] == [None]  # compare-report: a blank cell
+
+
+def test_a_compare_whose_test_rows_would_choose_is_refused(tmp_path, compare_pipeline):
+    """train.eval_split = evaluate.split: the test split would pick each run's best epoch, early
+    stopping and --tune-lr's rates, and then score them; one line naming both keys, no folder."""
+    from conftest import one_error_line
+
+    r = CliRunner().invoke(main, ["compare", str(compare_pipeline), "-q", "--methods", "linear-probe",
+                                  "--compare-dir", str(tmp_path / "cmp"), "--set", "train.eval_split=test"])
+    one_error_line(r, "train.eval_split = 'test'", "evaluate.split = 'test'", "validation split")
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_an_empty_methods_list_is_refused_not_read_as_every_method(tmp_path, compare_pipeline):
+    """`--methods ''` ran every registered method (and then failed on one never named)."""
+    from conftest import one_error_line
+
+    r = CliRunner().invoke(main, ["compare", str(compare_pipeline), "-q", "--methods", "",
+                                  "--compare-dir", str(tmp_path / "cmp")])
+    one_error_line(r, "--methods: name at least one method")
+    assert not (tmp_path / "cmp").exists()

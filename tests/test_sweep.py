@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import write_full_pipeline
+from conftest import one_error_line, write_full_pipeline
 from sherl_pipe.cli import main
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
@@ -620,3 +620,14 @@ def test_a_second_ctrl_c_during_a_trials_bookkeeping_still_records_every_trial(t
     got = build_report(tmp_path / "sweep", plots=False).rows
     assert [r["state"] for r in got] == ["failed", "failed", "waiting", "waiting"], got
     assert sorted(r["lr"] for r in got[2:]) == [0.001, 0.003]
+
+
+def test_a_sweep_ranking_trials_on_the_test_split_is_refused(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """train.eval_split = evaluate.split: the test rows would rank the trials and pick each one's
+    best epoch; refused in one line naming both keys, before any trial (and before any extraction)."""
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, '[sweep]\n[sweep.space]\nlr = [0.1]\n')
+    for cache in (str(fp32_cache), str(tmp_path / "new-cache")):
+        r = CliRunner().invoke(main, ["sweep", str(path), "-q", "--set", "train.eval_split=test",
+                                      "--set", f"extract.cache={cache}"])
+        one_error_line(r, "train.eval_split = 'test'", "evaluate.split", "validation split")
+        assert not (tmp_path / "sweep").exists() and not (tmp_path / "new-cache").exists()

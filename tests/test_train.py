@@ -574,3 +574,46 @@ def test_a_non_finite_value_never_stays_the_best():
     assert is_better(0.5, nan, "maximize") and is_better(0.5, None, "maximize")
     assert not is_better(nan, 0.5, "maximize") and not is_better(nan, None, "minimize")
     assert is_better(0.1, 0.2, "minimize") and not is_better(0.1, 0.2, "maximize")
+
+
+class StepClock:
+    """A clock that moves only when the loop steps: 1 s per optimizer step, the rest free, so a
+    wall-clock stop is tested without timing anything."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_max_seconds_stops_training_within_the_budget_and_evaluates_the_last_epoch(tmp_path, bert_dir, labeled_csv,
+                                                                                   fp32_cache, monkeypatch):
+    """train.max_seconds: the run stops before a step that would pass the budget (keeping the last
+    evaluation's time in reserve), evaluates the epoch it cut, and says why it stopped; the same run
+    without it trains every epoch. (Old code: no such setting.)"""
+    import functools
+
+    import sherl_pipe.training.run as run_module
+    from sherl_pipe.training.loop import Hooks, Trainer
+
+    clock = StepClock()
+    real_step = Trainer.optimizer_step
+
+    def timed_step(self, batches, state):
+        clock.now += 1.0
+        return real_step(self, batches, state)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", timed_step)
+    monkeypatch.setattr(run_module, "Hooks", functools.partial(Hooks, clock=clock))
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                        'epochs = 5\nmax_seconds = 9.5\neval_split = "validation"\nbatch_size = 16')
+    result = train(pipe, log=lambda m: None)  # 120 training rows: 8 steps an epoch
+    assert result.stop_reason == "max-seconds" and result.seconds <= 9.5, result
+    assert result.steps == 9 and result.epochs_done == 1 and clock.now == 9.0
+    epochs = [r for r in losses(tmp_path / "run") if r["event"] == "epoch"]
+    assert [r["complete"] for r in epochs] == [True, False] and all("eval" in r for r in epochs)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "max-seconds"
+    whole = train(pipe.with_overrides("train", max_seconds=0.0, run_dir=str(tmp_path / "whole")), log=lambda m: None)
+    assert whole.stop_reason is None and whole.epochs_done == 5 and whole.steps == 40

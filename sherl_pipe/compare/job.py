@@ -105,7 +105,12 @@ def run(spec: dict, storage_options: list | None = None) -> dict:
     check_cache(pipeline, spec["cache_fingerprint"], spec["number"])
     warm_imports(pipeline)
     values: list[float] = []
-    on_epoch = (lambda r: values.append(r["train_loss"] if spec["metric"] == "train_loss" else r["eval"][spec["metric"]]))
+    epoch_seconds: list[float] = []  # the run's training time at each epoch's end
+
+    def on_epoch(r: dict) -> None:
+        values.append(r["train_loss"] if spec["metric"] == "train_loss" else r["eval"][spec["metric"]])
+        epoch_seconds.append(r["seconds"])
+
     baseline = rss_mib()
     reset_peak()
     if torch.cuda.is_available():
@@ -114,7 +119,8 @@ def run(spec: dict, storage_options: list | None = None) -> dict:
     result = train(pipeline, overwrite=True, log=lambda m: None, on_epoch=on_epoch, check_cache=False,
                    tier_weights=False, should_stop=Interrupted())
     out = {"number": spec["number"], "values": values, "epochs": result.epochs_done, "steps": result.steps,
-           "train_seconds": result.seconds, "seconds": time.perf_counter() - t0,
+           "train_seconds": result.seconds, "epoch_seconds": epoch_seconds, "stop_reason": result.stop_reason,
+           "max_seconds": pipeline.train.max_seconds, "seconds": time.perf_counter() - t0,
            "samples_per_s": result.samples_per_s, "baseline_mib": baseline, "peak_mib": peak_mib(),
            "cuda_max_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
            "state": "interrupted" if result.interrupted else "complete"}

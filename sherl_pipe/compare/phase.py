@@ -17,14 +17,23 @@ def params_for(trials: list[dict]) -> list[Param]:
     return [Param(k, "categorical", tuple(sorted({t[k] for t in trials}, key=str))) for k in KEYS]
 
 
-def open_phase(c, folder: Path, trials: list[dict]):
-    """The phase's study (created, or resumed: its signature is the base pipeline and metric), with
-    every trial of TRIALS that it neither holds nor queues put in its queue."""
+def phase_pipeline(c, name: str):
+    """The pipeline a phase's trials start from: at --budget time the final runs stop at the budget
+    (train.max_seconds), so that no method trains past it."""
+    if name == "final" and c.budget == "time" and c.budget_seconds:
+        return c.pipeline.with_overrides("train", max_seconds=float(c.budget_seconds))
+    return c.pipeline
+
+
+def open_phase(c, folder: Path, trials: list[dict], pipeline=None):
+    """The phase's study (created, or resumed: its signature is the phase's pipeline and metric),
+    with every trial of TRIALS that it neither holds nor queues put in its queue."""
     from sherl_pipe.sweep.config import SweepConfig
     from sherl_pipe.sweep.study import open_study, recover_interrupted, signature
 
     params = params_for(trials)
-    sig = signature(SweepConfig(sampler="random"), [], c.pipeline.to_dict(), c.metric, c.direction)
+    pipeline = pipeline or c.pipeline
+    sig = signature(SweepConfig(sampler="random"), [], pipeline.to_dict(), c.metric, c.direction)
     study = open_study(folder, SweepConfig(sampler="random"), params, sig, c.direction, "compare")
     recover_interrupted(study, folder)
     held = [with_lr_late(t.params or t.system_attrs.get("fixed_params", {}), c.rates)
@@ -76,7 +85,9 @@ def results_of(study, folder: Path, rates: dict | None = None) -> list[dict]:
     return out
 
 
-def run_phase(c, name: str, trials: list[dict], eng, progress, log, should_stop) -> tuple[list[dict], bool]:
+def run_phase(c, name: str, trials: list[dict], eng, progress, log, should_stop,
+              parallel: int | None = None) -> tuple[list[dict], bool]:
+    """PARALLEL: at most this many trials at once (default: one per worker)."""
     from sherl_pipe.compare.trial import run_compare_trial
     from sherl_pipe.sweep.run import Coordinator, Plan, finished_count
     from sherl_pipe.sweep.study import prepare_folder, repair_journal
@@ -85,9 +96,12 @@ def run_phase(c, name: str, trials: list[dict], eng, progress, log, should_stop)
     lock = prepare_folder(folder, overwrite=False)
     try:
         repair_journal(folder, log)
-        study, params = open_phase(c, folder, trials)
-        plan = Plan(c.pipeline, params, c.metric, c.direction, folder, len(trials), eng.workers, 0.0, c.fingerprint)
-        log(f"compare {name}: {len(trials)} trial(s), {finished_count(study, folder)} done, on {eng.where}")
+        pipeline = phase_pipeline(c, name)
+        study, params = open_phase(c, folder, trials, pipeline)
+        parallel = min(parallel or eng.workers, eng.workers)
+        plan = Plan(pipeline, params, c.metric, c.direction, folder, len(trials), parallel, 0.0, c.fingerprint)
+        log(f"compare {name}: {len(trials)} trial(s), {finished_count(study, folder)} done, on {eng.where}"
+            + (", one at a time (timed)" if parallel < eng.workers else ""))
         if progress is not None and hasattr(progress, "set_total"):
             progress.set_total(len(trials))
             progress(finished_count(study, folder))

@@ -1,6 +1,6 @@
 """A comparison's results, rebuilt from its phases at any time (`sherl-pipe compare-report DIR`):
-compare.csv (a row per method x seed), compare.md (per method: mean +- sd, a paired bootstrap 95%
-interval against full fine-tuning, memory, time) and the plots accuracy_vs_memory.png and
+compare.csv (a row per method x seed), compare.md (per method: n seeds, mean +- sd, a 95% interval
+against full fine-tuning covering seed noise and test rows (interval.py), memory, time) and the plots accuracy_vs_memory.png and
 accuracy_vs_time.png (a point per method, seed error bars, the accuracy/cost front marked)."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.methods import REFERENCE
 from sherl_pipe.metrics import REGRESSION_METRICS
 
-COLUMNS = ("method", "seed", "state", "epochs", "lr", "lr_late", "test", "validation", "seconds", "samples_per_s",
+COLUMNS = ("method", "seed", "state", "epochs", "lr", "lr_late", "test", "validation", "seconds", "budget_share",
+           "stop_reason", "samples_per_s",
            "trainable_parameters", "peak_mib", "state_mib", "parameters_mib", "gradients_mib", "optimizer_mib",
            "activations_mib", "batch", "cuda_max_allocated_mib", "error")
 MIB = 2**20
@@ -46,7 +47,8 @@ def test_metric(plan: dict) -> str:
                                                                    else "mse")
 
 
-def row_of(r: dict, metric: str, direction: str) -> dict:
+def row_of(r: dict, metric: str, direction: str, budget: float | None = None) -> dict:
+    """One trial's row; BUDGET: --budget time's seconds, for the row's share of it."""
     from sherl_pipe.metrics import best_of
 
     sb = r.get("state_bytes") or {}
@@ -57,6 +59,8 @@ def row_of(r: dict, metric: str, direction: str) -> dict:
             "lr_late": r.get("lr_late"),
             "test": ((r.get("test") or {}).get("metrics") or {}).get(metric),
             "validation": best_of(r.get("values") or [], direction), "seconds": r.get("train_seconds"),
+            "budget_share": (r["train_seconds"] / budget if budget and r.get("train_seconds") is not None else None),
+            "stop_reason": r.get("stop_reason") or "",
             "samples_per_s": r.get("samples_per_s"), "trainable_parameters": r.get("trainable_parameters"),
             "peak_mib": peak, "state_mib": mib("total"), "parameters_mib": mib("parameters"),
             "gradients_mib": mib("gradients"), "optimizer_mib": mib("optimizer"),
@@ -81,9 +85,11 @@ def metric_on(pred: np.ndarray, gold: np.ndarray, metric: str, classes: int) -> 
     return regression_metrics(pred, gold)[metric]
 
 
-def paired_bootstrap(runs: dict[str, list[dict]], method: str, metric: str, reps: int = 1000, seed: int = 0):
-    """95% interval of (METHOD's mean over seeds - full fine-tuning's) on test sets resampled over
-    their rows, the same rows for both."""
+def interval_against_reference(runs: dict[str, list[dict]], method: str, metric: str):
+    """95% interval of METHOD's mean test score over seeds minus full fine-tuning's, covering seed
+    noise and test-row sampling (compare/interval.py); None without 2 seeds of each."""
+    from sherl_pipe.compare.interval import difference_interval
+
     ref, own = runs.get(REFERENCE, []), runs.get(method, [])
     if not ref or not own or method == REFERENCE:
         return None
@@ -93,15 +99,8 @@ def paired_bootstrap(runs: dict[str, list[dict]], method: str, metric: str, reps
     index = {name: i for i, name in enumerate(names)}
     encode = (lambda a: np.asarray(a, dtype=np.float64)) if numeric else (lambda a: np.asarray([index[x] for x in a]))
     classes = 0 if numeric else len(names)
-    g = encode(gold)
-    preds = {m: [encode(r["test"]["pred"]) for r in rs] for m, rs in ((REFERENCE, ref), (method, own))}
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(reps):
-        idx = rng.integers(0, len(g), len(g))
-        mean = {m: np.mean([metric_on(p[idx], g[idx], metric, classes) for p in ps]) for m, ps in preds.items()}
-        diffs.append(mean[method] - mean[REFERENCE])
-    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+    return difference_interval([encode(r["test"]["pred"]) for r in ref], [encode(r["test"]["pred"]) for r in own],
+                               encode(gold), lambda p, g: metric_on(p, g, metric, classes))
 
 
 def _mean_sd(values: list) -> tuple[float | None, float | None]:
@@ -117,11 +116,11 @@ def summarize(plan: dict, rows: list[dict], runs: dict[str, list[dict]], metric:
         mine = [r for r in rows if r["method"] == method and r["state"] == "complete"]
         if not mine:
             continue
-        stat = {k: _mean_sd([r[k] for r in mine]) for k in ("test", "validation", "seconds", "peak_mib", "state_mib",
-                                                           "epochs")}
+        stat = {k: _mean_sd([r[k] for r in mine]) for k in ("test", "validation", "seconds", "budget_share", "peak_mib",
+                                                           "state_mib", "epochs")}
         out.append({"method": method, "n": len(mine), **{k: v for k, v in stat.items()},
                     "trainable": mine[0]["trainable_parameters"],
-                    "ci": paired_bootstrap(runs, method, metric)})
+                    "ci": interval_against_reference(runs, method, metric)})
     return out
 
 
@@ -132,17 +131,27 @@ def _fmt(pair, scale: float = 1.0, digits: int = 2) -> str:
 
 def markdown(plan: dict, summary: list[dict], metric: str, batch: str) -> str:
     pct = 100.0 if metric in ("accuracy", "macro_f1", "f1_positive") else 1.0
-    lines = [f"# Methods compared ({plan['budget']} budget; test {metric}, mean ± sd over seeds)", "",
-             f"| method | n | test {metric} | − {REFERENCE} (paired bootstrap 95%) | validation | epochs | "
-             f"train s | peak MiB above idle | training state MiB (batch {batch}) | trainable params |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    budget = plan.get("budget_seconds")
+    title = f"{plan['budget']} budget" + (f" of {budget:.1f} s" if budget else "")
+    lines = [f"# Methods compared ({title}; test {metric}, mean ± sd over seeds)", "",
+             f"| method | n | test {metric} | − {REFERENCE} (95%: seeds and test rows) | validation | epochs | "
+             f"train s | × budget | peak MiB above idle | training state MiB (batch {batch}) | trainable params |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        ci = "—" if s["ci"] is None else (f"{(s['test'][0] - _ref(summary)) * pct:+.2f} "
-                                          f"[{s['ci'][0] * pct:+.2f}, {s['ci'][1] * pct:+.2f}]")
+        ci = _ci_cell(s, summary, pct)
         lines.append(f"| {s['method']} | {s['n']} | {_fmt(s['test'], pct)} | {ci} | {_fmt(s['validation'], pct)} | "
-                     f"{_fmt(s['epochs'], 1, 0)} | {_fmt(s['seconds'], 1, 1)} | {_fmt(s['peak_mib'], 1, 0)} | "
-                     f"{_fmt(s['state_mib'], 1, 1)} | {s['trainable']:,} |")
+                     f"{_fmt(s['epochs'], 1, 0)} | {_fmt(s['seconds'], 1, 1)} | {_fmt(s['budget_share'], 1, 2)} | "
+                     f"{_fmt(s['peak_mib'], 1, 0)} | {_fmt(s['state_mib'], 1, 1)} | {s['trainable']:,} |")
     return "\n".join(lines) + "\n"
+
+
+def _ci_cell(s: dict, summary: list[dict], pct: float) -> str:
+    if s["method"] == REFERENCE:
+        return "—"
+    diff = s["test"][0] - _ref(summary)
+    if s["ci"] is None:  # one seed on a side: nothing measures the seed noise
+        return "—" if diff != diff else f"{diff * pct:+.2f} (no interval: needs 2+ seeds each)"
+    return f"{diff * pct:+.2f} [{s['ci'].low * pct:+.2f}, {s['ci'].high * pct:+.2f}]"
 
 
 def _ref(summary: list[dict]) -> float:
@@ -152,7 +161,7 @@ def _ref(summary: list[dict]) -> float:
 def build_report(folder: Path, plots: bool = True) -> dict:
     plan, raw = load(folder)
     metric = test_metric(plan)
-    rows = [row_of(r, metric, plan["direction"]) for r in raw]
+    rows = [row_of(r, metric, plan["direction"], plan.get("budget_seconds")) for r in raw]
     runs = {}
     for r in raw:
         if r["state"] == "complete" and r.get("test"):

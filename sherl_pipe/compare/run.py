@@ -4,12 +4,18 @@ for a seed whatever the method.
 
 Phases, each a sweep folder of queued trials under the compare folder (a rerun resumes them):
   calibrate  --budget time only: full fine-tuning at the pipeline's epochs (its seeded runs, kept
-             as its results) and one epoch of every other method; a method then gets as many
-             epochs as fit in full fine-tuning's median training time (1 to MAX_EPOCHS)
+             as its results) and CALIBRATION_EPOCHS of every other method; a method then gets as
+             many epochs as fit in full fine-tuning's median training time (1 to MAX_EPOCHS): its
+             first epoch as measured, the rest at the median of its later epochs (the first one
+             carries warm-up)
   tune       --tune-lr only: the method's rates (its new modules' and its pretrained weights',
              together) x 1/3, x 1, x 3 on the first seed; the best validation value wins
   final      every method x seed at its epochs and rates (the budget's; with --budget time, full
              fine-tuning runs again only where its search chose other rates than its calibration's)
+
+At --budget time the budget is enforced, not only predicted: the final runs train with
+train.max_seconds = the budget (the trainer's wall-clock stop), and the calibrate and final phases
+run one trial at a time, so that no trial's time is another's load.
 
 A method's rates are the pipeline's train.lr and train.lr_late where they are set, else its own
 defaults (training/setup.py: learning_rates), resolved once here so that every trial records both.
@@ -29,6 +35,7 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.methods import REFERENCE
 
 MAX_EPOCHS = 100
+CALIBRATION_EPOCHS = 3  # the first carries warm-up; the others time an epoch
 LR_FACTORS = (1 / 3, 1.0, 3.0)
 Rates = tuple[float, float]  # (train.lr: new modules and head, train.lr_late: pretrained weights)
 
@@ -46,6 +53,7 @@ class Compare:
     epochs: dict[str, int] = field(default_factory=dict)
     rates: dict[str, Rates] = field(default_factory=dict)  # per method, before any search
     tuned_rates: dict[str, Rates] = field(default_factory=dict)  # the rates --tune-lr chose
+    budget_seconds: float | None = None  # --budget time: full fine-tuning's median training seconds
     fingerprint: str = ""  # the cache's manifest fingerprint, checked by every trial
 
 
@@ -55,12 +63,14 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
     from sherl_pipe.methods import get_method
     from sherl_pipe.metrics import selection
     from sherl_pipe.model import make_spec
+    from sherl_pipe.request import check_test_rows_do_not_choose
     from sherl_pipe.training.setup import learning_rates
 
     if not methods:
         raise SherlError("--methods: name at least one method")
     if not pipeline.train.eval_split:
         raise SherlError(f"{pipeline.origin}: compare keeps each run's best epoch on train.eval_split; set it")
+    check_test_rows_do_not_choose(pipeline, "compare")
     if pipeline.evaluate.split not in manifest["splits"]:
         raise SherlError(f"evaluate.split = '{pipeline.evaluate.split}': the cache has no such split; compare scores "
                          f"each run on it")
@@ -85,20 +95,37 @@ def trial(method: str, seed: int, epochs: int, rates: Rates) -> dict:
 def calibrate_trials(c: Compare) -> list[dict]:
     epochs = c.pipeline.train.epochs
     out = [trial(REFERENCE, s, epochs, c.rates[REFERENCE]) for s in c.seeds[REFERENCE]]
-    return out + [trial(m, c.seeds[m][0], 1, c.rates[m]) for m in c.methods if m != REFERENCE]
+    return out + [trial(m, c.seeds[m][0], CALIBRATION_EPOCHS, c.rates[m]) for m in c.methods if m != REFERENCE]
 
 
-def time_budget_epochs(c: Compare, results: list[dict]) -> dict[str, int]:
-    """Each method's epochs: as many of its calibration epochs as fit in full fine-tuning's median."""
+def time_budget(results: list[dict]) -> float:
+    """Full fine-tuning's median training seconds over its calibration runs."""
     ref = [r["train_seconds"] for r in results if r["method"] == REFERENCE and r.get("train_seconds")]
     if not ref:
         raise SherlError("compare --budget time: no full fine-tuning run finished, so there is no time to give the "
                          "other methods; see the failed trials in the calibrate folder")
-    budget = statistics.median(ref)
+    return statistics.median(ref)
+
+
+def epochs_that_fit(budget: float, result: dict) -> int:
+    """How many epochs of a calibration run fit in BUDGET seconds: its first epoch as it took, each
+    further one at the median of its later epochs. A run from before epochs were timed (one epoch,
+    no epoch_seconds) counts its whole time per epoch."""
+    ends = result.get("epoch_seconds") or []
+    if len(ends) < 2:
+        return max(1, min(MAX_EPOCHS, math.floor(budget / result["train_seconds"])))
+    later = statistics.median(b - a for a, b in zip(ends, ends[1:]))
+    fit = 1 + math.floor(max(budget - ends[0], 0.0) / later) if later > 0 else MAX_EPOCHS
+    return max(1, min(MAX_EPOCHS, fit))
+
+
+def time_budget_epochs(c: Compare, results: list[dict]) -> dict[str, int]:
+    """Each method's epochs in full fine-tuning's median time (see epochs_that_fit); sets c.budget_seconds."""
+    c.budget_seconds = time_budget(results)
     out = {REFERENCE: c.pipeline.train.epochs}
     for r in results:
         if r["method"] != REFERENCE and r.get("train_seconds"):
-            out[r["method"]] = max(1, min(MAX_EPOCHS, math.floor(budget / r["train_seconds"])))
+            out[r["method"]] = epochs_that_fit(c.budget_seconds, r)
     return out
 
 
@@ -133,7 +160,8 @@ def save_plan(c: Compare) -> None:
 
     description = {"methods": c.methods, "seeds": c.seeds, "budget": c.budget, "tune_lr": c.tune_lr,
                    "metric": c.metric, "direction": c.direction, "epochs": c.epochs, "rates": c.rates,
-                   "tuned_rates": c.tuned_rates, "pipeline": c.pipeline.to_dict()}
+                   "tuned_rates": c.tuned_rates, "budget_seconds": c.budget_seconds,
+                   "pipeline": c.pipeline.to_dict()}
     write_atomically(c.folder / "compare.json", (json.dumps(description, indent=2) + "\n").encode())
 
 
@@ -150,13 +178,16 @@ def run_compare(c: Compare, scheduler: str | None = None, workers: int = 0, prog
         steps = ([("calibrate", calibrate_trials)] if c.budget == "time" else []) + (
             [("tune", tune_trials)] if c.tune_lr else []) + [("final", final_trials)]
         for name, make in steps:
-            results, interrupted = run_phase(c, name, make(c), eng, progress, log, should_stop)
+            timed = c.budget == "time" and name in ("calibrate", "final")  # one trial at a time: no load
+            results, interrupted = run_phase(c, name, make(c), eng, progress, log, should_stop,
+                                             parallel=1 if timed else None)
             phases[name] = results
             if interrupted:
                 return {"interrupted": True, "phases": phases}
             if name == "calibrate":
                 c.epochs = time_budget_epochs(c, results)
-                log("time budget: " + ", ".join(f"{m} {e} epoch(s)" for m, e in c.epochs.items()))
+                log(f"time budget {c.budget_seconds:.1f} s: " + ", ".join(f"{m} {e} epoch(s)"
+                                                                         for m, e in c.epochs.items()))
             elif name == "tune":
                 c.tuned_rates = best_lr(c, results)
                 log("tuned rates (lr, lr_late): " + ", ".join(f"{m} {a:.3g}, {b:.3g}"

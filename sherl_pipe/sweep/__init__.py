@@ -35,13 +35,14 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
     from sherl_pipe.sweep.config import load_sweep, resolve_metric
     from sherl_pipe.sweep.run import Plan
     from sherl_pipe.sweep.space import check_space, grid, grid_size, parse_space
-    from sherl_pipe.request import check_splits
+    from sherl_pipe.request import check_splits, check_test_rows_do_not_choose
 
     sweep = load_sweep(pipeline, sweep_file, sweep_dir)
     cfg = sweep.config
     if not pipeline.train.eval_split:
         raise SherlError(f"{pipeline.origin}: a sweep ranks trials on train.eval_split; set it (for example "
                          f"validation, or data.validation_size to carve one out of data.train)")
+    check_test_rows_do_not_choose(pipeline, "a sweep")
     manifest = manifest or Cache(pipeline_location(pipeline, training=True)).manifest
     check_splits(pipeline.train, list(manifest["splits"]), f"cache {pipeline.extract.cache}")
     metric, direction = resolve_metric(cfg, manifest["task"]["type"], sweep.where("metric"))

@@ -39,7 +39,8 @@ class RunState:
     last_eval: dict | None = None
     last_consolidation: dict | None = None  # the consolidation's state at the last epoch (tier_weights.py)
     finished: bool = False
-    stop_reason: str | None = None  # early-stopping | max-steps | a caller's reason (e.g. pruned)
+    stop_reason: str | None = None  # early-stopping | max-steps | max-seconds | a caller's reason (e.g. pruned)
+    eval_seconds: float = 0.0  # the last evaluation's time: what a wall-clock stop keeps in reserve
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +58,7 @@ class Budget:
     grad_clip: float
     early_stopping: int
     log_every: int
+    max_seconds: float = 0.0  # > 0: a wall-clock stop (train.max_seconds)
 
 
 class StopTraining(Exception):
@@ -131,8 +133,21 @@ class Trainer:
         state.loss_count += total
         return loss_sum / total
 
+    def elapsed(self, state: RunState, hooks: Hooks) -> float:
+        return self._seconds_before + hooks.clock() - self._clock_start
+
+    def out_of_time(self, state: RunState, hooks: Hooks) -> bool:
+        """Whether another step would leave no time for the evaluation that ends the run: the last
+        evaluation's time is kept in reserve, with one step's time as measured so far."""
+        if not self.budget.max_seconds or state.step == 0:
+            return False
+        taken = state.step - self._steps_before
+        step = (hooks.clock() - self._clock_start) / taken if taken > 0 else 0.0
+        return self.elapsed(state, hooks) + state.eval_seconds + step > self.budget.max_seconds
+
     def run_epoch(self, state: RunState, source, plan: list[np.ndarray], hooks: Hooks) -> str | None:
-        """Steps from state.batch to the epoch's end; returns None, 'max-steps' or 'interrupted'."""
+        """Steps from state.batch to the epoch's end; returns None, 'max-steps', 'max-seconds' or
+        'interrupted'."""
         self.model.train()
         groups = step_groups(plan, state.batch, self.budget.grad_accum)
         batches = source.iterate(plan[state.batch:])
@@ -147,6 +162,8 @@ class Trainer:
                                   "lr": self.scheduler.get_last_lr()[0]})
                 if state.step >= self.budget.total_steps:
                     return "max-steps" if state.batch < len(plan) else None
+                if state.batch < len(plan) and self.out_of_time(state, hooks):
+                    return "max-seconds"
                 if hooks.should_stop():
                     return "interrupted"
                 if state.batch < len(plan) and hooks.checkpoint_due(state):
@@ -158,7 +175,9 @@ class Trainer:
         record = {"event": "epoch", "epoch": state.epoch + 1, "step": state.step, "complete": complete,
                   "train_loss": state.loss_sum / max(state.loss_count, 1)}
         if hooks.evaluate is not None:
+            started = hooks.clock()
             state.last_eval = hooks.evaluate()
+            state.eval_seconds = hooks.clock() - started
             record["eval"] = state.last_eval
             value = self.selected(record)
             if is_better(value, self.selected(state.best) if state.best else None, self.direction):
@@ -188,7 +207,7 @@ class Trainer:
 
     def fit(self, state: RunState, sampler, source, hooks: Hooks) -> RunState:
         """Train until the budget is spent, early stopping, a caller's stop, or an interrupt."""
-        self._clock_start, self._seconds_before = hooks.clock(), state.seconds
+        self._clock_start, self._seconds_before, self._steps_before = hooks.clock(), state.seconds, state.step
         while not state.finished:
             plan = sampler.batches(state.epoch)
             outcome = self.run_epoch(state, source, plan, hooks)
@@ -196,24 +215,30 @@ class Trainer:
                 self.save(state, hooks)
                 state.stop_reason = "interrupted"
                 return state
-            self.finish_epoch(state, outcome is None, hooks)
+            self.finish_epoch(state, outcome, hooks)
             self.save(state, hooks)  # the saved state is the final one: its time is the run's time
         return state
 
-    def finish_epoch(self, state: RunState, complete: bool, hooks: Hooks) -> None:
+    def finish_epoch(self, state: RunState, outcome: str | None, hooks: Hooks) -> None:
+        """OUTCOME: run_epoch's (None: the epoch completed)."""
+        complete = outcome is None
         record = self.end_epoch(state, complete, hooks)
         if complete:
             state.epoch, state.batch = state.epoch + 1, 0
         state.loss_sum, state.loss_count = 0.0, 0
         self.log_epoch(record, state, hooks)
         if not complete or state.step >= self.budget.total_steps or state.epoch >= self.budget.epochs:
-            state.finished, state.stop_reason = True, (None if complete else "max-steps")
+            state.finished, state.stop_reason = True, outcome
+        elif self.out_of_time(state, hooks):  # not even one more step fits
+            state.finished, state.stop_reason = True, "max-seconds"
+            hooks.log(f"train.max_seconds = {self.budget.max_seconds:g}: no time for another epoch")
         elif self.budget.early_stopping and state.bad_epochs >= self.budget.early_stopping:
             state.finished, state.stop_reason = True, "early-stopping"
             hooks.log(f"early stopping: no {self.metric} improvement for {self.budget.early_stopping} epoch(s)")
         if hooks.on_epoch is not None:
             try:
-                hooks.on_epoch({**record, "final": state.finished})  # final: no epoch follows
+                # final: no epoch follows; seconds: the run's training time so far (a time budget's calibration)
+                hooks.on_epoch({**record, "final": state.finished, "seconds": self.elapsed(state, hooks)})
             except StopTraining as stop:
                 state.finished, state.stop_reason = True, stop.reason
 

@@ -133,7 +133,7 @@ def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split,
         raise SherlError("train.epochs = 0 and train.max_steps = 0: nothing to train; set one of them")
     epochs = math.ceil(cfg.max_steps / steps_per_epoch) if cfg.max_steps else cfg.epochs
     s.budget = Budget(epochs=epochs, total_steps=total, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                      early_stopping=cfg.early_stopping, log_every=cfg.log_every)
+                      early_stopping=cfg.early_stopping, log_every=cfg.log_every, max_seconds=cfg.max_seconds)
     s.scheduler = build_scheduler(s.optimizer, total, cfg.warmup_ratio)
     return s
 
