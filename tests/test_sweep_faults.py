@@ -145,3 +145,35 @@ def test_a_second_sweep_on_a_locked_folder_is_refused_naming_the_holder(sweep_fi
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert f"sweep folder {sweep_dir}: another sherl-pipe sweep is running in it (pid {os.getpid()} on " in r.stderr
     assert not (sweep_dir / "trials").exists()
+
+
+def _closes_its_worker(spec):
+    """A trial whose worker leaves the cluster while it runs (and nothing replaces it)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    worker.loop.add_callback(worker.close, executor_wait=False)
+    time.sleep(2)
+    return {}
+
+
+def test_a_sweep_whose_last_worker_is_gone_ends_with_an_error_not_finished(sweep_file, tmp_path, monkeypatch):
+    """A cluster with one worker that dies and is never replaced: the lost trial is queued to run
+    again, the loop waits for a worker, then ends with one line saying how many trials did not run
+    (old code: it found no free worker, ended 'finished' and the command exited 0)."""
+    from distributed import Client, LocalCluster
+
+    import sherl_pipe.sweep.run as sweep_run
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.errors import SherlError
+    from sherl_pipe.sweep import run_sweep
+
+    monkeypatch.setattr(sweep_run, "ORPHAN_GRACE", 0.5)
+    monkeypatch.setattr(sweep_run, "WORKER_WAIT", 2.0, raising=False)
+    said = []
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster):
+        with pytest.raises(SherlError, match=r"2 trial\(s\) did not run: the cluster has had no worker for 2 s"):
+            run_sweep(load_pipeline(str(sweep_file)), scheduler=cluster.scheduler_address, log=said.append,
+                      trial_fn=_closes_its_worker)
+    assert any("lost: its worker died; it runs again" in m for m in said), said

@@ -26,6 +26,7 @@ from typing import Callable
 from sherl_pipe.cache.location import storage_options_of
 from sherl_pipe.cluster import held_interrupts
 from sherl_pipe.config import Pipeline
+from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import best_of
 from sherl_pipe.sweep.cluster import Engine
 from sherl_pipe.sweep.space import Param, encode
@@ -34,6 +35,7 @@ from sherl_pipe.sweep.trial import run_trial
 
 
 ORPHAN_GRACE = 10.0  # seconds a trial may wait for a worker that left the cluster
+WORKER_WAIT = 120.0  # seconds the loop waits for a worker when trials remain and none is left
 
 
 @dataclass
@@ -231,10 +233,27 @@ class Coordinator:
                 self.missing.pop(future)
                 self.lost(trial)
 
+    def no_worker_left(self) -> bool:
+        """True when trials remain but the cluster has had no worker for WORKER_WAIT seconds (a local
+        cluster replaces a dead worker within seconds; a remote one may never): the loop then ends
+        with an error instead of reporting a finished run with its work undone."""
+        if not self.may_ask():
+            self.idle_since = None
+            return False
+        now = time.monotonic()
+        self.idle_since = self.idle_since or now
+        return now - self.idle_since > WORKER_WAIT
+
+    def undone(self) -> SherlError:
+        left = self.plan.budget - finished_count(self.study, self.plan.sweep_dir)
+        return SherlError(f"{self.plan.sweep_dir}: {left} trial(s) did not run: the cluster has had no worker for "
+                          f"{WORKER_WAIT:.0f} s (its workers died and none replaced them); what finished is kept: "
+                          f"start workers (or use the local cluster) and rerun the same command to resume")
+
     def run(self) -> Tally:
         """The loop. A second Ctrl-C lands only between its bookkeeping steps (held_interrupts):
         every trial is then either recorded or still in the running set, which it records."""
-        self.checked, self.missing = 0.0, {}
+        self.checked, self.missing, self.idle_since = 0.0, {}, None
         try:
             while True:
                 with held_interrupts():
@@ -242,7 +261,13 @@ class Coordinator:
                         self.stop()
                     self.fill()
                 if not self.running:
-                    return self.tally
+                    if not self.may_ask():  # the budget is spent, or a stop or time-out ended it
+                        return self.tally
+                    if self.no_worker_left():
+                        raise self.undone()
+                    time.sleep(0.5)  # no free worker right now: wait for one (a dead one is replaced)
+                    continue
+                self.idle_since = None
                 time.sleep(0.1)
                 done = [f for f in self.running if f.done()]
                 self.pass_reports()  # before finishing: a trial's last reports arrive before its result
