@@ -9,12 +9,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import make_backbone, write_full_pipeline
 from sherl_pipe.cli import main
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.extraction import extract
+from sherl_pipe.methods.base import Method
+from sherl_pipe.model import Head, pool
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +250,72 @@ def test_an_empty_methods_list_is_refused_not_read_as_every_method(tmp_path, com
                                   "--compare-dir", str(tmp_path / "cmp")])
     one_error_line(r, "--methods: name at least one method")
     assert not (tmp_path / "cmp").exists()
+
+
+class Mean(Method):
+    """A method registered from this test file: a head on the mean of h[1] and h[L]."""
+
+    name = "mean-of-two"
+    lr = 2e-3
+
+    def reads(self, spec):
+        return [1, spec.num_layers]
+
+    def build(self, spec, config, modules):
+        return MeanModel(spec, config)
+
+
+class MeanModel(torch.nn.Module):
+    def __init__(self, spec, config):
+        super().__init__()
+        self.spec, self.config = spec, config
+        self.head = Head(config.hidden_size, spec.num_outputs, 0.0)
+
+    def forward_batch(self, batch):
+        mixed = (batch.states[1].float() + batch.states[self.spec.num_layers].float()) / 2
+        return self.head(pool(mixed, batch.mask, "mean", None))
+
+    def new_modules(self):
+        return [self.head]
+
+
+def test_a_method_registered_from_code_is_compared(tmp_path, compare_pipeline, monkeypatch):
+    """register_method("mean-of-two", Mean) then compare: each job (a process of its own) gets the
+    method by its import path (old code: every trial failed, 'Object of type type is not JSON
+    serializable'); a class no job could import is refused before any trial."""
+    from sherl_pipe.methods import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "mean-of-two", Mean)  # register_method, undone after the test
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["compare", str(compare_pipeline), "-q", "--methods", "mean-of-two,linear-probe",
+                                  "--seeds", "1", "--compare-dir", str(out), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    rows = {x["method"]: x for x in read_csv(out / "compare.csv")}
+    assert rows["mean-of-two"]["state"] == "complete" and 0 <= float(rows["mean-of-two"]["test"]) <= 1
+    assert float(rows["mean-of-two"]["lr"]) == 2e-3
+
+    def local():
+        class Hidden(Mean):
+            pass
+        return Hidden
+
+    monkeypatch.setitem(REGISTRY, "hidden", local())
+    r = CliRunner().invoke(main, ["compare", str(compare_pipeline), "-q", "--methods", "hidden",
+                                  "--compare-dir", str(tmp_path / "no")])
+    from conftest import one_error_line
+
+    one_error_line(r, "cannot import", "define it at the top level of a module")
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_table_missing_a_requested_method_says_so():
+    """Old code: failed rows were left out of compare.md without a word."""
+    from sherl_pipe.compare.report import missing
+
+    plan = {"methods": ["sherl", "lst", "unipt"]}
+    rows = [{"method": "sherl", "state": "complete"}, {"method": "lst", "state": "fail", "error": "RuntimeError: boom"},
+            {"method": "lst", "state": "fail", "error": "RuntimeError: boom"}]
+    lines = missing(plan, rows)
+    assert lines[1] == "- **lst is not in this table**: 2 run(s) failed, the first with: RuntimeError: boom"
+    assert lines[2].startswith("- **unipt is not in this table**: no run of it has finished yet")
+    assert missing(plan, rows + [{"method": m, "state": "complete"} for m in ("lst", "unipt")]) == []

@@ -1,14 +1,18 @@
 """One compare trial, run as `python -m sherl_pipe.compare.job SPEC.json` in a fresh process (its
 memory is its own): train the trial's pipeline, measure it, evaluate its best epoch on the test
 split, and write RESULT.json beside the spec. A SIGINT (the sweep's stop) saves the training
-state at the next step, as `sherl-pipe train` does.
+state at the next step, as `sherl-pipe train` does; its handler is the first thing the job sets.
+The job ends with the worker that started it (a parent-death signal, and a watch on its parent for
+platforms without one): a job left behind would go on training and skew every later timing.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +28,25 @@ class Interrupted:
 
     def __call__(self) -> bool:
         return self.flag
+
+
+def end_with_parent(parent: int | None) -> None:
+    """This process ends when PARENT (the worker's pid) does."""
+    if parent is None:
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the signal was set
+        os._exit(3)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
 
 
 def measure_state(pipeline) -> dict:
@@ -85,14 +108,20 @@ def warm_imports(pipeline) -> None:
     get_method(pipeline.train.method)
 
 
-def run(spec: dict, storage_options: list | None = None) -> dict:
+def run(spec: dict, storage_options: list | None = None, methods: dict | None = None,
+        interrupted: Interrupted | None = None) -> dict:
     """SPEC as written by compare/trial.py; STORAGE_OPTIONS the pipeline's [extract, train]
-    storage options, which never travel in the spec file."""
+    storage options and METHODS the methods registered from code ({name: "module:class"}), which
+    never travel in the spec file."""
     import torch
 
     from sherl_pipe.cache import set_codec_threads
     from sherl_pipe.config import Pipeline
+    from sherl_pipe.methods import register_method
     from sherl_pipe.training import train
+
+    for name, reference in (methods or {}).items():
+        register_method(name, reference)
 
     torch.set_num_threads(spec["threads"])
     set_codec_threads(spec["threads"])
@@ -117,7 +146,7 @@ def run(spec: dict, storage_options: list | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = train(pipeline, overwrite=True, log=lambda m: None, on_epoch=on_epoch, check_cache=False,
-                   tier_weights=False, should_stop=Interrupted())
+                   tier_weights=False, should_stop=interrupted or Interrupted())
     out = {"number": spec["number"], "values": values, "epochs": result.epochs_done, "steps": result.steps,
            "train_seconds": result.seconds, "epoch_seconds": epoch_seconds, "stop_reason": result.stop_reason,
            "max_seconds": pipeline.train.max_seconds, "seconds": time.perf_counter() - t0,
@@ -136,9 +165,14 @@ def main(argv: list[str]) -> int:
     from sherl_pipe.atomic import write_atomically
     from sherl_pipe.errors import SherlError
 
+    interrupted = Interrupted()  # first: a stop that comes while the job starts is not lost
+    parent = os.environ.get("SHERL_COMPARE_WORKER_PID")
+    end_with_parent(int(parent) if parent else None)
     spec_path = Path(argv[0])
     try:
-        out = run(json.loads(spec_path.read_text()), json.loads(sys.stdin.read() or "null"))
+        hidden = json.loads(sys.stdin.read() or "null") or {}
+        out = run(json.loads(spec_path.read_text()), hidden.get("storage_options"), hidden.get("methods"),
+                  interrupted)
     except SherlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

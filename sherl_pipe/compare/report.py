@@ -129,7 +129,7 @@ def _fmt(pair, scale: float = 1.0, digits: int = 2) -> str:
     return "—" if mean is None else f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}"
 
 
-def markdown(plan: dict, summary: list[dict], metric: str, batch: str) -> str:
+def markdown(plan: dict, summary: list[dict], metric: str, batch: str, rows: list[dict] = ()) -> str:
     pct = 100.0 if metric in ("accuracy", "macro_f1", "f1_positive") else 1.0
     budget = plan.get("budget_seconds")
     title = f"{plan['budget']} budget" + (f" of {budget:.1f} s" if budget else "")
@@ -142,7 +142,22 @@ def markdown(plan: dict, summary: list[dict], metric: str, batch: str) -> str:
         lines.append(f"| {s['method']} | {s['n']} | {_fmt(s['test'], pct)} | {ci} | {_fmt(s['validation'], pct)} | "
                      f"{_fmt(s['epochs'], 1, 0)} | {_fmt(s['seconds'], 1, 1)} | {_fmt(s['budget_share'], 1, 2)} | "
                      f"{_fmt(s['peak_mib'], 1, 0)} | {_fmt(s['state_mib'], 1, 1)} | {s['trainable']:,} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + missing(plan, rows)) + "\n"
+
+
+def missing(plan: dict, rows: list[dict]) -> list[str]:
+    """A line for each method the comparison asked for that has no complete run, saying why: a
+    table that silently lacks a method reads as a comparison of the others only."""
+    out = []
+    for method in plan["methods"]:
+        mine = [r for r in rows if r["method"] == method]
+        if any(r["state"] == "complete" for r in mine):
+            continue
+        errors = [r["error"] for r in mine if r.get("error")]
+        why = (f"{len(errors)} run(s) failed, the first with: {errors[0][:300]}" if errors
+               else "no run of it has finished yet; rerun the same command to resume")
+        out.append(f"- **{method} is not in this table**: {why}")
+    return ([""] + out) if out else []
 
 
 def _ci_cell(s: dict, summary: list[dict], pct: float) -> str:
@@ -169,7 +184,7 @@ def build_report(folder: Path, plots: bool = True) -> dict:
     write_atomically(folder / "compare.csv", _csv(rows).encode())
     summary = summarize(plan, rows, runs, metric)
     batch = next((r["batch"] for r in rows if r["batch"]), "")
-    text = markdown(plan, summary, metric, batch)
+    text = markdown(plan, summary, metric, batch, rows)
     write_atomically(folder / "compare.md", text.encode())
     if plots and summary:
         from sherl_pipe.compare.plots import plot_front

@@ -76,6 +76,7 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
                          f"each run on it")
     if budget == "time" and REFERENCE not in methods:
         methods = [*methods, REFERENCE]  # the time budget is its time
+    check_importable(methods)
     rates = {}
     for name in methods:
         train = pipeline.with_overrides("train", method=name).train
@@ -86,6 +87,17 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
     metric, direction = selection(manifest["task"]["type"], pipeline.train.metric)
     return Compare(absolute_paths(pipeline), methods, per, budget, tune_lr, Path(folder).absolute(), metric, direction,
                    rates=rates)
+
+
+def check_importable(methods: list[str]) -> None:
+    """A method registered from code as a class reaches each compare job (a process of its own) as
+    its import path: refused here, before any trial, when that path does not lead back to it."""
+    from sherl_pipe.compare.trial import method_reference
+    from sherl_pipe.methods import REGISTRY
+
+    for name in methods:
+        if name in REGISTRY and not isinstance(REGISTRY[name], str):
+            method_reference(REGISTRY[name])
 
 
 def trial(method: str, seed: int, epochs: int, rates: Rates) -> dict:

@@ -20,28 +20,80 @@ def job_folder(run_dir: str) -> Path:
     return run.parent.parent / "jobs" / run.name
 
 
+def job_command(spec_path: Path) -> list[str]:
+    return [sys.executable, "-m", "sherl_pipe.compare.job", str(spec_path)]
+
+
 def run_compare_trial(spec: dict) -> dict:
-    """What compare submits to a worker; SPEC as for a sweep trial (sweep/run.py: trial_spec)."""
+    """What compare submits to a worker; SPEC as for a sweep trial (sweep/run.py: trial_spec).
+
+    The job runs in a session of its own, so a terminal's Ctrl-C reaches it only as the SIGINT this
+    function sends when the sweep's stop is set (a Ctrl-C that reached it while it started killed
+    it, and the trial was recorded as failed, never rerun); it ends with this worker (job.py sets a
+    parent-death signal); its stderr goes to a file in the job folder (a pipe that nobody read
+    while it ran blocked the job once it held 64 KiB)."""
     folder = job_folder(spec["pipeline"]["train"]["run_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").unlink(missing_ok=True)
     # the storage options (credentials among them) reach the job through its stdin, never a file
     hidden = spec.get("storage_options")
-    (folder / "spec.json").write_text(json.dumps({k: v for k, v in spec.items() if k != "storage_options"}))
-    env = {**os.environ, **{k: str(spec["threads"]) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
-    proc = subprocess.Popen([sys.executable, "-m", "sherl_pipe.compare.job", str(folder / "spec.json")], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc.stdin.write(json.dumps(hidden.value if hidden is not None else None))
-    proc.stdin.close()
-    stop, asked = StopFlag(spec["stop"]), False
-    while proc.poll() is None:
-        time.sleep(0.2)
-        if not asked and stop():
-            proc.send_signal(2)  # SIGINT: the job saves its state at its next step
-            asked = True
-    err = proc.stderr.read()
+    (folder / "spec.json").write_text(json.dumps({k: v for k, v in spec.items() if k not in HIDDEN}))
+    env = {**os.environ, **{k: str(spec["threads"]) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+           PARENT_ENV: str(os.getpid()), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    with open(folder / "stderr.txt", "w") as err_file:
+        proc = subprocess.Popen(job_command(folder / "spec.json"), env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=err_file, text=True, start_new_session=True)
+        method = spec["pipeline"]["train"]["method"]
+        mine = {k: v for k, v in (spec.get("methods") or {}).items() if k == method}  # registered from code
+        proc.stdin.write(json.dumps({"storage_options": hidden.value if hidden is not None else None,
+                                     "methods": mine}, default=_by_reference))
+        proc.stdin.close()
+        asked = _wait(proc, StopFlag(spec["stop"]))
+    err = (folder / "stderr.txt").read_text(errors="replace")
+    if asked and not (folder / "result.json").is_file():  # stopped before training could save its state
+        return {"number": spec["number"], "state": "interrupted"}
     if proc.returncode == 2 and err.strip().startswith("error: "):
         raise SherlError(err.strip().splitlines()[-1][len("error: "):])
     if proc.returncode != 0:
         raise RuntimeError(f"compare trial {spec['number']} exited with status {proc.returncode}: {err[-2000:]}")
     return json.loads((folder / "result.json").read_text())
+
+
+def _wait(proc, stop) -> bool:
+    """Until the job ends; a set stop is passed on once as SIGINT (the job saves its state at its
+    next step). Whether it was asked to stop."""
+    asked = False
+    while proc.poll() is None:
+        time.sleep(0.2)
+        if not asked and stop():
+            proc.send_signal(2)
+            asked = True
+    return asked
+
+
+def _by_reference(cls) -> str:
+    """A method class registered from code travels as "module:qualname" (checked importable before
+    the first trial: compare/run.py)."""
+    return method_reference(cls)
+
+
+def method_reference(cls) -> str:
+    """CLS's import path, or one line saying why a compare job (a fresh process) could not import it."""
+    import importlib
+
+    module, name = getattr(cls, "__module__", None), getattr(cls, "__qualname__", "")
+    try:
+        found = importlib.import_module(module)
+        for part in name.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        found = None
+    if found is not cls or module == "__main__" or "<locals>" in name:
+        raise SherlError(f"method {name or cls!r} registered from code is defined in {module or 'no module'}, which "
+                         f"a compare job (a process of its own) cannot import: define it at the top level of a "
+                         f"module on the Python path and register it from there")
+    return f"{module}:{name}"
+
+
+HIDDEN = ("storage_options", "methods")  # sent to the job on its stdin, never written to spec.json
+PARENT_ENV = "SHERL_COMPARE_WORKER_PID"  # the job checks its parent is still this process
