@@ -85,7 +85,7 @@ def start_forkserver(preload: tuple[str, ...], environ: dict[str, str]) -> str:
     processes spawned from this one). The server keeps the environment of its start: workers that
     need this process's environment of later (other thread counts, credentials set since) are
     given it by their plugin (distributed_extract.ExtractWorker). A server already running is
-    reused as it is; it ends with this process. Returns the start method for local_cluster: FORKSERVER, or "spawn" where
+    reused as it is; stop_forkserver ends it (the extraction does, as it ends). Returns the start method for local_cluster: FORKSERVER, or "spawn" where
     the platform has no fork server (Windows)."""
     import multiprocessing
 
@@ -110,6 +110,16 @@ def start_forkserver(preload: tuple[str, ...], environ: dict[str, str]) -> str:
             else:
                 os.environ[name] = value
     return FORKSERVER
+
+
+def stop_forkserver() -> None:
+    """End the fork server start_forkserver started, if one runs (the next start makes a new one).
+    multiprocessing has no public call for it; its own tests use this one."""
+    import multiprocessing.forkserver
+
+    server = multiprocessing.forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is not None and hasattr(server, "_stop"):
+        server._stop()
 
 
 @contextlib.contextmanager

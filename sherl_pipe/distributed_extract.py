@@ -111,9 +111,15 @@ class ClusterStart:
         return self._got
 
     def close(self) -> None:
-        """Stop the cluster and wait until it has. Safe to call again."""
+        """Stop the cluster and wait until it has, then the fork server it was forked from (it held
+        torch and transformers, about 400 MiB, until the calling process ended; a later extraction
+        starts a new one). Safe to call again."""
+        from sherl_pipe.cluster import stop_forkserver
+
         self._stop.set()
         self._thread.join()
+        if self.method == "forkserver":
+            stop_forkserver()
 
 
 @contextlib.contextmanager

@@ -158,3 +158,24 @@ def test_a_script_without_a_main_guard_is_told_what_to_add(tmp_path, bert_dir, l
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert 'under `if __name__ == "__main__":`' in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
+def test_the_fork_server_ends_with_the_extraction(tmp_path, bert_dir, labeled_csv):
+    """Old code: the fork server the workers came from (torch and transformers imported: about
+    400 MiB) lived until the calling process ended. A second extraction starts a new one."""
+    import multiprocessing.forkserver
+
+    import psutil
+
+    from conftest import write_pipeline
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.extraction import extract
+
+    def servers() -> list:
+        return [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+
+    for name in ("a", "b"):
+        p = write_pipeline(tmp_path / f"{name}.toml", bert_dir, labeled_csv, tmp_path / name, "workers = 2")
+        extract(load_pipeline(str(p)), log=lambda m: None)
+        assert multiprocessing.forkserver._forkserver._forkserver_pid is None
+        assert servers() == []
