@@ -358,3 +358,17 @@ def test_only_one_of_two_contenders_takes_a_lease(s3):
     with pytest.raises(SherlError, match="lost its lease"):
         first.check()
     second.release()
+
+
+def test_extract_overwrite_on_an_s3_cache_rebuilds_it(s3, tmp_path, bert_dir, labeled_csv, local_cache):
+    """Old code: `extract --overwrite` on an existing object-store cache crashed clearing it
+    (RuntimeError: no running event loop)."""
+    endpoint, client = s3
+    p = s3_pipeline(tmp_path, bert_dir, labeled_csv, endpoint, "overwritten")
+    extract(load_pipeline(str(p)), log=lambda m: None)
+    put = client.put_object(Bucket=BUCKET, Key="overwritten/stray-object", Body=b"x")
+    assert put
+    r = CliRunner().invoke(main, ["extract", str(p), "-q", "--overwrite"])
+    assert r.exit_code == 0, (r.output, __import__("traceback").format_exception(*r.exc_info))
+    assert "overwritten/stray-object" not in keys(client, "overwritten/")
+    conftest.assert_same_arrays(Cache(local_cache), open_s3(endpoint, "overwritten"))

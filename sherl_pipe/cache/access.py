@@ -200,11 +200,9 @@ async def _fsspec_put_new(store, key: str, data) -> bool:
 
 def keys(loc: Location, prefix: str = "", store=None) -> list[str]:
     """Every key under PREFIX, in one listing."""
-    from zarr.core.sync import collect_aiterator
-
     store = store or loc.store(read_only=True)
     with translated(loc, prefix):
-        return list(collect_aiterator(store.list_prefix(prefix)))
+        return run(_collect(lambda: store.list_prefix(prefix)))
 
 
 def size(loc: Location, prefix: str = "", store=None) -> int:
@@ -228,6 +226,11 @@ def any_key(loc: Location, prefix: str = "", store=None) -> bool:
         return run(_first(store.list_prefix(prefix))) is not None
 
 
+async def _collect(listing) -> list:
+    """Every item of LISTING(), an async iterator made here, on the running loop."""
+    return [item async for item in listing()]
+
+
 async def _first(aiter):
     async for item in aiter:
         return item
@@ -245,11 +248,11 @@ def probe_write(loc: Location) -> None:
 
 def clear(loc: Location) -> None:
     """Delete everything under a location (a local folder itself stays, and so a lock on it)."""
-    from zarr.core.sync import collect_aiterator
-
     store = loc.store()
     with translated(loc):
-        entries = collect_aiterator(store.list_dir(""))
+        # listed on zarr's loop: obstore's list_dir starts its request when called, which outside a
+        # running loop is "RuntimeError: no running event loop" (--overwrite on S3 crashed so)
+        entries = run(_collect(lambda: store.list_dir("")))
         # zarr.json last: cut off half-way, what is left is still recognisably a cache (which
         # --overwrite may clear again), never a folder that looks like someone else's
         for entry in sorted(entries, key=lambda e: e == "zarr.json"):
