@@ -107,6 +107,11 @@ class TierScore:
     normalised: bool = False
     bias: float | None = None
 
+    @property
+    def can_die(self) -> bool:
+        """Whether a token's weights can all be 0 (relu's dead zone): only then is "alive" a measure."""
+        return self.activation == "relu"
+
 
 # Why the non-paper forms exist (benchmarks/consolidation.py, README "The consolidation's tier
 # score"): a_t * g has an RMS of about 0.02 per element for MiniLM, so w . (a_t * g) varies across

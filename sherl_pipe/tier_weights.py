@@ -1,9 +1,17 @@
 """What a consolidation does with the cached tiers: per tier the mean of alpha over real tokens,
-their sum, the share of tokens it is alive on, and the anchor residual's gate.
+their sum, how far a token's alpha are from uniform and how much they vary across tokens, the
+share of tokens it is alive on (relu scores only), and the anchor residual's gate.
 
-A token is *alive* when its alpha sum to 1, i.e. when at least one tier has a positive relevance
-(with the paper's relu score: at least one positive score); a dead token's alpha are all 0, so it
-passes on only the anchor's own projection W_out relu(g). The per-epoch state (on the evaluation
+With a relu score (the paper's: relu, relu-normed) a token is *alive* when its alpha sum to 1, i.e.
+when at least one tier has a positive score; a dead token's alpha are all 0, so it passes on only
+the anchor's own projection W_out relu(g). The other forms give every token positive weights by
+construction, so "alive" would read 100% whatever they learned; for them (and for relu too) two
+numbers tell whether the early route chooses anything:
+  entropy   the mean over tokens of H(alpha) / log(number of tiers): 1 = every tier weighed alike
+            (a plain average of the tiers), near 0 = one tier per token;
+  token_sd  the sd of a tier's weight across tokens, averaged over the tiers: 0 = every token gets
+            the same mix (a learned scalar mix, no per-token choice).
+The per-epoch state (on the evaluation
 split, or a fixed sample of training tokens) goes into the epoch record, the epoch line and the
 summary; after training, the mean over the whole training split goes into the summary's
 `tier_weights`. A tier whose mean alpha stays near 0 contributes little, so a user can drop it
@@ -31,6 +39,8 @@ class ConsolidationMeter:
     def __init__(self, consolidation):
         self.consolidation = consolidation
         self.sums = torch.zeros(len(consolidation.tiers), dtype=torch.float64)
+        self.squares = torch.zeros(len(consolidation.tiers), dtype=torch.float64)
+        self.entropy = 0.0  # summed over alive tokens
         self.alive = 0
         self.tokens = 0
 
@@ -43,14 +53,25 @@ class ConsolidationMeter:
         with torch.autocast(batch.mask.device.type, enabled=False):
             alpha = self.consolidation.tier_weights(batch.states, batch.mask)[keep].double()
         self.sums += alpha.sum(0).cpu()
-        self.alive += int((alpha.sum(-1) > 0).sum())
+        self.squares += alpha.square().sum(0).cpu()
+        live = alpha[alpha.sum(-1) > 0]
+        self.alive += len(live)
+        if alpha.shape[-1] > 1 and len(live):
+            p = live / live.sum(-1, keepdim=True)
+            plogp = torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
+            self.entropy += float((-plogp.sum(-1) / np.log(alpha.shape[-1])).sum())
 
     def result(self, where: str) -> dict:
-        """{'alive', 'alpha': {'h<t>': mean}, 'alpha_sum', 'gate', 'anchor', 'tokens', 'on'}; alive
-        is None without tiers besides the anchor (nothing can be alive or dead there)."""
+        """{'alive', 'entropy', 'token_sd', 'alpha': {'h<t>': mean}, 'alpha_sum', 'gate', 'anchor',
+        'tokens', 'on'}; alive is None where no token can be dead (a score without relu's dead zone,
+        or no tiers besides the anchor); entropy and token_sd are None without two tiers."""
         c, n = self.consolidation, max(self.tokens, 1)
         means = (self.sums / n).tolist()
-        return {"alive": round(self.alive / n, 6) if c.tiers else None,
+        several = len(c.tiers) > 1
+        sd = (self.squares / n - (self.sums / n).square()).clamp_min(0).sqrt().mean()
+        return {"alive": round(self.alive / n, 6) if c.tiers and c.form.can_die else None,
+                "entropy": round(self.entropy / max(self.alive, 1), 6) if several and self.alive else None,
+                "token_sd": round(float(sd), 6) if several else None,
                 "alpha": {f"h{t}": round(a, 6) for t, a in zip(c.tiers, means)},
                 "alpha_sum": round(sum(means), 6), "gate": round(c.gate_value(), 6),
                 "anchor": f"h{c.anchor}", "tokens": self.tokens, "on": where}
@@ -122,15 +143,24 @@ def format_tier_weights(weights: dict | None) -> str:
     ranked = sorted(weights["alpha"].items(), key=lambda kv: -kv[1])
     shown = ", ".join(f"{t} {a:.3f}" for t, a in ranked) or "no tiers besides the anchor"
     alive = "" if weights.get("alive") is None else f"; alive on {100 * weights['alive']:.1f}% of them"
-    return (f"tier weights (mean alpha over {weights['tokens']} training tokens, largest first): {shown}{alive}; "
-            f"anchor {weights['anchor']} gate {weights['gate']:.3f}")
+    return (f"tier weights (mean alpha over {weights['tokens']} training tokens, largest first): {shown}{alive}"
+            f"{_choice(weights)}; anchor {weights['anchor']} gate {weights['gate']:.3f}")
+
+
+def _choice(state: dict) -> str:
+    """'; entropy 0.93 of uniform, sd across tokens 0.041' (empty without two tiers)."""
+    if state.get("entropy") is None or state.get("token_sd") is None:
+        return ""
+    return f"; entropy {state['entropy']:.3f} of uniform, sd across tokens {state['token_sd']:.3f}"
 
 
 def format_state(state: dict) -> str:
-    """The epoch line's part: 'tiers alive 97.3%, alpha sum 0.973, gate 0.004'."""
-    if state.get("alive") is None:
+    """The epoch line's part: 'tiers alive 97.3%, alpha sum 0.973, entropy 0.912 of uniform, sd across
+    tokens 0.041, gate 0.004' (alive: relu scores only)."""
+    if not state.get("alpha"):
         return f"no tiers besides the anchor, gate {state['gate']:.3f}"
-    return f"tiers alive {100 * state['alive']:.1f}%, alpha sum {state['alpha_sum']:.3f}, gate {state['gate']:.3f}"
+    alive = "" if state.get("alive") is None else f"tiers alive {100 * state['alive']:.1f}%, "
+    return f"{alive}alpha sum {state['alpha_sum']:.3f}{_choice(state)}, gate {state['gate']:.3f}"
 
 
 def dead_warning(state: dict | None, tier_score: str) -> str | None:

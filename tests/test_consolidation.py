@@ -280,6 +280,11 @@ def test_the_alive_share_and_alpha_sum_are_exact_on_known_scores():
     assert got["tokens"] == 5 and got["alive"] == pytest.approx(3 / 5, abs=1e-6)
     assert got["alpha"] == pytest.approx({"h0": (1 + 1 / 3 + 1) / 5, "h1": (2 / 3) / 5}, abs=1e-6)
     assert got["alpha_sum"] == pytest.approx(3 / 5, abs=1e-6)  # each alive token's alpha sum to 1
+    # entropy over the alive tokens: alpha (1, 0), (1/3, 2/3), (1, 0), in units of log 2
+    assert got["entropy"] == pytest.approx((math.log(3) - 2 / 3 * math.log(2)) / math.log(2) / 3, abs=1e-6)
+    # sd across the 5 tokens: h0 takes 1, 0, 1/3, 0, 1; h1 takes 0, 0, 2/3, 0, 0
+    sd = [torch.tensor(v).std(unbiased=False).item() for v in ([1, 0, 1 / 3, 0, 1], [0, 0, 2 / 3, 0, 0])]
+    assert got["token_sd"] == pytest.approx(sum(sd) / 2, abs=1e-6)
     assert got["gate"] == 0.0 and got["anchor"] == "h2" and got["on"] == "a test"
 
 

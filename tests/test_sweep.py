@@ -70,7 +70,9 @@ def test_trials_equal_sherl_pipe_train_and_fresh_processes(tmp_path, bert_dir, l
         assert json.loads(trial_summary.read_text())["tier_weights"] is None
         # but the last epoch's consolidation state (measured in the evaluation's pass) is in trials.csv
         state = json.loads(trial_summary.read_text())["consolidation"]
-        assert float(r["alive"]) == pytest.approx(state["alive"], rel=1e-5) and 0 < state["alive"] <= 1
+        assert r["alive"] == "" and state["alive"] is None  # softmax-normed: no token can be dead
+        assert float(r["entropy"]) == pytest.approx(state["entropy"], rel=1e-5) and 0 < state["entropy"] <= 1
+        assert float(r["token_sd"]) == pytest.approx(state["token_sd"], rel=1e-5)
         assert float(r["alpha_sum"]) == pytest.approx(state["alpha_sum"], rel=1e-5)
         assert json.loads((run / "summary.json").read_text())["tier_weights"]["anchor"] == "h2"
     for name in ("best.toml", "leaderboard.txt", "metric_by_setting.png", "history.png", "learning_curves.png"):

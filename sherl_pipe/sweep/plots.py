@@ -66,10 +66,12 @@ def plot_history(sweep_dir: Path, done: list[dict], metric: str, direction: str)
 
 
 def plot_learning_curves(sweep_dir: Path, ranked: list[dict], metric: str) -> None:
-    """The metric per epoch of the best trials and, beside it, the share of tokens their
-    consolidation was alive on (tier_weights.py): a trial near 0 there trained without its tiers."""
+    """The metric per epoch of the best trials and, beside it, what their consolidation did
+    (tier_weights.py): with a relu score the share of tokens it was alive on (near 0: trained
+    without its tiers), with the others the entropy of its tier weights (1: a plain average)."""
     plt = _pyplot()
     fig, (ax, alive_ax) = plt.subplots(1, 2, figsize=(10, 3.4))
+    shown = "alive"
     for r in ranked[:5]:
         metrics = Path(r["run_dir"]) / "metrics.jsonl"
         if not metrics.is_file():
@@ -78,18 +80,21 @@ def plot_learning_curves(sweep_dir: Path, ranked: list[dict], metric: str) -> No
         epochs = [x for x in records if x["event"] == "epoch" and "eval" in x]
         ys = [x["train_loss"] if metric == "train_loss" else x["eval"].get(metric) for x in epochs]
         ax.plot([x["epoch"] for x in epochs], ys, marker="o", label=f"#{r['number']}")
-        alive = [(x["epoch"], x["consolidation"]["alive"]) for x in records if x["event"] == "epoch"
-                 and (x.get("consolidation") or {}).get("alive") is not None]
+        states = [(x["epoch"], x.get("consolidation") or {}) for x in records if x["event"] == "epoch"]
+        shown = "alive" if any(s.get("alive") is not None for _, s in states) else "entropy"
+        alive = [(e, s[shown]) for e, s in states if s.get(shown) is not None]
         alive_ax.plot([e for e, _ in alive], [a for _, a in alive], marker="o", label=f"#{r['number']}")
     from matplotlib.ticker import MaxNLocator
 
-    for a, label in ((ax, metric), (alive_ax, "tokens alive (share)")):
+    side = {"alive": ("tokens alive (share)", "consolidation alive (0: tiers unused)"),
+            "entropy": ("tier weights' entropy (of uniform)", "consolidation's choice (1: a plain average)")}[shown]
+    for a, label in ((ax, metric), (alive_ax, side[0])):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.set_xlabel("epoch")
         a.set_ylabel(label)
     alive_ax.set_ylim(-0.05, 1.05)
     ax.set_title("learning curves of the best trials")
-    alive_ax.set_title("consolidation alive (0: tiers unused)")
+    alive_ax.set_title(side[1])
     if ax.get_legend_handles_labels()[0]:  # trials whose folders hold no metrics draw no curve
         ax.legend(fontsize=8)
     _save(fig, sweep_dir / "learning_curves.png")

@@ -52,7 +52,8 @@ def _consolidation_columns(folder: Path) -> dict:
     """The last epoch's consolidation state from the trial's summary.json (empty until it finishes)."""
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
     state = summary.get("consolidation") or {}
-    return {"alive": state.get("alive"), "alpha_sum": state.get("alpha_sum")}
+    return {"alive": state.get("alive"), "alpha_sum": state.get("alpha_sum"), "entropy": state.get("entropy"),
+            "token_sd": state.get("token_sd")}
 
 
 def _csv(rows: list[dict]) -> str:
