@@ -36,6 +36,8 @@ class BlockJob:
     cache_name: str  # for messages
     run_id: str = ""  # one extraction run: a worker that outlives it (a cluster elsewhere) reopens the cache
     precision: str = "fp32"  # extract.precision: the early layers' autocast
+    data: Location | None = None  # where the cache's arrays are (store.data_location); None: at `location`
+    generation: int | None = None  # the coordinator's lease generation (object stores), checked per block
 
 
 @dataclass
@@ -139,8 +141,21 @@ def worker_writer(job: BlockJob):
     with _HELD_LOCK:
         if key not in _HELD:
             _forget("writer")
-            _HELD[key] = BlockWriter(job.location)
+            _HELD[key] = BlockWriter(job.data or job.location, fence=lambda: check_generation(job))
         return _HELD[key]
+
+
+def check_generation(job: BlockJob) -> None:
+    """Before a worker writes a block: the extraction that sent it still holds the cache's lease
+    (a worker of a coordinator that was paused past its lease, or lost it, writes nothing more)."""
+    if job.generation is None:
+        return
+    from sherl_pipe.cache.lease import Lease
+
+    newest = max(Lease(job.location).generations(), default=0)
+    if newest != job.generation:
+        raise SherlError(f"cache {job.cache_name}: the extraction that sent this block lost the cache's lease "
+                         f"(generation {job.generation}; the cache is now at {newest}); the block is not written")
 
 
 def _forget(kind: str) -> None:

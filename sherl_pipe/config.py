@@ -148,6 +148,9 @@ class ExtractConfig:
     # 1: blocks computed in this process; N > 1: on a local dask cluster of N worker processes
     # (extract --scheduler ADDRESS: on an existing cluster instead)
     workers: int = _at_least(1, 1)
+    # object stores: a writer's lease runs out this long after its last renewal (cache/lease.py);
+    # shorter lets another extraction take over a crashed one's cache sooner
+    lease_seconds: float = _at_least(120.0, 1.0)
     storage_options: dict = _options()  # for a cache at a URL (s3://...): endpoint_url, key, secret, ...
 
 

@@ -152,18 +152,22 @@ class ExtractSummary:
 
 
 class _Writer:
-    """One background thread that writes finished blocks in order; errors surface on the next call."""
+    """One background thread that writes finished blocks in order; errors surface on the next call.
+    After any error (its own, or the caller's: close(check=False)) the queued blocks are dropped,
+    not written: the error may be a lost lease. The cache's writer checks the lease before each
+    block (BlockWriter's fence)."""
 
     def __init__(self, writer: CacheWriter):
         self.writer = writer
         self.queue: queue.Queue = queue.Queue(maxsize=1)  # bounds memory to ~2 blocks in flight
         self.error: BaseException | None = None
+        self.dropping = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         while (item := self.queue.get()) is not None:
-            if self.error is None:
+            if self.error is None and not self.dropping:
                 try:
                     self.writer.write_block(*item)
                 except BaseException as exc:  # handed to the main thread
@@ -174,8 +178,9 @@ class _Writer:
         self.queue.put(item)
 
     def close(self, check: bool = True):
-        """Finish the queued blocks. With check=False (an error is already on its way out) the
-        writer's own error, if any, is not raised over it."""
+        """Finish the queued blocks. With check=False (an error is already on its way out) they are
+        dropped instead, and the writer's own error, if any, is not raised over it."""
+        self.dropping = not check
         self.queue.put(None)
         self.thread.join()
         if check:
@@ -278,7 +283,8 @@ def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, check=None, log=
 def open_writer(pipeline: Pipeline, plan: Plan, overwrite: bool, log) -> CacheWriter:
     """The cache's writer, or the reason an existing cache cannot be reused."""
     try:
-        return CacheWriter(pipeline_location(pipeline), plan.manifest, overwrite=overwrite, log=log)
+        return CacheWriter(pipeline_location(pipeline), plan.manifest, overwrite=overwrite, log=log,
+                           lease_seconds=pipeline.extract.lease_seconds)
     except CacheMismatch as exc:
         if exc.diffs and {d.path[0] for d in exc.diffs} <= CUT_FIELDS:
             raise CacheMismatch(cut_mismatch_message(pipeline, exc.diffs), exc.diffs) from None
@@ -318,9 +324,10 @@ def plan_blocks(writer: CacheWriter, plan: Plan, cfg, summary: ExtractSummary) -
     return blocks
 
 
-def block_job(pipeline: Pipeline, plan: Plan) -> BlockJob:
+def block_job(pipeline: Pipeline, plan: Plan, writer: CacheWriter | None = None) -> BlockJob:
     """What every block of this extraction shares, with the paths a worker elsewhere must be given
-    made absolute (and the storage options, in memory only)."""
+    made absolute (and the storage options, in memory only); WRITER's data location and lease
+    generation, which a worker checks before each block."""
     import uuid
 
     from sherl_pipe.config import absolute_paths
@@ -330,7 +337,8 @@ def block_job(pipeline: Pipeline, plan: Plan) -> BlockJob:
     return BlockJob(pipeline_location(absolute), b.source, b.attn_implementation, b.device, tuple(plan.tiers),
                     pipeline.extract.batch_size, pipeline.extract.dtype, pipeline.extract.time_chunk,
                     plan.manifest["backbone"]["module_hashes"], str(pipeline.extract.cache), uuid.uuid4().hex[:8],
-                    pipeline.extract.precision)
+                    pipeline.extract.precision, data=None if writer is None else writer.data.absolute(),
+                    generation=getattr(writer.lock, "generation", None) if writer is not None else None)
 
 
 def count_block(summary: ExtractSummary, progress, split: str, samples: int, tokens: int) -> None:
@@ -356,9 +364,9 @@ def write_blocks(writer: CacheWriter, plan: Plan, blocks, cfg, summary: ExtractS
             for name, b in blocks:
                 task = make_task(plan, name, b, cfg.chunk_size)
                 arrays = compute_block(plan.backbone, job, task, plan.device)
+                writer.check_lock()  # before the block is handed on, not after
                 bg.put((name, b, task.block * cfg.chunk_size, arrays))
                 count_block(summary, progress, name, task.samples, int(task.lengths.sum()))
-                writer.check_lock()
         ok = True
     finally:
         bg.close(check=ok)
@@ -415,7 +423,7 @@ def write_cache(pipeline: Pipeline, plan: Plan, overwrite: bool, progress, log, 
                                    for n, b in blocks))
         summary.blocks_planned = len(blocks)
         t_blocks = time.perf_counter()
-        job = block_job(pipeline, plan)
+        job = block_job(pipeline, plan, writer)
         if blocks and (scheduler or cfg.workers > 1):
             write_blocks_on_cluster(writer, plan, blocks, cfg, summary, progress, job, scheduler, log, started)
         else:

@@ -149,7 +149,7 @@ def test_a_killed_extraction_on_s3_resumes_to_an_equal_cache(s3, tmp_path, bert_
                             env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if sum("/done/c/" in k for k in keys(client, "killed/train/done/")) >= 3:
+        if sum("/train/done/c/" in k for k in keys(client, "killed/")) >= 3:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -170,7 +170,8 @@ def copy_prefix(client, source: str, target: str) -> None:
 def test_damaged_objects_are_named_by_verify_and_repaired(s3, s3_cache, tmp_path):
     endpoint, client = s3
     copy_prefix(client, "shared", "damaged")
-    flipped, deleted = "damaged/train/h1/c/2/0/0", "damaged/test/lengths/c/1"
+    arrays = f"damaged/{open_s3(endpoint, 'damaged').manifest['arrays']}"  # where its arrays are
+    flipped, deleted = f"{arrays}/train/h1/c/2/0/0", f"{arrays}/test/lengths/c/1"
     body = bytearray(client.get_object(Bucket=BUCKET, Key=flipped)["Body"].read())
     body[len(body) // 2] ^= 0x10
     client.put_object(Bucket=BUCKET, Key=flipped, Body=bytes(body))
@@ -372,3 +373,66 @@ def test_extract_overwrite_on_an_s3_cache_rebuilds_it(s3, tmp_path, bert_dir, la
     assert r.exit_code == 0, (r.output, __import__("traceback").format_exception(*r.exc_info))
     assert "overwritten/stray-object" not in keys(client, "overwritten/")
     conftest.assert_same_arrays(Cache(local_cache), open_s3(endpoint, "overwritten"))
+
+
+def test_a_paused_writer_never_writes_into_the_cache_that_took_its_place(s3, tmp_path, bert_dir, labeled_csv):
+    """Extraction A is stopped (SIGSTOP) mid-way; its lease runs out (extract.lease_seconds = 3);
+    extraction B of other rows, same settings, takes the cache with --overwrite and finishes; A is
+    continued. Old code: A wrote its blocks in flight and queued into B's cache, which then held
+    rows of A's data and read as complete. Now B's arrays live under a key of B's own that its
+    manifest names, A checks its lease before each block, and B's cache equals a local extraction
+    of B's rows."""
+    from conftest import make_text_file
+    from sherl_pipe.cache.verify import verify_cache
+
+    endpoint, client = s3
+    sets = ["--set", "extract.chunk_size=4", "--set", "extract.lease_seconds=3"]
+    p = s3_pipeline(tmp_path, bert_dir, labeled_csv, endpoint, "fenced")
+    a = subprocess.Popen([sys.executable, "-m", "sherl_pipe", "extract", "-q", str(p), *sets], env=os.environ.copy(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and a.poll() is None:
+            if sum("/train/done/c/" in k for k in keys(client, "fenced/")) >= 3:
+                break
+            time.sleep(0.02)
+        a.send_signal(signal.SIGSTOP)
+        time.sleep(4)  # past A's lease
+        other = make_text_file(tmp_path / "other.csv", n=200, seed=11)
+        q = s3_pipeline(tmp_path, bert_dir, other, endpoint, "fenced")
+        r = CliRunner().invoke(main, ["extract", str(q), "-q", "--overwrite", *sets])
+        assert r.exit_code == 0, r.output
+    finally:
+        a.send_signal(signal.SIGCONT)
+    _, err = a.communicate(timeout=120)
+    assert a.returncode == 2 and "lease" in err, err  # A stopped on its lost lease, with one error line
+    extract(load_pipeline(str(q), ["extract.chunk_size=4", f"extract.cache={tmp_path / 'b-local'}"]),
+            log=lambda m: None)
+    b = open_s3(endpoint, "fenced")
+    conftest.assert_same_arrays(Cache(tmp_path / "b-local"), b)  # not one row of A's
+    assert b.is_complete() and not verify_cache(f"s3://{BUCKET}/fenced", options={"endpoint_url": endpoint}).problems
+
+
+def test_a_worker_checks_the_lease_before_it_writes_a_block(s3):
+    """A dask worker of an extraction that lost the cache's lease writes nothing more (old code:
+    workers never checked the lease)."""
+    import dataclasses
+
+    from sherl_pipe.blocks import BlockJob, check_generation
+    from sherl_pipe.cache.lease import Lease
+    from sherl_pipe.cache.location import as_location
+    from sherl_pipe.errors import SherlError
+
+    loc = as_location(f"s3://{BUCKET}/generations", {"endpoint_url": s3[0]})
+    first = Lease(loc)
+    first.acquire()
+    first.release()
+    second = Lease(loc)
+    second.acquire()
+    try:
+        job = BlockJob(loc, "b", "eager", "cpu", (0,), 8, "float16", 16, {}, "the cache", generation=1)
+        with pytest.raises(SherlError, match="lost the cache's lease"):
+            check_generation(job)
+        check_generation(dataclasses.replace(job, generation=2))  # the holder's own worker writes
+    finally:
+        second.release()

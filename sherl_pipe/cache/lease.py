@@ -47,13 +47,14 @@ class LeaseHeld(SherlError):
     """Another extraction holds the cache's lease."""
 
 
-def take_cache_lock(loc: Location, log=print):
-    """The cache's writer lock: flock on a local folder (waits), a lease on an object store (refuses)."""
+def take_cache_lock(loc: Location, log=print, seconds: float | None = None):
+    """The cache's writer lock: flock on a local folder (waits), a lease of SECONDS (default
+    LEASE_SECONDS; extract.lease_seconds) on an object store (refuses)."""
     if loc.is_local:
         lock = FolderLock(loc.path)
         lock.acquire(wait=True, on_wait=lambda: log(f"cache {loc}: {WAIT_MESSAGE}"))
         return lock
-    lease = Lease(loc)
+    lease = Lease(loc, seconds)
     lease.acquire()
     return lease
 

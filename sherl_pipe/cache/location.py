@@ -99,6 +99,12 @@ class Location:
             return None
         return Location(f"{scheme}://{rest.rstrip('/')}{suffix}", self.options)
 
+    def child(self, name: str) -> "Location":
+        """The place NAME inside this one (`s3://b/cache` -> `s3://b/cache/NAME`)."""
+        if self.is_local:
+            return Location(str(Path(self.url) / name), self.options)
+        return Location(f"{self.url.rstrip('/')}/{name}", self.options)
+
     def store(self, read_only: bool = False):
         return open_store(self, read_only)
 

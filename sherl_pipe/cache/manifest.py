@@ -20,7 +20,8 @@ import numpy as np
 
 FORMAT_VERSION = 2  # 2: every chunk carries a CRC-32C
 MANIFEST_KEY = "sherl_pipe"
-VOLATILE = {"tool_version", "created", "config"}
+# arrays: where an object-store cache's arrays live (store.data_location), not what they hold
+VOLATILE = {"tool_version", "created", "config", "arrays"}
 VOLATILE_PATHS = {("backbone", "source"), ("tokenizer", "class")}
 VOLATILE_DATA = {"source", "train", "validation", "test"}
 VOLATILE_CONFIG = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"}

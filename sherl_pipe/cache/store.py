@@ -69,8 +69,29 @@ def chunk_coords(key: str, prefix: str, ndim: int) -> tuple | None:
     return coords[:2] if ndim == 3 else coords
 
 
+DATA_PREFIX = "arrays-"  # an object-store cache's arrays live under arrays-<nonce>/ (data_location)
+
+
+def new_data_key() -> str:
+    import uuid
+
+    return f"{DATA_PREFIX}{uuid.uuid4().hex[:12]}"
+
+
+def data_location(root: Location, manifest: dict) -> Location:
+    """Where a cache's arrays live. On an object store each cache made anew (a first extraction, or
+    --overwrite) puts them under a key of its own that its manifest names: a writer that lost its
+    lease while paused and wakes later writes under its own key, which no reader of the new cache
+    reads (a cache made by another extraction of other rows took 32 rows of the paused one's, and
+    read as complete). Local folders keep the kernel's lock (a paused writer keeps it too), and
+    caches made before this hold their arrays at the root."""
+    key = manifest.get("arrays")
+    return root.child(key) if key else root
+
+
 class Cache:
-    """Read access to a finished or partial cache."""
+    """Read access to a finished or partial cache: `location` its root (the manifest), `data` where
+    its arrays are (data_location), `store` the latter's store."""
 
     def __init__(self, where: str | os.PathLike | Location, options: dict | None = None):
         import zarr
@@ -81,18 +102,19 @@ class Cache:
         missing = SherlError(f"cache {self.path}: not found (no zarr.json); run `sherl-pipe extract` first")
         if self.location.is_local and not (self.location.path / "zarr.json").is_file():
             raise missing
-        self.store = self.location.store(read_only=True)
-        if access.get(self.location, "zarr.json", self.store) is None:
-            access.any_key(self.location, "", self.store)  # a missing bucket is named as such, not as no cache
+        root = self.location.store(read_only=True)
+        if access.get(self.location, "zarr.json", root) is None:
+            access.any_key(self.location, "", root)  # a missing bucket is named as such, not as no cache
             raise missing
         try:
             with access.translated(self.location):
-                self.group = zarr.open_group(store=self.store, mode="r")
+                self.group = zarr.open_group(store=root, mode="r")
         except SherlError:
             raise
         except Exception as exc:  # zarr raises several types for a damaged group
             raise SherlError(f"cache {self.path}: cannot open as a Zarr group ({exc})") from None
         manifest = self.group.attrs.get(MANIFEST_KEY)
+        self.data, self.store = self.location, root
         self._listed: dict = {}  # listings kept for this Cache's life (it reads; writers open a new one)
         if not isinstance(manifest, dict):
             raise SherlError(f"cache {self.path}: no sherl-pipe manifest in its attributes; not a sherl-pipe cache")
@@ -100,6 +122,17 @@ class Cache:
             raise SherlError(f"cache {self.path}: format version {manifest.get('format_version')} is not "
                              f"{FORMAT_VERSION}; re-extract it with this version of sherl-pipe (--overwrite)")
         self.manifest = manifest
+        if manifest.get("arrays"):
+            self.data = data_location(self.location, manifest)
+            self.store = self.data.store(read_only=True)
+            try:
+                with access.translated(self.data):
+                    self.group = zarr.open_group(store=self.store, mode="r")
+            except SherlError:
+                raise
+            except Exception:  # nothing written there yet, or damaged
+                raise SherlError(f"cache {self.path}: its arrays ({manifest['arrays']}/) are missing or damaged; "
+                                 f"rerun `sherl-pipe extract --overwrite`") from None
 
     @property
     def splits(self) -> list[str]:
@@ -136,7 +169,7 @@ class Cache:
             return arr[:]
         except Exception:  # zarr raises ValueError for a checksum, codec errors for garbage
             keys = self.chunk_keys(split, name)
-            for coords, data in zip(keys, access.get_many(self.location, list(keys.values()), self.store)):
+            for coords, data in zip(keys, access.get_many(self.data, list(keys.values()), self.store)):
                 if data is not None and not checksum_ok(data.as_buffer_like()):
                     raise ChunkError(self.path, split, name, coords, "checksum mismatch (the stored chunk is "
                                      "damaged or truncated)") from None
@@ -149,7 +182,7 @@ class Cache:
             arr = self.array(split, name)
             prefix = f"{split}/{name}/c/"
             out = {}
-            for key in access.keys(self.location, prefix, self.store):
+            for key in access.keys(self.data, prefix, self.store):
                 coords = chunk_coords(key, prefix, arr.ndim)
                 if coords is not None:
                     out[coords] = key
@@ -230,4 +263,6 @@ class Cache:
     def bytes_on_disk(self, split: str | None = None, name: str | None = None) -> int:
         """Bytes stored (on disk, or in the object store) under the cache, a split or an array."""
         prefix = "/".join(p for p in (split, name) if p)
-        return access.size(self.location, f"{prefix}/" if prefix else "", self.store)
+        if not prefix:
+            return access.size(self.location, "")
+        return access.size(self.data, f"{prefix}/", self.store)

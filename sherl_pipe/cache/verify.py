@@ -40,7 +40,7 @@ def _scan_split(cache: Cache, split: str, report: VerifyReport, progress) -> Non
         stored = sorted(cache.chunk_keys(split, name).items())
         for i in range(0, len(stored), BATCH):
             part = stored[i:i + BATCH]
-            for (coords, _), data in zip(part, access.get_many(cache.location, [k for _, k in part], cache.store)):
+            for (coords, _), data in zip(part, access.get_many(cache.data, [k for _, k in part], cache.store)):
                 report.chunks_checked += 1
                 if data is None:  # listed, then gone: deleted while verify ran
                     report.problems.append(Problem(split, name, coords, "missing"))
@@ -69,7 +69,7 @@ def mark_bad_blocks(cache: Cache, report: VerifyReport) -> None:
         blocks = sorted({int(p.coords[0]) for p in report.problems if p.split == split})
         if not blocks:
             continue
-        writer = writer or BlockWriter(cache.location)
+        writer = writer or BlockWriter(cache.data)
         for b in blocks:
             writer.set_done(split, b, 0)
         report.marked[split] = blocks

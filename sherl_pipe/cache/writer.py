@@ -25,7 +25,7 @@ from sherl_pipe.cache.codec import chunk_codec, chunk_key
 from sherl_pipe.cache.lease import SUFFIX, WAIT_MESSAGE, take_cache_lock  # noqa: F401 (WAIT_MESSAGE: tests)
 from sherl_pipe.cache.location import Location, as_location
 from sherl_pipe.cache.manifest import FORMAT_VERSION, MANIFEST_KEY, jsonable, manifest_diff
-from sherl_pipe.cache.store import Cache, check_cache_path, is_sherl_cache
+from sherl_pipe.cache.store import Cache, check_cache_path, data_location, is_sherl_cache, new_data_key
 from sherl_pipe.errors import CacheMismatch, SherlError
 from sherl_pipe.folders import ensure_writable, has_files, refuse_cwd
 from sherl_pipe.version import __version__
@@ -72,12 +72,15 @@ def check_target(where, overwrite: bool) -> bool:
 
 
 class BlockWriter:
-    """Writes blocks into a cache whose arrays exist: what an extraction's worker needs (a dask
-    worker opens one per cache and process, not per block)."""
+    """Writes blocks into a cache whose arrays exist, at WHERE, the cache's data location
+    (store.data_location): what an extraction's worker needs (a dask worker opens one per cache and
+    process, not per block). FENCE, called before each block is written, raises once the writer
+    may no longer write (its extraction lost the cache's lease)."""
 
-    def __init__(self, where, group=None):
+    def __init__(self, where, group=None, fence: Callable[[], None] = lambda: None):
         import zarr
 
+        self.fence = fence
         self.location = as_location(where)
         self.store = self.location.store()
         with access.translated(self.location):
@@ -101,6 +104,7 @@ class BlockWriter:
         items = []
         for name, value in arrays.items():
             items += self._encoded(split, name, block, value)
+        self.fence()
         access.put_many(self.location, items, self.store, where=f"{split}/")
         self.set_done(split, block, 1)
 
@@ -131,12 +135,12 @@ class CacheWriter:
     """Creates (or reopens and checks) a cache, holding its lock, and writes blocks into it."""
 
     def __init__(self, where: str | os.PathLike | Location, manifest: dict, overwrite: bool = False,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, lease_seconds: float | None = None):
         self.location = as_location(where)
         self.path = str(self.location)
         self.manifest = jsonable({**manifest, "format_version": FORMAT_VERSION, "tool_version": __version__})
         check_target(self.location, overwrite)
-        self.lock = take_cache_lock(self.location, log)
+        self.lock = take_cache_lock(self.location, log, lease_seconds)
         try:
             with access.translated(self.location):
                 self._open(overwrite)
@@ -152,19 +156,26 @@ class CacheWriter:
             access.clear(self.location)  # keeps a local folder itself, and so the lock on it
         self.resumed = has_content(self.location)
         if not self.resumed:
+            if not self.location.is_local:  # its arrays under a key of its own (store.data_location)
+                self.manifest = {**self.manifest, "arrays": new_data_key()}
+            self.data = data_location(self.location, self.manifest)
             # never open_group(mode="w"): it deletes and recreates the folder, and with it the
             # inode this process's lock is on, so a second extractor locked the new folder and
             # wrote beside the first (zarr's ContainsArrayError, or blocks written twice)
             group = zarr.create_group(store=store, attributes={MANIFEST_KEY: self.manifest}, overwrite=False)
-            self.blocks = BlockWriter(self.location, group)
+            if self.data != self.location:
+                group = zarr.create_group(store=self.data.store(), overwrite=False)
+            self.blocks = BlockWriter(self.data, group, self.check_lock)
             return
-        diffs = manifest_diff(Cache(self.location).manifest, self.manifest)
+        found = Cache(self.location)
+        diffs = manifest_diff(found.manifest, self.manifest)
         if diffs:
             raise CacheMismatch(f"cache {self.path}: exists with a different manifest ({'; '.join(map(str, diffs[:6]))}"
                                 f"{'; ...' if len(diffs) > 6 else ''}); use --overwrite to replace it, "
                                 f"or choose another extract.cache path", diffs)
+        self.manifest, self.data = found.manifest, found.data
         remove_partials(self.location)
-        self.blocks = BlockWriter(self.location, zarr.open_group(store=store, mode="r+"))
+        self.blocks = BlockWriter(self.data, zarr.open_group(store=self.data.store(), mode="r+"), self.check_lock)
 
     @property
     def group(self):

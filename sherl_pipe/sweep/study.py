@@ -76,7 +76,8 @@ def make_pruner(cfg: SweepConfig):
 
 
 # Where a sweep's pieces run and how they reach the cache, not what they compute
-NOT_SIGNED = {"train": ("run_dir", "threads", "storage_options"), "extract": ("workers", "storage_options")}
+NOT_SIGNED = {"train": ("run_dir", "threads", "storage_options"),
+              "extract": ("workers", "storage_options", "lease_seconds")}
 
 
 def _signed(base: dict) -> dict:

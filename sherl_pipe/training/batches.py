@@ -153,7 +153,7 @@ class SplitSource:
         self.token_type_ids = cache.read(split, "token_type_ids") if "token_type_ids" in names else None
         self.n = len(self.lengths)
         self.n_chunks = -(-self.n // self.chunk_size)
-        self._readers = {t: BlockReader(cache.location, split, tier_name(t), cache.array(split, tier_name(t)))
+        self._readers = {t: BlockReader(cache.data, split, tier_name(t), cache.array(split, tier_name(t)))
                          for t in self.tiers}
         self.ahead = self._ahead(ahead_bytes)
         self._preloaded = None
@@ -178,7 +178,7 @@ class SplitSource:
                 for j in range(self._time_chunks(c))]
 
     def _prefetcher(self, chunks) -> Prefetcher:
-        return Prefetcher(self.cache.location, self.cache.store, self._keys(chunks), self.ahead)
+        return Prefetcher(self.cache.data, self.cache.store, self._keys(chunks), self.ahead)
 
     def _pool(self) -> SlabPool | None:
         if not self._readers:
