@@ -4,6 +4,7 @@ the cache over."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -97,3 +98,36 @@ def test_the_pid_namespace_is_recorded(monkeypatch):
         assert fields["pidns"] == os.readlink("/proc/self/ns/pid")
     else:
         assert fields["pidns"] is None
+
+
+def test_a_store_that_ignores_conditional_creates_is_refused(monkeypatch):
+    """Old code trusted If-None-Match: * without checking it: on a store that ignores it two
+    extractions would each take the lease. Now a second create of the same generation must fail."""
+    lease = fresh("ignoring", 60)
+
+    def ignoring_put_new(loc, key, data, store=None):
+        access.put(loc, key, data, store)  # an unconditional PUT: every contender "wins"
+        return True
+
+    monkeypatch.setattr(access, "put_new", ignoring_put_new)
+    with pytest.raises(SherlError, match="ignores If-None-Match"):
+        lease.acquire()
+    assert lease.generation is None
+
+
+def test_expiry_is_judged_by_the_stores_clock_not_the_records(monkeypatch):
+    """A record whose `renewed` field lies (a holder whose clock runs 200 s behind) still holds
+    while the store says it was written just now."""
+    lease = fresh("store-clock", 60)
+    holder = Lease(lease.cache, seconds=60)
+    holder.acquire()
+    try:
+        record = {**holder.record_fields(), "host": "elsewhere", "renewed": time.time() - 200}
+        access.put(holder.place, holder._key(holder.generation), json.dumps(record).encode())
+        ago = lease.renewed_ago(holder.generation)
+        assert ago is not None and ago < 5
+        assert lease.holds(record, ago) and not lease.holds(record)  # by the record's clock it ran out
+        with pytest.raises(SherlError, match="another extraction is writing it"):
+            lease.acquire()
+    finally:
+        holder.release()

@@ -329,8 +329,10 @@ def test_a_lease_held_elsewhere_refuses_a_second_extraction(s3, tmp_path, bert_d
     # the age is read when the refusal is made, up to TOOK seconds after the holder's 30 (a loaded
     # machine took over a second: "for 31 s")
     assert 30 <= int(re.search(r"for (\d+) s, lease renewed", r.stderr).group(1)) <= 30 + took + 1, r.stderr
-    holder["renewed"] = time.time() - 121
-    client.put_object(Bucket=BUCKET, Key="held.sherl-lease/00000001.json", Body=json.dumps(holder).encode())
+    # it crashed: not renewed for longer than its lease (2 s here), by the store's clock
+    client.put_object(Bucket=BUCKET, Key="held.sherl-lease/00000001.json",
+                      Body=json.dumps({**holder, "seconds": 2}).encode())
+    time.sleep(3.5)
     p = s3_pipeline(tmp_path, bert_dir, labeled_csv, endpoint, "held")
     assert extract(load_pipeline(str(p)), log=lambda m: None).samples == 200
     mine = json.loads(client.get_object(Bucket=BUCKET, Key="held.sherl-lease/00000002.json")["Body"].read())
@@ -345,13 +347,13 @@ def test_only_one_of_two_contenders_takes_a_lease(s3):
     from sherl_pipe.errors import SherlError
 
     loc = Location(f"s3://{BUCKET}/contended", {"endpoint_url": s3[0]})
-    first, second = Lease(loc, seconds=0.3), Lease(loc, seconds=0.3)
+    first, second = Lease(loc, seconds=1.0), Lease(loc, seconds=1.0)
     first.acquire()
     with pytest.raises(LeaseHeld, match="another extraction is writing it"):
         second.acquire()
     first._stop.set()  # first freezes: no renewal
     first._thread.join()
-    time.sleep(0.4)
+    time.sleep(2.5)  # past its lease by the store's clock, whose times are whole seconds on S3
     second.acquire()  # the expired lease is taken over: generation 2
     assert second.generation == 2
     first._stop.clear()
@@ -436,3 +438,32 @@ def test_a_worker_checks_the_lease_before_it_writes_a_block(s3):
         check_generation(dataclasses.replace(job, generation=2))  # the holder's own worker writes
     finally:
         second.release()
+
+
+class AheadClock:
+    """time for the lease module of a contender whose clock runs 130 s ahead."""
+
+    def __init__(self, ahead: float):
+        self.ahead = ahead
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_a_contender_whose_clock_runs_ahead_does_not_take_a_fresh_lease(s3, tmp_path, bert_dir, labeled_csv,
+                                                                         monkeypatch):
+    """Old code compared the contender's clock with the holder's record: 130 s ahead, it took over a
+    lease renewed moments before. Expiry is now judged by the store's clock."""
+    import sherl_pipe.cache.lease as lease
+
+    endpoint, client = s3
+    holder = {"host": "worker-8.example", "pid": 4343, "since": time.time() - 5, "renewed": time.time(),
+              "seconds": 120, "released": False}
+    client.put_object(Bucket=BUCKET, Key="skewed.sherl-lease/00000001.json", Body=json.dumps(holder).encode())
+    monkeypatch.setattr(lease, "time", AheadClock(130.0))
+    r = refused(s3, tmp_path, bert_dir, labeled_csv, "skewed")
+    one_error_line(r, "another extraction is writing it", "host worker-8.example", "lease renewed 0 s ago")
+    assert keys(client, "skewed.sherl-lease/") == ["skewed.sherl-lease/00000001.json"]

@@ -179,6 +179,48 @@ async def _put_new(store, key: str, data) -> bool:
     raise SherlError(f"store {store}: has no conditional create; sherl-pipe cannot lock a cache there")
 
 
+def modified(loc: Location, key: str, store=None) -> float | None:
+    """When KEY was last written, by the store's own clock (seconds since the epoch), or None
+    where the store does not say."""
+    store = store or loc.store(read_only=True)
+    with translated(loc, key):
+        return run(_modified(store, key))
+
+
+async def _modified(store, key: str) -> float | None:
+    from zarr.storage import FsspecStore, LocalStore, ObjectStore
+
+    if isinstance(store, ObjectStore):
+        import obstore
+
+        meta = await obstore.head_async(store.store, key)
+        return meta["last_modified"].timestamp()
+    if isinstance(store, FsspecStore):
+        fs, path = store.fs, f"{store.path.rstrip('/')}/{key}"
+        info = await fs._info(path) if getattr(fs, "async_impl", False) else fs.info(path)
+        for name in ("LastModified", "last_modified", "mtime", "created"):
+            value = info.get(name)
+            if value is not None:
+                return value.timestamp() if hasattr(value, "timestamp") else float(value)
+        return None
+    if isinstance(store, LocalStore):
+        return os.stat(store.root / key).st_mtime
+    return None
+
+
+def store_now(loc: Location, prefix: str = "") -> float | None:
+    """The store's clock now: the time it gives a probe object written and deleted under PREFIX
+    (None where it gives none)."""
+    import uuid
+
+    key = f"{prefix}clock-{uuid.uuid4().hex}.probe"
+    put(loc, key, b"")
+    try:
+        return modified(loc, key)
+    finally:
+        delete_many(loc, [key])
+
+
 async def _fsspec_put_new(store, key: str, data) -> bool:
     """s3fs sends If-None-Match: *; fsspec's memory filesystem opens with 'xb'. Other filesystems'
     `mode="create"` may be a check-then-set, which cannot lock a cache: refused."""

@@ -17,10 +17,18 @@ is refused, not queued). A holder stops before writing more when it finds a newe
 than its own (it was frozen past the expiry) or when it has not managed to renew its lease for
 STOP_SHARE of LEASE_SECONDS (the store unreachable, or the process frozen): by then another
 extraction may soon take the cache over, so the holder gives up first rather than learn it later.
-A failed renewal is retried every RETRY_SHARE of the lease. What a holder wrote is deterministic,
-so a block written by both leaves identical bytes. The expiry compares the contender's clock
-with the holder's: machines whose clocks differ by more than the margin left (a quarter of the
-lease, 30 s) can take a lease over early; keep clocks synchronised (NTP).
+A failed renewal is retried every RETRY_SHARE of the lease. A writer that lost the lease while
+paused writes where no reader of a cache made since looks (store.data_location) and checks the
+lease before each block.
+
+Expiry is judged by the store's own clock, never by comparing two machines' clocks (a contender
+whose clock ran 130 s ahead took over a lease renewed moments before): the age of the newest
+generation is the store's time now (the Last-Modified of a probe object it is given) minus that
+generation's Last-Modified. Only a store that reports no times falls back to the record's
+`renewed`, written by the holder's clock. And a lease is only as good as the store's conditional
+create: once per acquisition the winner creates its generation a second time, which the store
+must refuse; a store that accepts it (ignoring If-None-Match) is refused in one line, since two
+writers there would each think they held the cache.
 """
 
 from __future__ import annotations
@@ -115,10 +123,11 @@ class Lease:
         for _ in range(20):  # each turn either takes the lease, is refused, or saw a newer generation
             top = max(self.generations(), default=0)
             if top:
-                holder = self.read(top)
-                if self.holds(holder):
-                    raise LeaseHeld(self.refusal(holder))
+                holder, ago = self.read(top), self.renewed_ago(top)
+                if self.holds(holder, ago):
+                    raise LeaseHeld(self.refusal(holder, ago))
             if access.put_new(self.place, self._key(top + 1), self.record()):
+                self.check_conditional(top + 1)
                 self.generation, self.renewed_at = top + 1, time.monotonic()
                 self._thread = threading.Thread(target=self._renew, daemon=True, name="sherl-lease")
                 self._thread.start()
@@ -126,20 +135,43 @@ class Lease:
         raise SherlError(f"cache {self.cache}: could not take its lease (other extractions kept taking it); "
                          f"rerun the command")
 
-    def holds(self, holder: dict) -> bool:
-        """Whether HOLDER (a lease record) still holds the cache."""
+    def renewed_ago(self, generation: int) -> float | None:
+        """Seconds since GENERATION's record was last written, by the store's clock (None where the
+        store reports no times)."""
+        try:
+            written = access.modified(self.place, self._key(generation))
+            now = access.store_now(self.place, self.prefix)
+        except Exception:  # noqa: BLE001 - a store without times: the record's own clock is the fallback
+            return None
+        return None if written is None or now is None else max(0.0, now - written)
+
+    def check_conditional(self, generation: int) -> None:
+        """The store refuses a second create of the generation just created; one that accepts it
+        ignores If-None-Match, and a lease there locks nothing."""
+        if access.put_new(self.place, self._key(generation), self.record()):
+            raise SherlError(f"cache {self.cache}: the store accepted a second conditional create of the same "
+                             f"key (it ignores If-None-Match: *), so it cannot keep two extractions from writing "
+                             f"one cache at once; use a store that honours conditional writes (S3, GCS, Azure, "
+                             f"MinIO) or a local folder")
+
+    def holds(self, holder: dict, renewed_ago: float | None = None) -> bool:
+        """Whether HOLDER (a lease record) still holds the cache; RENEWED_AGO: seconds since its
+        last renewal by the store's clock (None: by the record's, written by the holder's clock)."""
         if not holder or holder.get("released"):
             return False
-        if time.time() - float(holder.get("renewed", 0)) > float(holder.get("seconds", LEASE_SECONDS)):
+        ago = renewed_ago if renewed_ago is not None else time.time() - float(holder.get("renewed", 0))
+        if ago > float(holder.get("seconds", LEASE_SECONDS)):
             return False  # not renewed in time: its holder crashed (or froze), the lease ran out
         here = holder.get("host") == socket.gethostname() and holder.get("pidns") == _pid_namespace()
         if here and not _pid_alive(int(holder.get("pid", 0))):
             return False  # its process on this machine is gone (killed): no need to wait for the expiry
         return True
 
-    def refusal(self, holder: dict) -> str:
+    def refusal(self, holder: dict, renewed_ago: float | None = None) -> str:
         now = time.time()
-        age, renewed = now - float(holder.get("since", now)), now - float(holder.get("renewed", now))
+        renewed = renewed_ago if renewed_ago is not None else now - float(holder.get("renewed", now))
+        # its age: the holder's own account of how long it had held the lease at its last renewal
+        age = renewed + float(holder.get("renewed", now)) - float(holder.get("since", now))
         left = float(holder.get("seconds", LEASE_SECONDS)) - renewed
         return (f"cache {self.cache}: another extraction is writing it (host {holder.get('host')}, pid "
                 f"{holder.get('pid')}, for {age:.0f} s, lease renewed {renewed:.0f} s ago); one extraction "
