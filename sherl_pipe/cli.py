@@ -216,7 +216,12 @@ def _train_options(fn):
 
 def _apply_train_options(pipe, cache, run_dir, method, source, mode, late_tuning, epochs):
     if mode is not None:  # the option from before methods: what it meant
-        method, source = LEGACY_MODES[mode]
+        meant = LEGACY_MODES[mode]
+        if (method or meant[0]) != meant[0] or (source or meant[1]) != meant[1]:
+            raise SherlError(f"--mode {mode} means --method {meant[0]} --source {meant[1]}, which contradicts "
+                             f"--method {method or meant[0]} --source {source or meant[1]}; give --method and "
+                             f"--source only (--mode is the option from before methods)")
+        method, source = meant
     pipe = pipe.with_overrides("extract", cache=cache)
     return pipe.with_overrides("train", run_dir=run_dir, method=method, source=source, late_tuning=late_tuning,
                                epochs=epochs)
@@ -349,7 +354,11 @@ def run(pipeline, overrides, run_dir, method, source, mode, late_tuning, epochs,
         summary = _run_extract(pipe, True, quiet, check_serves_training)  # ... one that differs, only on request
     _print_extract_summary(summary)
     result = _run_training(pipe, resume, overwrite, quiet)
-    _print_eval(run_eval(result.run_dir, pipe.evaluate.split, pipe.evaluate.checkpoint, pipe.evaluate.batch_size))
+    from sherl_pipe.cache.location import pipeline_location
+
+    # with the pipeline's storage options: the run folder keeps none of their secrets
+    _print_eval(run_eval(result.run_dir, pipe.evaluate.split, pipe.evaluate.checkpoint, pipe.evaluate.batch_size,
+                         storage_options=pipeline_location(pipe, training=True).options))
 
 
 @main.command()

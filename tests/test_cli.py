@@ -131,3 +131,18 @@ def test_info_in_a_fresh_process(tmp_path, fp32_cache):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "split train" in proc.stdout
+
+
+def test_the_legacy_mode_option_never_silently_overrides_the_method(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """`--mode live --method unipt` trained SHERL without a word (--mode overwrote --method); now
+    a contradiction is one line, and --mode with a method it agrees with still works."""
+    from conftest import one_error_line, write_full_pipeline
+
+    p = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                            'dtype = "float32"', "max_steps = 1")
+    r = CliRunner().invoke(main, ["train", str(p), "-q", "--mode", "live", "--method", "unipt"])
+    one_error_line(r, "--mode live means --method sherl --source live", "--method unipt")
+    assert not (tmp_path / "run").exists()
+    r = CliRunner().invoke(main, ["train", str(p), "-q", "--mode", "live", "--method", "sherl"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["spec"]["source"] == "live"

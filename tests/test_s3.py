@@ -467,3 +467,22 @@ def test_a_contender_whose_clock_runs_ahead_does_not_take_a_fresh_lease(s3, tmp_
     r = refused(s3, tmp_path, bert_dir, labeled_csv, "skewed")
     one_error_line(r, "another extraction is writing it", "host worker-8.example", "lease renewed 0 s ago")
     assert keys(client, "skewed.sherl-lease/") == ["skewed.sherl-lease/00000001.json"]
+
+
+def test_run_with_credentials_only_in_the_pipeline_evaluates_too(s3, tmp_path, bert_dir, labeled_csv, monkeypatch):
+    """Old code: `run` trained, then evaluated without the storage options and failed with 'no
+    credentials found' (which the pipeline did give)."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    p = s3_pipeline(tmp_path, bert_dir, labeled_csv, s3[0], "runcreds")
+    creds = ["--set", f"extract.storage_options.key={KEY_ID}", "--set", f"extract.storage_options.secret={SECRET}"]
+    r = CliRunner().invoke(main, ["run", str(p), "-q", *creds])
+    assert r.exit_code == 0 and "test (40 rows" in r.output, r.output
+    no_secret_anywhere(s3[1], [tmp_path], [r.output])
+
+
+def test_an_unknown_storage_option_is_one_line(s3, tmp_path, bert_dir, labeled_csv):
+    """Old code: s3fs built its session at the first listing, outside the option check: a 74-line
+    traceback."""
+    r = refused(s3, tmp_path, bert_dir, labeled_csv, "bogus", "extract.storage_options.bogus_option=1")
+    one_error_line(r, f"s3://{BUCKET}/bogus", "bogus_option", "extract.storage_options")

@@ -62,6 +62,11 @@ def storage_problem(loc: Location, exc: BaseException) -> str | None:
     """One line for a remote store's refusal, or None for anything else (a bug keeps its traceback)."""
     text = f"{type(exc).__name__} {exc}"
     why = _clean(exc, loc)
+    if isinstance(exc, TypeError) and "unexpected keyword argument" in text:
+        # s3fs builds its session at the first request, so a bad option surfaces here, not when
+        # the store is made (where a TypeError is caught too: location._fsspec)
+        return (f"cache {loc}: the storage options are not valid ({why}); check extract.storage_options "
+                f"(and train.storage_options)")
     if "NoSuchBucket" in text or "bucket does not exist" in text:
         return (f"cache {loc}: the bucket '{_bucket(loc)}' does not exist at {_endpoint(loc)}; create it "
                 f"(for example `aws s3 mb s3://{_bucket(loc)}`) or fix the URL")
