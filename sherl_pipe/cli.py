@@ -116,6 +116,21 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _verbose(fn):
+    return click.option("--verbose", "-v", is_flag=True, help="Print the resolved config in full.")(fn)
+
+
+def _show_config(pipe, quiet: bool, verbose: bool, saved: str) -> None:
+    """The resolved config in full with --verbose; else one line saying where it is saved (it was
+    about 100 lines on every command)."""
+    from sherl_pipe.config import dumps
+
+    if verbose:
+        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
+    elif not quiet:
+        _say(f"resolved config ({pipe.origin}) saved in {saved}; --verbose prints it")
+
+
 def _say(msg: str) -> None:
     click.echo(msg, err=True)
 
@@ -172,14 +187,14 @@ def _run_extract(pipe, overwrite: bool, quiet: bool, check=None, scheduler: str 
               "extract.workers local processes).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing sherl-pipe cache whose manifest differs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or resolved config.")
+@_verbose
 @_fail_cleanly
-def extract(pipeline, overrides, cache, dtype, scheduler, overwrite, quiet):
+def extract(pipeline, overrides, cache, dtype, scheduler, overwrite, quiet, verbose):
     """Run the frozen early layers once and cache their per-layer activations."""
-    from sherl_pipe.config import dumps, load_pipeline
+    from sherl_pipe.config import load_pipeline
 
     pipe = load_pipeline(pipeline, overrides).with_overrides("extract", cache=cache, dtype=dtype)
-    if not quiet:
-        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
+    _show_config(pipe, quiet, verbose, f"the cache's manifest (`sherl-pipe info {pipe.extract.cache} --json`)")
     _print_extract_summary(_run_extract(pipe, overwrite, quiet, scheduler=scheduler))
 
 
@@ -263,15 +278,16 @@ def _run_training(pipe, resume, overwrite, quiet):
 @_train_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, resolved config or epoch lines.")
+@_verbose
 @_fail_cleanly
-def train(pipeline, overrides, cache, run_dir, method, source, mode, late_tuning, epochs, resume, overwrite, quiet):
+def train(pipeline, overrides, cache, run_dir, method, source, mode, late_tuning, epochs, resume, overwrite, quiet,
+          verbose):
     """Train the consolidation module, late layer(s) and head from a cache."""
-    from sherl_pipe.config import dumps, load_pipeline
+    from sherl_pipe.config import load_pipeline
 
     pipe = _apply_train_options(load_pipeline(pipeline, overrides), cache, run_dir, method, source, mode, late_tuning,
                                 epochs)
-    if not quiet:
-        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
+    _show_config(pipe, quiet, verbose, f"{pipe.train.run_dir}/config.json")
     _run_training(pipe, resume, overwrite, quiet)
 
 
@@ -334,18 +350,18 @@ def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, text_co
 @_train_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder (and a cache that differs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or resolved config.")
+@_verbose
 @_fail_cleanly
-def run(pipeline, overrides, run_dir, method, source, mode, late_tuning, epochs, resume, overwrite, quiet):
+def run(pipeline, overrides, run_dir, method, source, mode, late_tuning, epochs, resume, overwrite, quiet, verbose):
     """extract (reusing a matching cache) -> train -> evaluate, in one go."""
-    from sherl_pipe.config import dumps, load_pipeline
+    from sherl_pipe.config import load_pipeline
     from sherl_pipe.errors import CacheMismatch
     from sherl_pipe.evaluation import evaluate as run_eval
     from sherl_pipe.extraction import check_serves_training
 
     pipe = _apply_train_options(load_pipeline(pipeline, overrides), None, run_dir, method, source, mode,
                                 late_tuning, epochs)
-    if not quiet:
-        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
+    _show_config(pipe, quiet, verbose, f"{pipe.train.run_dir}/config.json")
     try:  # a matching cache is reused (and finished if a run was interrupted) ...
         summary = _run_extract(pipe, False, quiet, check_serves_training)
     except CacheMismatch:
@@ -413,17 +429,17 @@ def verify(cache, mark_bad, quiet):
 @click.option("--scheduler", default=None, help="A dask scheduler's address (default: a local cluster).")
 @click.option("--overwrite", is_flag=True, help="Start the sweep in its folder again (and replace a cache that differs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, resolved config or per-trial lines.")
+@_verbose
 @_fail_cleanly
-def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quiet):
+def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quiet, verbose):
     """Many training trials over one cache: extract (reusing a matching cache), then an Optuna search
     run on dask workers; rerun the same command to resume. Ends with trials.csv, a leaderboard,
     best.toml and plots in the sweep folder."""
-    from sherl_pipe.config import dumps, load_pipeline
+    from sherl_pipe.config import load_pipeline
     from sherl_pipe.sweep import plan_sweep, run_sweep
 
     pipe = load_pipeline(pipeline, overrides)
-    if not quiet:
-        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
+    _show_config(pipe, quiet, verbose, "each trial's run folder (config.json) and the sweep folder's best.toml")
 
     def check(_pipe, planned, _overwrite):  # the sweep file and space, against the cache (to be made)
         plan_sweep(pipe, sweep_file, sweep_dir, manifest=planned)
@@ -467,20 +483,20 @@ def _print_sweep(report, sweep_dir) -> None:
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Local cluster workers (0: one per core).")
 @click.option("--overwrite", is_flag=True, help="Start the comparison in its folder again.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, resolved config or per-trial lines.")
+@_verbose
 @_fail_cleanly
 def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers,
-            overwrite, quiet):
+            overwrite, quiet, verbose):
     """Every method x seed from one cache (extracted first if needed), at equal epochs or equal time:
     compare.csv, compare.md and plots in the compare folder; rerun the same command to resume."""
     from sherl_pipe.compare import compare as run_compare
     from sherl_pipe.compare.run import plan_compare
-    from sherl_pipe.config import dumps, load_pipeline
+    from sherl_pipe.config import load_pipeline
     from sherl_pipe.methods import method_names
 
     pipe = load_pipeline(pipeline, overrides)
     names = method_names() if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
-    if not quiet:
-        _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
+    _show_config(pipe, quiet, verbose, f"{compare_dir}/compare.json")
 
     def check(_pipe, planned, _overwrite):  # every method against the cache to be made
         plan_compare(pipe, names, seeds, live_seeds, budget, tune_lr, compare_dir, planned)

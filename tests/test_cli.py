@@ -13,7 +13,8 @@ def test_extract_then_info(tmp_path, bert_dir, text_csv):
     runner = CliRunner()
     result = runner.invoke(main, ["extract", str(pipe), "--cache", str(tmp_path / "c"), "--set", "extract.chunk_size=8"])
     assert result.exit_code == 0, result.output
-    assert "resolved config" in result.stderr and '"chunk_size": 8' in result.stderr
+    assert "resolved config" in result.stderr and "saved in the cache's manifest" in result.stderr
+    assert "chunk_size" not in result.stderr  # printed in full only with --verbose
     assert "cache" in result.stdout and "complete" in result.stdout and "real tokens" in result.stdout
     info = runner.invoke(main, ["info", str(tmp_path / "c")])
     assert info.exit_code == 0 and "split train" in info.output and "(complete" in info.output
@@ -146,3 +147,18 @@ def test_the_legacy_mode_option_never_silently_overrides_the_method(tmp_path, be
     r = CliRunner().invoke(main, ["train", str(p), "-q", "--mode", "live", "--method", "sherl"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run" / "model.json").read_text())["spec"]["source"] == "live"
+
+
+def test_the_resolved_config_is_printed_in_full_only_with_verbose(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """Every command printed about 100 lines of resolved config; now one line says where it is saved."""
+    from conftest import write_full_pipeline
+
+    p = write_full_pipeline(tmp_path / "p.toml", bert_dir, labeled_csv, fp32_cache, tmp_path / "run",
+                            'dtype = "float32"', "max_steps = 1")
+    r = CliRunner().invoke(main, ["train", str(p), "--set", "train.lr=0.002"])
+    assert r.exit_code == 0, r.output
+    line = f"resolved config ({p}) saved in {tmp_path / 'run'}/config.json; --verbose prints it"
+    assert line in r.stderr and '"lr": 0.002' not in r.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 0.002
+    r = CliRunner().invoke(main, ["train", str(p), "--overwrite", "-v", "--set", "train.lr=0.002"])
+    assert r.exit_code == 0 and '"lr": 0.002' in r.stderr, r.output
