@@ -490,7 +490,7 @@ def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, co
     """Every method x seed from one cache (extracted first if needed), at equal epochs or equal time:
     compare.csv, compare.md and plots in the compare folder; rerun the same command to resume."""
     from sherl_pipe.compare import compare as run_compare
-    from sherl_pipe.compare.run import plan_compare
+    from sherl_pipe.compare.run import plan_compare, servable
     from sherl_pipe.config import load_pipeline
     from sherl_pipe.methods import method_names
 
@@ -499,6 +499,12 @@ def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, co
     _show_config(pipe, quiet, verbose, f"{compare_dir}/compare.json")
 
     def check(_pipe, planned, _overwrite):  # every method against the cache to be made
+        if methods is None:  # by default, the methods the cache serves, saying which it does not
+            kept, left = servable(pipe, names, planned)
+            if left:
+                names[:] = kept
+                _say(f"compare: left out {', '.join(left)}: {next(iter(left.values()))} to compare them too "
+                     f"(or name the methods to compare with --methods)")
         plan_compare(pipe, names, seeds, live_seeds, budget, tune_lr, compare_dir, planned)
 
     _ensure_cache(pipe, quiet, overwrite, check)

@@ -318,3 +318,32 @@ def test_a_table_missing_a_requested_method_says_so():
     assert lines[1] == "- **lst is not in this table**: 2 run(s) failed, the first with: RuntimeError: boom"
     assert lines[2].startswith("- **unipt is not in this table**: no run of it has finished yet")
     assert missing(plan, rows + [{"method": m, "state": "complete"} for m in ("lst", "unipt")]) == []
+
+
+def test_compare_without_methods_takes_those_the_cache_serves(tmp_path, labeled_csv, monkeypatch):
+    """The quickstart's cache stops below the last tier, which UniPT and the probes read: a first
+    `compare` without --methods was refused. Now it compares the methods the cache serves and says
+    which it left out and why; a method named with --methods that the cache cannot serve is still
+    refused."""
+    import sherl_pipe.compare as compare_module
+    from conftest import one_error_line
+
+    root = tmp_path
+    backbone = make_backbone(root / "backbone", "bert", dropout=0.0)
+    path = write_full_pipeline(root / "p.toml", backbone, labeled_csv, root / "cache", root / "run",
+                               'dtype = "float32"\nlate_layers = 1', 'epochs = 1\neval_split = "validation"')
+    asked = []
+
+    def fake_compare(pipe, names, *args, **kwargs):
+        asked.append(list(names))
+        return {"interrupted": False, "markdown": "| table |", "folder": root / "cmp"}
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    r = CliRunner().invoke(main, ["compare", str(path), "-q", "--compare-dir", str(root / "cmp")])
+    assert r.exit_code == 0, r.output
+    assert asked == [["sherl", "lora-finetune", "full-finetune"]]  # unipt, lst and the probes read h[L]
+    assert "compare: left out unipt, lst, linear-probe, scalar-mix: " in r.stderr and "extract.late_layers = 0" in r.stderr
+    r = CliRunner().invoke(main, ["compare", str(path), "-q", "--methods", "unipt",
+                                  "--compare-dir", str(root / "cmp2")])
+    one_error_line(r)
+    assert len(asked) == 1

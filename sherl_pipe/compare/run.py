@@ -89,6 +89,21 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
                    rates=rates)
 
 
+def servable(pipeline: Pipeline, methods: list[str], manifest: dict) -> tuple[list[str], dict[str, str]]:
+    """METHODS split into those the cache (or the cache MANIFEST describes) serves and, for the
+    others, why not (the method's own refusal: a tier the cache does not hold)."""
+    from sherl_pipe.model import make_spec
+
+    kept, left = [], {}
+    for name in methods:
+        try:
+            make_spec(pipeline.with_overrides("train", method=name).train, manifest)
+            kept.append(name)
+        except SherlError as exc:
+            left[name] = str(exc)
+    return kept, left
+
+
 def check_importable(methods: list[str]) -> None:
     """A method registered from code as a class reaches each compare job (a process of its own) as
     its import path: refused here, before any trial, when that path does not lead back to it."""
