@@ -3,7 +3,7 @@ test.tsv, the 872-sentence GLUE validation set) with train.batching = bucketed (
 length band of the length-sorted cache) and shuffled (a uniform shuffle of the split), the same
 seeds, one epoch each, k = 1, every other setting at its default; last epoch's weights, no selection.
 
-Prints test accuracy per policy (mean +- sd over seeds), the paired bootstrap interval of the
+Prints test accuracy per policy (mean +- sd over seeds), the 95% interval (seeds and test rows) of the
 difference (shuffled - bucketed), the epoch time and peak RSS of each, and how much the lengths
 within a batch vary under each policy. Results append to a JSONL file, so an interrupted run
 resumes. The last line is one JSON object.
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_DATA, Jobs, add_job_args, extract_job, load_avg, mean_sd, paired_bootstrap,  # noqa: E402
+from common import (DEFAULT_DATA, Jobs, add_job_args, extract_job, load_avg, mean_sd, seed_and_row_interval,  # noqa: E402
                     sst2_pipeline_text, train_job)
 
 POLICIES = ("bucketed", "shuffled")
@@ -63,8 +63,8 @@ def report(runs: dict, seeds: list[int], spread: dict, rows: int, epochs: int) -
         out.update({f"{policy}_acc": round(m, 4), f"{policy}_acc_sd": round(sd, 4),
                     f"{policy}_epoch_s": round(statistics.median(sec), 1),
                     f"{policy}_peak_mb": round(max(r["peak_rss_mb"] for r in runs[policy]), 1)})
-    diff, lo, hi = paired_bootstrap([r["correct"] for r in runs["shuffled"]], [r["correct"] for r in runs["bucketed"]])
-    print(f"  shuffled - bucketed: {100 * diff:+.2f} points, paired bootstrap 95% interval "
+    diff, lo, hi = seed_and_row_interval([r["correct"] for r in runs["shuffled"]], [r["correct"] for r in runs["bucketed"]])
+    print(f"  shuffled - bucketed: {100 * diff:+.2f} points, 95% interval (seeds and test rows) "
           f"[{100 * lo:+.2f}, {100 * hi:+.2f}]")
     return {**out, "shuffled_minus_bucketed_points": round(100 * diff, 2),
             "ci95_points": [round(100 * lo, 2), round(100 * hi, 2)]}

@@ -1,6 +1,6 @@
 """What the benchmarks share: the SST-2 data folder, jobs in fresh processes whose results append
 to a JSONL file (an interrupted benchmark resumes where it stopped), a training job, and the
-statistics (mean +- sd, paired bootstrap over test sentences)."""
+statistics (mean +- sd, a 95% interval covering seeds and test sentences)."""
 
 from __future__ import annotations
 
@@ -118,16 +118,20 @@ def extract_job(pipe_file: str) -> dict:
     return {"samples": s.samples, "seconds": s.seconds}
 
 
-def paired_bootstrap(a: list[list[int]], b: list[list[int]], n: int = 10000, seed: int = 0):
-    """95% interval of mean-accuracy(a) - mean-accuracy(b), resampling test sentences (each
-    sentence's correctness averaged over the runs of a side)."""
+def seed_and_row_interval(a: list[list[int]], b: list[list[int]]):
+    """(difference, low, high): the 95% interval of mean-accuracy(a) - mean-accuracy(b) over runs,
+    A and B each run's per-sentence correctness, covering seed noise and test sentences alike
+    (sherl_pipe.compare.interval; it resampled sentences only, with each side's runs held fixed,
+    until issue 30); low and high are NaN with one run on a side."""
     import numpy as np
 
-    ca, cb = np.mean(np.array(a, dtype=float), 0), np.mean(np.array(b, dtype=float), 0)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(ca), size=(n, len(ca)))
-    diffs = ca[idx].mean(1) - cb[idx].mean(1)
-    return float(ca.mean() - cb.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+    from sherl_pipe.compare.interval import difference_interval
+
+    ones = np.ones(len(a[0]), dtype=np.int64)
+    iv = difference_interval([np.asarray(r) for r in b], [np.asarray(r) for r in a], ones,
+                             lambda pred, gold: float(np.mean(pred == gold)))
+    diff = float(np.mean(np.asarray(a, dtype=float)) - np.mean(np.asarray(b, dtype=float)))
+    return (diff, float("nan"), float("nan")) if iv is None else (iv.difference, iv.low, iv.high)
 
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -142,7 +146,7 @@ def train_runs(job, pipe: Path, work: Path, name: str, seeds: list[int], extra: 
 
 def accuracy_line(label: str, runs: list[dict], base: list[dict] | None, timed: str = "epoch") -> dict:
     """Test accuracy (mean +- sd over runs), training time (TIMED names what it covers), and the
-    paired bootstrap difference against BASE's runs (the same seeds)."""
+    difference against BASE's runs with its 95% interval (seeds and test sentences)."""
     acc = [r["test_accuracy"] for r in runs]
     sec = [r["seconds"] for r in runs]
     m, sd = mean_sd(acc)
@@ -150,7 +154,7 @@ def accuracy_line(label: str, runs: list[dict], base: list[dict] | None, timed: 
             f"{timed} {statistics.median(sec):.1f} s [{min(sec):.1f}, {max(sec):.1f}]")
     out = {"acc": round(m, 4), "acc_sd": round(sd, 4), "train_s": round(statistics.median(sec), 1)}
     if base is not None:
-        diff, lo, hi = paired_bootstrap([r["correct"] for r in runs], [r["correct"] for r in base])
+        diff, lo, hi = seed_and_row_interval([r["correct"] for r in runs], [r["correct"] for r in base])
         line += f"; {100 * diff:+.2f} points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]"
         out.update(delta=round(100 * diff, 2), ci95=[round(100 * lo, 2), round(100 * hi, 2)])
     print(line)

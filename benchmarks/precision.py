@@ -4,7 +4,7 @@ or rotten-tomatoes reviews as benchmarks/defaults.py splits them), one float16 c
 product's defaults (k = 2, 3 epochs, last epoch's weights) trained in fp32 and in bf16 with the
 same seeds, the two taking turns (the order reversed every other seed), each run in a fresh process.
 
-Per precision: test accuracy (mean +- sd over seeds) with the paired bootstrap interval of the
+Per precision: test accuracy (mean +- sd over seeds) with the 95% interval (seeds and test rows) of the
 difference against fp32 (resampling test sentences), and the training time; per seed the ratio
 bf16 / fp32 of the training time (median [min, max] over seeds). bf16 pays off only on CPUs with
 native bf16 instructions (AVX512-BF16 or AMX); the script prints whether this one has them.

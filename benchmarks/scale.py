@@ -13,8 +13,8 @@ storage), each measurement in a fresh process, alternatives back to back, --repe
             (4 D^2 + 2 D I): the projections and the feed-forward; attention's T-dependent products
             left out) / the GFLOP/s of a 4096^3 matmul of that precision, timed in the same run
   accuracy  the tiers' error of a bf16 extraction against fp32 (max and mean relative, per tier)
-            and SST-2 test accuracy of SHERL (defaults) trained from each cache, 3 seeds, paired
-            bootstrap over test sentences
+            and SST-2 test accuracy of SHERL (defaults) trained from each cache, 3 seeds, a 95%
+            interval covering seeds and test sentences
 
     python benchmarks/scale.py                       # every part (about an hour on 2 cores)
     python benchmarks/scale.py --parts precision,flops --repeats 3

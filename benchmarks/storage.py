@@ -3,11 +3,11 @@ int8 and float8, then SHERL trained from each cache with the same seeds, one epo
 other setting at its default, last epoch's weights.
 
 Part `storage`: per format the bytes per real token on disk (tiers of the training split), the
-extraction time, the epoch time and test accuracy (mean +- sd over seeds), with the paired
-bootstrap interval of the accuracy difference against float16 (resampling test sentences).
+extraction time, the epoch time and test accuracy (mean +- sd over seeds), with the 95% interval
+of the accuracy difference against float16 (covering seeds and test sentences).
 Part `tiers`: the float16 runs' learned tier weights (mean alpha per tier, averaged over seeds,
 from summary.json), then SHERL trained on the top-2 and top-3 tiers by that weight (plus the
-anchor, always) against all tiers, same seeds, paired bootstrap against all tiers.
+anchor, always) against all tiers, same seeds, 95% interval (seeds and test rows) against all tiers.
 
 Results append to a JSONL file (an interrupted run resumes). The last line is one JSON object.
 

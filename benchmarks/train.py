@@ -13,7 +13,7 @@ own subprocess.
   accuracy  test.tsv (the 872-sentence GLUE validation set): SHERL from the cache (3 seeds) and full
             fine-tuning (2 seeds) on train.tsv with the same fixed epoch budget and the last epoch's
             weights (no selection on dev.tsv, whose phrases mostly occur inside train.tsv), mean +- sd,
-            and a paired bootstrap 95% interval of the difference; plus one seed of each other late
+            and a 95% interval (seeds and test rows) of the difference; plus one seed of each other late
             tuning mode.
 
 Results append to a JSONL file as jobs finish, so an interrupted benchmark resumes where it stopped.
@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, Jobs, add_job_args, extract_job, mean_sd, paired_bootstrap, train_job  # noqa: E402
+from common import DEFAULT_DATA, Jobs, add_job_args, extract_job, mean_sd, seed_and_row_interval, train_job  # noqa: E402
 
 STATE_BATCH, STATE_LEN = 32, 64
 
@@ -237,12 +237,12 @@ def report_accuracy(acc: dict, others: dict, rows: int, epochs: int, sherl_seeds
     sherl_acc = [x["test_accuracy"] for x in acc["sherl"]]
     ft_acc = [x["test_accuracy"] for x in acc["fullft"]]
     (sm, ss), (fm, fs) = mean_sd(sherl_acc), mean_sd(ft_acc)
-    diff, lo, hi = paired_bootstrap([x["correct"] for x in acc["sherl"]], [x["correct"] for x in acc["fullft"]])
+    diff, lo, hi = seed_and_row_interval([x["correct"] for x in acc["sherl"]], [x["correct"] for x in acc["fullft"]])
     print(f"\naccuracy on test.tsv ({len(acc['sherl'][0]['correct'])} sentences; {rows or 'all'} training rows, "
           f"{epochs} epoch(s), last epoch's weights):")
     print(f"  SHERL (cache, frozen late layer) {100 * sm:.2f} +- {100 * ss:.2f} over seeds {sherl_seeds}: {sherl_acc}")
     print(f"  full fine-tuning                 {100 * fm:.2f} +- {100 * fs:.2f} over seeds {ft_seeds}: {ft_acc}")
-    print(f"  difference {100 * diff:+.2f} points, paired bootstrap 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+    print(f"  difference {100 * diff:+.2f} points, 95% interval (seeds and test rows) [{100 * lo:+.2f}, {100 * hi:+.2f}]")
     for m, x in others.items():
         print(f"  SHERL late_tuning={m:<10} seed 0: {100 * x['test_accuracy']:.2f}")
     return {"sherl_cached_test_acc": round(sm, 4), "sherl_cached_test_acc_sd": round(ss, 4),
