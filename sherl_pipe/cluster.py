@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from sherl_pipe.errors import SherlError
 
@@ -31,6 +32,26 @@ def connect(scheduler: str, option: str = "--scheduler"):
 
 
 FORKSERVER = "forkserver"
+PLUGIN_TRIES = 5  # a worker that dies while the plugin is registered closes its stream: try again
+
+
+def register_plugin(client, plugin, name: str) -> None:
+    """Register a worker plugin (the scheduler keeps it for every worker that joins later). A
+    worker killed as it joins makes the call fail with distributed's CommClosedError ("Stream is
+    closed", an OSError with no file), which ended a whole extraction although a dead worker should
+    cost only its blocks in flight: the call is repeated (registering again under the same name
+    replaces the plugin) while the cluster replaces the worker."""
+    from distributed.comm.core import CommClosedError
+
+    for attempt in range(PLUGIN_TRIES):
+        try:
+            client.register_plugin(plugin, name=name)
+            return
+        except (CommClosedError, OSError):
+            if attempt == PLUGIN_TRIES - 1:
+                raise SherlError("the cluster's workers kept dying while they started (their plugin could not be "
+                                 "registered); check the workers' memory and logs, then rerun the command") from None
+            time.sleep(1.0)
 
 
 def thread_environ(threads: int) -> dict[str, str]:

@@ -90,11 +90,11 @@ class ClusterStart:
         self._thread.start()
 
     def _serve(self) -> None:
-        from sherl_pipe.cluster import local_cluster
+        from sherl_pipe.cluster import local_cluster, register_plugin
 
         try:
             with local_cluster(self.workers, self.per, self.method) as client:
-                client.register_plugin(self._plugin, name=PLUGIN)
+                register_plugin(client, self._plugin, PLUGIN)
                 self._got = (client, f"a local cluster of {self.workers} worker processes "
                                      f"({self.per} torch thread(s) each)")
                 self._ready.set()
@@ -127,11 +127,11 @@ def extraction_cluster(workers: int, scheduler: str | None, threads: int, starte
     """(client, description): an existing cluster at SCHEDULER, or a local cluster of WORKERS
     processes with cores / WORKERS torch threads each (THREADS: a remote worker's): STARTED, or
     one started now. A local cluster is stopped as the blocks end."""
-    from sherl_pipe.cluster import connect
+    from sherl_pipe.cluster import connect, register_plugin
 
     if scheduler:
         with connect(scheduler) as client:
-            client.register_plugin(ExtractWorker(threads, shield=False), name=PLUGIN)
+            register_plugin(client, ExtractWorker(threads, shield=False), PLUGIN)
             n = len(client.scheduler_info(n_workers=-1)["workers"])
             yield client, f"the cluster at {scheduler} ({n} workers)"
         return

@@ -38,7 +38,8 @@ _HINTS = {
 
 def os_error_message(exc: OSError) -> str:
     """One line for what the operating system refused: the path, its words, and what to do."""
-    where = exc.filename if exc.filename is not None else "a file"
+    # an OSError with no file is not about a file (distributed's CommClosedError is one): say what it is
+    where = exc.filename if exc.filename is not None else type(exc).__name__
     what = exc.strerror or str(exc)
     hint = _HINTS.get(exc.errno)
     return f"{where}: {what}" + (f"; {hint}" if hint else "")

@@ -179,3 +179,32 @@ def test_the_fork_server_ends_with_the_extraction(tmp_path, bert_dir, labeled_cs
         extract(load_pipeline(str(p)), log=lambda m: None)
         assert multiprocessing.forkserver._forkserver._forkserver_pid is None
         assert servers() == []
+
+
+def test_a_worker_dying_as_the_plugin_is_registered_does_not_end_the_extraction(monkeypatch):
+    """Old code: a local worker killed as it joined ended the whole extraction with 'error: a file:
+    in <TCP (closed) ConnectionPool.register_worker_plugin ...>: Stream is closed'. The registration
+    is tried again; only a cluster whose workers keep dying is an error, in one line."""
+    from distributed.comm.core import CommClosedError
+
+    import sherl_pipe.cluster as cluster
+    from sherl_pipe.errors import SherlError, os_error_message
+
+    monkeypatch.setattr(cluster.time, "sleep", lambda s: None)
+    calls = []
+
+    class Client:
+        def __init__(self, failures):
+            self.failures = failures
+
+        def register_plugin(self, plugin, name):
+            calls.append(name)
+            if len(calls) <= self.failures:
+                raise CommClosedError("in <TCP (closed) ConnectionPool.register_worker_plugin>: Stream is closed")
+
+    cluster.register_plugin(Client(2), object(), "p")
+    assert calls == ["p", "p", "p"]
+    calls.clear()
+    with pytest.raises(SherlError, match="workers kept dying while they started"):
+        cluster.register_plugin(Client(99), object(), "p")
+    assert os_error_message(CommClosedError("Stream is closed")).startswith("CommClosedError: ")

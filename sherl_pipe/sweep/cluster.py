@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from distributed import WorkerPlugin
 
-from sherl_pipe.cluster import connect, ignore_interrupts, local_cluster
+from sherl_pipe.cluster import connect, ignore_interrupts, local_cluster, register_plugin
 from sherl_pipe.sweep.config import SweepConfig
 
 PLUGIN = "sherl-pipe-sweep"
@@ -75,11 +75,11 @@ def engine(cfg: SweepConfig, scheduler: str | None, model_type: str | None = Non
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         if scheduler:
             with _remote(cfg, scheduler) as eng:
-                eng.client.register_plugin(TrialWorker(model_type, shield=False), name=PLUGIN)
+                register_plugin(eng.client, TrialWorker(model_type, shield=False), PLUGIN)
                 yield eng
         else:
             with _local(cfg) as eng:
-                eng.client.register_plugin(TrialWorker(model_type, shield=True), name=PLUGIN)
+                register_plugin(eng.client, TrialWorker(model_type, shield=True), PLUGIN)
                 yield eng
 
 
