@@ -428,10 +428,11 @@ def verify(cache, mark_bad, quiet):
 @click.option("--sweep-dir", default=None, help="Sweep folder (overrides sweep.dir).")
 @click.option("--scheduler", default=None, help="A dask scheduler's address (default: a local cluster).")
 @click.option("--overwrite", is_flag=True, help="Start the sweep in its folder again (and replace a cache that differs).")
+@click.option("--retry-failed", is_flag=True, help="Run the trials that failed again (once their cause is fixed).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, resolved config or per-trial lines.")
 @_verbose
 @_fail_cleanly
-def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quiet, verbose):
+def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, retry_failed, quiet, verbose):
     """Many training trials over one cache: extract (reusing a matching cache), then an Optuna search
     run on dask workers; rerun the same command to resume. Ends with trials.csv, a leaderboard,
     best.toml and plots in the sweep folder."""
@@ -450,7 +451,7 @@ def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, quie
         with StopOnInterrupt(bar.write, SWEEP_INTERRUPT) as interrupt:
             result = run_sweep(pipe, sweep_file, sweep_dir, scheduler, overwrite, progress=bar,
                                log=(lambda m: None) if quiet else bar.write, check_cache=False,
-                               should_stop=interrupt)
+                               should_stop=interrupt, retry_failed=retry_failed)
     finally:
         bar.close()
     if result.interrupted:
@@ -482,11 +483,12 @@ def _print_sweep(report, sweep_dir) -> None:
 @click.option("--scheduler", default=None, help="A dask scheduler's address (default: a local cluster).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Local cluster workers (0: one per core).")
 @click.option("--overwrite", is_flag=True, help="Start the comparison in its folder again.")
+@click.option("--retry-failed", is_flag=True, help="Run the trials that failed again (once their cause is fixed).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, resolved config or per-trial lines.")
 @_verbose
 @_fail_cleanly
 def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers,
-            overwrite, quiet, verbose):
+            overwrite, retry_failed, quiet, verbose):
     """Every method x seed from one cache (extracted first if needed), at equal epochs or equal time:
     compare.csv, compare.md and plots in the compare folder; rerun the same command to resume."""
     from sherl_pipe.compare import compare as run_compare
@@ -513,7 +515,7 @@ def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, co
         with StopOnInterrupt(bar.write, SWEEP_INTERRUPT) as interrupt:
             out = run_compare(pipe, names, seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers,
                               overwrite, progress=bar, log=(lambda m: None) if quiet else bar.write,
-                              should_stop=interrupt, check_cache=False)
+                              should_stop=interrupt, check_cache=False, retry_failed=retry_failed)
     finally:
         bar.close()
     if out["interrupted"]:

@@ -347,3 +347,30 @@ def test_compare_without_methods_takes_those_the_cache_serves(tmp_path, labeled_
                                   "--compare-dir", str(root / "cmp2")])
     one_error_line(r)
     assert len(asked) == 1
+
+
+def test_retry_failed_queues_a_phases_failed_trials_again(tmp_path):
+    """compare --retry-failed: a trial that failed is queued again when its phase reopens (without
+    the flag a resumed phase leaves it failed)."""
+    from types import SimpleNamespace
+
+    from optuna.trial import TrialState
+
+    from sherl_pipe.compare.phase import open_phase
+    from sherl_pipe.sweep.study import record_error
+
+    c = SimpleNamespace(pipeline=load_pipeline("quickstart"), metric="accuracy", direction="maximize", rates={},
+                        retry_failed=False)
+    planned = [{"method": "sherl", "seed": 0, "epochs": 3, "lr": 0.001, "lr_late": 0.0}]
+    study, _ = open_phase(c, tmp_path, planned)
+    trial = study.ask()
+    record_error(tmp_path, trial.number, "RuntimeError: the cache's chunk is damaged")
+    study.tell(trial.number, state=TrialState.FAIL)
+
+    def waiting(study):
+        return [t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+
+    assert waiting(open_phase(c, tmp_path, planned)[0]) == []
+    c.retry_failed = True
+    assert waiting(open_phase(c, tmp_path, planned)[0]) == planned
+    assert (tmp_path / "trials" / "0000" / "error.txt").read_text().startswith("retried: ")

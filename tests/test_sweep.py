@@ -633,3 +633,26 @@ def test_a_sweep_ranking_trials_on_the_test_split_is_refused(tmp_path, bert_dir,
                                       "--set", f"extract.cache={cache}"])
         one_error_line(r, "train.eval_split = 'test'", "evaluate.split", "validation split")
         assert not (tmp_path / "sweep").exists() and not (tmp_path / "new-cache").exists()
+
+
+def _fails(spec):
+    raise RuntimeError("the cache's chunk h1/3/0 is damaged")
+
+
+def test_failed_trials_run_again_with_retry_failed(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """A trial that failed (a damaged cache, since repaired) stayed failed: a rerun resumed past it
+    and nothing short of --overwrite (losing every finished trial) ran it again."""
+    from sherl_pipe.sweep import run_sweep
+
+    table = '[sweep]\nsampler = "grid"\nworkers = 1\nthreads = 1\ndir = "{dir}"\n[sweep.space]\nlr = [0.001]\n'
+    pipe = load_pipeline(str(sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "max_steps = 2")))
+    run_sweep(pipe, log=lambda m: None, trial_fn=_fails)
+    assert [r["state"] for r in rows(tmp_path / "sweep")] == ["failed"]
+    run_sweep(pipe, log=lambda m: None)  # resumed: the budget is spent, the failure stays
+    assert [r["state"] for r in rows(tmp_path / "sweep")] == ["failed"]
+    said = []
+    r = run_sweep(pipe, log=said.append, retry_failed=True)
+    assert [x["state"] for x in rows(tmp_path / "sweep")] == ["failed", "complete"], rows(tmp_path / "sweep")
+    assert "trials [0] failed before: they run again" in said and r.report.best["number"] == 1
+    error = (tmp_path / "sweep" / "trials" / "0000" / "error.txt").read_text()
+    assert error.startswith("retried: ") and "chunk h1/3/0 is damaged" in error

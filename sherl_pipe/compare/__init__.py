@@ -35,10 +35,11 @@ def prepare_compare_folder(folder: Path, overwrite: bool) -> None:
 def compare(pipeline: Pipeline, methods: list[str], seeds: int = 3, live_seeds: int | None = None,
             budget: str = "epochs", tune_lr: bool = False, compare_dir: str = "sherl-compare/default",
             scheduler: str | None = None, workers: int = 0, overwrite: bool = False, progress=None,
-            log: Callable[[str], None] = print, should_stop=None, check_cache: bool = True) -> dict:
+            log: Callable[[str], None] = print, should_stop=None, check_cache: bool = True,
+            retry_failed: bool = False) -> dict:
     """Run (or resume) a comparison over the pipeline's cache, which must exist and match (checked
     here unless check_cache=False); returns the report (compare/report.py) and whether it was
-    interrupted."""
+    interrupted. RETRY_FAILED: trials that failed run again (once their cause is fixed)."""
     from sherl_pipe.cache import Cache, manifest_fingerprint
     from sherl_pipe.cache.location import pipeline_location
     from sherl_pipe.compare.report import build_report
@@ -49,7 +50,7 @@ def compare(pipeline: Pipeline, methods: list[str], seeds: int = 3, live_seeds: 
     if check_cache:
         check_cache_matches(cache, pipeline)
     c = plan_compare(pipeline, methods, seeds, live_seeds, budget, tune_lr, compare_dir, cache.manifest)
-    c.fingerprint = manifest_fingerprint(cache.manifest)
+    c.fingerprint, c.retry_failed = manifest_fingerprint(cache.manifest), retry_failed
     prepare_compare_folder(c.folder, overwrite)
     save_plan(c)
     out = run_compare(c, scheduler, workers, progress, log, should_stop, cache.manifest["backbone"]["model_type"])

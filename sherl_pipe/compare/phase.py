@@ -29,13 +29,15 @@ def open_phase(c, folder: Path, trials: list[dict], pipeline=None):
     """The phase's study (created, or resumed: its signature is the phase's pipeline and metric),
     with every trial of TRIALS that it neither holds nor queues put in its queue."""
     from sherl_pipe.sweep.config import SweepConfig
-    from sherl_pipe.sweep.study import open_study, recover_interrupted, signature
+    from sherl_pipe.sweep.study import open_study, recover_interrupted, retry_failed, signature
 
     params = params_for(trials)
     pipeline = pipeline or c.pipeline
     sig = signature(SweepConfig(sampler="random"), [], pipeline.to_dict(), c.metric, c.direction)
     study = open_study(folder, SweepConfig(sampler="random"), params, sig, c.direction, "compare")
     recover_interrupted(study, folder)
+    if getattr(c, "retry_failed", False):
+        retry_failed(study, folder, requeue=False)  # queued below, as interrupted trials are
     held = [with_lr_late(t.params or t.system_attrs.get("fixed_params", {}), c.rates)
             for t in study.get_trials(deepcopy=False) if not stopped_before_its_end(t, folder)]
     done_or_queued = {json.dumps(p, sort_keys=True) for p in held}

@@ -54,6 +54,7 @@ class Compare:
     rates: dict[str, Rates] = field(default_factory=dict)  # per method, before any search
     tuned_rates: dict[str, Rates] = field(default_factory=dict)  # the rates --tune-lr chose
     budget_seconds: float | None = None  # --budget time: full fine-tuning's median training seconds
+    retry_failed: bool = False  # trials that failed run again (their cause fixed)
     fingerprint: str = ""  # the cache's manifest fingerprint, checked by every trial
 
 

@@ -65,10 +65,12 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
 def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str | None = None,
               scheduler: str | None = None, overwrite: bool = False, progress=None,
               log: Callable[[str], None] = print, trial_fn: Callable | None = None,
-              check_cache: bool = True, should_stop: Callable[[], bool] | None = None) -> SweepResult:
+              check_cache: bool = True, should_stop: Callable[[], bool] | None = None,
+              retry_failed: bool = False) -> SweepResult:
     """Run (or resume) the pipeline's sweep over its cache, which must exist and match (checked here
     unless check_cache=False: the caller has just checked or made it). `should_stop()` is polled:
-    once true, no trial starts and the running ones stop at their next step, to run again on resume."""
+    once true, no trial starts and the running ones stop at their next step, to run again on resume.
+    RETRY_FAILED: trials that failed run again (after the cause is fixed: a repaired cache)."""
     from sherl_pipe.cache import Cache, manifest_fingerprint
     from sherl_pipe.cache.location import pipeline_location
     from sherl_pipe.request import check_cache_matches
@@ -84,23 +86,27 @@ def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str 
     try:
         repair_journal(plan.sweep_dir, log)
         recovered, tally, where, threads = _run_trials(pipeline, cfg, plan, scheduler, progress, log, trial_fn,
-                                                       should_stop, cache.manifest["backbone"]["model_type"])
+                                                       should_stop, cache.manifest["backbone"]["model_type"],
+                                                       retry_failed)
     finally:
         lock.release()
     return SweepResult(plan.sweep_dir, build_report(plan.sweep_dir), recovered, where, threads, tally.interrupted,
                        tally.again)
 
 
-def _run_trials(pipeline, cfg, plan, scheduler, progress, log, trial_fn, should_stop, model_type):
+def _run_trials(pipeline, cfg, plan, scheduler, progress, log, trial_fn, should_stop, model_type, retry=False):
     from sherl_pipe.sweep.cluster import engine
     from sherl_pipe.sweep.run import Coordinator, finished_count
-    from sherl_pipe.sweep.study import open_study, recover_interrupted, signature
+    from sherl_pipe.sweep.study import open_study, recover_interrupted, retry_failed, signature
     from sherl_pipe.sweep.trial import run_trial
 
     sig = signature(cfg, plan.params, pipeline.to_dict(), plan.metric, plan.direction)
     study = open_study(plan.sweep_dir, cfg, plan.params, sig, plan.direction, pipeline.origin,
                        plan.cache_fingerprint)
     recovered = recover_interrupted(study, plan.sweep_dir)
+    if retry:
+        retried = retry_failed(study, plan.sweep_dir)
+        log(f"trials {retried} failed before: they run again" if retried else "no failed trial to run again")
     if recovered:
         log(f"trials {recovered} were running when the sweep stopped: recorded as interrupted, to run again")
     with engine(cfg, scheduler, model_type) as eng:

@@ -27,7 +27,8 @@ LOST = ("lost: the worker running this trial died (killed from outside, or out o
         "another trial")
 LOST_AGAIN = ("failed: the worker running this trial died, as it did for the trial this one reran: the trial "
               "itself may exhaust the worker's memory; it is not run again")
-RERUN = (INTERRUPTED.split(":")[0] + ":", LOST.split(":")[0] + ":")  # error prefixes of trials run again
+RETRIED = "retried: this trial failed and is run again on request (--retry-failed); its error was:"
+RERUN = tuple(reason.split(":")[0] + ":" for reason in (INTERRUPTED, LOST, RETRIED))  # trials run again
 LOCK = "lock.json"
 
 
@@ -243,6 +244,27 @@ def run_again(study, sweep_dir: Path, trial, reason: str) -> None:
 
 def is_rerun_error(text: str) -> bool:
     return text.startswith(RERUN)
+
+
+def retry_failed(study, sweep_dir: Path, requeue: bool = True) -> list[int]:
+    """Trials that failed (a damaged cache since repaired, a full disk since freed) marked to run
+    again (their error kept below the mark), and with REQUEUE their parameters queued; a compare
+    phase queues them itself (phase.stopped_before_its_end)."""
+    from optuna.trial import TrialState
+
+    retried = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        error = trial_dir(sweep_dir, t.number) / "error.txt"
+        text = error.read_text() if error.is_file() else ""
+        if is_rerun_error(text):
+            continue
+        record_error(sweep_dir, t.number, f"{RETRIED}\n{text}")
+        keys = {p["key"] for p in study.user_attrs["signature"]["space"]}
+        params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+        if requeue and params and keys <= set(params):
+            study.enqueue_trial(params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
+        retried.append(t.number)
+    return retried
 
 
 def recover_interrupted(study, sweep_dir: Path) -> list[int]:
