@@ -155,7 +155,11 @@ def accuracy_line(label: str, runs: list[dict], base: list[dict] | None, timed: 
     out = {"acc": round(m, 4), "acc_sd": round(sd, 4), "train_s": round(statistics.median(sec), 1)}
     if base is not None:
         diff, lo, hi = seed_and_row_interval([r["correct"] for r in runs], [r["correct"] for r in base])
-        line += f"; {100 * diff:+.2f} points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]"
-        out.update(delta=round(100 * diff, 2), ci95=[round(100 * lo, 2), round(100 * hi, 2)])
+        if lo == lo:  # not NaN: two runs or more on each side
+            line += f"; {100 * diff:+.2f} points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+            out.update(delta=round(100 * diff, 2), ci95=[round(100 * lo, 2), round(100 * hi, 2)])
+        else:
+            line += f"; {100 * diff:+.2f} points (no interval: one run on a side)"
+            out.update(delta=round(100 * diff, 2), ci95=None)
     print(line)
     return out

@@ -47,10 +47,11 @@ def register_plugin(client, plugin, name: str) -> None:
         try:
             client.register_plugin(plugin, name=name)
             return
-        except (CommClosedError, OSError):
+        except CommClosedError as exc:  # not any OSError: a plugin's own setup error keeps its traceback
             if attempt == PLUGIN_TRIES - 1:
-                raise SherlError("the cluster's workers kept dying while they started (their plugin could not be "
-                                 "registered); check the workers' memory and logs, then rerun the command") from None
+                raise SherlError(f"the cluster's workers kept dying while they started (their plugin could not be "
+                                 f"registered: {exc}); check the workers' memory and logs, then rerun the "
+                                 f"command") from None
             time.sleep(1.0)
 
 

@@ -83,12 +83,11 @@ def check_splits(cfg: TrainConfig, splits: list[str], cache: str) -> None:
                          f"without evaluation (no best checkpoint, no early stopping)")
 
 
-def check_test_rows_do_not_choose(pipeline: Pipeline, command: str) -> None:
-    """COMMAND picks epochs (or trials, or rates) on train.eval_split and scores on evaluate.split:
-    one split for both would let the test rows choose what they then score."""
+def check_test_rows_do_not_choose(pipeline: Pipeline, command: str, chooses: str) -> None:
+    """COMMAND picks CHOOSES on train.eval_split, and evaluate.split is the split its results are
+    judged on: one split for both would let the test rows choose what they are then judged by."""
     split = pipeline.train.eval_split
     if split and split == pipeline.evaluate.split:
         raise SherlError(f"train.eval_split = '{split}' and evaluate.split = '{split}' are the same split: {command} "
-                         f"would let the test rows choose the best epoch, early stopping and rates they then "
-                         f"score; set train.eval_split to a validation split (or data.validation_size to carve "
-                         f"one out of data.train)")
+                         f"would let the test rows choose {chooses}; set train.eval_split to a validation split "
+                         f"(or data.validation_size to carve one out of data.train)")

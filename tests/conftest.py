@@ -214,7 +214,7 @@ def one_error_line(result, *needles):
 # storage format. The forward pass's matrix kernels may sum in another order with another thread
 # count or CPU (seen: AVX-512 without AMX, one thread against two), so float32 results differ in
 # their last bits, and a value that lands on a rounding boundary of the stored format then differs
-# by one step of it. FORWARD_ROUNDING bounds the float32 part, relative to the block's largest value.
+# by one step of it. FORWARD_ROUNDING bounds the float32 part, relative to the array's largest value.
 FORWARD_ROUNDING = 1e-5
 
 
@@ -233,7 +233,7 @@ def format_tolerance(a, b, fmt: str):
 
 
 def assert_close_in_format(got, want, fmt: str, err_msg: str = "") -> None:
-    """Decoded activations GOT equal WANT within the stored format's step (see FORMAT_TOLERANCE)."""
+    """Decoded activations GOT equal WANT within the stored format's step (see format_tolerance)."""
     import numpy as np
 
     from sherl_pipe.storage import decode_numpy

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import make_backbone, write_full_pipeline
 from sherl_pipe.cli import main
 from sherl_pipe.config import load_pipeline
+from sherl_pipe.errors import SherlError
 from sherl_pipe.extraction import extract
 from sherl_pipe.methods.base import Method
 from sherl_pipe.model import Head, pool
@@ -196,6 +197,10 @@ def test_tune_lr_at_equal_time_reports_every_method_at_its_chosen_rates(tmp_path
     for x in rows:  # each at the rates its search chose, full fine-tuning too
         assert [float(x["lr"]), float(x["lr_late"])] == pytest.approx(plan["tuned_rates"][x["method"]])
     assert len(out["rows"]) == 2
+    # the final phase's runs stop at the budget, full fine-tuning's own excepted: its time is the budget
+    for job in (tmp_path / "cmp" / "final" / "jobs").iterdir():
+        train = json.loads((job / "spec.json").read_text())["pipeline"]["train"]
+        assert train["max_seconds"] == (0.0 if train["method"] == "full-finetune" else plan["budget_seconds"])
 
 
 def read_csv_rows_of_phase(folder):
@@ -315,7 +320,8 @@ def test_a_table_missing_a_requested_method_says_so():
     rows = [{"method": "sherl", "state": "complete"}, {"method": "lst", "state": "fail", "error": "RuntimeError: boom"},
             {"method": "lst", "state": "fail", "error": "RuntimeError: boom"}]
     lines = missing(plan, rows)
-    assert lines[1] == "- **lst is not in this table**: 2 run(s) failed, the first with: RuntimeError: boom"
+    assert lines[1].startswith("- **lst is not in this table**: 2 run(s) failed, the first with: RuntimeError: boom")
+    assert "--retry-failed" in lines[1]
     assert lines[2].startswith("- **unipt is not in this table**: no run of it has finished yet")
     assert missing(plan, rows + [{"method": m, "state": "complete"} for m in ("lst", "unipt")]) == []
 
@@ -357,7 +363,7 @@ def test_retry_failed_queues_a_phases_failed_trials_again(tmp_path):
     from optuna.trial import TrialState
 
     from sherl_pipe.compare.phase import open_phase
-    from sherl_pipe.sweep.study import record_error
+    from sherl_pipe.sweep.study import first_cause, record_error
 
     c = SimpleNamespace(pipeline=load_pipeline("quickstart"), metric="accuracy", direction="maximize", rates={},
                         retry_failed=False)
@@ -372,5 +378,34 @@ def test_retry_failed_queues_a_phases_failed_trials_again(tmp_path):
 
     assert waiting(open_phase(c, tmp_path, planned)[0]) == []
     c.retry_failed = True
-    assert waiting(open_phase(c, tmp_path, planned)[0]) == planned
-    assert (tmp_path / "trials" / "0000" / "error.txt").read_text().startswith("retried: ")
+    other = [{**planned[0], "seed": 1}]  # a phase planned without the failed trial: it is left as it is
+    assert waiting(open_phase(c, tmp_path, other)[0]) == other
+    assert not (tmp_path / "trials" / "0000" / "error.txt").read_text().startswith("retried: ")
+    assert waiting(open_phase(c, tmp_path, planned)[0]) == other + planned
+    text = (tmp_path / "trials" / "0000" / "error.txt").read_text()
+    assert text.startswith("retried: ") and first_cause(text) == "RuntimeError: the cache's chunk is damaged (retried)"
+
+
+def test_methods_registered_as_import_paths_or_nested_classes_reach_the_jobs(monkeypatch):
+    """register_method("name", "module:Class") was never sent to workers or compare jobs (only
+    classes were), and a nested class (Outer.Inner) passed the check but failed in every job."""
+    from sherl_pipe.compare.run import check_importable
+    from sherl_pipe.compare.trial import method_reference
+    from sherl_pipe.methods import REGISTRY, get_method, registered_from_code
+
+    monkeypatch.setitem(REGISTRY, "mean-by-path", "test_compare:Mean")
+    monkeypatch.setitem(REGISTRY, "nested", Outer.Inner)
+    got = registered_from_code()
+    assert got["mean-by-path"] == "test_compare:Mean" and got["nested"] is Outer.Inner and "sherl" not in got
+    assert method_reference(Outer.Inner) == "test_compare:Outer.Inner"
+    monkeypatch.setitem(REGISTRY, "nested", "test_compare:Outer.Inner")  # as a job registers it
+    assert isinstance(get_method("nested"), Outer.Inner)
+    check_importable(["mean-by-path", "nested"])
+    monkeypatch.setitem(REGISTRY, "missing", "test_compare:NoSuchClass")
+    with pytest.raises(SherlError, match="registered as 'test_compare:NoSuchClass', which cannot be imported"):
+        check_importable(["missing"])
+
+
+class Outer:
+    class Inner(Mean):
+        name = "nested"

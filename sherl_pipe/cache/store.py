@@ -130,9 +130,10 @@ class Cache:
                     self.group = zarr.open_group(store=self.store, mode="r")
             except SherlError:
                 raise
-            except Exception:  # nothing written there yet, or damaged
-                raise SherlError(f"cache {self.path}: its arrays ({manifest['arrays']}/) are missing or damaged; "
-                                 f"rerun `sherl-pipe extract --overwrite`") from None
+            except Exception as exc:  # the writer makes this group before the manifest: gone or damaged since
+                raise SherlError(f"cache {self.path}: its arrays ({manifest['arrays']}/) cannot be opened "
+                                 f"({type(exc).__name__}: {str(exc)[:160]}); `sherl-pipe verify {self.path}` "
+                                 f"checks the cache") from None
 
     @property
     def splits(self) -> list[str]:

@@ -161,11 +161,11 @@ class CacheWriter:
             self.data = data_location(self.location, self.manifest)
             # never open_group(mode="w"): it deletes and recreates the folder, and with it the
             # inode this process's lock is on, so a second extractor locked the new folder and
-            # wrote beside the first (zarr's ContainsArrayError, or blocks written twice)
+            # wrote beside the first (zarr's ContainsArrayError, or blocks written twice). The
+            # arrays' group first: a reader that finds the manifest finds it too.
+            data = None if self.data == self.location else zarr.create_group(store=self.data.store(), overwrite=False)
             group = zarr.create_group(store=store, attributes={MANIFEST_KEY: self.manifest}, overwrite=False)
-            if self.data != self.location:
-                group = zarr.create_group(store=self.data.store(), overwrite=False)
-            self.blocks = BlockWriter(self.data, group, self.check_lock)
+            self.blocks = BlockWriter(self.data, group if data is None else data, self.check_lock)
             return
         found = Cache(self.location)
         diffs = manifest_diff(found.manifest, self.manifest)

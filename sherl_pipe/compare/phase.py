@@ -19,25 +19,27 @@ def params_for(trials: list[dict]) -> list[Param]:
 
 def phase_pipeline(c, name: str):
     """The pipeline a phase's trials start from: at --budget time the final runs stop at the budget
-    (train.max_seconds), so that no method trains past it."""
+    (train.max_seconds), so that no method trains past it (full fine-tuning's own runs excepted:
+    compare/trial.py). The phase's signature stays the comparison's pipeline, so a final phase
+    started before the budget was enforced, or under another budget, still resumes."""
     if name == "final" and c.budget == "time" and c.budget_seconds:
         return c.pipeline.with_overrides("train", max_seconds=float(c.budget_seconds))
     return c.pipeline
 
 
-def open_phase(c, folder: Path, trials: list[dict], pipeline=None):
-    """The phase's study (created, or resumed: its signature is the phase's pipeline and metric),
-    with every trial of TRIALS that it neither holds nor queues put in its queue."""
+def open_phase(c, folder: Path, trials: list[dict]):
+    """The phase's study (created, or resumed: its signature is the base pipeline and metric), with
+    every trial of TRIALS that it neither holds nor queues put in its queue."""
     from sherl_pipe.sweep.config import SweepConfig
     from sherl_pipe.sweep.study import open_study, recover_interrupted, retry_failed, signature
 
     params = params_for(trials)
-    pipeline = pipeline or c.pipeline
-    sig = signature(SweepConfig(sampler="random"), [], pipeline.to_dict(), c.metric, c.direction)
+    sig = signature(SweepConfig(sampler="random"), [], c.pipeline.to_dict(), c.metric, c.direction)
     study = open_study(folder, SweepConfig(sampler="random"), params, sig, c.direction, "compare")
     recover_interrupted(study, folder)
-    if getattr(c, "retry_failed", False):
-        retry_failed(study, folder, requeue=False)  # queued below, as interrupted trials are
+    if getattr(c, "retry_failed", False):  # queued below, as interrupted trials are (planned ones only)
+        retry_failed(study, folder, requeue=False, only={json.dumps(t, sort_keys=True) for t in trials},
+                     normalise=lambda p: with_lr_late(p, c.rates))
     held = [with_lr_late(t.params or t.system_attrs.get("fixed_params", {}), c.rates)
             for t in study.get_trials(deepcopy=False) if not stopped_before_its_end(t, folder)]
     done_or_queued = {json.dumps(p, sort_keys=True) for p in held}
@@ -69,7 +71,7 @@ def results_of(study, folder: Path, rates: dict | None = None) -> list[dict]:
     """Every finished trial's parameters with its job's result (failed ones: with their error); an
     earlier folder's trials get lr_late from RATES (see with_lr_late), or none without them."""
     from sherl_pipe.compare.trial import job_folder
-    from sherl_pipe.sweep.study import trial_dir
+    from sherl_pipe.sweep.study import first_cause, trial_dir
 
     out = []
     for t in study.get_trials(deepcopy=False):
@@ -82,7 +84,7 @@ def results_of(study, folder: Path, rates: dict | None = None) -> list[dict]:
         if t.state.name == "COMPLETE" and result.is_file():
             row.update(json.loads(result.read_text()))
         elif error.is_file():
-            row["error"] = error.read_text().splitlines()[0]
+            row["error"] = first_cause(error.read_text())  # below a --retry-failed mark
         out.append(row)
     return out
 
@@ -99,7 +101,7 @@ def run_phase(c, name: str, trials: list[dict], eng, progress, log, should_stop,
     try:
         repair_journal(folder, log)
         pipeline = phase_pipeline(c, name)
-        study, params = open_phase(c, folder, trials, pipeline)
+        study, params = open_phase(c, folder, trials)
         parallel = min(parallel or eng.workers, eng.workers)
         plan = Plan(pipeline, params, c.metric, c.direction, folder, len(trials), parallel, 0.0, c.fingerprint)
         log(f"compare {name}: {len(trials)} trial(s), {finished_count(study, folder)} done, on {eng.where}"

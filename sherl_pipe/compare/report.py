@@ -154,8 +154,9 @@ def missing(plan: dict, rows: list[dict]) -> list[str]:
         if any(r["state"] == "complete" for r in mine):
             continue
         errors = [r["error"] for r in mine if r.get("error")]
-        why = (f"{len(errors)} run(s) failed, the first with: {errors[0][:300]}" if errors
-               else "no run of it has finished yet; rerun the same command to resume")
+        why = (f"{len(errors)} run(s) failed, the first with: {errors[0][:300]} (once the cause is fixed, "
+               f"--retry-failed runs them again)" if errors
+               else "no run of it has finished yet (a comparison that stopped resumes when the same command is rerun)")
         out.append(f"- **{method} is not in this table**: {why}")
     return ([""] + out) if out else []
 

@@ -71,7 +71,8 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
         raise SherlError("--methods: name at least one method")
     if not pipeline.train.eval_split:
         raise SherlError(f"{pipeline.origin}: compare keeps each run's best epoch on train.eval_split; set it")
-    check_test_rows_do_not_choose(pipeline, "compare")
+    check_test_rows_do_not_choose(pipeline, "compare", "each run's best epoch, its early stopping and --tune-lr's "
+                                                       "rates, which the same rows then score")
     if pipeline.evaluate.split not in manifest["splits"]:
         raise SherlError(f"evaluate.split = '{pipeline.evaluate.split}': the cache has no such split; compare scores "
                          f"each run on it")
@@ -109,11 +110,15 @@ def check_importable(methods: list[str]) -> None:
     """A method registered from code as a class reaches each compare job (a process of its own) as
     its import path: refused here, before any trial, when that path does not lead back to it."""
     from sherl_pipe.compare.trial import method_reference
-    from sherl_pipe.methods import REGISTRY
+    from sherl_pipe.methods import get_method, registered_from_code
 
-    for name in methods:
-        if name in REGISTRY and not isinstance(REGISTRY[name], str):
-            method_reference(REGISTRY[name])
+    for name, entry in registered_from_code().items():
+        if name not in methods:
+            continue
+        if isinstance(entry, str):
+            get_method(name)  # "module:Class": importable here, so in a job too (it gets this process's path)
+        else:
+            method_reference(entry)
 
 
 def trial(method: str, seed: int, epochs: int, rates: Rates) -> dict:

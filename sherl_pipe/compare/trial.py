@@ -32,6 +32,10 @@ def run_compare_trial(spec: dict) -> dict:
     it, and the trial was recorded as failed, never rerun); it ends with this worker (job.py sets a
     parent-death signal); its stderr goes to a file in the job folder (a pipe that nobody read
     while it ran blocked the job once it held 64 KiB)."""
+    from sherl_pipe.methods import REFERENCE
+
+    if spec["pipeline"]["train"]["method"] == REFERENCE:  # its time is the budget: never cut by it
+        spec = {**spec, "pipeline": {**spec["pipeline"], "train": {**spec["pipeline"]["train"], "max_seconds": 0.0}}}
     folder = job_folder(spec["pipeline"]["train"]["run_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").unlink(missing_ok=True)
@@ -73,8 +77,8 @@ def _wait(proc, stop) -> bool:
 
 def _by_reference(cls) -> str:
     """A method class registered from code travels as "module:qualname" (checked importable before
-    the first trial: compare/run.py)."""
-    return method_reference(cls)
+    the first trial: compare/run.py); one registered as "module:Class" travels as it is."""
+    return cls if isinstance(cls, str) else method_reference(cls)
 
 
 def method_reference(cls) -> str:

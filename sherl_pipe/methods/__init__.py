@@ -28,6 +28,7 @@ REGISTRY: dict[str, object] = {
 }
 
 
+BUILTIN = dict(REGISTRY)  # the package's own: what a fresh process (a worker, a compare job) knows
 DEFAULT = "sherl"  # train.method when a pipeline names none
 REFERENCE = "full-finetune"  # what compare measures the others against (its time budget, its intervals)
 # train.mode as it was before methods existed: (train.method, train.source)
@@ -50,8 +51,21 @@ def get_method(name: str, key: str = "train.method"):
         raise SherlError(f"{key} = {name!r} is not a method; known: {', '.join(REGISTRY)}")
     if isinstance(entry, str):
         module, _, cls = entry.partition(":")
-        entry = getattr(importlib.import_module(module), cls)
+        try:
+            found = importlib.import_module(module)
+            for part in cls.split("."):  # a class nested in another: Outer.Inner
+                found = getattr(found, part)
+        except (ImportError, AttributeError) as exc:
+            raise SherlError(f"{key} = {name!r} is registered as {entry!r}, which cannot be imported here ({exc}); "
+                             f"register a class importable from the Python path") from None
+        entry = found
     return entry()
+
+
+def registered_from_code() -> dict:
+    """Methods registered in this process beyond the package's own (register_method, as a class or
+    "module:Class"): a worker or a compare job knows only BUILTIN, so they travel with each trial."""
+    return {name: entry for name, entry in REGISTRY.items() if BUILTIN.get(name) is not entry}
 
 
 def effective_train(train: dict) -> dict:

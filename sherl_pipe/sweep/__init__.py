@@ -42,7 +42,8 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
     if not pipeline.train.eval_split:
         raise SherlError(f"{pipeline.origin}: a sweep ranks trials on train.eval_split; set it (for example "
                          f"validation, or data.validation_size to carve one out of data.train)")
-    check_test_rows_do_not_choose(pipeline, "a sweep")
+    check_test_rows_do_not_choose(pipeline, "a sweep", "the best trial (best.toml) and each trial's best epoch, "
+                                                   "and `evaluate` would then score that choice on the same rows")
     manifest = manifest or Cache(pipeline_location(pipeline, training=True)).manifest
     check_splits(pipeline.train, list(manifest["splits"]), f"cache {pipeline.extract.cache}")
     metric, direction = resolve_metric(cfg, manifest["task"]["type"], sweep.where("metric"))

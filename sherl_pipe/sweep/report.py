@@ -14,7 +14,7 @@ from pathlib import Path
 from sherl_pipe.atomic import write_atomically
 from sherl_pipe.config import Pipeline, to_toml
 from sherl_pipe.metrics import best_of
-from sherl_pipe.sweep.study import load_study, trial_dir
+from sherl_pipe.sweep.study import first_cause, load_study, trial_dir
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
@@ -32,7 +32,7 @@ class Report:
 def _trial_row(t, sweep_dir: Path, keys: list[str], direction: str) -> dict:
     folder = trial_dir(sweep_dir, t.number)
     info = json.loads((folder / "trial.json").read_text()) if (folder / "trial.json").is_file() else {}
-    error = (folder / "error.txt").read_text().splitlines()[0] if (folder / "error.txt").is_file() else ""
+    error = first_cause((folder / "error.txt").read_text()) if (folder / "error.txt").is_file() else ""
     # a queued trial (waiting to run again) has its parameters fixed, not yet asked
     values = t.user_attrs.get("train") or t.system_attrs.get("fixed_params", {})
     steps = sorted(t.intermediate_values)

@@ -77,11 +77,11 @@ def finished_count(study, sweep_dir: Path) -> int:
 
 
 def registered_classes() -> dict:
-    """Methods registered in this process as classes (register_method): a worker process knows only
-    the package's own, so the trial takes these with it."""
-    from sherl_pipe.methods import REGISTRY
+    """Methods registered in this process (register_method), as classes or "module:Class": a worker
+    process knows only the package's own, so the trial takes these with it."""
+    from sherl_pipe.methods import registered_from_code
 
-    return {name: entry for name, entry in REGISTRY.items() if not isinstance(entry, str)}
+    return registered_from_code()
 
 
 def is_lost_worker(exc: BaseException) -> bool:

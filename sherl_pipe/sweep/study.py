@@ -242,25 +242,38 @@ def run_again(study, sweep_dir: Path, trial, reason: str) -> None:
         study.enqueue_trial(params, user_attrs={"rerun_of": trial.number, "lost": lost}, skip_if_exists=False)
 
 
+def first_cause(text: str) -> str:
+    """An error.txt's first line; below a --retry-failed mark (RETRIED), the error it marks."""
+    lines = [x for x in text.splitlines() if x.strip()]
+    if lines and lines[0] == RETRIED and len(lines) > 1:
+        return f"{lines[1]} (retried)"
+    return lines[0] if lines else ""
+
+
 def is_rerun_error(text: str) -> bool:
     return text.startswith(RERUN)
 
 
-def retry_failed(study, sweep_dir: Path, requeue: bool = True) -> list[int]:
+def retry_failed(study, sweep_dir: Path, requeue: bool = True, only: set[str] | None = None,
+                 normalise=lambda params: params) -> list[int]:
     """Trials that failed (a damaged cache since repaired, a full disk since freed) marked to run
     again (their error kept below the mark), and with REQUEUE their parameters queued; a compare
-    phase queues them itself (phase.stopped_before_its_end)."""
+    phase queues them itself (phase.stopped_before_its_end), and marks only those whose parameters,
+    NORMALISE-d and as JSON, are in ONLY (its planned trials: another would not count as run, and
+    the phase would fill its count with a trial nobody planned)."""
+    import json
+
     from optuna.trial import TrialState
 
     retried = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         error = trial_dir(sweep_dir, t.number) / "error.txt"
         text = error.read_text() if error.is_file() else ""
-        if is_rerun_error(text):
+        params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+        if is_rerun_error(text) or (only is not None and json.dumps(normalise(params), sort_keys=True) not in only):
             continue
         record_error(sweep_dir, t.number, f"{RETRIED}\n{text}")
         keys = {p["key"] for p in study.user_attrs["signature"]["space"]}
-        params = {**t.system_attrs.get("fixed_params", {}), **t.params}
         if requeue and params and keys <= set(params):
             study.enqueue_trial(params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
         retried.append(t.number)
