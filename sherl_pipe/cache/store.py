@@ -94,7 +94,6 @@ class Cache:
     its arrays are (data_location), `store` the latter's store."""
 
     def __init__(self, where: str | os.PathLike | Location, options: dict | None = None):
-        import zarr
 
         self.location = as_location(where, options)
         self.path = str(self.location)  # for messages: a folder or a URL
@@ -106,13 +105,7 @@ class Cache:
         if access.get(self.location, "zarr.json", root) is None:
             access.any_key(self.location, "", root)  # a missing bucket is named as such, not as no cache
             raise missing
-        try:
-            with access.translated(self.location):
-                self.group = zarr.open_group(store=root, mode="r")
-        except SherlError:
-            raise
-        except Exception as exc:  # zarr raises several types for a damaged group
-            raise SherlError(f"cache {self.path}: cannot open as a Zarr group ({exc})") from None
+        self.group = self._open_group(self.location, root, lambda exc: f"cannot open as a Zarr group ({exc})")
         manifest = self.group.attrs.get(MANIFEST_KEY)
         self.data, self.store = self.location, root
         self._listed: dict = {}  # listings kept for this Cache's life (it reads; writers open a new one)
@@ -122,18 +115,24 @@ class Cache:
             raise SherlError(f"cache {self.path}: format version {manifest.get('format_version')} is not "
                              f"{FORMAT_VERSION}; re-extract it with this version of sherl-pipe (--overwrite)")
         self.manifest = manifest
-        if manifest.get("arrays"):
+        if manifest.get("arrays"):  # the writer makes this group before the manifest: gone or damaged since
             self.data = data_location(self.location, manifest)
             self.store = self.data.store(read_only=True)
-            try:
-                with access.translated(self.data):
-                    self.group = zarr.open_group(store=self.store, mode="r")
-            except SherlError:
-                raise
-            except Exception as exc:  # the writer makes this group before the manifest: gone or damaged since
-                raise SherlError(f"cache {self.path}: its arrays ({manifest['arrays']}/) cannot be opened "
-                                 f"({type(exc).__name__}: {str(exc)[:160]}); `sherl-pipe verify {self.path}` "
-                                 f"checks the cache") from None
+            self.group = self._open_group(self.data, self.store, lambda exc: (
+                f"its arrays ({manifest['arrays']}/) cannot be opened ({type(exc).__name__}: {str(exc)[:160]}); "
+                f"`sherl-pipe verify {self.path}` checks the cache"))
+
+    def _open_group(self, loc: Location, store, why):
+        """The Zarr group at LOC, read-only; a damaged one is one line, WHY(exc) saying what."""
+        import zarr
+
+        try:
+            with access.translated(loc):
+                return zarr.open_group(store=store, mode="r")
+        except SherlError:
+            raise
+        except Exception as exc:  # zarr raises several types for a damaged group
+            raise SherlError(f"cache {self.path}: {why(exc)}") from None
 
     @property
     def splits(self) -> list[str]:

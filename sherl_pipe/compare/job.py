@@ -30,6 +30,9 @@ class Interrupted:
         return self.flag
 
 
+PARENT_ENV = "SHERL_COMPARE_WORKER_PID"  # the worker that started the job (compare/trial.py)
+
+
 def end_with_parent(parent: int | None) -> None:
     """This process ends when PARENT (the worker's pid) does."""
     if parent is None:
@@ -166,7 +169,7 @@ def main(argv: list[str]) -> int:
     from sherl_pipe.errors import SherlError
 
     interrupted = Interrupted()  # first: a stop that comes while the job starts is not lost
-    parent = os.environ.get("SHERL_COMPARE_WORKER_PID")
+    parent = os.environ.get(PARENT_ENV)
     end_with_parent(int(parent) if parent else None)
     spec_path = Path(argv[0])
     try:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from sherl_pipe.compare.job import PARENT_ENV
 from sherl_pipe.errors import SherlError
 from sherl_pipe.sweep.trial import StopFlag
 
@@ -50,7 +51,7 @@ def run_compare_trial(spec: dict) -> dict:
         method = spec["pipeline"]["train"]["method"]
         mine = {k: v for k, v in (spec.get("methods") or {}).items() if k == method}  # registered from code
         proc.stdin.write(json.dumps({"storage_options": hidden.value if hidden is not None else None,
-                                     "methods": mine}, default=_by_reference))
+                                     "methods": mine}, default=method_reference))  # a class: its import path
         proc.stdin.close()
         asked = _wait(proc, StopFlag(spec["stop"]))
     err = (folder / "stderr.txt").read_text(errors="replace")
@@ -75,21 +76,13 @@ def _wait(proc, stop) -> bool:
     return asked
 
 
-def _by_reference(cls) -> str:
-    """A method class registered from code travels as "module:qualname" (checked importable before
-    the first trial: compare/run.py); one registered as "module:Class" travels as it is."""
-    return cls if isinstance(cls, str) else method_reference(cls)
-
-
 def method_reference(cls) -> str:
     """CLS's import path, or one line saying why a compare job (a fresh process) could not import it."""
-    import importlib
+    from sherl_pipe.methods import resolve
 
     module, name = getattr(cls, "__module__", None), getattr(cls, "__qualname__", "")
     try:
-        found = importlib.import_module(module)
-        for part in name.split("."):
-            found = getattr(found, part)
+        found = resolve(f"{module}:{name}")
     except (ImportError, AttributeError, TypeError, ValueError):
         found = None
     if found is not cls or module == "__main__" or "<locals>" in name:
@@ -100,4 +93,3 @@ def method_reference(cls) -> str:
 
 
 HIDDEN = ("storage_options", "methods")  # sent to the job on its stdin, never written to spec.json
-PARENT_ENV = "SHERL_COMPARE_WORKER_PID"  # the job checks its parent is still this process

@@ -50,16 +50,21 @@ def get_method(name: str, key: str = "train.method"):
     if entry is None:
         raise SherlError(f"{key} = {name!r} is not a method; known: {', '.join(REGISTRY)}")
     if isinstance(entry, str):
-        module, _, cls = entry.partition(":")
         try:
-            found = importlib.import_module(module)
-            for part in cls.split("."):  # a class nested in another: Outer.Inner
-                found = getattr(found, part)
+            entry = resolve(entry)
         except (ImportError, AttributeError) as exc:
             raise SherlError(f"{key} = {name!r} is registered as {entry!r}, which cannot be imported here ({exc}); "
                              f"register a class importable from the Python path") from None
-        entry = found
     return entry()
+
+
+def resolve(reference: str):
+    """The object "module:Name" names (Name may be dotted: a class nested in another, Outer.Inner)."""
+    module, _, name = reference.partition(":")
+    found = importlib.import_module(module)
+    for part in name.split("."):
+        found = getattr(found, part)
+    return found
 
 
 def registered_from_code() -> dict:

@@ -27,6 +27,7 @@ from sherl_pipe.cache.location import storage_options_of
 from sherl_pipe.cluster import held_interrupts
 from sherl_pipe.config import Pipeline
 from sherl_pipe.errors import SherlError
+from sherl_pipe.methods import registered_from_code
 from sherl_pipe.metrics import best_of
 from sherl_pipe.sweep.cluster import Engine
 from sherl_pipe.sweep.space import Param, encode
@@ -76,14 +77,6 @@ def finished_count(study, sweep_dir: Path) -> int:
     return count
 
 
-def registered_classes() -> dict:
-    """Methods registered in this process (register_method), as classes or "module:Class": a worker
-    process knows only the package's own, so the trial takes these with it."""
-    from sherl_pipe.methods import registered_from_code
-
-    return registered_from_code()
-
-
 def is_lost_worker(exc: BaseException) -> bool:
     """Whether a trial's future failed because its worker died, not because the trial raised."""
     from distributed.scheduler import KilledWorker
@@ -115,7 +108,8 @@ class Coordinator:
                 "stop": f"{self.prefix}-stop", "cache_fingerprint": self.plan.cache_fingerprint,
                 # the storage credentials go to the worker in memory (dask), never to a file or a log
                 "storage_options": storage_options_of(self.plan.pipeline),
-                "methods": registered_classes()}
+                # registered in this process (a notebook, a test): a worker knows only the package's own
+                "methods": registered_from_code()}
 
     def submit(self, worker: str) -> None:
         trial = self.study.ask()

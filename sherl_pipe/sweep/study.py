@@ -233,13 +233,22 @@ def run_again(study, sweep_dir: Path, trial, reason: str) -> None:
 
     record_error(sweep_dir, trial.number, reason)
     study.tell(trial.number, state=TrialState.FAIL)
+    queue_again(study, trial, lost=int(trial.user_attrs.get("lost", 0)) + (reason == LOST))
+
+
+def trial_params(trial) -> dict:
+    """A trial's parameters: those it drew, and a queued trial's fixed ones (fixed before it draws
+    them: compare's trials, whose study has no space)."""
+    return {**getattr(trial, "system_attrs", {}).get("fixed_params", {}), **trial.params}
+
+
+def queue_again(study, trial, **attrs) -> None:
+    """Queue TRIAL's parameters as a new trial (ATTRS beside rerun_of); a trial stopped before it
+    had all its parameters is not queued (an empty requeue would run whatever the sampler drew)."""
     keys = {p["key"] for p in study.user_attrs["signature"]["space"]}
-    # a queued trial's parameters are fixed before it draws them (compare's trials, whose study has
-    # no space: an empty requeue would have run whatever the sampler drew)
-    params = {**getattr(trial, "system_attrs", {}).get("fixed_params", {}), **trial.params}
+    params = trial_params(trial)
     if params and keys <= set(params):
-        lost = int(trial.user_attrs.get("lost", 0)) + (reason == LOST)
-        study.enqueue_trial(params, user_attrs={"rerun_of": trial.number, "lost": lost}, skip_if_exists=False)
+        study.enqueue_trial(params, user_attrs={"rerun_of": trial.number, **attrs}, skip_if_exists=False)
 
 
 def first_cause(text: str) -> str:
@@ -269,13 +278,12 @@ def retry_failed(study, sweep_dir: Path, requeue: bool = True, only: set[str] | 
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         error = trial_dir(sweep_dir, t.number) / "error.txt"
         text = error.read_text() if error.is_file() else ""
-        params = {**t.system_attrs.get("fixed_params", {}), **t.params}
-        if is_rerun_error(text) or (only is not None and json.dumps(normalise(params), sort_keys=True) not in only):
+        planned = only is None or json.dumps(normalise(trial_params(t)), sort_keys=True) in only
+        if is_rerun_error(text) or not planned:
             continue
         record_error(sweep_dir, t.number, f"{RETRIED}\n{text}")
-        keys = {p["key"] for p in study.user_attrs["signature"]["space"]}
-        if requeue and params and keys <= set(params):
-            study.enqueue_trial(params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
+        if requeue:
+            queue_again(study, t)
         retried.append(t.number)
     return retried
 
