@@ -8,7 +8,6 @@ import csv
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from conftest import make_backbone, write_full_pipeline
@@ -16,8 +15,7 @@ from sherl_pipe.cli import main
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
 from sherl_pipe.extraction import extract
-from sherl_pipe.methods.base import Method
-from sherl_pipe.model import Head, pool
+from test_methods import Toy  # a method from a test file, as a user registers one
 
 
 @pytest.fixture(scope="module")
@@ -256,40 +254,13 @@ def test_an_empty_methods_list_is_refused_not_read_as_every_method(tmp_path, com
     assert not (tmp_path / "cmp").exists()
 
 
-class Mean(Method):
-    """A method registered from this test file: a head on the mean of h[1] and h[L]."""
-
-    name = "mean-of-two"
-    lr = 2e-3
-
-    def reads(self, spec):
-        return [1, spec.num_layers]
-
-    def build(self, spec, config, modules):
-        return MeanModel(spec, config)
-
-
-class MeanModel(torch.nn.Module):
-    def __init__(self, spec, config):
-        super().__init__()
-        self.spec, self.config = spec, config
-        self.head = Head(config.hidden_size, spec.num_outputs, 0.0)
-
-    def forward_batch(self, batch):
-        mixed = (batch.states[1].float() + batch.states[self.spec.num_layers].float()) / 2
-        return self.head(pool(mixed, batch.mask, "mean", None))
-
-    def new_modules(self):
-        return [self.head]
-
-
 def test_a_method_registered_from_code_is_compared(tmp_path, compare_pipeline, monkeypatch):
-    """register_method("mean-of-two", Mean) then compare: each job (a process of its own) gets the
+    """register_method("mean-of-two", Toy) then compare: each job (a process of its own) gets the
     method by its import path (old code: every trial failed, 'Object of type type is not JSON
     serializable'); a class no job could import is refused before any trial."""
     from sherl_pipe.methods import REGISTRY
 
-    monkeypatch.setitem(REGISTRY, "mean-of-two", Mean)  # register_method, undone after the test
+    monkeypatch.setitem(REGISTRY, "mean-of-two", Toy)  # register_method (of a test file's class), undone after
     out = tmp_path / "cmp"
     r = CliRunner().invoke(main, ["compare", str(compare_pipeline), "-q", "--methods", "mean-of-two,linear-probe",
                                   "--seeds", "1", "--compare-dir", str(out), "--workers", "1"])
@@ -299,7 +270,7 @@ def test_a_method_registered_from_code_is_compared(tmp_path, compare_pipeline, m
     assert float(rows["mean-of-two"]["lr"]) == 2e-3
 
     def local():
-        class Hidden(Mean):
+        class Hidden(Toy):
             pass
         return Hidden
 
@@ -393,10 +364,10 @@ def test_methods_registered_as_import_paths_or_nested_classes_reach_the_jobs(mon
     from sherl_pipe.compare.trial import method_reference
     from sherl_pipe.methods import REGISTRY, get_method, registered_from_code
 
-    monkeypatch.setitem(REGISTRY, "mean-by-path", "test_compare:Mean")
+    monkeypatch.setitem(REGISTRY, "mean-by-path", "test_methods:Toy")
     monkeypatch.setitem(REGISTRY, "nested", Outer.Inner)
     got = registered_from_code()
-    assert got["mean-by-path"] == "test_compare:Mean" and got["nested"] is Outer.Inner and "sherl" not in got
+    assert got["mean-by-path"] == "test_methods:Toy" and got["nested"] is Outer.Inner and "sherl" not in got
     assert method_reference(Outer.Inner) == "test_compare:Outer.Inner"
     monkeypatch.setitem(REGISTRY, "nested", "test_compare:Outer.Inner")  # as a job registers it
     assert isinstance(get_method("nested"), Outer.Inner)
@@ -407,5 +378,5 @@ def test_methods_registered_as_import_paths_or_nested_classes_reach_the_jobs(mon
 
 
 class Outer:
-    class Inner(Mean):
+    class Inner(Toy):
         name = "nested"

@@ -84,6 +84,16 @@ def open_s3(endpoint: str, prefix: str) -> Cache:
     return Cache(f"s3://{BUCKET}/{prefix}", {"endpoint_url": endpoint})
 
 
+def wait_for_blocks(client, prefix: str, proc, count: int = 3) -> None:
+    """Until the extraction PROC writing s3://BUCKET/PREFIX has marked COUNT train blocks done (or
+    ended): the moment to cut it off in the middle of the split."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sum("/train/done/c/" in k for k in keys(client, f"{prefix}/")) >= count:
+            return
+        time.sleep(0.02)
+
+
 def keys(client, prefix: str) -> list[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
@@ -147,11 +157,7 @@ def test_a_killed_extraction_on_s3_resumes_to_an_equal_cache(s3, tmp_path, bert_
     extract(load_pipeline(str(p), [*small, f"extract.cache={tmp_path / 'local4'}"]))
     proc = subprocess.Popen([sys.executable, "-m", "sherl_pipe", "extract", "-q", str(p), "--set", small[0]],
                             env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if sum("/train/done/c/" in k for k in keys(client, "killed/")) >= 3:
-            break
-        time.sleep(0.02)
+    wait_for_blocks(client, "killed", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
@@ -393,11 +399,7 @@ def test_a_paused_writer_never_writes_into_the_cache_that_took_its_place(s3, tmp
     a = subprocess.Popen([sys.executable, "-m", "sherl_pipe", "extract", "-q", str(p), *sets], env=os.environ.copy(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and a.poll() is None:
-            if sum("/train/done/c/" in k for k in keys(client, "fenced/")) >= 3:
-                break
-            time.sleep(0.02)
+        wait_for_blocks(client, "fenced", a)
         a.send_signal(signal.SIGSTOP)
         time.sleep(4)  # past A's lease
         other = make_text_file(tmp_path / "other.csv", n=200, seed=11)
