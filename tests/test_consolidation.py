@@ -171,7 +171,7 @@ def test_tier_weights_match_the_reference_alpha():
 
 
 def naive_alpha(others: torch.Tensor, guide: torch.Tensor, score: nn.Linear, name: str) -> torch.Tensor:
-    """alpha of every option, token by token and tier by tier, from its formula (README):
+    """alpha of every option, token by token and tier by tier, from its formula (docs/methods.md):
     x_t = a_t * g (divided by sqrt(mean(x_t^2) + eps) where normalised), s_t = w . x_t + b,
     R_t = sum_j relu(cos(a_t, a_j)), alpha_t = f(s_t) / R_t normalised to sum 1 (0 if all are 0),
     f = relu | softplus = log(1 + e^s) | exp."""

@@ -163,7 +163,7 @@ def test_the_early_network_is_never_loaded(tmp_path, bert_dir, labeled_csv, fp32
 
 
 def test_the_default_late_route_is_two_layers_over_a_default_cache(fp32_cache):
-    """The defaults chosen by sweeps (README, Defaults): a cache extracted at the default k = 1
+    """The defaults chosen by sweeps (docs/results/2026-11-24-defaults.md): a cache extracted at the default k = 1
     stores every tier, and the model spec of the default training config on that cache's manifest
     has k = 2: the anchor h[L-2] and the tiers below it (one default cache serves k = 1 and 2;
     training at k = 2 itself is tested in test_families and test_sweep)."""

@@ -16,7 +16,7 @@ import importlib
 
 from sherl_pipe.errors import SherlError
 
-# name -> "module:class"; the order is the methods table's (README) and compare's
+# name -> "module:class"; the order is the methods table's (README, docs/methods.md) and compare's
 REGISTRY: dict[str, object] = {
     "sherl": "sherl_pipe.methods.sherl:Sherl",
     "unipt": "sherl_pipe.methods.unipt:UniPT",

@@ -20,7 +20,7 @@ class Method:
     sources: tuple[str, ...] = ("cached", "live")  # where its activations may come from
     lr = 1e-3  # train.lr = 0: the rate of its new modules and head
     reduction = 8  # train.reduction = 0: the width D / r of its modules, where it has any
-    # the methods table (README): what it trains, what it reads and loads, where it comes from
+    # the methods table (README, docs/methods.md): what it trains, what it reads and loads, where it comes from
     trains = ""
     source_text = ""
 
