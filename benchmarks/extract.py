@@ -36,7 +36,8 @@ from sherl_pipe.backbone import Backbone  # noqa: E402
 from sherl_pipe.cache import Cache  # noqa: E402
 from sherl_pipe.config import ExtractConfig, load_pipeline  # noqa: E402
 from sherl_pipe.data import load_dataset  # noqa: E402
-from sherl_pipe.extraction import extract, forward_batches, reorder, storage_order, tokenize  # noqa: E402
+from sherl_pipe.encode import forward_batches, reorder, storage_order, tokenize  # noqa: E402
+from sherl_pipe.extraction import extract  # noqa: E402
 
 IMPORT_S = time.perf_counter() - T_IMPORT
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"

@@ -10,13 +10,20 @@ cache's block writer (the store opened once).
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from sherl_pipe.backbone import Backbone
 from sherl_pipe.cache.codec import whole_time_chunks
+from sherl_pipe.cache.lease import Lease
 from sherl_pipe.cache.location import Location
+from sherl_pipe.cache.writer import BlockWriter
+from sherl_pipe.devices import pick_device
+from sherl_pipe.encode import Tokenized, forward_block, pad_batch
 from sherl_pipe.errors import SherlError
 
 
@@ -70,8 +77,6 @@ def make_task(plan, split: str, block: int, chunk_size: int) -> BlockTask:
 def compute_block(backbone, job: BlockJob, task: BlockTask, device) -> dict[str, np.ndarray]:
     """The block's arrays: tiers from the model (positions up to its longest sample, in whole
     time chunks), input_ids (and token types), lengths, labels, row ids."""
-    from sherl_pipe.extraction import Tokenized, forward_block, pad_batch
-
     tok = Tokenized(task.ids, task.types, task.lengths)
     idx = np.arange(task.samples)
     width = whole_time_chunks(int(task.lengths.max()), job.time_chunk, task.time_len)
@@ -97,9 +102,6 @@ _HELD_LOCK = threading.Lock()
 def loaded_backbone(source: str, attn_implementation: str, device_name: str):
     """(backbone, device, module hashes) of SOURCE, loaded once per process (a worker's plugin
     loads it as the worker starts, before its first block)."""
-    from sherl_pipe.backbone import Backbone
-    from sherl_pipe.devices import pick_device
-
     key = ("backbone", source, attn_implementation, device_name)
     with _HELD_LOCK:
         if key not in _HELD:
@@ -113,8 +115,6 @@ def loaded_backbone(source: str, attn_implementation: str, device_name: str):
 def worker_backbone(job: BlockJob):
     """The backbone, refused if its modules are not the manifest's. One loaded earlier whose
     modules differ is loaded once more first: a long-lived worker sees a folder whose weights changed."""
-    import socket
-
     backbone, device, hashes = loaded_backbone(job.backbone, job.attn_implementation, job.device)
     if _differ(job.hashes, hashes):
         with _HELD_LOCK:
@@ -135,8 +135,6 @@ def _differ(expected: dict, hashes: dict) -> list[str]:
 def worker_writer(job: BlockJob):
     """The cache's block writer, opened once per extraction run (an --overwrite may have made its
     arrays anew since the last run this worker served)."""
-    from sherl_pipe.cache.writer import BlockWriter
-
     key = ("writer", job.location.url, job.run_id)
     with _HELD_LOCK:
         if key not in _HELD:
@@ -150,8 +148,6 @@ def check_generation(job: BlockJob) -> None:
     (a worker of a coordinator that was paused past its lease, or lost it, writes nothing more)."""
     if job.generation is None:
         return
-    from sherl_pipe.cache.lease import Lease
-
     newest = max(Lease(job.location).generations(), default=0)
     if newest != job.generation:
         raise SherlError(f"cache {job.cache_name}: the extraction that sent this block lost the cache's lease "
@@ -166,8 +162,6 @@ def _forget(kind: str) -> None:
 
 def run_block(job: BlockJob, task: BlockTask) -> dict:
     """What a dask worker runs for one block: forward, encode, write, mark done; returns counts."""
-    import torch
-
     backbone, device = worker_backbone(job)
     with torch.inference_mode():
         arrays = compute_block(backbone, job, task, device)

@@ -21,8 +21,13 @@ import threading
 import time
 import uuid
 
+import torch
 from distributed import WorkerPlugin
 
+from sherl_pipe.blocks import loaded_backbone, run_block
+from sherl_pipe.cache import set_codec_threads
+from sherl_pipe.cluster import (connect, ignore_interrupts, local_cluster, register_plugin, start_forkserver,
+                                stop_forkserver, thread_environ)
 from sherl_pipe.errors import SherlError
 
 PLUGIN = "sherl-pipe-extract"
@@ -32,7 +37,7 @@ STRAGGLER_SECONDS = 300.0  # a failed extraction waits this long at most for its
 
 # What a worker forked from the fork server has imported already (cluster.start_forkserver):
 # transformers.modeling_utils is the bulk of a model class's import (1.5 of 2 s for BERT here).
-PRELOAD = ("torch", "transformers.modeling_utils", "sherl_pipe.backbone", "sherl_pipe.blocks", "sherl_pipe.extraction")
+PRELOAD = ("torch", "transformers.modeling_utils", "sherl_pipe.backbone", "sherl_pipe.blocks")
 
 
 class ExtractWorker(WorkerPlugin):
@@ -49,19 +54,11 @@ class ExtractWorker(WorkerPlugin):
         self.threads, self.shield, self.warm, self.environ = threads, shield, warm, environ or {}
 
     def setup(self, worker=None):
-        import torch
-
-        from sherl_pipe.cache import set_codec_threads
-        from sherl_pipe.cluster import ignore_interrupts
-
         os.environ.update(self.environ)
         if self.shield:
             ignore_interrupts()
         torch.set_num_threads(self.threads)
         set_codec_threads(1)
-        import sherl_pipe.extraction  # noqa: F401
-        from sherl_pipe.blocks import loaded_backbone
-
         if self.warm:
             try:
                 loaded_backbone(*self.warm)
@@ -78,8 +75,6 @@ class ClusterStart:
     stops it, in the thread that started it (a dask client is left where it was entered)."""
 
     def __init__(self, workers: int, warm: tuple[str, str, str] | None = None):
-        from sherl_pipe.cluster import start_forkserver, thread_environ
-
         self.workers, self.per = workers, max(1, (os.cpu_count() or 1) // workers)
         self.method = start_forkserver(PRELOAD, thread_environ(self.per))
         self._plugin = ExtractWorker(self.per, shield=True, warm=warm,
@@ -90,8 +85,6 @@ class ClusterStart:
         self._thread.start()
 
     def _serve(self) -> None:
-        from sherl_pipe.cluster import local_cluster, register_plugin
-
         try:
             with local_cluster(self.workers, self.per, self.method) as client:
                 register_plugin(client, self._plugin, PLUGIN)
@@ -114,8 +107,6 @@ class ClusterStart:
         """Stop the cluster and wait until it has, then the fork server it was forked from (it held
         torch and transformers, about 400 MiB, until the calling process ended; a later extraction
         starts a new one). Safe to call again."""
-        from sherl_pipe.cluster import stop_forkserver
-
         self._stop.set()
         self._thread.join()
         if self.method == "forkserver":
@@ -127,8 +118,6 @@ def extraction_cluster(workers: int, scheduler: str | None, threads: int, starte
     """(client, description): an existing cluster at SCHEDULER, or a local cluster of WORKERS
     processes with cores / WORKERS torch threads each (THREADS: a remote worker's): STARTED, or
     one started now. A local cluster is stopped as the blocks end."""
-    from sherl_pipe.cluster import connect, register_plugin
-
     if scheduler:
         with connect(scheduler) as client:
             register_plugin(client, ExtractWorker(threads, shield=False), PLUGIN)
@@ -147,8 +136,6 @@ def run_blocks(client, job, tasks, on_done, check_lock=lambda: None) -> None:
     time; ON_DONE(counts) as each finishes. A task's error (a SherlError on its worker) is raised
     here once the tasks in flight are cancelled."""
     from distributed import as_completed
-
-    from sherl_pipe.blocks import run_block
 
     workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
     tasks = iter(tasks)

@@ -20,7 +20,7 @@ from sherl_pipe.data.read import Layout, Names
 from sherl_pipe.devices import autocast
 from sherl_pipe.errors import SherlError
 from sherl_pipe.evaluation import OUTPUT_SUFFIXES, Trained, load_trained, write_predictions
-from sherl_pipe.extraction import forward_batches, storage_order, tokenize
+from sherl_pipe.encode import forward_batches, storage_order, tokenize
 from sherl_pipe.folders import ensure_writable
 from sherl_pipe.methods import get_method
 from sherl_pipe.resources import resolve_model

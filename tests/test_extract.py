@@ -432,10 +432,11 @@ def test_a_half_precision_checkpoint_is_cached_and_trained_in_fp32(tmp_path, tex
 
 def test_the_writer_threads_error_does_not_hide_the_one_that_stopped_extraction(tmp_path, bert_dir, text_csv,
                                                                                 monkeypatch):
+    import sherl_pipe.blocks as blocks
     import sherl_pipe.extraction as extraction
 
     calls = []
-    forward = extraction.forward_block
+    forward = blocks.forward_block
 
     def failing_forward(*a, **kw):
         calls.append(1)
@@ -446,7 +447,7 @@ def test_the_writer_threads_error_does_not_hide_the_one_that_stopped_extraction(
     def failing_write(*a, **kw):
         raise RuntimeError("the writer failed")
 
-    monkeypatch.setattr(extraction, "forward_block", failing_forward)
+    monkeypatch.setattr(blocks, "forward_block", failing_forward)
     monkeypatch.setattr(extraction.CacheWriter, "write_block", failing_write)
     pipe = write_pipeline(tmp_path / "p.toml", bert_dir, text_csv, tmp_path / "cache")
     with pytest.raises(SherlError, match="the forward pass failed"):
