@@ -174,10 +174,9 @@ def mean_by_setting(rows: list[dict]) -> dict[tuple, dict]:
 def defaults_cell() -> tuple:
     """The structure grid's cell at the code's defaults (lr 0 means the new modules' default rate)."""
     from sherl_pipe.config import TrainConfig
-    from sherl_pipe.model import NEW_LR
 
     d = TrainConfig()
-    return (("late_layers", d.late_layers), ("late_tuning", d.late_tuning), ("lr", d.lr or NEW_LR))
+    return (("late_layers", d.late_layers), ("late_tuning", d.late_tuning), ("lr", d.lr or d.plugin.lr))
 
 
 def budget_sets(task: str) -> list[str]:

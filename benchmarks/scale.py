@@ -218,7 +218,7 @@ def part_precision(job, pipe: Path, args, work: Path) -> dict:
 
 def part_flops(job, pipe: Path, args, work: Path) -> dict:
     from sherl_pipe.config import load_pipeline
-    from sherl_pipe.model import config_from_manifest
+    from sherl_pipe.methods.spec import config_from_manifest
 
     out = {}
     for p in ("fp32", "bf16"):

@@ -12,43 +12,20 @@ the command line. `embedded:NAME` names data or a model that ships in an install
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from sherl_pipe.errors import SherlError
+from sherl_pipe.fields import as_written, at_least, between, checked, choice, column, options
 from sherl_pipe.methods import DEFAULT as DEFAULT_METHOD
-from sherl_pipe.methods import LEGACY_MODES
+from sherl_pipe.methods import LEGACY_MODES, REGISTRY, check_settings, get_method, option_owners, settings_as_written
 
 
-
-
-def _choice(default, *choices):
-    return field(default=default, metadata={"choices": (default, *choices)})
-
-
-def _at_least(default, minimum):
-    return field(default=default, metadata={"min": minimum})
-
-
-def _between(default, minimum, maximum, below_max: bool = False):
-    """A number in [minimum, maximum] (or [minimum, maximum) with below_max)."""
-    return field(default=default, metadata={"min": minimum, "max": maximum, "below_max": below_max})
-
-
-def _options():
-    """A table of a remote filesystem's options (location.py), which may hold credentials: they are
-    used, never written or printed (section_to_dict leaves them out), and never compared."""
-    return field(default_factory=dict, hash=False, compare=False, repr=False, metadata={"options": True})
-
-
-def _column(default):
-    """A column name; with data.header = false, its 0-based position (an integer in the file)."""
-    return field(default=default, metadata={"column": True})
 
 
 @dataclass(frozen=True)
@@ -59,22 +36,22 @@ class DataConfig:
     train: str = ""  # ... or one file per split
     validation: str = ""
     test: str = ""
-    format: str = _choice("auto", "csv", "tsv", "jsonl", "parquet")
+    format: str = choice("auto", "csv", "tsv", "jsonl", "parquet")
     encoding: str = "utf-8"
     header: bool = True  # false: CSV/TSV without a header row; columns are named by position (0, 1, ...)
-    quoting: str = _choice("auto", "none", "csv")  # auto: CSV quoted as CSV, TSV unquoted (GLUE style)
-    text_column: str = _column("text")
-    text_pair_column: str = _column("")
-    label_column: str = _column("label")
-    task_type: str = _choice("classification", "regression")
+    quoting: str = choice("auto", "none", "csv")  # auto: CSV quoted as CSV, TSV unquoted (GLUE style)
+    text_column: str = column("text")
+    text_pair_column: str = column("")
+    label_column: str = column("label")
+    task_type: str = choice("classification", "regression")
     label_names: tuple[str, ...] = ()  # fixes label ids; default: sorted distinct labels
-    filter_column: str = _column("")
+    filter_column: str = column("")
     filter_min: float | None = None
-    filter_missing: str = _choice("drop", "keep")
+    filter_missing: str = choice("drop", "keep")
     deduplicate: bool = False
-    limit: int = _at_least(0, 0)  # rows kept per file after filtering (0: all)
+    limit: int = at_least(0, 0)  # rows kept per file after filtering (0: all)
     split_sizes: tuple[float, ...] = ()  # train, validation, test: counts, or fractions < 1
-    validation_size: float = _at_least(0.0, 0.0)  # carved out of data.train: a count, or a fraction < 1
+    validation_size: float = at_least(0.0, 0.0)  # carved out of data.train: a count, or a fraction < 1
     split_seed: int = 0
 
     def check(self) -> None:
@@ -120,9 +97,9 @@ class BackboneConfig:
     """The pretrained encoder: a local Hugging Face folder or `embedded:all-MiniLM-L6-v2`."""
 
     source: str = "embedded:all-MiniLM-L6-v2"
-    max_length: int = _at_least(128, 2)
-    attn_implementation: str = _choice("sdpa", "eager")
-    device: str = _choice("auto", "cpu", "cuda")
+    max_length: int = at_least(128, 2)
+    attn_implementation: str = choice("sdpa", "eager")
+    device: str = choice("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -130,88 +107,98 @@ class ExtractConfig:
     """Stage one: which tiers to cache and how to store them."""
 
     cache: str = "sherl-cache/default"
-    late_layers: int = _at_least(1, 0)  # k: the cut is c = L - k; 0 stores every tier h[0..L] (all methods)
+    late_layers: int = at_least(1, 0)  # k: the cut is c = L - k; 0 stores every tier h[0..L] (all methods)
     tiers: tuple[int, ...] = ()  # tiers h[t] to store; empty: all of h[0..c]; h[c] is always stored
-    dtype: str = _choice("float16", "float32", "int8", "float8")  # storage format (see storage.py)
-    precision: str = _choice("fp32", "bf16", "fp16")  # the early layers' computation (autocast); fp16: CUDA only
+    dtype: str = choice("float16", "float32", "int8", "float8")  # storage format (see storage.py)
+    precision: str = choice("fp32", "bf16", "fp16")  # the early layers' computation (autocast); fp16: CUDA only
     # lz4: the whole write path (codec, checksums, files) costs about a tenth of the bare forward pass
     # on 2 CPU cores; zstd stores ~8% less but costs ~30% more time (benchmarks/extract.py).
     # Real-valued fp16 activations barely compress either way.
-    codec: str = _choice("blosc-lz4", "blosc-zstd", "zstd", "none")
-    clevel: int = _at_least(3, 0)
-    chunk_size: int = _at_least(256, 1)  # samples per chunk; one write block = one chunk
-    time_chunk: int = _at_least(16, 1)  # positions per chunk along the time axis
-    batch_size: int = _at_least(64, 1)  # samples per forward pass
-    threads: int = _at_least(2, 1)  # torch threads
-    codec_threads: int = _at_least(1, 1)
+    codec: str = choice("blosc-lz4", "blosc-zstd", "zstd", "none")
+    clevel: int = at_least(3, 0)
+    chunk_size: int = at_least(256, 1)  # samples per chunk; one write block = one chunk
+    time_chunk: int = at_least(16, 1)  # positions per chunk along the time axis
+    batch_size: int = at_least(64, 1)  # samples per forward pass
+    threads: int = at_least(2, 1)  # torch threads
+    codec_threads: int = at_least(1, 1)
     splits: tuple[str, ...] = ()  # splits to extract; empty: every split the data section has
     # 1: blocks computed in this process; N > 1: on a local dask cluster of N worker processes
     # (extract --scheduler ADDRESS: on an existing cluster instead)
-    workers: int = _at_least(1, 1)
+    workers: int = at_least(1, 1)
     # object stores: a writer's lease runs out this long after its last renewal (cache/lease.py);
     # shorter lets another extraction take over a crashed one's cache sooner
-    lease_seconds: float = _at_least(120.0, 1.0)
-    storage_options: dict = _options()  # for a cache at a URL (s3://...): endpoint_url, key, secret, ...
+    lease_seconds: float = at_least(120.0, 1.0)
+    storage_options: dict = options()  # for a cache at a URL (s3://...): endpoint_url, key, secret, ...
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Stage two: the SHERL model trained from the cache."""
+    """Stage two: the settings every training method shares. A method's own settings (its Options,
+    sherl_pipe/methods) are keys of [train] (`flat`: each applies to every method that has it) or
+    its [train.<method>] table (`tables`); `options` is the chosen method's, resolved."""
 
     run_dir: str = "sherl-runs/default"
     method: str = field(default=DEFAULT_METHOD, metadata={"registry": True})  # a name in sherl_pipe.methods
-    source: str = _choice("cached", "live")  # tiers read from the cache, or the early layers run live
-    late_layers: int = _at_least(2, 1)  # k: the last k pretrained layers form the late route (see docs/results/2026-11-24-defaults.md)
-    tiers: tuple[int, ...] = ()  # tiers fed to the consolidation; empty: every cached tier up to the anchor
-    late_tuning: str = _choice("frozen", "norm-bias", "lora", "full")
-    projection: str = _choice("gated-mlp", "linear-ln")
-    # how the consolidation turns tier scores into weights (consolidation.TIER_SCORES; relu: the paper's,
-    # which left most runs' tiers unused; see docs/methods.md, The consolidation's tier score)
-    tier_score: str = _choice("softmax-normed", "relu", "softplus", "softmax", "relu-normed", "softplus-normed")
-    # how the consolidation starts (consolidation.ANCHOR_RESIDUALS): shut, the paper's (its output
-    # replaces h[c]); open, h[c] passed on and the module's own output at zero (see docs/methods.md)
-    anchor_residual: str = _choice("shut", "open")
-    reduction: int = _at_least(0, 0)  # width D / r of the method's modules; 0: the method's (sherl, lst 8; unipt 2)
-    pooling: str = _choice("auto", "cls-pooler", "cls", "mean")
-    dropout: float = _between(0.1, 0.0, 1.0, below_max=True)
-    epochs: int = _at_least(3, 0)
-    max_steps: int = _at_least(0, 0)  # > 0: stop after this many optimizer steps
+    source: str = choice("cached", "live")  # tiers read from the cache, or the early layers run live
+    pooling: str = choice("auto", "cls-pooler", "cls", "mean")
+    dropout: float = between(0.1, 0.0, 1.0, below_max=True)
+    epochs: int = at_least(3, 0)
+    max_steps: int = at_least(0, 0)  # > 0: stop after this many optimizer steps
     # > 0: stop once training (its evaluations included) would pass this many seconds; the epoch
     # cut short is evaluated, and the time its evaluation takes is kept in reserve
-    max_seconds: float = _at_least(0.0, 0.0)
-    batch_size: int = _at_least(32, 1)
-    grad_accum: int = _at_least(1, 1)
-    lr: float = _at_least(0.0, 0.0)  # new modules and head; 0: 1e-3
-    lr_late: float = _at_least(0.0, 0.0)  # pretrained weights being tuned; 0: the late_tuning mode's default
-    weight_decay: float = _at_least(0.01, 0.0)  # pretrained weights (not their norms and biases)
-    weight_decay_new: float = _at_least(0.0, 0.0)  # the new modules (consolidation, head, LoRA)
-    warmup_ratio: float = _between(0.06, 0.0, 1.0)
-    grad_clip: float = _at_least(1.0, 0.0)
-    lora_rank: int = _at_least(8, 1)
-    lora_alpha: float = _at_least(16.0, 0.0)
+    max_seconds: float = at_least(0.0, 0.0)
+    batch_size: int = at_least(32, 1)
+    grad_accum: int = at_least(1, 1)
+    lr: float = at_least(0.0, 0.0)  # new modules and head; 0: the method's (Method.lr)
+    lr_late: float = at_least(0.0, 0.0)  # pretrained weights it tunes; 0: the method's (Method.lr_pretrained)
+    weight_decay: float = at_least(0.01, 0.0)  # pretrained weights (not their norms and biases)
+    weight_decay_new: float = at_least(0.0, 0.0)  # the new modules (consolidation, head, LoRA)
+    warmup_ratio: float = between(0.06, 0.0, 1.0)
+    grad_clip: float = at_least(1.0, 0.0)
     eval_split: str = "validation"  # "" to skip per-epoch evaluation
     metric: str = ""  # picks the best epoch and drives early stopping; "": accuracy or pearson (metrics.selection)
-    early_stopping: int = _at_least(0, 0)  # epochs without improvement before stopping; 0: never
-    save_every: int = _at_least(0, 0)  # optimizer steps between resumable checkpoints; 0: by time only
-    save_minutes: float = _at_least(5.0, 0.0)  # minutes between resumable checkpoints within an epoch; 0: off
-    log_every: int = _at_least(10, 1)  # optimizer steps between train-loss records in metrics.jsonl
-    batching: str = _choice("bucketed", "shuffled")  # see training/batches.py and docs/training.md
-    buffer_chunks: int = _at_least(4, 1)  # bucketed: chunks shuffled together by the loader ...
-    buffer_mb: int = _at_least(32, 1)  # ... as long as their decoded tiers fit this (always >= 1 chunk)
+    early_stopping: int = at_least(0, 0)  # epochs without improvement before stopping; 0: never
+    save_every: int = at_least(0, 0)  # optimizer steps between resumable checkpoints; 0: by time only
+    save_minutes: float = at_least(5.0, 0.0)  # minutes between resumable checkpoints within an epoch; 0: off
+    log_every: int = at_least(10, 1)  # optimizer steps between train-loss records in metrics.jsonl
+    batching: str = choice("bucketed", "shuffled")  # see training/batches.py and docs/training.md
+    buffer_chunks: int = at_least(4, 1)  # bucketed: chunks shuffled together by the loader ...
+    buffer_mb: int = at_least(32, 1)  # ... as long as their decoded tiers fit this (always >= 1 chunk)
     preload: bool = False  # read the whole train split into memory first (small caches only)
     compile: bool = False  # torch.compile the consolidation for training steps (eager if that fails)
-    precision: str = _choice("auto", "fp32", "bf16")  # stage two's autocast; auto: bf16 on CUDA, fp32 on CPU
+    precision: str = choice("auto", "fp32", "bf16")  # stage two's autocast; auto: bf16 on CUDA, fp32 on CPU
     seed: int = 0
-    threads: int = _at_least(2, 1)
-    device: str = _choice("auto", "cpu", "cuda")
-    storage_options: dict = _options()  # reading the cache: over extract.storage_options, key by key
+    threads: int = at_least(2, 1)
+    device: str = choice("auto", "cpu", "cuda")
+    storage_options: dict = options()  # reading the cache: over extract.storage_options, key by key
+    flat: dict = field(default_factory=dict, hash=False, repr=False, metadata={"method_settings": True})
+    tables: dict = field(default_factory=dict, hash=False, repr=False, metadata={"method_settings": True})
+
+    @functools.cached_property
+    def plugin(self):
+        """The method itself (sherl_pipe.methods), looked up once."""
+        return get_method(self.method)
+
+    @functools.cached_property
+    def options(self):
+        """The method's own settings: its [train] keys under its [train.<method>] table."""
+        return self.plugin.options(self.flat, self.tables.get(self.method, {}), "train")
+
+    def __getattr__(self, name: str):
+        """A method setting read as train.KEY (train.late_layers): the chosen method's value."""
+        if name.startswith("__") or name in ("flat", "tables", "method", "options", "plugin"):
+            raise AttributeError(name)
+        options = self.options
+        if hasattr(options, name):
+            return getattr(options, name)
+        raise AttributeError(f"train has no setting {name!r} for method {self.method!r}")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     split: str = "test"
-    checkpoint: str = _choice("best", "last")
-    batch_size: int = _at_least(128, 1)
+    checkpoint: str = choice("best", "last")
+    batch_size: int = at_least(128, 1)
 
 
 SECTIONS: dict[str, type] = {
@@ -299,10 +286,14 @@ def section_to_dict(section, secrets: bool = False) -> dict:
 
     out = {}
     for f in dataclasses.fields(section):
+        if f.metadata.get("method_settings"):
+            continue
         value = getattr(section, f.name)
         if f.metadata.get("options"):
             value = dict(value) if secrets else public_options(value)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
+        out[f.name] = as_written(value)
+    if isinstance(section, TrainConfig):
+        out.update(settings_as_written(section.flat, section.tables))
     return out
 
 
@@ -393,8 +384,10 @@ def _parse_set(item: str) -> tuple[str, str, object]:
         raise SherlError(f"--set {item!r}: unknown section '{section}'; known: {sorted(SECTIONS) + ['sweep']}")
     key, _, sub = key.strip().partition(".")
     fields = [f.name for f in dataclasses.fields(SECTIONS[section])] if section in SECTIONS else None
-    if fields is not None and section == "train":
-        fields.append("mode")  # before methods existed (translate_mode)
+    if section == "train":
+        fields = train_keys() + ["mode"]  # mode: before methods existed (translate_mode)
+        if key in REGISTRY and sub:  # one key of a method's own table: --set train.sherl.late_layers=4
+            fields.append(key)
     if fields is not None and key not in fields:  # named here: the file it is merged into is not at fault
         raise SherlError(f"--set {item!r}: unknown key '{section}.{key}'; known keys of [{section}]: {', '.join(fields)}")
     try:  # a TOML value (number, bool, array, quoted string) ...
@@ -404,7 +397,9 @@ def _parse_set(item: str) -> tuple[str, str, object]:
     if section == "sweep":
         return section, f"{key}.{sub}" if sub else key, value
     if sub:  # one key of a table: --set extract.storage_options.endpoint_url=http://...
-        if not any(f.name == key and f.metadata.get("options") for f in dataclasses.fields(SECTIONS[section])):
+        method_table = section == "train" and key in REGISTRY
+        if not method_table and not any(f.name == key and f.metadata.get("options")
+                                        for f in dataclasses.fields(SECTIONS[section])):
             raise SherlError(f"--set {item!r}: {section}.{key} is not a table; give --set {section}.{key}=VALUE")
         value = _OneKey(tuple(sub.split(".")), value)
     return section, key, value
@@ -432,27 +427,53 @@ def _set_key(table: dict, key: str, value) -> dict:
 def build_section(name: str, values: dict, origin: str, cls: type | None = None):
     """A section's dataclass from its key = value table, every value checked."""
     cls = cls or SECTIONS[name]
+    if cls is TrainConfig:
+        values = _method_settings_apart(values, origin)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    if cls is TrainConfig and "mode" in values:
-        values = translate_mode(values, origin)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise SherlError(f"{origin}: unknown key '{name}.{unknown[0]}'; known keys of [{name}]: {', '.join(fields)}")
-    checked = {}
+    checked_values = {}
     for key, value in values.items():
         where = f"{origin}: {name}.{key}"
-        meta = fields[key].metadata
-        if meta.get("column") and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            value = str(value)  # a column's position in a file without a header
-        checked[key] = _check_value(_coerce(value, hints[key], where), meta, where)
-    section = cls(**checked)
-    if hasattr(section, "check"):
-        try:
+        if fields[key].metadata.get("registry"):
+            get_method(value, where)  # refused with the known names
+        checked_values[key] = checked(value, fields[key], hints[key], where)
+    section = cls(**checked_values)
+    try:
+        if hasattr(section, "check"):
             section.check()
-        except SherlError as exc:
-            raise SherlError(f"{origin}: {exc}") from None
+        if cls is TrainConfig:
+            section.options  # the chosen method's settings, as it resolves them
+    except SherlError as exc:
+        raise SherlError(f"{origin}: {exc}") from None
     return section
+
+
+def train_keys() -> list[str]:
+    """The keys [train] takes: the shared settings, then every method's own (sherl_pipe.methods)."""
+    shared = [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("method_settings")]
+    return shared + [k for k in option_owners() if k not in shared]
+
+
+def _method_settings_apart(values: dict, origin: str) -> dict:
+    """A [train] table with the methods' settings gathered into `flat` (keys a method has) and
+    `tables` ([train.<method>]), each checked by the methods that have it."""
+    if "mode" in values:
+        values = translate_mode(values, origin)
+    owners = option_owners()
+    shared = {k: v for k, v in values.items() if k not in owners and not (k in REGISTRY and isinstance(v, dict))}
+    shared.pop("flat", None), shared.pop("tables", None)
+    unknown = sorted(set(shared) - set(train_keys()))
+    if unknown:
+        raise SherlError(f"{origin}: unknown key 'train.{unknown[0]}'; known keys of [train]: "
+                         f"{', '.join(train_keys())}, and a table [train.METHOD] of a method's own "
+                         f"({', '.join(REGISTRY)})")
+    flat = {**values.get("flat", {}), **{k: v for k, v in values.items() if k in owners}}
+    tables = {**values.get("tables", {}), **{k: v for k, v in values.items() if k in REGISTRY and isinstance(v, dict)}}
+    check_settings(flat, tables, f"{origin}: train")
+    return {**shared, "flat": flat, "tables": tables}
 
 
 def translate_mode(values: dict, origin: str) -> dict:
@@ -468,56 +489,6 @@ def translate_mode(values: dict, origin: str) -> dict:
         raise SherlError(f"{origin}: train.mode = {mode!r} contradicts train.method / train.source; write only "
                          f"method = {method!r} and source = {source!r}")
     return {**values, "method": method, "source": source}
-
-
-def _check_value(value, meta, where: str):
-    if meta.get("registry"):
-        from sherl_pipe.methods import get_method
-
-        get_method(value, where)  # refused with the known names
-    if "choices" in meta and value not in meta["choices"]:
-        raise SherlError(f"{where} = {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
-    if "min" in meta and value < meta["min"]:
-        raise SherlError(f"{where} = {value!r} must be >= {meta['min']}")
-    if "max" in meta and (value >= meta["max"] if meta["below_max"] else value > meta["max"]):
-        raise SherlError(f"{where} = {value!r} must be {'<' if meta['below_max'] else '<='} {meta['max']}")
-    return value
-
-
-def _coerce(value, hint, where: str):
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):  # `float | None`
-        if value is None:
-            return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(value, inner, where)
-    if origin is tuple:
-        (inner, _) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise SherlError(f"{where}: expected a list, got {value!r}")
-        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise SherlError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SherlError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SherlError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise SherlError(f"{where}: expected a string, got {value!r}")
-        return value
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise SherlError(f"{where}: expected a table, for example {{endpoint_url = \"http://127.0.0.1:9000\"}}, "
-                             f"got a {type(value).__name__}")
-        return dict(value)
-    raise TypeError(f"unsupported config type {hint}")  # a bug in this module, not user input
 
 
 def _toml_value(value) -> str:

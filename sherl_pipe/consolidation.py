@@ -126,6 +126,7 @@ TIER_SCORES = {
     "softmax-normed": TierScore("exp", normalised=True),
 }
 PAPER_TIER_SCORE = "relu"
+DEFAULT_TIER_SCORE = "softmax-normed"  # no dead zone, tokens differ from the start (TIER_SCORES)
 
 
 def tier_scores(others: torch.Tensor, guide: torch.Tensor, score: nn.Linear, form: TierScore) -> torch.Tensor:
@@ -193,6 +194,7 @@ class Consolidation(nn.Module):
                  layer_norm_eps: float = 1e-12, tier_score: str = PAPER_TIER_SCORE,
                  anchor_residual: str = PAPER_ANCHOR_RESIDUAL):
         super().__init__()
+        self.tier_score = tier_score
         self.form = TIER_SCORES[tier_score]
         if anchor in tiers:
             tiers = [t for t in tiers if t != anchor]

@@ -25,8 +25,7 @@ from sherl_pipe.config import SECTIONS, Pipeline, build_section
 from sherl_pipe.devices import pick_device
 from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import majority_baseline, mean_baseline
-from sherl_pipe.methods import get_method
-from sherl_pipe.model import ModelSpec, config_from_manifest
+from sherl_pipe.methods.spec import ModelSpec, config_from_manifest
 from sherl_pipe.training.checkpoint import atomic_write_json, load_weights, read_run
 from sherl_pipe.training.inference import compute_metrics, predict_split
 from sherl_pipe.training.setup import source_for
@@ -67,13 +66,13 @@ def load_trained(run_dir, checkpoint: str = "best", device: str = "auto") -> Tra
     try:
         pipeline = Pipeline(**{name: build_section(name, config.get(name, {}), f"{run}/config.json")
                                for name in SECTIONS})
-        spec = ModelSpec.from_dict(info["spec"])
+        spec = ModelSpec.from_dict(info["spec"], f"run folder {run}: model.json's method")
     except (TypeError, KeyError) as exc:
         raise SherlError(f"run folder {run}: model.json does not describe a model ({exc}); the folder is damaged") from None
     manifest = read_run_manifest(run, info)
     device = pick_device(device)
     config = config_from_manifest(manifest)
-    method = get_method(spec.method, f"run folder {run}: model.json's method")
+    method = spec.plugin
     model = method.build(spec, config, method.empty_modules(spec, config))
     load_weights(run / "checkpoints" / f"{checkpoint}.safetensors", model, checkpoint)
     return Trained(run, pipeline, info, manifest, spec, model.to(device).eval(), device)

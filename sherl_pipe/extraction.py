@@ -24,13 +24,15 @@ from sherl_pipe.backbone import Backbone, tokenizer_identity
 from sherl_pipe.blocks import BlockJob, compute_block, make_task
 from sherl_pipe.cache import Cache, CacheWriter, make_compressors, set_codec_threads
 from sherl_pipe.cache.location import pipeline_location
-from sherl_pipe.cache.manifest import CUT_FIELDS, build_manifest, serves
+from sherl_pipe.cache.manifest import CUT_FIELDS, build_manifest
+from sherl_pipe.cache.store import is_sherl_cache
 from sherl_pipe.cache.writer import check_target
 from sherl_pipe.config import Pipeline
 from sherl_pipe.devices import check_extract_precision, pick_device
 from sherl_pipe.encode import reorder, storage_order, tokenize
 from sherl_pipe.errors import CacheMismatch, SherlError
-from sherl_pipe.request import read_request
+from sherl_pipe.methods.spec import make_spec
+from sherl_pipe.request import check_splits, read_request
 from sherl_pipe.storage import stored_dtype, stored_width
 
 
@@ -139,12 +141,9 @@ def planned_manifest(pipeline: Pipeline, request=None) -> dict:
 
 def check_serves_training(pipeline: Pipeline, planned: dict, overwrite: bool) -> None:
     """Refuse, before extracting, a cache the pipeline's own `run` could not use: a split it reads
-    (train, train.eval_split, evaluate.split) that the cache will not have, or a train.late_layers
-    or train.tiers its cut and tiers cannot serve. An existing cache that serves the training is
-    left to open_writer's message (keep its extract.late_layers), unless it is to be overwritten."""
-    from sherl_pipe.model import make_spec  # asks the method registry what training will read
-    from sherl_pipe.request import check_splits
-
+    (train, train.eval_split, evaluate.split) that the cache will not have, or tiers the method
+    reads that its cut and tiers cannot serve. An existing cache that serves the training is left
+    to open_writer's message (keep its extract.late_layers), unless it is to be overwritten."""
     splits, where = list(planned["splits"]), f"the cache extract.* describes ({pipeline.extract.cache})"
     try:
         check_splits(pipeline.train, splits, where)
@@ -158,13 +157,20 @@ def check_serves_training(pipeline: Pipeline, planned: dict, overwrite: bool) ->
 
 
 def _existing_cache_serves(pipeline: Pipeline) -> bool:
-    from sherl_pipe.cache.store import is_sherl_cache
-
     loc = pipeline_location(pipeline)
     try:
-        return is_sherl_cache(loc) and serves(Cache(loc).manifest, pipeline.train.late_layers, pipeline.train.tiers)
+        return is_sherl_cache(loc) and serves(Cache(loc).manifest, pipeline)
     except SherlError:
         return False
+
+
+def serves(manifest: dict, pipeline: Pipeline) -> bool:
+    """Whether a cache holds every tier the pipeline's training method reads."""
+    try:
+        make_spec(pipeline.train, manifest)
+    except SherlError:
+        return False
+    return True
 
 
 def prepare(pipeline: Pipeline, timings: dict, overwrite: bool, check=None, log=print) -> Plan:
@@ -213,16 +219,15 @@ def open_writer(pipeline: Pipeline, plan: Plan, overwrite: bool, log) -> CacheWr
 def cut_mismatch_message(pipeline: Pipeline, diffs) -> str:
     """When only the cut differs, say whether the cache already serves the training request."""
     cache = Cache(pipeline_location(pipeline))
-    m, k = cache.manifest, pipeline.train.late_layers
+    m = cache.manifest
     have = f"extract.late_layers = {m['late_layers']}, tiers {m['tiers']}"
-    if serves(m, k, pipeline.train.tiers):
-        return (f"cache {cache.path}: was extracted with {have}; it already serves train.late_layers = {k} "
-                f"(the anchor h[{m['backbone']['num_layers'] - k}] and the tiers below it are stored): keep "
+    asks = pipeline.train.plugin.asks(pipeline.train.options, m["backbone"]["num_layers"])
+    if serves(m, pipeline):
+        return (f"cache {cache.path}: was extracted with {have}; it already serves {asks}, all stored: keep "
                 f"extract.late_layers = {m['late_layers']} (and extract.tiers) to reuse it, or use --overwrite "
                 f"to re-extract")
-    return (f"cache {cache.path}: was extracted with {have}; it does not serve train.late_layers = {k} "
-            f"(its anchor or tiers are not stored): use --overwrite to re-extract it, or choose another "
-            f"extract.cache path")
+    return (f"cache {cache.path}: was extracted with {have}; it does not serve {asks}, not all stored: "
+            f"use --overwrite to re-extract it, or choose another extract.cache path")
 
 
 def plan_blocks(writer: CacheWriter, plan: Plan, cfg, summary: ExtractSummary) -> list[tuple[str, int]]:

@@ -139,12 +139,11 @@ def format_best(best: dict | None) -> str:
 
 def model_line(spec: dict) -> str:
     """'sherl from the cache: late layers 2 (frozen), tiers [0, 1] + anchor h[4]', as the method says."""
-    from sherl_pipe.methods import get_method
-    from sherl_pipe.model import ModelSpec
+    from sherl_pipe.methods.spec import ModelSpec
 
     parsed = ModelSpec.from_dict(spec)  # runs from before methods existed say `mode`
     where = "from the cache" if parsed.source == "cached" else "live"
-    return f"{parsed.method} {where}: {get_method(parsed.method).summary(parsed)}"
+    return f"{parsed.method} {where}: {parsed.plugin.summary(parsed)}"
 
 
 def format_run_report(r: dict) -> str:

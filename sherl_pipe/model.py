@@ -1,134 +1,15 @@
-"""What every method's model shares: the spec a run folder keeps, pooling, the task head and the
-parameter groups. The models themselves are the methods' (sherl_pipe/methods/).
-
-`ModelSpec` is everything needed to rebuild a trained model from a run folder: with the backbone
-config stored in the cache manifest, no backbone folder is needed to evaluate a checkpoint.
+"""What every method's model shares: pooling, the task head and the parameter groups. The models
+themselves are the methods' (sherl_pipe/methods/), and the spec a run folder keeps is
+methods/spec.py's ModelSpec.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
-from sherl_pipe.methods import DEFAULT as DEFAULT_METHOD
-from sherl_pipe.methods import LEGACY_MODES
-from sherl_pipe.consolidation import PAPER_ANCHOR_RESIDUAL, PAPER_TIER_SCORE
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    task_type: str
-    num_outputs: int
-    num_layers: int
-    late_layers: int
-    tiers: tuple[int, ...]  # SHERL's consolidation inputs other than the anchor
-    pooling: str
-    projection: str
-    reduction: int
-    dropout: float
-    late_tuning: str
-    lora_rank: int
-    lora_alpha: float
-    # Regression: the training targets' mean and sd. The head predicts in sd units around the mean
-    # and the loss is the MSE in those units, so the defaults hold whatever the targets' scale (a
-    # head starting near 0 took many epochs to reach targets around 19 and lost to the mean).
-    # Classification, and runs saved before these existed: 0 and 1, no scaling.
-    target_mean: float = 0.0
-    target_std: float = 1.0
-    # Regression: the head standardizes its pooled input (running averages, see Head).
-    # False for classification and for runs saved before it existed (their state has no norm).
-    head_norm: bool = False
-    # How the consolidation weighs its tiers (consolidation.TIER_SCORES). Runs saved before it
-    # existed used the paper's relu; to_dict omits it there, so their specs compare equal.
-    tier_score: str = PAPER_TIER_SCORE
-    # How the consolidation starts (consolidation.ANCHOR_RESIDUALS); runs saved before it existed
-    # started shut, and to_dict omits it there, so their specs compare equal.
-    anchor_residual: str = PAPER_ANCHOR_RESIDUAL
-    method: str = DEFAULT_METHOD  # train.method (sherl_pipe.methods)
-    source: str = "cached"  # train.source: where its activations came from (cached, live)
-
-    @property
-    def anchor(self) -> int:
-        return self.num_layers - self.late_layers
-
-    @property
-    def target_scale(self) -> tuple[float, float] | None:
-        return None if (self.target_mean, self.target_std) == (0.0, 1.0) else (self.target_mean, self.target_std)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["tiers"] = list(self.tiers)
-        if self.target_scale is None:  # as runs without target scaling saved it (their resume compares it)
-            del d["target_mean"], d["target_std"]
-        if not self.head_norm:
-            del d["head_norm"]
-        if self.tier_score == PAPER_TIER_SCORE:
-            del d["tier_score"]
-        if self.anchor_residual == PAPER_ANCHOR_RESIDUAL:
-            del d["anchor_residual"]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        """A spec as model.json keeps it; runs saved before methods existed have a `mode`."""
-        d = dict(d)
-        if "mode" in d:
-            d["method"], d["source"] = LEGACY_MODES[d.pop("mode")]
-        return cls(**{**d, "tiers": tuple(d["tiers"])})
-
-
-def make_spec(cfg, manifest: dict) -> ModelSpec:
-    """The model a train section asks for on a cache with this manifest, checked against it (a
-    tier the cache lacks is refused before anything runs). Stage one calls it too, on the
-    manifest a cache will have, to refuse a training request before extracting."""
-    from sherl_pipe.methods import get_method
-
-    method = get_method(cfg.method)
-    source = cfg.source if cfg.source in method.sources else method.sources[0]  # fine-tuning: always live
-    task = manifest["task"]
-    return ModelSpec(
-        task_type=task["type"], num_outputs=len(task["label_names"]) if task["type"] == "classification" else 1,
-        num_layers=manifest["backbone"]["num_layers"], pooling=resolve_pooling(cfg.pooling, manifest),
-        projection=cfg.projection, reduction=cfg.reduction or method.reduction, dropout=cfg.dropout,
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, tier_score=cfg.tier_score,
-        anchor_residual=cfg.anchor_residual, method=cfg.method,
-        source=source, **method.spec_fields(cfg, manifest))
-
-
-def config_from_manifest(manifest: dict, attn_implementation: str | None = None):
-    """The backbone's transformers config, rebuilt from the copy stored in the cache manifest."""
-    from transformers import AutoConfig
-
-    stored = dict(manifest["backbone"]["config"])
-    family = family_of(stored["model_type"])
-    config = AutoConfig.for_model(stored.pop("model_type"), **stored)
-    config._attn_implementation = family.attention_for(attn_implementation or
-                                                       manifest["backbone"]["attn_implementation"])
-    return config
-
-
-def resolve_pooling(requested: str, manifest: dict) -> str:
-    """`auto`: what a sentence-transformers folder says, else the family's default: `cls-pooler`
-    where the family and its weights have a pooler (BERT, RoBERTa, XLM-R, MPNet), otherwise `cls`
-    (ModernBERT: its config's classifier_pooling). `cls-pooler` on a family without a pooler (or
-    weights without one) is refused here."""
-    config = config_from_manifest(manifest)
-    family = family_of(config.model_type)
-    in_weights = "pooler" in manifest["backbone"].get("module_hashes", {"pooler": ""})
-    if requested == "auto":
-        requested = manifest["backbone"].get("sentence_transformers_pooling") or family.default_pooling(config)
-        return "cls" if requested == "cls-pooler" and not in_weights else requested
-    if requested == "cls-pooler" and family.pooler_path is None:
-        raise SherlError(f"train.pooling = 'cls-pooler': {config.model_type} backbones have no pooler; set "
-                         f"train.pooling to 'cls' or 'mean' (or 'auto': {family.default_pooling(config)})")
-    if requested == "cls-pooler" and not in_weights:
-        raise SherlError("train.pooling = 'cls-pooler': the backbone's weights file has no pooler; set "
-                         "train.pooling to 'cls' or 'mean'")
-    return requested
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: nn.Module | None) -> torch.Tensor:

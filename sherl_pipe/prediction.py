@@ -22,7 +22,6 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.evaluation import OUTPUT_SUFFIXES, Trained, load_trained, write_predictions
 from sherl_pipe.encode import forward_batches, storage_order, tokenize
 from sherl_pipe.folders import ensure_writable
-from sherl_pipe.methods import get_method
 from sherl_pipe.resources import resolve_model
 from sherl_pipe.storage import through_storage
 from sherl_pipe.training.batches import Batch
@@ -78,7 +77,7 @@ class Predictor:
         if tokenizer_identity(self.backbone.folder, self.backbone.tokenizer)["hash"] != t.manifest["tokenizer"]["hash"]:
             raise SherlError(f"backbone {self.backbone.folder}: its tokenizer differs from the cache's; use the "
                              f"backbone the cache was extracted from (--backbone)")
-        self.reads = get_method(t.spec.method).reads(t.spec)  # the tiers its model reads (none: fine-tuning)
+        self.reads = t.spec.plugin.reads(t.spec)  # the tiers its model reads (none: fine-tuning)
         needed = ["embeddings"] + [f"layer.{i}" for i in range(max(self.reads))] if self.reads else []
         verify_backbone(self.backbone, t.manifest, needed)
 

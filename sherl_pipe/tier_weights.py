@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from sherl_pipe.consolidation import DEFAULT_TIER_SCORE
+
 if TYPE_CHECKING:  # the training package imports this module: importing it here would be a cycle
     from sherl_pipe.training.batches import SplitSource
 
@@ -78,13 +80,12 @@ class ConsolidationMeter:
 
 
 @torch.no_grad()
-def measure_tier_weights(model, source: SplitSource, live, batch_size: int, device) -> dict | None:
+def measure_tier_weights(model, consolidation, source: SplitSource, live, batch_size: int, device) -> dict | None:
     """The consolidation's state over every real token of SOURCE's split (the training split after
     training), or None for models without a consolidation (full fine-tuning). LIVE runs the early
     layers on each batch (None: the source reads the tiers from the cache)."""
     from sherl_pipe.training.inference import in_storage_order
 
-    consolidation = getattr(model, "consolidation", None)
     if consolidation is None:
         return None
     model.eval()
@@ -109,9 +110,9 @@ class EpochProbe:
     evaluation's own pass (`observer` before it, `result` after); without one, `result` measures a
     fixed sample of the training split (sample_plan)."""
 
-    def __init__(self, model, train_src: SplitSource, live, batch_size: int, device, eval_split: str | None):
-        self.consolidation = getattr(model, "consolidation", None)
-        self.model, self.train_src, self.live = model, train_src, live
+    def __init__(self, model, consolidation, train_src: SplitSource, live, batch_size: int, device,
+                 eval_split: str | None):
+        self.model, self.consolidation, self.train_src, self.live = model, consolidation, train_src, live
         self.batch_size, self.device, self.eval_split = batch_size, device, eval_split
         self.meter: ConsolidationMeter | None = None
 
@@ -168,9 +169,7 @@ def dead_warning(state: dict | None, tier_score: str) -> str | None:
     the last epoch: the cached tiers were then (almost) unused."""
     if not state or state.get("alive") is None or state["alive"] >= DEAD_BELOW:
         return None
-    from sherl_pipe.config import TrainConfig
-
-    default = TrainConfig().tier_score
+    default = DEFAULT_TIER_SCORE
     fix = (f'set train.tier_score = "{default}" (the default, which has no dead zone: "{tier_score}" weighs a tier '
            f'only where its score is > 0)' if tier_score != default else "try a lower train.lr")
     return (f"warning: the consolidation is dead: its tiers are alive on {100 * state['alive']:.1f}% of the tokens "

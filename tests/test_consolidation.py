@@ -95,10 +95,10 @@ def test_an_open_start_passes_the_anchor_and_learns_a_correction(post_ln):
 
 
 def test_the_config_offers_every_anchor_residual():
-    from sherl_pipe.config import TrainConfig
     from sherl_pipe.consolidation import ANCHOR_RESIDUALS
+    from sherl_pipe.methods.sherl import SherlOptions  # SHERL's own settings
 
-    assert set(TrainConfig.__dataclass_fields__["anchor_residual"].metadata["choices"]) == set(ANCHOR_RESIDUALS)
+    assert set(SherlOptions.__dataclass_fields__["anchor_residual"].metadata["choices"]) == set(ANCHOR_RESIDUALS)
 
 
 def test_only_the_anchor():
@@ -332,6 +332,6 @@ def test_only_the_paper_form_has_a_dead_zone():
 
 
 def test_the_config_offers_every_tier_score():
-    from sherl_pipe.config import TrainConfig
+    from sherl_pipe.methods.sherl import SherlOptions  # SHERL's own settings
 
-    assert set(TrainConfig.__dataclass_fields__["tier_score"].metadata["choices"]) == set(TIER_SCORES)
+    assert set(SherlOptions.__dataclass_fields__["tier_score"].metadata["choices"]) == set(TIER_SCORES)

@@ -34,10 +34,10 @@ def test_a_failed_extraction_waits_for_its_running_blocks_before_it_lets_go(monk
     code: run_blocks raised while block 1 still ran)."""
     from distributed import Client, LocalCluster
 
-    import sherl_pipe.blocks
+    import sherl_pipe.distributed_extract as distributed
     from sherl_pipe.distributed_extract import run_blocks
 
-    monkeypatch.setattr(sherl_pipe.blocks, "run_block", fake_block)
+    monkeypatch.setattr(distributed, "run_block", fake_block)
     FINISHED.clear()
     RUNNING.clear()
     tasks = [SimpleNamespace(split="train", block=b) for b in range(2)]

@@ -23,7 +23,8 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.extraction import extract
 from sherl_pipe.families import FAMILIES, family_of
 from sherl_pipe.methods.sherl import build_sherl_model
-from sherl_pipe.model import ModelSpec, config_from_manifest, pool
+from sherl_pipe.methods.spec import ModelSpec, config_from_manifest
+from sherl_pipe.model import pool
 from sherl_pipe.training import train
 from sherl_pipe.training.setup import make_spec
 from test_extract import assert_within_one_fp16_step, read_split, split_texts
@@ -95,9 +96,9 @@ def test_cached_tiers_equal_the_models_hidden_states(tmp_path, family_env, label
 
 
 def spec_for(late: int, pooling: str, tiers=(), tuning="frozen") -> ModelSpec:
-    return ModelSpec(task_type="classification", num_outputs=2, num_layers=LAYERS, late_layers=late,
-                     tiers=tuple(tiers), pooling=pooling, projection="gated-mlp", reduction=4, dropout=0.0,
-                     late_tuning=tuning, lora_rank=4, lora_alpha=8.0)
+    return ModelSpec.from_dict(dict(task_type="classification", num_outputs=2, num_layers=LAYERS, late_layers=late,
+                                    tiers=tuple(tiers), pooling=pooling, projection="gated-mlp", reduction=4,
+                                    dropout=0.0, late_tuning=tuning, lora_rank=4, lora_alpha=8.0))
 
 
 def late_model(folder, late: int, tuning="frozen"):

@@ -6,7 +6,8 @@ import torch
 
 from sherl_pipe.backbone import Backbone, family_of, load_module
 from sherl_pipe.methods.sherl import Sherl, SherlModel, build_sherl_model
-from sherl_pipe.model import ModelSpec, config_from_manifest, pool
+from sherl_pipe.methods.spec import ModelSpec, config_from_manifest
+from sherl_pipe.model import pool
 
 
 def empty_late_modules(spec, config):
@@ -18,9 +19,9 @@ def empty_late_modules(spec, config):
 
 
 def spec_for(layers, late=1, pooling="cls-pooler", tiers=(0, 1)):
-    return ModelSpec(task_type="classification", num_outputs=2, num_layers=layers, late_layers=late,
-                     tiers=tuple(tiers), pooling=pooling, projection="gated-mlp", reduction=4, dropout=0.0,
-                     late_tuning="frozen", lora_rank=4, lora_alpha=8.0)
+    return ModelSpec.from_dict(dict(task_type="classification", num_outputs=2, num_layers=layers, late_layers=late,
+                                    tiers=tuple(tiers), pooling=pooling, projection="gated-mlp", reduction=4,
+                                    dropout=0.0, late_tuning="frozen", lora_rank=4, lora_alpha=8.0))
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
@@ -88,7 +89,7 @@ def test_parameter_groups_decay_what_they_say(fp32_cache):
 
     cache = Cache(fp32_cache)
     config = config_from_manifest(cache.manifest)
-    spec = spec_for(3, 1).__class__(**{**spec_for(3, 1).to_dict(), "tiers": (0, 1), "late_tuning": "full"})
+    spec = ModelSpec.from_dict({**spec_for(3, 1).to_dict(), "tiers": (0, 1), "late_tuning": "full"})
     late, pooler, shared = empty_late_modules(spec, config)
     model = build_sherl_model(spec, config, late, pooler, shared)
     new_ids = Sherl().new_parameters(model)

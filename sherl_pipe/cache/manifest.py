@@ -26,7 +26,7 @@ VOLATILE_PATHS = {("backbone", "source"), ("tokenizer", "class")}
 VOLATILE_DATA = {"source", "train", "validation", "test"}
 VOLATILE_CONFIG = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"}
 # What only says how the cache was cut: whether a cache serves a training request is decided by
-# the tiers it holds (serves()), not by these.
+# the tiers it holds (the method asks: methods/spec.make_spec), not by these.
 CUT_FIELDS = {"cut", "late_layers", "tiers"}
 # How a cache stores its values: a reader (train, sweep) decodes whatever the cache holds, so
 # these are matched when writing a cache, never when reading one (`extract --dtype int8` then
@@ -142,9 +142,3 @@ def stale_fields(manifest: dict, request: dict) -> list[Diff]:
         diffs.insert(0, Diff(("splits",), sorted(manifest["splits"]), sorted(request["splits"])))
     return diffs
 
-
-def serves(manifest: dict, late_layers: int, tiers: tuple[int, ...] = ()) -> bool:
-    """Whether a cache holds what training with k = late_layers (and these tiers) reads."""
-    anchor = manifest["backbone"]["num_layers"] - late_layers
-    stored = set(manifest["tiers"])
-    return anchor >= 0 and anchor in stored and all(t in stored for t in tiers if t <= anchor)

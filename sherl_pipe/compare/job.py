@@ -101,14 +101,13 @@ def warm_imports(pipeline) -> None:
     from sherl_pipe.cache import Cache
     from sherl_pipe.cache.location import pipeline_location
     from sherl_pipe.families import family_of
-    from sherl_pipe.methods import get_method
-    from sherl_pipe.model import config_from_manifest
+    from sherl_pipe.methods.spec import config_from_manifest
 
     config = config_from_manifest(Cache(pipeline_location(pipeline, training=True)).manifest)
     family = family_of(config.model_type)
     family.layer_class(), family.pooler_class()
     transformers.AutoModel  # noqa: B018 (the lazy module's import)
-    get_method(pipeline.train.method)
+    pipeline.train.plugin  # noqa: B018 (the method's module)
 
 
 def run(spec: dict, storage_options: list | None = None, methods: dict | None = None,

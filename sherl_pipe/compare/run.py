@@ -63,7 +63,7 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
     """The comparison, every method checked against the cache (or the manifest it will have)."""
     from sherl_pipe.methods import get_method
     from sherl_pipe.metrics import selection
-    from sherl_pipe.model import make_spec
+    from sherl_pipe.methods.spec import make_spec
     from sherl_pipe.request import check_test_rows_do_not_choose
     from sherl_pipe.training.setup import learning_rates
 
@@ -94,7 +94,7 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
 def servable(pipeline: Pipeline, methods: list[str], manifest: dict) -> tuple[list[str], dict[str, str]]:
     """METHODS split into those the cache (or the cache MANIFEST describes) serves and, for the
     others, why not (the method's own refusal: a tier the cache does not hold)."""
-    from sherl_pipe.model import make_spec
+    from sherl_pipe.methods.spec import make_spec
 
     kept, left = [], {}
     for name in methods:

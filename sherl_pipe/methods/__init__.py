@@ -80,3 +80,43 @@ def effective_train(train: dict) -> dict:
     if not train.get("reduction") and train.get("method", DEFAULT) in REGISTRY:
         return {**train, "reduction": get_method(train.get("method", DEFAULT)).reduction}
     return train
+
+
+# --- the methods' own settings in a train section --------------------------------------------
+# A method's options (its Options) are written as keys of [train], each applying to every method
+# that has a key of that name (`reduction` to sherl, unipt and lst alike; compare runs every
+# method on one pipeline), or in a [train.<method>] table, that method's alone and over the keys.
+
+def option_owners(names=None) -> dict[str, list[str]]:
+    """key -> the methods (of NAMES, default every registered one) whose options have it."""
+    owners: dict[str, list[str]] = {}
+    for name in names or REGISTRY:
+        for key in get_method(name).Options.keys():
+            owners.setdefault(key, []).append(name)
+    return owners
+
+
+def check_settings(flat: dict, tables: dict, where: str) -> None:
+    """Every key of [train] that is no shared setting belongs to some method and is valid for each
+    that has it; every [train.<method>] table names a method and holds its keys, valid. WHERE
+    names the section ("FILE: train")."""
+    owners = option_owners()
+    for key, value in flat.items():
+        for name in owners[key]:
+            get_method(name).options({key: value}, {}, where)
+    for name, table in tables.items():
+        get_method(name).options({}, table, where)
+
+
+def settings_as_written(flat: dict, tables: dict) -> dict:
+    """A train section's method keys as it is written, printed and compared: every key of the
+    package's own methods (given, or its default: the first such method's, so a section written
+    by an earlier sherl-pipe, when these were fields of [train], compares equal), any other key
+    given, then the tables given."""
+    out = {}
+    for key, names in option_owners(list(BUILTIN)).items():
+        default = getattr(get_method(names[0]).Options(), key)
+        out[key] = flat.get(key, default)
+    out.update(flat)
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    return {**out, **{name: dict(table) for name, table in tables.items()}}

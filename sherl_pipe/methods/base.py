@@ -10,31 +10,88 @@ model lists in `new_modules()` (and LoRA's adapters, by type), never by their na
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from dataclasses import dataclass
+
 from torch import nn
 
+from sherl_pipe.backbone import empty_module
 from sherl_pipe.errors import SherlError
+from sherl_pipe.families import family_of
+from sherl_pipe.fields import as_written, at_least, build, checked
+
+
+@dataclass(frozen=True)
+class Options:
+    """A method's own settings: a frozen dataclass of fields made with sherl_pipe.fields, written
+    as keys of [train] (shared with every method that has a key of that name) or in the method's
+    own [train.<name>] table. This one has none; a method with settings subclasses it."""
+
+    def to_saved(self) -> dict:
+        """As a run's model.json and config.json write them: one flat key each."""
+        return {f.name: as_written(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "Options":
+        """From a saved model.json (which also holds the shared spec fields, and in runs saved
+        before methods owned their settings every method's keys): the keys this class has."""
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: checked(saved[f.name], f, hints[f.name], f"model.json: {f.name}")
+                      for f in dataclasses.fields(cls) if f.name in saved})
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class WidthOptions(Options):
+    """A method whose new modules run at width D / r."""
+
+    reduction: int = at_least(0, 0)  # r; 0: the method's own (Method.reduction)
 
 
 class Method:
     name = ""
+    Options: type[Options] = Options  # its own settings
     sources: tuple[str, ...] = ("cached", "live")  # where its activations may come from
+    whole_backbone = False  # it trains the whole backbone, loaded by stage two (else: only what `loads` names)
     lr = 1e-3  # train.lr = 0: the rate of its new modules and head
-    reduction = 8  # train.reduction = 0: the width D / r of its modules, where it has any
+    reduction = 8  # its options' reduction = 0: the width D / r of its modules, where it has any
     # the methods table (README, docs/methods.md): what it trains, what it reads and loads, where it comes from
     trains = ""
     source_text = ""
 
-    # --- what it reads from the cache and loads from the backbone ------------------------------
-    def spec_fields(self, cfg, manifest: dict) -> dict:
-        """ModelSpec fields of this method, checked against the cache's manifest (a tier the cache
-        lacks is refused with the extract setting that would store it). Default: reads h[L]."""
+    # --- its settings -------------------------------------------------------------------------
+    def options(self, flat: dict, table: dict, where: str) -> Options:
+        """Its settings from a train section: the [train] keys its Options has, under the keys of
+        its own [train.<name>] table. WHERE names the section in a message."""
+        own = self.Options.keys()
+        mine = {k: v for k, v in flat.items() if k in own}
+        build(self.Options, mine, where)  # a [train] key's fault named as it was written
+        return build(self.Options, {**mine, **table}, f"{where}.{self.name}", ", ".join(own) or "none (it has none)")
+
+    def spec_options(self, options: Options, manifest: dict) -> Options:
+        """Its options for a model on a cache with this manifest, resolved and checked against it
+        (a tier the cache lacks is refused with the extract setting that would store it).
+        Default: it reads h[L]; a reduction of 0 becomes the method's own."""
         num_layers = manifest["backbone"]["num_layers"]
         require_tiers(manifest, [num_layers], self.name)
-        return {"late_layers": 0, "tiers": (), "late_tuning": "frozen"}
+        return self.resolved_width(options)
+
+    def resolved_width(self, options: Options) -> Options:
+        if isinstance(options, WidthOptions) and not options.reduction:
+            return dataclasses.replace(options, reduction=self.reduction)
+        return options
 
     def reads(self, spec) -> list[int]:
         """The tiers it reads (from the cache, or from the early layers run live)."""
         return [spec.num_layers]
+
+    def asks(self, options: Options, num_layers: int) -> str:
+        """What it reads from a cache, in the words of the settings that choose it (a message's)."""
+        return f"train.method = {self.name!r} (the last tier h[{num_layers}])"
 
     def loads(self, spec, family) -> list[str]:
         """The pretrained modules stage two loads for it (verified against the manifest's hashes):
@@ -46,14 +103,14 @@ class Method:
         return 0.0
 
     # --- its model ----------------------------------------------------------------------------
+    Model: type[nn.Module] | None = None  # its model's class, built as Model(spec, config, modules) ...
+
     def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
-        raise NotImplementedError
+        """... unless the method builds its model itself."""
+        return self.Model(spec, config, modules)
 
     def empty_modules(self, spec, config) -> dict[str, nn.Module]:
         """Its pretrained modules built from the config alone (a checkpoint is loaded into them)."""
-        from sherl_pipe.backbone import empty_module
-        from sherl_pipe.families import family_of
-
         family = family_of(config.model_type)
         return {name: empty_module(config, family, name)[0] for name in self.loads(spec, family)}
 
@@ -66,6 +123,16 @@ class Method:
         """What `info RUN` says of the model after its method's name."""
         return f"reads tiers {self.reads(spec)}" if self.reads(spec) else "runs the whole backbone"
 
+    # --- what the trainer and `info` ask of its model -----------------------------------------
+    def consolidation(self, model: nn.Module) -> nn.Module | None:
+        """The module whose tier weights a run measures and `info` shows (SHERL's consolidation);
+        None for a method without one."""
+        return None
+
+    def compile(self, model: nn.Module, log) -> bool:
+        """train.compile: compile what the method compiles (False: it has nothing to compile)."""
+        return False
+
     def describe(self) -> dict:
         return {"method": self.name, "sources": list(self.sources), "lr": self.lr, "trains": self.trains,
                 "from": self.source_text}
@@ -74,12 +141,21 @@ class Method:
 class EveryTier(Method):
     """A method that reads every tier h[0..L]: a cache extracted with extract.late_layers = 0."""
 
-    def spec_fields(self, cfg, manifest: dict) -> dict:
+    def spec_options(self, options: Options, manifest: dict) -> Options:
         require_tiers(manifest, list(range(manifest["backbone"]["num_layers"] + 1)), self.name)
-        return {"late_layers": 0, "tiers": (), "late_tuning": "frozen"}
+        return self.resolved_width(options)
 
     def reads(self, spec) -> list[int]:
         return list(range(spec.num_layers + 1))
+
+    def asks(self, options: Options, num_layers: int) -> str:
+        return f"train.method = {self.name!r} (every tier h[0..{num_layers}])"
+
+
+def every_tier(batch, num_layers: int) -> list:
+    """h[0..L] of a batch in fp32, padding zeroed (selected away, never multiplied: inf * 0 = NaN)."""
+    keep = batch.mask.bool().unsqueeze(-1)
+    return [batch.states[i].float().masked_fill(~keep, 0.0) for i in range(num_layers + 1)]
 
 
 def require_tiers(manifest: dict, tiers: list[int], method: str) -> None:
@@ -97,10 +173,8 @@ def require_tiers(manifest: dict, tiers: list[int], method: str) -> None:
 
 def lora_parameters(model: nn.Module) -> set[int]:
     """ids of LoRA adapters' parameters (peft's lora_A / lora_B modules), found by type."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return set()
+    from peft.tuners.lora import LoraLayer  # peft is heavy: imported when parameters are grouped, not with the method
+
     out = set()
     for module in model.modules():
         if isinstance(module, LoraLayer):

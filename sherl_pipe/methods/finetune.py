@@ -5,13 +5,18 @@ pooling and head as the cached methods. Neither reads a tier: they run the backb
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from transformers import AutoModel
 
 from sherl_pipe.dropout import use_fast_dropout
 from sherl_pipe.families import family_of
-from sherl_pipe.methods.base import Method, lora_parameters
-from sherl_pipe.model import Head, ModelSpec, pool
+from sherl_pipe.fields import at_least
+from sherl_pipe.methods.base import Method, Options, lora_parameters
+from sherl_pipe.methods.spec import ModelSpec
+from sherl_pipe.model import Head, pool
 
 FULL_FT_LR = 3e-5  # the pretrained weights' rate (train.lr_late = 0)
 
@@ -23,12 +28,14 @@ class FullFinetune(Method):
     trains = "every backbone weight + head"
     source_text = "the accuracy reference"
 
-    def spec_fields(self, cfg, manifest: dict) -> dict:
-        # late_layers as configured: runs saved before methods existed have it in their spec
-        return {"late_layers": cfg.late_layers, "tiers": (), "late_tuning": "full"}
+    def spec_options(self, options: Options, manifest: dict) -> Options:
+        return options  # it reads no tier: any cache serves it
 
     def reads(self, spec) -> list[int]:
         return []
+
+    def asks(self, options, num_layers: int) -> str:
+        return f"train.method = {self.name!r} (no tier: it runs the backbone)"
 
     def loads(self, spec, family) -> list[str]:
         return []  # the whole backbone (whole_backbone)
@@ -37,33 +44,37 @@ class FullFinetune(Method):
         return FULL_FT_LR
 
     def empty_modules(self, spec, config) -> dict[str, nn.Module]:
-        from transformers import AutoModel
-
         return {"backbone": AutoModel.from_config(config, dtype=torch.float32)}
 
     def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
         return FinetuneModel(spec, modules["backbone"])
 
 
+@dataclass(frozen=True)
+class LoraOptions(Options):
+    """lora-finetune's settings: [train] keys, or a [train.lora-finetune] table."""
+
+    lora_rank: int = at_least(8, 1)
+    lora_alpha: float = at_least(16.0, 0.0)
+
+
 class LoraFinetune(FullFinetune):
     name = "lora-finetune"
+    Options = LoraOptions
     lr = 5e-4
-    trains = "LoRA adapters (train.lora_rank, lora_alpha) on every layer's attention and dense weights + head"
+    trains = "LoRA adapters (lora_rank, lora_alpha) on every layer's attention and dense weights + head"
     source_text = "Hu et al., ICLR 2022, with peft"
-
-    def spec_fields(self, cfg, manifest: dict) -> dict:
-        return {"late_layers": cfg.late_layers, "tiers": (), "late_tuning": "lora"}
 
     def lr_pretrained(self, spec, cfg) -> float:
         return 0.0
 
     def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # peft is heavy: imported when a model is built
 
         family = family_of(config.model_type)
         backbone = modules["backbone"]
         backbone.requires_grad_(False)
-        cfg = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+        cfg = LoraConfig(r=spec.options.lora_rank, lora_alpha=spec.options.lora_alpha, lora_dropout=0.0,
                          target_modules=list(family.lora_targets))
         for i, layer in enumerate(family.layers(backbone)):  # the layers only: not the pooler's dense
             family.layers(backbone)[i] = inject_adapter_in_model(cfg, layer)

@@ -11,15 +11,6 @@ from sherl_pipe.methods.base import Method, frozen
 from sherl_pipe.model import Head, pool
 
 
-class LinearProbe(Method):
-    name = "linear-probe"
-    trains = "head only"
-    source_text = "a linear probe of the last layer"
-
-    def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
-        return LinearProbeModel(spec, config, modules)
-
-
 class LastLayer(nn.Module):
     """What a backbone outputs from h[L]: a pre-LN family's final norm (a shared module), frozen;
     nothing for post-LN families."""
@@ -47,3 +38,10 @@ class LinearProbeModel(nn.Module):
 
     def new_modules(self) -> list[nn.Module]:
         return [self.head]
+
+
+class LinearProbe(Method):
+    name = "linear-probe"
+    trains = "head only"
+    source_text = "a linear probe of the last layer"
+    Model = LinearProbeModel

@@ -1,7 +1,7 @@
 """LST, ladder side-tuning (Sung et al., NeurIPS 2022): a thin side network beside the backbone,
 fed at every layer by a gated mix of its own state and a down-projection of the backbone's output
 there. Follows the official code (github.com/ylsung/Ladder-Side-Tuning; the BART encoder variant,
-the closest to a post-LN BERT): for width d = D / r (r = train.reduction, 8 by default),
+the closest to a post-LN BERT): for width d = D / r (r = its reduction, 8 by default),
     s = Linear(D, d)(dropout(h[0]))                      the side input, from the embedding output
     for i in 0..L-1:  mu_i = sigmoid(alpha_i / T)        alpha_i = 0 at start, T = 0.1
                       s = mu_i * s + (1 - mu_i) * ladder_i(h[i + 1])     ladder_i = Linear(D, d)
@@ -27,26 +27,13 @@ from torch import nn
 from sherl_pipe.dropout import use_fast_dropout
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
-from sherl_pipe.methods.base import EveryTier, frozen
+from sherl_pipe.methods.base import EveryTier, WidthOptions, every_tier, frozen
 from sherl_pipe.model import Head, pool
 
 GATE_TEMPERATURE = 0.1
 WIDTH_KEYS = ("hidden_size", "dim")  # what the families' configs call the width ...
 FFN_KEYS = ("intermediate_size", "hidden_dim")  # ... and the feed-forward width
 HEAD_KEYS = ("num_attention_heads", "n_heads")
-
-
-class LST(EveryTier):
-    name = "lst"
-    lr = 3e-3
-    trains = "the side network (input and ladder projections, gates, side blocks, up-projection) + head"
-    source_text = "Sung et al., NeurIPS 2022 (the official code, randomly initialised side blocks)"
-
-    def loads(self, spec, family) -> list[str]:
-        return ["pooler"] if spec.pooling == "cls-pooler" else []
-
-    def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
-        return LSTModel(spec, config, modules)
 
 
 def side_config(config, reduction: int):
@@ -112,15 +99,28 @@ class LSTModel(nn.Module):
     def __init__(self, spec, config, modules: dict[str, nn.Module]):
         super().__init__()
         self.spec, self.config = spec, config
-        self.side = SideNetwork(config, spec.reduction, spec.dropout)
+        self.side = SideNetwork(config, spec.options.reduction, spec.dropout)
         self.pooler = frozen(modules.get("pooler"))
         self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale, spec.head_norm)
         use_fast_dropout(self)
 
     def forward_batch(self, batch) -> torch.Tensor:
-        keep = batch.mask.bool().unsqueeze(-1)
-        states = [batch.states[i].float().masked_fill(~keep, 0.0) for i in range(self.spec.num_layers + 1)]
+        states = every_tier(batch, self.spec.num_layers)
         return self.head(pool(self.side(states, batch.mask), batch.mask, self.spec.pooling, self.pooler))
 
     def new_modules(self) -> list[nn.Module]:
         return [self.side, self.head]
+
+
+class LST(EveryTier):
+    """The registry's entry: LST's side network at width D / 8 by default, lr 3e-3 (official GLUE)."""
+
+    name = "lst"
+    Options = WidthOptions  # reduction r, written as a [train] key or in [train.lst]
+    lr = 3e-3
+    trains = "the side network (input and ladder projections, gates, side blocks, up-projection) + head"
+    source_text = "Sung et al., NeurIPS 2022 (the official code, randomly initialised side blocks)"
+    Model = LSTModel
+
+    def loads(self, spec, family) -> list[str]:
+        return ["pooler"] if spec.pooling == "cls-pooler" else []

@@ -12,15 +12,6 @@ from sherl_pipe.methods.base import EveryTier, frozen
 from sherl_pipe.model import Head, pool
 
 
-class ScalarMix(EveryTier):
-    name = "scalar-mix"
-    trains = "one weight per tier, a scale, and the head"
-    source_text = "ELMo's scalar mix / SUPERB's weighted sum"
-
-    def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
-        return ScalarMixModel(spec, config, modules)
-
-
 class ScalarMixModel(nn.Module):
     def __init__(self, spec, config, modules: dict[str, nn.Module]):
         super().__init__()
@@ -40,3 +31,10 @@ class ScalarMixModel(nn.Module):
 
     def new_modules(self) -> list[nn.Module]:
         return [self.mix, self.head]
+
+
+class ScalarMix(EveryTier):
+    name = "scalar-mix"
+    trains = "one weight per tier, a scale, and the head"
+    source_text = "ELMo's scalar mix / SUPERB's weighted sum"
+    Model = ScalarMixModel

@@ -1,69 +1,120 @@
 """SHERL (Diao et al., ECCV 2024): the early route's tiers consolidated by the anti-redundancy
 module (consolidation.py), then the last k pretrained layers, pooling and the head.
 
-Reads the tiers h[t] below the anchor h[L-k] and the anchor (train.tiers, train.late_layers);
+Reads the tiers h[t] below the anchor h[L-k] and the anchor (its options' tiers and late_layers);
 loads the late layers (and the pooler for cls-pooler, and the family's shared modules); trains the
-consolidation and the head, and the late layers as train.late_tuning says.
+consolidation and the head, and the late layers as its late_tuning says. Its options (SherlOptions)
+are written as [train] keys or in a [train.sherl] table.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from sherl_pipe.consolidation import Consolidation
+from sherl_pipe.compiled import CompiledOrEager
+from sherl_pipe.consolidation import (ANCHOR_RESIDUALS, DEFAULT_TIER_SCORE, PAPER_ANCHOR_RESIDUAL, PAPER_TIER_SCORE,
+                                      TIER_SCORES, Consolidation)
 from sherl_pipe.dropout import use_fast_dropout
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
-from sherl_pipe.methods.base import Method, lora_parameters
-from sherl_pipe.model import Head, ModelSpec, norm_and_bias_parameters, pool
+from sherl_pipe.fields import at_least, choice
+from sherl_pipe.methods.base import Method, WidthOptions, lora_parameters
+from sherl_pipe.methods.spec import ModelSpec
+from sherl_pipe.model import Head, norm_and_bias_parameters, pool
 
 LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5}  # train.lr_late = 0
 
 
+@dataclass(frozen=True)
+class SherlOptions(WidthOptions):
+    """SHERL's settings: [train] keys, or a [train.sherl] table."""
+
+    # k: the last k pretrained layers form the late route (docs/results/2026-11-24-defaults.md)
+    late_layers: int = at_least(2, 1)
+    tiers: tuple[int, ...] = ()  # the consolidation's inputs; empty: every cached tier below the anchor
+    late_tuning: str = choice("frozen", "norm-bias", "lora", "full")  # which late-layer weights train
+    projection: str = choice("gated-mlp", "linear-ln")  # the per-tier projection (consolidation.PROJECTIONS)
+    # how tier scores become weights (consolidation.TIER_SCORES; relu, the paper's, left most runs'
+    # tiers unused: docs/methods.md, The consolidation's tier score)
+    tier_score: str = choice(DEFAULT_TIER_SCORE, *(s for s in TIER_SCORES if s != DEFAULT_TIER_SCORE))
+    # how the module starts (consolidation.ANCHOR_RESIDUALS): shut, the paper's, its output replaces
+    # h[L-k]; open, h[L-k] passed on and the module's own output at zero (docs/methods.md)
+    anchor_residual: str = choice(PAPER_ANCHOR_RESIDUAL, *(a for a in ANCHOR_RESIDUALS if a != PAPER_ANCHOR_RESIDUAL))
+    lora_rank: int = at_least(8, 1)  # late_tuning = "lora"
+    lora_alpha: float = at_least(16.0, 0.0)
+
+    def to_saved(self) -> dict:
+        d = super().to_saved()
+        for key, paper in (("tier_score", PAPER_TIER_SCORE), ("anchor_residual", PAPER_ANCHOR_RESIDUAL)):
+            if d[key] == paper:  # as runs saved before the option existed wrote it (their resume compares it)
+                del d[key]
+        return d
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "SherlOptions":
+        # a run saved before tier_score existed trained with the paper's relu
+        return super().from_saved({"tier_score": PAPER_TIER_SCORE, **saved})
+
+
 class Sherl(Method):
     name = "sherl"
+    Options = SherlOptions
     trains = "consolidation of the early tiers + head; the last k layers as train.late_tuning says"
     source_text = "Diao et al., ECCV 2024 (the consolidation as the official code's MTSA)"
 
-    def spec_fields(self, cfg, manifest: dict) -> dict:
-        num_layers = manifest["backbone"]["num_layers"]
-        anchor = num_layers - cfg.late_layers
+    def spec_options(self, options: SherlOptions, manifest: dict) -> SherlOptions:
+        num_layers, k = manifest["backbone"]["num_layers"], options.late_layers
+        anchor = num_layers - k
         stored = manifest["tiers"]
-        if cfg.late_layers >= num_layers:  # re-extracting cannot help: the backbone is too shallow
-            raise SherlError(f"train.late_layers = {cfg.late_layers}: the backbone has {num_layers} layers and at "
+        if k >= num_layers:  # re-extracting cannot help: the backbone is too shallow
+            raise SherlError(f"train.late_layers = {k}: the backbone has {num_layers} layers and at "
                              f"least one must stay early (cached); set train.late_layers to at most {num_layers - 1}")
         if anchor not in stored:
-            raise SherlError(f"train.late_layers = {cfg.late_layers}: its anchor h[{anchor}] is not in the cache "
+            raise SherlError(f"train.late_layers = {k}: its anchor h[{anchor}] is not in the cache "
                              f"(stored tiers {stored}); choose late_layers with L - k in the stored tiers, or "
-                             f"extract the cache with extract.late_layers = {cfg.late_layers}")
-        tiers = list(cfg.tiers) if cfg.tiers else [t for t in stored if t < anchor]
+                             f"extract the cache with extract.late_layers = {k}")
+        tiers = list(options.tiers) if options.tiers else [t for t in stored if t < anchor]
         bad = [t for t in tiers if t not in stored or t > anchor]
         if bad:
             raise SherlError(f"train.tiers: tier {bad[0]} is not a stored tier at or below the anchor h[{anchor}] "
                              f"(stored: {stored})")
-        return {"late_layers": cfg.late_layers, "tiers": tuple(sorted(set(tiers) - {anchor})),
-                "late_tuning": cfg.late_tuning}
+        return dataclasses.replace(self.resolved_width(options), tiers=tuple(sorted(set(tiers) - {anchor})))
 
     def reads(self, spec) -> list[int]:
-        return list(spec.tiers) + [spec.anchor]
+        return list(spec.options.tiers) + [spec.anchor]
+
+    def asks(self, options: SherlOptions, num_layers: int) -> str:
+        tiers = f"tiers {list(options.tiers)}" if options.tiers else "the tiers below it"
+        return f"train.late_layers = {options.late_layers} (the anchor h[{num_layers - options.late_layers}] and {tiers})"
 
     def loads(self, spec, family) -> list[str]:
         layers = [f"layer.{i}" for i in range(spec.anchor, spec.num_layers)]
         return layers + (["pooler"] if spec.pooling == "cls-pooler" else []) + [s.name for s in family.shared]
 
     def lr_pretrained(self, spec, cfg) -> float:
-        return LATE_LR[spec.late_tuning]
+        return LATE_LR[spec.options.late_tuning]
 
     def summary(self, spec) -> str:
-        return (f"late layers {spec.late_layers} ({spec.late_tuning}), tiers {list(spec.tiers)} + anchor "
-                f"h[{spec.anchor}], tier score {spec.tier_score}")
+        o = spec.options
+        return (f"late layers {o.late_layers} ({o.late_tuning}), tiers {list(o.tiers)} + anchor "
+                f"h[{spec.anchor}], tier score {o.tier_score}")
 
     def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
         family = family_of(config.model_type)
         late = [modules[f"layer.{i}"] for i in range(spec.anchor, spec.num_layers)]
         return build_sherl_model(spec, config, late, modules.get("pooler"),
                                  {s.name: modules[s.name] for s in family.shared})
+
+    def consolidation(self, model: nn.Module) -> nn.Module:
+        return model.consolidation
+
+    def compile(self, model: nn.Module, log) -> bool:
+        model.compile_consolidation(log)
+        return True
 
 
 class SherlModel(nn.Module):
@@ -79,9 +130,9 @@ class SherlModel(nn.Module):
         self.config = config
         self.family = family_of(config.model_type)
         self.consolidation = Consolidation(
-            config.hidden_size, list(spec.tiers), spec.anchor, spec.reduction, spec.projection,
+            config.hidden_size, list(spec.options.tiers), spec.anchor, spec.options.reduction, spec.options.projection,
             post_ln=self.family.post_ln, dropout=spec.dropout, layer_norm_eps=self.family.layer_norm_eps(config),
-            tier_score=spec.tier_score, anchor_residual=spec.anchor_residual)
+            tier_score=spec.options.tier_score, anchor_residual=spec.options.anchor_residual)
         self.late = nn.ModuleList(late)
         self.shared = nn.ModuleDict(shared or {})
         self.helpers = nn.ModuleDict(self.family.helpers(config))
@@ -93,8 +144,6 @@ class SherlModel(nn.Module):
     def compile_consolidation(self, log) -> None:
         """train.compile: training steps call torch.compile(consolidation), falling back to eager.
         A plain attribute, not a submodule: the state dict keeps the consolidation's own names."""
-        from sherl_pipe.compiled import CompiledOrEager
-
         object.__setattr__(self, "_compiled", CompiledOrEager(self.consolidation, log, "consolidation"))
 
     def consolidate(self, states: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -127,7 +176,7 @@ class SherlModel(nn.Module):
 
 def apply_late_tuning(model: SherlModel) -> None:
     """Set which pretrained weights train; gradients always flow through the late layers."""
-    mode = model.spec.late_tuning
+    mode = model.spec.options.late_tuning
     pretrained = [model.late, model.shared] + ([model.pooler] if model.pooler is not None else [])
     for module in pretrained:
         module.requires_grad_(mode == "full")
@@ -137,9 +186,9 @@ def apply_late_tuning(model: SherlModel) -> None:
             for p in module.parameters():
                 p.requires_grad_(id(p) in chosen)
     elif mode == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # peft is heavy: imported when a model is built
 
-        cfg = LoraConfig(r=model.spec.lora_rank, lora_alpha=model.spec.lora_alpha, lora_dropout=0.0,
+        cfg = LoraConfig(r=model.spec.options.lora_rank, lora_alpha=model.spec.options.lora_alpha, lora_dropout=0.0,
                          target_modules=list(model.family.lora_targets))
         for i, layer in enumerate(model.late):
             model.late[i] = inject_adapter_in_model(cfg, layer)

@@ -2,7 +2,7 @@
 official code's text branch (github.com/Paranioar/UniPT, VSE-infty/lib/adapter_for_transformer.py,
 `Our_tuning_for_transformer`), which needs only h[0..L] and never runs the backbone.
 
-For width m = D / r (r = train.reduction, 2 by default: the official m = D / 2):
+For width m = D / r (r = its reduction, 2 by default: the official m = D / 2):
     A = down_L(h[L]), T_j = down_j(h[j]) for j < L     down_j = LayerNorm(Linear(D, m)), one per tier
     S_j = A T_j^T  (per example, token by token)        padded keys zeroed
     W_j = relu(S_j) / (sum over keys of relu(S_j) + 1e-8) + I;   M_j = W_j T_j
@@ -20,20 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sherl_pipe.methods.base import EveryTier, frozen
+from sherl_pipe.methods.base import EveryTier, WidthOptions, every_tier, frozen
 from sherl_pipe.methods.linear_probe import LastLayer
 from sherl_pipe.model import Head, pool
-
-
-class UniPT(EveryTier):
-    name = "unipt"
-    lr = 5e-4
-    reduction = 2
-    trains = "per-tier down-projections, the interaction, the confidence gate, the up-projection + head"
-    source_text = "Diao et al., CVPR 2024 (the official code's text branch)"
-
-    def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
-        return UniPTModel(spec, config, modules)
 
 
 def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -71,18 +60,29 @@ class UniPTModel(nn.Module):
     def __init__(self, spec, config, modules: dict[str, nn.Module]):
         super().__init__()
         self.spec, self.config = spec, config
-        reduced = max(1, config.hidden_size // spec.reduction)
+        reduced = max(1, config.hidden_size // spec.options.reduction)
         self.last = LastLayer(config, modules)
         self.unipt = UniPTNetwork(config.hidden_size, reduced, spec.num_layers)
         self.pooler = frozen(modules.get("pooler"))
         self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale, spec.head_norm)
 
     def forward_batch(self, batch) -> torch.Tensor:
-        keep = batch.mask.bool().unsqueeze(-1)
-        states = [batch.states[i].float().masked_fill(~keep, 0.0) for i in range(self.spec.num_layers + 1)]
+        states = every_tier(batch, self.spec.num_layers)
         states[-1] = self.last(states[-1])
         hidden = self.unipt(states, batch.mask)
         return self.head(pool(hidden, batch.mask, self.spec.pooling, self.pooler))
 
     def new_modules(self) -> list[nn.Module]:
         return [self.unipt, self.head]
+
+
+class UniPT(EveryTier):
+    """The registry's entry: UniPT at width D / 2 by default (the official m = D / 2), lr 5e-4."""
+
+    name = "unipt"
+    Options = WidthOptions  # reduction r, written as a [train] key or in [train.unipt]
+    lr = 5e-4
+    reduction = 2
+    trains = "per-tier down-projections, the interaction, the confidence gate, the up-projection + head"
+    source_text = "Diao et al., CVPR 2024 (the official code's text branch)"
+    Model = UniPTModel

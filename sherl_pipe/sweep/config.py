@@ -14,29 +14,21 @@ from pathlib import Path
 
 from sherl_pipe.config import Pipeline, build_section
 from sherl_pipe.errors import SherlError
+from sherl_pipe.fields import at_least, choice
 from sherl_pipe.metrics import selection
-
-
-
-def _choice(default, *choices):
-    return field(default=default, metadata={"choices": (default, *choices)})
-
-
-def _at_least(default, minimum):
-    return field(default=default, metadata={"min": minimum})
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     metric: str = ""  # on train.eval_split; "" = the task's primary metric (accuracy, pearson)
-    direction: str = _choice("", "maximize", "minimize")  # "" = from the metric
-    sampler: str = _choice("tpe", "grid", "random")
-    trials: int = _at_least(20, 0)  # trials to finish; 0 with the grid sampler: every combination
-    parallel: int = _at_least(0, 0)  # trials at once; 0 = one per worker (never more: one trial per process)
-    workers: int = _at_least(0, 0)  # worker processes of the local cluster; 0 = one per core (at most `parallel`)
-    threads: int = _at_least(0, 0)  # torch threads per trial; 0 = cores / workers
-    timeout: float = _at_least(0.0, 0.0)  # seconds after which no new trial starts; 0 = none
-    pruner: str = _choice("none", "median", "successive-halving")
+    direction: str = choice("", "maximize", "minimize")  # "" = from the metric
+    sampler: str = choice("tpe", "grid", "random")
+    trials: int = at_least(20, 0)  # trials to finish; 0 with the grid sampler: every combination
+    parallel: int = at_least(0, 0)  # trials at once; 0 = one per worker (never more: one trial per process)
+    workers: int = at_least(0, 0)  # worker processes of the local cluster; 0 = one per core (at most `parallel`)
+    threads: int = at_least(0, 0)  # torch threads per trial; 0 = cores / workers
+    timeout: float = at_least(0.0, 0.0)  # seconds after which no new trial starts; 0 = none
+    pruner: str = choice("none", "median", "successive-halving")
     seed: int = 0  # the sampler's seed (a trial's own seed is train.seed, which the space may vary)
     dir: str = "sherl-sweeps/default"
 

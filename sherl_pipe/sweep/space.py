@@ -2,8 +2,9 @@
 
 [sweep.space] maps train keys to a list of values (categorical) or to {low, high, log} (a float or
 int range). Everything is checked before any trial starts: the key must be a train setting a trial
-may vary (not another section's: that would need another cache), every value must be valid for
-it, and the cache must serve every late_layers (its anchor stored) with every tiers list.
+may vary (a shared one or a method's own; not another section's: that would need another cache),
+every value must be valid for it, and the cache must serve every combination of the methods'
+own settings swept (SHERL's late_layers with every tiers list: their anchors and tiers stored).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import json
 import typing
 from dataclasses import dataclass
 
-from sherl_pipe.config import Pipeline, TrainConfig, build_section, section_to_dict
+from sherl_pipe.config import Pipeline, TrainConfig, build_section, section_to_dict, train_keys
 from sherl_pipe.errors import SherlError
-from sherl_pipe.model import make_spec
+from sherl_pipe.fields import as_written
+from sherl_pipe.methods import get_method, option_owners
+from sherl_pipe.methods.spec import make_spec
 
 # train settings that say where or how a trial runs, not what it trains
 FIXED = {"run_dir": "each trial has its own run folder in the sweep folder",
@@ -58,13 +61,15 @@ def decode(value):
 
 
 def _train_field_type(key: str):
-    hint = typing.get_type_hints(TrainConfig)[key]
-    return hint
+    """A train key's type: a shared setting's, or that of the first method whose options have it."""
+    owners = option_owners()
+    cls = get_method(owners[key][0]).Options if key in owners else TrainConfig
+    return typing.get_type_hints(cls)[key]
 
 
 def parse_param(key: str, spec, origin: str) -> Param:
     where = f"{origin}: sweep.space.{key}"
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = set(train_keys())
     if key not in fields:
         raise SherlError(f"{where}: not a train setting (known: {', '.join(sorted(fields - set(FIXED)))}); only "
                          f"train settings vary between trials: anything else would need another cache")
@@ -111,8 +116,8 @@ def values_to_check(p: Param) -> list:
 
 
 def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, where) -> None:
-    """Every value valid for its setting, and every late_layers x tiers combination served by the
-    cache. WHERE: as for parse_space."""
+    """Every value valid for its setting, and every combination of the swept method and methods'
+    own settings served by the cache. WHERE: as for parse_space."""
     origin_of = where if callable(where) else (lambda key: where)
     origin = origin_of("space")
     base = section_to_dict(pipeline.train)
@@ -123,25 +128,28 @@ def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, where) 
             except SherlError as exc:
                 raise SherlError(f"{origin_of('space.' + p.key)}: sweep.space.{p.key} = {v!r}: "
                                  f"{str(exc).split(': ', 1)[-1]}") from None
-    by_key = {p.key: p for p in params}
-    layers = _candidates(by_key.get("late_layers"), pipeline.train.late_layers)
-    tiers = by_key["tiers"].choices if "tiers" in by_key else (pipeline.train.tiers,)
-    for k, t in itertools.product(layers, tiers):
-        cfg = dataclasses.replace(pipeline.train, late_layers=k, tiers=tuple(t))
+    served = [p for p in params if p.key == "method" or p.key in option_owners()]
+    # the method settings the pipeline gives and the space does not vary: named beside the swept ones
+    given = {**pipeline.train.flat, **pipeline.train.tables.get(pipeline.train.method, {})}
+    fixed = [f"train.{k} = {as_written(v)} (not swept)" for k, v in given.items() if k not in {p.key for p in params}]
+    for values in itertools.product(*(_candidates(p) for p in served)):
+        swept = {p.key: as_written(v) for p, v in zip(served, values)}
         try:
-            make_spec(cfg, manifest)
+            make_spec(build_section("train", {**base, **swept}, "sweep"), manifest)
         except SherlError as exc:
-            where = " with ".join(f"{key} = {v}" if key in by_key else f"train.{key} = {v} (not swept)"
-                                  for key, v in (("late_layers", k), ("tiers", list(t))))
-            raise SherlError(f"{origin}: sweep.space: {where}: the cache cannot serve it ({exc})") from None
+            shown = " with ".join(fixed + [f"{k} = {v}" for k, v in swept.items()] +
+                                  ([] if fixed else ["the pipeline's other train settings"]))
+            raise SherlError(f"{origin}: sweep.space: {shown}: the cache cannot serve it "
+                             f"({str(exc).split('sweep: ', 1)[-1]})") from None
 
 
-def _candidates(p: Param | None, default: int) -> list[int]:
-    if p is None:
-        return [default]
+def _candidates(p: Param) -> list:
+    """The values a cache check tries: every choice, every integer of an int range, a float range's ends."""
     if p.kind == "categorical":
-        return [int(v) for v in p.choices]
-    return list(range(int(p.low), int(p.high) + 1))
+        return list(p.choices)
+    if p.kind == "int":
+        return list(range(int(p.low), int(p.high) + 1))
+    return [p.low, p.high]
 
 
 def grid(params: list[Param], origin: str) -> dict[str, list]:

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from sherl_pipe.devices import autocast
 from sherl_pipe.metrics import classification_metrics, regression_metrics
-from sherl_pipe.model import ModelSpec
+from sherl_pipe.methods.spec import ModelSpec
 from sherl_pipe.training.batches import ChunkSampler, SplitSource
 
 

@@ -20,7 +20,7 @@ import torch
 from sherl_pipe.devices import autocast
 from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import is_better, selection
-from sherl_pipe.model import ModelSpec
+from sherl_pipe.methods.spec import ModelSpec
 from sherl_pipe.tier_weights import format_state
 from sherl_pipe.training.inference import forward, loss_fn
 

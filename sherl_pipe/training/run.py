@@ -28,7 +28,7 @@ from sherl_pipe.config import Pipeline
 from sherl_pipe.devices import native_cpu_bf16, pick_device, stage_two_precision
 from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import selection
-from sherl_pipe.model import ModelSpec
+from sherl_pipe.methods.spec import ModelSpec
 from sherl_pipe.request import check_cache_matches
 from sherl_pipe.resources import resolve_model
 from sherl_pipe.tier_weights import EpochProbe, dead_warning, measure_tier_weights
@@ -118,11 +118,8 @@ def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split,
         log(f"warning: train.eval_split '{eval_split}' holds one class only: its accuracy cannot tell epochs apart "
             f"(MCC is 0), so the best checkpoint and early stopping mean little; give it rows of every class")
     s.model, s.live = build_model(spec, pipeline.backbone.source, cache.manifest, device)
-    if cfg.compile:
-        if hasattr(s.model, "compile_consolidation"):
-            s.model.compile_consolidation(log)
-        else:
-            log(f"train.compile: compiles SHERL's consolidation; method {spec.method} has none, so it runs eager")
+    if cfg.compile and not spec.plugin.compile(s.model, log):
+        log(f"train.compile: method {spec.method} has nothing to compile, so it runs eager")
     s.optimizer = build_optimizer(s.model, spec, cfg)
     s.train_src = source_for(cache, "train", spec, preload=cfg.preload)
     s.eval_src = source_for(cache, eval_split, spec) if eval_split else None
@@ -192,7 +189,7 @@ def make_hooks(run: RunFolder, s: Session, progress, log, on_epoch, should_stop)
         by_time = cfg.save_minutes and time.monotonic() - last_save[0] >= 60 * cfg.save_minutes
         return bool(by_steps or by_time)
 
-    probe = EpochProbe(s.model, s.train_src, s.live, s.pipeline.evaluate.batch_size, s.device, s.eval_split)
+    probe = EpochProbe(s.model, s.spec.plugin.consolidation(s.model), s.train_src, s.live, s.pipeline.evaluate.batch_size, s.device, s.eval_split)
 
     def evaluate() -> dict:
         outputs, labels, _ = predict_split(s.model, s.spec, s.eval_src, s.live, s.pipeline.evaluate.batch_size,
@@ -257,12 +254,13 @@ def finish(run: RunFolder, s: Session, state: RunState, tier_weights: bool = Tru
                "stopped_early": result.stopped_early, "consolidation": state.last_consolidation,
                "tier_weights": None}
     run.write_json("summary.json", summary)  # first: an interrupted measurement loses nothing else
-    warning = dead_warning(state.last_consolidation, s.spec.tier_score)
+    consolidation = s.spec.plugin.consolidation(s.model)
+    warning = dead_warning(state.last_consolidation, consolidation.tier_score) if consolidation is not None else None
     if warning:
         log(warning)
     # from the cache only (live runs would rerun the early layers), and not for pruned trials
     if tier_weights and s.spec.source == "cached" and state.stop_reason != "pruned":
-        summary["tier_weights"] = measure_tier_weights(s.model, s.train_src, None,
+        summary["tier_weights"] = measure_tier_weights(s.model, consolidation, s.train_src, None,
                                                        s.pipeline.evaluate.batch_size, s.device)
         run.write_json("summary.json", summary)
     return result

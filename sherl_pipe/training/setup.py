@@ -17,8 +17,8 @@ from sherl_pipe.backbone import Backbone, family_of, load_module, module_hash
 from sherl_pipe.cache import Cache
 from sherl_pipe.config import TrainConfig
 from sherl_pipe.errors import SherlError
-from sherl_pipe.methods import get_method
-from sherl_pipe.model import ModelSpec, config_from_manifest, make_spec, parameter_groups  # noqa: F401 (make_spec: API)
+from sherl_pipe.methods.spec import ModelSpec, config_from_manifest, make_spec  # noqa: F401 (make_spec: API)
+from sherl_pipe.model import parameter_groups
 from sherl_pipe.request import check_splits  # noqa: F401 (API)
 from sherl_pipe.resources import resolve_model
 from sherl_pipe.training.batches import LiveStates, SplitSource
@@ -48,10 +48,10 @@ def build_model(spec: ModelSpec, backbone_source: str, manifest: dict, device: s
     """(model, live early route or None): the method's model from the pretrained modules it
     declares, each verified against the cache's hashes; and, for train.source = "live", the early
     layers that compute the tiers it reads."""
-    method = get_method(spec.method)
+    method = spec.plugin
     config = config_from_manifest(manifest)
     attn = manifest["backbone"]["attn_implementation"]
-    if getattr(method, "whole_backbone", False):
+    if method.whole_backbone:
         backbone = Backbone(backbone_source, attn, "cpu")
         verify_backbone(backbone, manifest, list(manifest["backbone"]["module_hashes"]))
         modules = {"backbone": backbone.model}
@@ -71,7 +71,7 @@ def build_model(spec: ModelSpec, backbone_source: str, manifest: dict, device: s
 
 def learning_rates(spec: ModelSpec, cfg: TrainConfig) -> tuple[float, float]:
     """(new modules and head, pretrained weights being tuned): 0 in the config means the method's."""
-    method = get_method(spec.method)
+    method = spec.plugin
     return cfg.lr or method.lr, cfg.lr_late or method.lr_pretrained(spec, cfg)
 
 
@@ -81,7 +81,7 @@ def build_optimizer(model: nn.Module, spec: ModelSpec, cfg: TrainConfig) -> torc
     lr_new, lr_pre = learning_rates(spec, cfg)
     devices = {p.device.type for p in model.parameters()}
     fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in model.parameters())
-    new = get_method(spec.method).new_parameters(model)
+    new = spec.plugin.new_parameters(model)
     return torch.optim.AdamW(parameter_groups(model, new, lr_new, lr_pre, cfg.weight_decay, cfg.weight_decay_new),
                              lr=lr_new, fused=fused or None)
 
@@ -102,5 +102,5 @@ def build_scheduler(optimizer, total_steps: int, warmup_ratio: float):
 def source_for(cache: Cache, split: str, spec: ModelSpec, preload: bool = False) -> SplitSource:
     """A split's batches for this model: the tiers its method reads, from the cache when its source
     is (live runs compute them from the batches' input_ids)."""
-    return SplitSource(cache, split, get_method(spec.method).reads(spec), read_tiers=spec.source == "cached",
+    return SplitSource(cache, split, spec.plugin.reads(spec), read_tiers=spec.source == "cached",
                        preload=preload)
