@@ -55,7 +55,7 @@ def job_state(pipe_file: str, mode: str) -> dict:
     from sherl_pipe.cache import Cache
     from sherl_pipe.config import load_pipeline
     from sherl_pipe.training.batches import Batch
-    from sherl_pipe.training.inference import forward, loss_fn
+    from sherl_pipe.training.inference import loss_fn
     from sherl_pipe.training.setup import build_model, make_spec
 
     pipe = load_pipeline(pipe_file, [f"train.mode={mode}", "train.late_tuning=frozen"])
@@ -79,7 +79,7 @@ def job_state(pipe_file: str, mode: str) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(spec, forward(model, spec, batch), batch.labels)
+        loss = loss_fn(spec, model.forward_batch(batch), batch.labels)
     loss.backward()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     early = 0

@@ -26,8 +26,9 @@ from distributed import WorkerPlugin
 
 from sherl_pipe.blocks import loaded_backbone, run_block
 from sherl_pipe.cache import set_codec_threads
-from sherl_pipe.cluster import (connect, ignore_interrupts, local_cluster, register_plugin, start_forkserver,
-                                stop_forkserver, thread_environ)
+from sherl_pipe.dask_cluster import (connect, local_cluster, register_plugin, start_forkserver, stop_forkserver,
+                                     thread_environ)
+from sherl_pipe.interrupts import ignore_interrupts
 from sherl_pipe.errors import SherlError
 
 PLUGIN = "sherl-pipe-extract"
@@ -35,7 +36,7 @@ IN_FLIGHT_PER_WORKER = 2  # one running, one waiting: a worker never idles betwe
 STRAGGLER_SECONDS = 300.0  # a failed extraction waits this long at most for its running blocks to end
 
 
-# What a worker forked from the fork server has imported already (cluster.start_forkserver):
+# What a worker forked from the fork server has imported already (dask_cluster.start_forkserver):
 # transformers.modeling_utils is the bulk of a model class's import (1.5 of 2 s for BERT here).
 PRELOAD = ("torch", "transformers.modeling_utils", "sherl_pipe.backbone", "sherl_pipe.blocks")
 

@@ -13,7 +13,7 @@ import torch
 from sherl_pipe.backbone import Backbone
 from sherl_pipe.cache import tier_name
 from sherl_pipe.data import Split
-from sherl_pipe.storage import stored_dtype, stored_width, to_storage
+from sherl_pipe.formats import stored_dtype, stored_width, to_storage
 
 
 @dataclass

@@ -33,7 +33,7 @@ from sherl_pipe.encode import reorder, storage_order, tokenize
 from sherl_pipe.errors import CacheMismatch, SherlError
 from sherl_pipe.methods.spec import make_spec
 from sherl_pipe.request import check_splits, read_request
-from sherl_pipe.storage import stored_dtype, stored_width
+from sherl_pipe.formats import stored_dtype, stored_width
 
 
 def resolve_tiers(requested: tuple[int, ...], cut: int) -> list[int]:

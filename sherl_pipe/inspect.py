@@ -8,9 +8,9 @@ from pathlib import Path
 
 from sherl_pipe.cache import Cache, is_tier_name
 from sherl_pipe.errors import SherlError
-from sherl_pipe.storage import LOSSY
+from sherl_pipe.formats import LOSSY
 from sherl_pipe.consolidation import PAPER_TIER_SCORE
-from sherl_pipe.tier_weights import dead_warning, format_state, format_tier_weights
+from sherl_pipe.training.tier_weights import dead_warning, format_state, format_tier_weights
 
 
 def _array_order(item) -> tuple:

@@ -23,7 +23,7 @@ from sherl_pipe.evaluation import OUTPUT_SUFFIXES, Trained, load_trained, write_
 from sherl_pipe.encode import forward_batches, storage_order, tokenize
 from sherl_pipe.folders import ensure_writable
 from sherl_pipe.resources import resolve_model
-from sherl_pipe.storage import through_storage
+from sherl_pipe.formats import through_storage
 from sherl_pipe.training.batches import Batch
 from sherl_pipe.training.setup import verify_backbone
 

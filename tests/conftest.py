@@ -236,7 +236,7 @@ def assert_close_in_format(got, want, fmt: str, err_msg: str = "") -> None:
     """Decoded activations GOT equal WANT within the stored format's step (see format_tolerance)."""
     import numpy as np
 
-    from sherl_pipe.storage import decode_numpy
+    from sherl_pipe.formats import decode_numpy
 
     a, b = decode_numpy(got, fmt), decode_numpy(want, fmt)
     assert a.shape == b.shape, (err_msg, a.shape, b.shape)

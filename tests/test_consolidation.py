@@ -263,7 +263,7 @@ def test_the_alive_share_and_alpha_sum_are_exact_on_known_scores():
     s = (x - 1, y - 1). Tokens: g = (3, 0.5): s = (2, -0.5), alpha (1, 0); g = (0.5, 0.5): every score
     < 0, dead; g = (2, 3): s = (1, 2), alpha (1/3, 2/3); a padded position (not counted). Over the
     second batch's two tokens: g = (1, 1): s = (0, 0), dead (a score of 0 is not positive); (5, 1): (1, 0)."""
-    from sherl_pipe.tier_weights import ConsolidationMeter
+    from sherl_pipe.training.tier_weights import ConsolidationMeter
 
     module = identity_consolidation()
     meter = ConsolidationMeter(module)
@@ -289,7 +289,7 @@ def test_the_alive_share_and_alpha_sum_are_exact_on_known_scores():
 
 
 def test_the_dead_warning_fires_on_a_dead_consolidation_only():
-    from sherl_pipe.tier_weights import ConsolidationMeter, dead_warning
+    from sherl_pipe.training.tier_weights import ConsolidationMeter, dead_warning
 
     states, mask = states_and_mask()
     for bias, dead in ((-50.0, True), (50.0, False)):

@@ -187,7 +187,7 @@ def test_a_worker_dying_as_the_plugin_is_registered_does_not_end_the_extraction(
     is tried again; only a cluster whose workers keep dying is an error, in one line."""
     from distributed.comm.core import CommClosedError
 
-    import sherl_pipe.cluster as cluster
+    import sherl_pipe.dask_cluster as cluster
     from sherl_pipe.errors import SherlError, os_error_message
 
     monkeypatch.setattr(cluster.time, "sleep", lambda s: None)

@@ -300,7 +300,7 @@ def test_a_sweep_leaves_dasks_configuration_as_it_found_it(tmp_path):
     script = tmp_path / "twice.py"
     script.write_text(
         "import dask\n"
-        "from sherl_pipe.sweep.cluster import engine\n"
+        "from sherl_pipe.sweep.engine import engine\n"
         "from sherl_pipe.sweep.config import SweepConfig\n"
         "if __name__ == '__main__':\n"
         "    for _ in range(2):\n"
@@ -318,7 +318,7 @@ def test_a_local_cluster_does_not_claim_dasks_dashboard_port(tmp_path):
     import socket
     import warnings
 
-    from sherl_pipe.sweep.cluster import engine
+    from sherl_pipe.sweep.engine import engine
     from sherl_pipe.sweep.config import SweepConfig
 
     with socket.socket() as taken:

@@ -57,7 +57,7 @@ def batch_losses_and_grads(tmp_path, backbone, data, cache, dtype_extra, modes=(
     from live early layers, with the same weights (no optimizer step, no dropout): what each source
     feeds the model."""
     from sherl_pipe.cache import Cache
-    from sherl_pipe.training.inference import forward, loss_fn
+    from sherl_pipe.training.inference import loss_fn
     from sherl_pipe.training.setup import build_model, make_spec, source_for
 
     out = {}
@@ -77,7 +77,7 @@ def batch_losses_and_grads(tmp_path, backbone, data, cache, dtype_extra, modes=(
         for batch in source.iterate(plan):
             batch = live(batch) if live is not None else batch
             model.zero_grad()
-            loss = loss_fn(spec, forward(model, spec, batch), batch.labels)
+            loss = loss_fn(spec, model.forward_batch(batch), batch.labels)
             loss.backward()
             out[mode].append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()
                                             if p.grad is not None}))

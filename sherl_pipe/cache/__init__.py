@@ -5,7 +5,7 @@ Layout (a local folder, or the same keys under an object-store URL):
     CACHE/zarr.json                 group attributes: {"sherl_pipe": MANIFEST}
     CACHE/<split>/h<t>              (N, T, D) float16|float32, chunks (chunk_size, time_chunk, D);
                                     int8|float8 (lossy): (N, T, D + 4) int8|uint8, each token's D codes
-                                    and its float32 scale (sherl_pipe.storage decodes them)
+                                    and its float32 scale (sherl_pipe.formats decodes them)
     CACHE/<split>/input_ids         (N, T) int32, padded with the tokenizer's pad id
     CACHE/<split>/token_type_ids    (N, T) int8, only for text pairs
     CACHE/<split>/lengths           (N,) int32, real tokens per sample

@@ -236,7 +236,7 @@ class Cache:
         beyond sherl-pipe: `cache.dask_array("train", "h5")[:, 0].mean(0).compute()`."""
         import dask.array as da
 
-        from sherl_pipe.storage import LOSSY, SCALE_BYTES, decode_numpy  # lazily: it imports torch
+        from sherl_pipe.formats import LOSSY, SCALE_BYTES, decode_numpy  # lazily: it imports torch
 
         self.require_complete(split)
         arr = da.from_zarr(self.array(split, name))

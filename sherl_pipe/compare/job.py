@@ -55,7 +55,7 @@ def end_with_parent(parent: int | None) -> None:
 def measure_state(pipeline) -> dict:
     """The training state's bytes at the first training batch of the run's own order."""
     from sherl_pipe.devices import autocast, pick_device
-    from sherl_pipe.training.inference import forward, loss_fn
+    from sherl_pipe.training.inference import loss_fn
     from sherl_pipe.training.rng import run_rng
     from sherl_pipe.training.run import build_session, open_training_cache
 
@@ -70,13 +70,13 @@ def measure_state(pipeline) -> dict:
 
         def step():
             with autocast(device, pipeline.train.precision):
-                return loss_fn(spec, forward(s.model, spec, batch), batch.labels)
+                return loss_fn(spec, s.model.forward_batch(batch), batch.labels)
 
         out = state_bytes(s.model, step)
     return {**out, "batch": [len(first), int(batch.mask.shape[1])]}
 
 
-def test_predictions(pipeline, run_dir: Path) -> dict:
+def predictions_on_test(pipeline, run_dir: Path) -> dict:
     """The best checkpoint's metrics on the pipeline's evaluation split, and each row's prediction
     and gold value."""
     import csv
@@ -159,7 +159,7 @@ def run(spec: dict, storage_options: list | None = None, methods: dict | None = 
         return out
     info = json.loads((Path(result.run_dir) / "model.json").read_text())
     out.update(trainable_parameters=info["trainable_parameters"], state_bytes=measure_state(pipeline),
-               test=test_predictions(pipeline, Path(result.run_dir)))
+               test=predictions_on_test(pipeline, Path(result.run_dir)))
     return out
 
 

@@ -42,7 +42,7 @@ def load(folder: Path) -> tuple[dict, list[dict]]:
     return plan, sorted(rows, key=lambda r: (plan["methods"].index(r["method"]), r["seed"]))
 
 
-def test_metric(plan: dict) -> str:
+def metric_on_test(plan: dict) -> str:
     return plan["metric"] if plan["metric"] != "train_loss" else ("accuracy" if plan["direction"] == "maximize"
                                                                    else "mse")
 
@@ -176,7 +176,7 @@ def _ref(summary: list[dict]) -> float:
 
 def build_report(folder: Path, plots: bool = True) -> dict:
     plan, raw = load(folder)
-    metric = test_metric(plan)
+    metric = metric_on_test(plan)
     rows = [row_of(r, metric, plan["direction"], plan.get("budget_seconds")) for r in raw]
     runs = {}
     for r in raw:

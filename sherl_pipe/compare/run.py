@@ -202,7 +202,7 @@ def run_compare(c: Compare, scheduler: str | None = None, workers: int = 0, prog
                 log: Callable[[str], None] = print, should_stop=None, model_type: str | None = None) -> dict:
     """Run (or resume) every phase; returns {"interrupted": bool, "phases": {name: results}}."""
     from sherl_pipe.compare.phase import run_phase
-    from sherl_pipe.sweep.cluster import engine
+    from sherl_pipe.sweep.engine import engine
     from sherl_pipe.sweep.config import SweepConfig
 
     c.epochs = {m: c.pipeline.train.epochs for m in c.methods}

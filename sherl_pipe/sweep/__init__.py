@@ -1,7 +1,7 @@
 """`sherl-pipe sweep`: many training trials over one cache, searched with Optuna, run on dask.
 
     config.py   the [sweep] table          space.py    the settings to vary, checked up front
-    study.py    the Optuna study on disk   cluster.py  the dask cluster
+    study.py    the Optuna study on disk   engine.py   the dask cluster the trials run on
     trial.py    one trial on a worker      run.py      the ask / submit / report / tell loop
     report.py   trials.csv, leaderboard, best.toml      plots.py    the PNG plots
 """
@@ -96,7 +96,7 @@ def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str 
 
 
 def _run_trials(pipeline, cfg, plan, scheduler, progress, log, trial_fn, should_stop, model_type, retry=False):
-    from sherl_pipe.sweep.cluster import engine
+    from sherl_pipe.sweep.engine import engine
     from sherl_pipe.sweep.run import Coordinator, finished_count
     from sherl_pipe.sweep.study import open_study, recover_interrupted, retry_failed, signature
     from sherl_pipe.sweep.trial import run_trial

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Callable
 
 from sherl_pipe.cache.location import storage_options_of
-from sherl_pipe.cluster import held_interrupts
+from sherl_pipe.interrupts import held_interrupts
 from sherl_pipe.config import Pipeline
 from sherl_pipe.errors import SherlError
 from sherl_pipe.methods import registered_from_code
 from sherl_pipe.metrics import best_of
-from sherl_pipe.sweep.cluster import Engine
+from sherl_pipe.sweep.engine import Engine
 from sherl_pipe.sweep.space import Param, encode
 from sherl_pipe.sweep.study import INTERRUPTED, LOST, LOST_AGAIN, is_rerun_error, record_error, run_again, trial_dir
 from sherl_pipe.sweep.trial import run_trial

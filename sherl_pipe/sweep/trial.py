@@ -4,7 +4,7 @@ The trial sets its own torch thread count, trains in its own run folder (an abso
 sweep folder, as are the cache and the data: the worker's directory is not the sweep's), opens the
 cache read-only after checking it is the one the sweep checked (its manifest fingerprint), and
 changes nothing process-wide that outlives it (training forks the RNG). Trials run one at a time
-in a process (TRIAL_LOCK; see cluster.py for why). Each epoch's value goes to the sweep through a
+in a process (TRIAL_LOCK; see engine.py for why). Each epoch's value goes to the sweep through a
 dask Queue; with a pruner, the trial then waits for the sweep's decision on its own Queue and
 stops (recorded as pruned) if told to. When the sweep is interrupted it sets a dask Event: the
 trial saves its state at its next step and ends as "interrupted".

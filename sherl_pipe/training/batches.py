@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from sherl_pipe.cache import BlockReader, Cache, tier_name
-from sherl_pipe.storage import LOSSY, decode, nominal_itemsize, through_storage
+from sherl_pipe.formats import LOSSY, decode, nominal_itemsize, through_storage
 from sherl_pipe.training.prefetch import Prefetcher
 
 MAX_AHEAD = 64  # chunk requests in flight at most, however small the chunks

@@ -12,11 +12,6 @@ from sherl_pipe.methods.spec import ModelSpec
 from sherl_pipe.training.batches import ChunkSampler, SplitSource
 
 
-def forward(model, spec: ModelSpec, batch):
-    """The head's outputs for a batch: every method's model reads what it needs from it."""
-    return model.forward_batch(batch)
-
-
 def loss_fn(spec: ModelSpec, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if spec.task_type == "classification":
         return F.cross_entropy(out.float(), labels.long())
@@ -48,7 +43,7 @@ def predict_split(model, spec: ModelSpec, source: SplitSource, live, batch_size:
     outs, labels, index = [], [], []
     for batch in in_storage_order(source, live, batch_size, device):
         with autocast(device, precision):
-            outs.append(forward(model, spec, batch).float().cpu())
+            outs.append(model.forward_batch(batch).float().cpu())
         if observe is not None:
             observe(batch)
         labels.append(batch.labels.cpu())

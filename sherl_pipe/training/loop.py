@@ -21,8 +21,8 @@ from sherl_pipe.devices import autocast
 from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import is_better, selection
 from sherl_pipe.methods.spec import ModelSpec
-from sherl_pipe.tier_weights import format_state
-from sherl_pipe.training.inference import forward, loss_fn
+from sherl_pipe.training.tier_weights import format_state
+from sherl_pipe.training.inference import loss_fn
 
 
 @dataclass
@@ -113,7 +113,7 @@ class Trainer:
         loss_sum = 0.0
         for batch in batches:
             with autocast(self.device, self.precision):
-                out = forward(self.model, self.spec, batch)
+                out = self.model.forward_batch(batch)
             loss = loss_fn(self.spec, out, batch.labels)
             value = float(loss.detach())
             if not math.isfinite(value):  # before backward: the weights stay as the last step left them

@@ -31,7 +31,7 @@ from sherl_pipe.metrics import selection
 from sherl_pipe.methods.spec import ModelSpec
 from sherl_pipe.request import check_cache_matches
 from sherl_pipe.resources import resolve_model
-from sherl_pipe.tier_weights import EpochProbe, dead_warning, measure_tier_weights
+from sherl_pipe.training.tier_weights import EpochProbe, dead_warning, measure_tier_weights
 from sherl_pipe.training.checkpoint import RunFolder
 from sherl_pipe.training.inference import compute_metrics, predict_split
 from sherl_pipe.training.loop import Budget, Hooks, RunState, Trainer

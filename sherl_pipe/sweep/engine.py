@@ -1,6 +1,6 @@
 """The dask cluster a sweep runs its trials on: a LocalCluster of worker processes by default,
 or an existing cluster by address (its workers must be able to read the cache path); both made
-by sherl_pipe/cluster.py, which extraction shares.
+by sherl_pipe/dask_cluster.py, which extraction shares.
 
 A trial runs alone in its worker process: torch's global RNG (which dropout inside transformers'
 attention draws from, with no way to pass a generator) and its thread count are per process, so
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from distributed import WorkerPlugin
 
-from sherl_pipe.cluster import connect, ignore_interrupts, local_cluster, register_plugin
+from sherl_pipe.dask_cluster import connect, local_cluster, register_plugin
+from sherl_pipe.interrupts import ignore_interrupts
 from sherl_pipe.sweep.config import SweepConfig
 
 PLUGIN = "sherl-pipe-sweep"
@@ -93,7 +94,7 @@ def _remote(cfg: SweepConfig, scheduler: str):
 
 @contextlib.contextmanager
 def _local(cfg: SweepConfig):
-    """Worker processes that run one trial at a time (cluster.local_cluster)."""
+    """Worker processes that run one trial at a time (dask_cluster.local_cluster)."""
     cores = os.cpu_count() or 1
     n = cfg.workers or min(cfg.parallel or cores, cores)
     threads = cfg.threads or max(1, cores // n)

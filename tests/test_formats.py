@@ -16,7 +16,7 @@ from sherl_pipe.cache import Cache
 from sherl_pipe.cli import main
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.extraction import extract
-from sherl_pipe.storage import SCALE_BYTES, decode, encode
+from sherl_pipe.formats import SCALE_BYTES, decode, encode
 from test_extract import direct_hidden_states, read_split, split_texts
 from test_train import batch_losses_and_grads
 
@@ -143,7 +143,7 @@ def test_float16_fast_path_equals_clear_check_encode():
     """to_storage's float16 path (convert, clear in place, check the converted values) gives what
     clearing, checking and converting one after the other gives, and refuses the same inputs."""
     from sherl_pipe.errors import SherlError
-    from sherl_pipe.storage import check_range, clear_padding, encode, to_storage
+    from sherl_pipe.formats import check_range, clear_padding, encode, to_storage
 
     torch.manual_seed(0)
     h = torch.randn(3, 5, 8) * 100
@@ -161,7 +161,7 @@ def test_float16_fast_path_equals_clear_check_encode():
 
 
 def test_float16_input_is_not_changed_in_place():
-    from sherl_pipe.storage import to_storage
+    from sherl_pipe.formats import to_storage
 
     h = torch.ones(2, 3, 4, dtype=torch.float16)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])

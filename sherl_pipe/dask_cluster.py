@@ -1,7 +1,8 @@
 """The dask clusters sherl-pipe runs work on (sweep trials, extraction blocks): a LocalCluster of
 worker processes started here, or an existing cluster by its scheduler's address.
 
-Shared by the sweep engine (sweep/cluster.py) and distributed extraction (distributed_extract.py).
+Shared by the sweep engine (sweep/engine.py) and distributed extraction (distributed_extract.py);
+Ctrl-C around them is interrupts.py's.
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 import time
 
 from sherl_pipe.errors import SherlError
+from sherl_pipe.interrupts import shielded
 
 
 def connect(scheduler: str, option: str = "--scheduler"):
@@ -142,51 +142,6 @@ def stop_forkserver() -> None:
     server = multiprocessing.forkserver._forkserver
     if getattr(server, "_forkserver_pid", None) is not None and hasattr(server, "_stop"):
         server._stop()
-
-
-@contextlib.contextmanager
-def shielded():
-    """Ctrl-C ignored while the first workers start: an ignored signal stays ignored across fork
-    and exec (and Python keeps it so), so the terminal's Ctrl-C, sent to the whole foreground
-    process group, never reaches them; workers started later ignore it from their plugin's setup on.
-    (Blocking the signal instead does not reach them: dask spawns from threads that exist already.)
-    A Ctrl-C in those few seconds is lost; the next one stops the work."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
-def held_interrupts():
-    """Ctrl-C held back while the block runs, then handed to the handler it would have reached:
-    for bookkeeping that must not be cut in two (a sweep's trial taken off its running set but not
-    yet recorded: a second Ctrl-C there left it 'running' in the study and queued nothing)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            if callable(previous):
-                previous(*held[0])
-            elif previous == signal.SIG_DFL:
-                raise KeyboardInterrupt
-
-
-def ignore_interrupts() -> None:
-    """In a local worker: the terminal's Ctrl-C reaches every process of the foreground group;
-    the coordinating process stops the work itself."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def pin(client, threads: int) -> None:

@@ -11,8 +11,8 @@ anchor, always) against all tiers, same seeds, 95% interval (seeds and test rows
 
 Results append to a JSONL file (an interrupted run resumes). The last line is one JSON object.
 
-    python benchmarks/storage.py                      # about 35 minutes on 2 CPU cores
-    python benchmarks/storage.py --rows 4000 --seeds 0   # a quick look
+    python benchmarks/formats.py                      # about 35 minutes on 2 CPU cores
+    python benchmarks/formats.py --rows 4000 --seeds 0   # a quick look
 """
 
 from __future__ import annotations
