@@ -13,11 +13,11 @@ __all__ = [*_API, "StopTraining", "__version__"]
 
 def __getattr__(name: str):
     if name in _API:
-        from sherl_pipe import api
+        from sherl_pipe import api  # loaded when first used: `import sherl_pipe` loads no torch
 
         return getattr(api, name)
     if name == "StopTraining":
-        from sherl_pipe.training.loop import StopTraining
+        from sherl_pipe.training.loop import StopTraining  # loaded when first used: `import sherl_pipe` loads no torch
 
         return StopTraining
     raise AttributeError(f"module 'sherl_pipe' has no attribute {name!r}")

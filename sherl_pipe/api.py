@@ -1,6 +1,6 @@
 """The Python API: the functions the CLI runs, for notebooks and scripts.
 
-    import sherl_pipe
+    import sherl_pipe  # torch: loaded at the first call, `import sherl_pipe` stays light
     pipe = sherl_pipe.load_pipeline("quickstart", ["train.epochs=1"])
     sherl_pipe.extract(pipe)                      # stage one: the cache
     result = sherl_pipe.train(pipe)               # stage two, from the cache alone
@@ -45,7 +45,7 @@ def extract(pipeline: Pipeline | str, overrides: Sequence[str] = (), overwrite: 
     """Stage one: cache the pipeline's tiers (resumes an interrupted cache). Returns a summary.
     With extract.workers > 1 on a local dask cluster, with SCHEDULER on an existing one (in a
     script, call it under `if __name__ == "__main__":`: local workers start by importing it)."""
-    from sherl_pipe.extraction import extract as run
+    from sherl_pipe.extraction import extract as run  # torch: loaded at the first call, `import sherl_pipe` stays light
 
     _threads(threads)
     return run(_pipeline(pipeline, overrides), overwrite=overwrite, progress=progress, log=log, scheduler=scheduler)
@@ -56,7 +56,7 @@ def train(pipeline: Pipeline | str, overrides: Sequence[str] = (), resume: bool 
           log: Callable[[str], None] = print):
     """Stage two from the cache. `on_epoch(record)` sees each epoch's record (train loss and the
     evaluation) and may raise `sherl_pipe.StopTraining(reason)` to end the run. Returns a TrainResult."""
-    from sherl_pipe.training import train as run
+    from sherl_pipe.training import train as run  # torch: loaded at the first call, `import sherl_pipe` stays light
 
     _threads(threads)
     return run(_pipeline(pipeline, overrides), resume=resume, overwrite=overwrite, progress=progress, log=log,
@@ -66,7 +66,7 @@ def train(pipeline: Pipeline | str, overrides: Sequence[str] = (), resume: bool 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best", batch_size: int = 128,
              cache: str | None = None) -> dict:
     """Metrics of a trained run on a cached split (writes eval_* and predictions_* in the run folder)."""
-    from sherl_pipe.evaluation import evaluate as run
+    from sherl_pipe.evaluation import evaluate as run  # torch: loaded at the first call, `import sherl_pipe` stays light
 
     return run(run_dir, split, checkpoint, batch_size, cache)
 
@@ -76,8 +76,8 @@ def predict(run_dir: str | Path, texts: Sequence[str], pairs: Sequence[str] | No
     """Labels and class probabilities (or values) for texts: one dict per text, in order."""
     import numpy as np
 
-    from sherl_pipe.evaluation import prediction_records
-    from sherl_pipe.prediction import Predictor
+    from sherl_pipe.evaluation import prediction_records  # torch: loaded at the first call, `import sherl_pipe` stays light
+    from sherl_pipe.prediction import Predictor  # torch: loaded at the first call, `import sherl_pipe` stays light
 
     predictor = Predictor.load(run_dir, checkpoint, backbone)
     outputs = predictor.outputs(list(texts), list(pairs) if pairs is not None else None, batch_size)
@@ -91,7 +91,7 @@ def predict(run_dir: str | Path, texts: Sequence[str], pairs: Sequence[str] | No
 def predict_file(run_dir: str | Path, input_path: str, output_path: str, checkpoint: str = "best",
                  **options) -> int:
     """`sherl-pipe predict`: a text file in, a .csv or .jsonl of predictions out; returns the rows."""
-    from sherl_pipe.prediction import predict as run
+    from sherl_pipe.prediction import predict as run  # torch: loaded at the first call, `import sherl_pipe` stays light
 
     return run(run_dir, input_path, output_path, checkpoint, **options)
 
@@ -99,6 +99,6 @@ def predict_file(run_dir: str | Path, input_path: str, output_path: str, checkpo
 def verify(cache: str | Path, mark_bad: bool = False, storage_options: dict | None = None):
     """`sherl-pipe verify`: every chunk's checksum; returns a report (its .ok, .problems). CACHE is
     a folder or a URL (STORAGE_OPTIONS as in extract.storage_options)."""
-    from sherl_pipe.cache.verify import verify_cache
+    from sherl_pipe.cache.verify import verify_cache  # torch: loaded at the first call, `import sherl_pipe` stays light
 
     return verify_cache(cache, mark_bad=mark_bad, options=storage_options)

@@ -20,6 +20,7 @@ from torch import nn
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import FAMILIES, Family, family_of
 from sherl_pipe.resources import resolve_model
+from sherl_pipe.devices import early_autocast
 
 __all__ = ["FAMILIES", "Backbone", "family_of", "load_config", "load_module", "module_hash"]
 
@@ -157,7 +158,6 @@ class Backbone:
                      precision: str = "fp32"):
         """[h[0], ..., h[upto]] for a padded batch: the embedding output and each early layer's
         output, computed in PRECISION (extract.precision: fp32, or bf16/fp16 autocast)."""
-        from sherl_pipe.devices import early_autocast
 
         upto = self.num_layers if upto is None else upto
         family = self.family

@@ -36,7 +36,7 @@ def _fail_cleanly(fn):
                        "(train: with --resume)", err=True)
             sys.exit(130)
         except Exception as exc:
-            from sherl_pipe.cache.access import backend_error_line
+            from sherl_pipe.cache.access import backend_error_line  # loaded when the command runs: --help stays fast
 
             line = backend_error_line(exc)  # a storage backend's failure inside zarr's own reads
             if line is None:
@@ -123,7 +123,7 @@ def _verbose(fn):
 def _show_config(pipe, quiet: bool, verbose: bool, saved: str) -> None:
     """The resolved config in full with --verbose; else one line saying where it is saved (it was
     about 100 lines on every command)."""
-    from sherl_pipe.config import dumps
+    from sherl_pipe.config import dumps  # loaded when the command runs: --help stays fast
 
     if verbose:
         _say(f"resolved config ({pipe.origin}):\n{dumps(pipe)}")
@@ -167,7 +167,7 @@ def main():
 def _run_extract(pipe, overwrite: bool, quiet: bool, check=None, scheduler: str | None = None):
     import torch
 
-    from sherl_pipe.extraction import extract as run_extract
+    from sherl_pipe.extraction import extract as run_extract  # loaded when the command runs: --help stays fast
 
     torch.set_num_threads(pipe.extract.threads)
     bar = Progress("extract", "sample", quiet)
@@ -191,7 +191,7 @@ def _run_extract(pipe, overwrite: bool, quiet: bool, check=None, scheduler: str 
 @_fail_cleanly
 def extract(pipeline, overrides, cache, dtype, scheduler, overwrite, quiet, verbose):
     """Run the frozen early layers once and cache their per-layer activations."""
-    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.config import load_pipeline  # loaded when the command runs: --help stays fast
 
     pipe = load_pipeline(pipeline, overrides).with_overrides("extract", cache=cache, dtype=dtype)
     _show_config(pipe, quiet, verbose, f"the cache's manifest (`sherl-pipe info {pipe.extract.cache} --json`)")
@@ -245,7 +245,7 @@ def _apply_train_options(pipe, cache, run_dir, method, source, mode, late_tuning
 def _run_training(pipe, resume, overwrite, quiet):
     import torch
 
-    from sherl_pipe.training import train as run_train
+    from sherl_pipe.training import train as run_train  # loaded when the command runs: --help stays fast
 
     torch.set_num_threads(pipe.train.threads)
     bar = Progress("train", "step", quiet)
@@ -260,7 +260,7 @@ def _run_training(pipe, resume, overwrite, quiet):
         _say(f"interrupted: run {result.run_dir} saved at step {result.steps}; continue it with the same command "
              f"and --resume")
         sys.exit(130)
-    from sherl_pipe.inspect import counted
+    from sherl_pipe.inspect import counted  # loaded when the command runs: --help stays fast
 
     best = result.best
     click.echo(f"run {result.run_dir}: {result.steps} steps, {counted(result.epochs_done, 'epoch')}, "
@@ -283,7 +283,7 @@ def _run_training(pipe, resume, overwrite, quiet):
 def train(pipeline, overrides, cache, run_dir, method, source, mode, late_tuning, epochs, resume, overwrite, quiet,
           verbose):
     """Train the consolidation module, late layer(s) and head from a cache."""
-    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.config import load_pipeline  # loaded when the command runs: --help stays fast
 
     pipe = _apply_train_options(load_pipeline(pipeline, overrides), cache, run_dir, method, source, mode, late_tuning,
                                 epochs)
@@ -315,7 +315,7 @@ def _print_eval(result: dict) -> None:
 def evaluate(run_dir, split, checkpoint, cache, batch_size):
     """Evaluate a trained run on a cached split (writes eval_SPLIT_CHECKPOINT.json and
     predictions_SPLIT_CHECKPOINT.csv in the run folder)."""
-    from sherl_pipe.evaluation import evaluate as run_eval
+    from sherl_pipe.evaluation import evaluate as run_eval  # loaded when the command runs: --help stays fast
 
     _print_eval(run_eval(run_dir, split, checkpoint, batch_size, cache))
 
@@ -338,7 +338,7 @@ def evaluate(run_dir, split, checkpoint, cache, batch_size):
 def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, text_column, text_pair_column, backbone,
             batch_size, header, overwrite):
     """Predict labels (and probabilities) for new raw text with a trained run."""
-    from sherl_pipe.prediction import predict as run_predict
+    from sherl_pipe.prediction import predict as run_predict  # loaded when the command runs: --help stays fast
 
     n = run_predict(run_dir, input_path, output_path, checkpoint, batch_size, fmt, encoding, backbone,
                     text_column=text_column, text_pair_column=text_pair_column, overwrite=overwrite, header=header)
@@ -354,10 +354,10 @@ def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, text_co
 @_fail_cleanly
 def run(pipeline, overrides, run_dir, method, source, mode, late_tuning, epochs, resume, overwrite, quiet, verbose):
     """extract (reusing a matching cache) -> train -> evaluate, in one go."""
-    from sherl_pipe.config import load_pipeline
-    from sherl_pipe.errors import CacheMismatch
-    from sherl_pipe.evaluation import evaluate as run_eval
-    from sherl_pipe.extraction import check_serves_training
+    from sherl_pipe.config import load_pipeline  # loaded when the command runs: --help stays fast
+    from sherl_pipe.errors import CacheMismatch  # loaded when the command runs: --help stays fast
+    from sherl_pipe.evaluation import evaluate as run_eval  # loaded when the command runs: --help stays fast
+    from sherl_pipe.extraction import check_serves_training  # loaded when the command runs: --help stays fast
 
     pipe = _apply_train_options(load_pipeline(pipeline, overrides), None, run_dir, method, source, mode,
                                 late_tuning, epochs)
@@ -370,7 +370,7 @@ def run(pipeline, overrides, run_dir, method, source, mode, late_tuning, epochs,
         summary = _run_extract(pipe, True, quiet, check_serves_training)  # ... one that differs, only on request
     _print_extract_summary(summary)
     result = _run_training(pipe, resume, overwrite, quiet)
-    from sherl_pipe.cache.location import pipeline_location
+    from sherl_pipe.cache.location import pipeline_location  # loaded when the command runs: --help stays fast
 
     # with the pipeline's storage options: the run folder keeps none of their secrets
     _print_eval(run_eval(result.run_dir, pipe.evaluate.split, pipe.evaluate.checkpoint, pipe.evaluate.batch_size,
@@ -384,7 +384,7 @@ def run(pipeline, overrides, run_dir, method, source, mode, late_tuning, epochs,
 def info(cache, as_json):
     """Show a cache's manifest, splits, arrays, sizes and completeness; or, for a run folder, its
     model, training summary and learned tier weights."""
-    from sherl_pipe.inspect import cache_report, folder_kind, format_report, format_run_report, run_report
+    from sherl_pipe.inspect import cache_report, folder_kind, format_report, format_run_report, run_report  # loaded when the command runs: --help stays fast
 
     if folder_kind(cache) == "run":
         report = run_report(cache)
@@ -401,7 +401,7 @@ def info(cache, as_json):
 @_fail_cleanly
 def verify(cache, mark_bad, quiet):
     """Check every chunk's checksum and that no chunk is missing; exit 1 if any is bad."""
-    from sherl_pipe.cache.verify import verify_cache
+    from sherl_pipe.cache.verify import verify_cache  # loaded when the command runs: --help stays fast
 
     bar = Progress("verify", "chunk", quiet)
     try:
@@ -436,8 +436,8 @@ def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, retr
     """Many training trials over one cache: extract (reusing a matching cache), then an Optuna search
     run on dask workers; rerun the same command to resume. Ends with trials.csv, a leaderboard,
     best.toml and plots in the sweep folder."""
-    from sherl_pipe.config import load_pipeline
-    from sherl_pipe.sweep import plan_sweep, run_sweep
+    from sherl_pipe.config import load_pipeline  # loaded when the command runs: --help stays fast
+    from sherl_pipe.sweep import plan_sweep, run_sweep  # loaded when the command runs: --help stays fast
 
     pipe = load_pipeline(pipeline, overrides)
     _show_config(pipe, quiet, verbose, "each trial's run folder (config.json) and the sweep folder's best.toml")
@@ -491,10 +491,10 @@ def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, co
             overwrite, retry_failed, quiet, verbose):
     """Every method x seed from one cache (extracted first if needed), at equal epochs or equal time:
     compare.csv, compare.md and plots in the compare folder; rerun the same command to resume."""
-    from sherl_pipe.compare import compare as run_compare
-    from sherl_pipe.compare.run import plan_compare, servable
-    from sherl_pipe.config import load_pipeline
-    from sherl_pipe.methods import method_names
+    from sherl_pipe.compare import compare as run_compare  # loaded when the command runs: --help stays fast
+    from sherl_pipe.compare.run import plan_compare, servable  # loaded when the command runs: --help stays fast
+    from sherl_pipe.config import load_pipeline  # loaded when the command runs: --help stays fast
+    from sherl_pipe.methods import method_names  # loaded when the command runs: --help stays fast
 
     pipe = load_pipeline(pipeline, overrides)
     names = method_names() if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
@@ -532,7 +532,7 @@ def compare_report(compare_dir):
     """Rebuild a comparison's table and plots from its folder (also while it runs)."""
     from pathlib import Path
 
-    from sherl_pipe.compare.report import build_report
+    from sherl_pipe.compare.report import build_report  # loaded when the command runs: --help stays fast
 
     click.echo(build_report(Path(compare_dir))["markdown"])
 
@@ -540,13 +540,13 @@ def compare_report(compare_dir):
 def _ensure_cache(pipe, quiet: bool, overwrite: bool, check) -> None:
     """The pipeline's cache, complete and matching, extracted if it is not (CHECK runs on the
     manifest it will have, before extracting)."""
-    from sherl_pipe.errors import CacheMismatch
-    from sherl_pipe.request import cache_ready
+    from sherl_pipe.errors import CacheMismatch  # loaded when the command runs: --help stays fast
+    from sherl_pipe.request import cache_ready  # loaded when the command runs: --help stays fast
 
     if cache_ready(pipe):  # complete and matching: no need to load the model to compare module hashes
-        from sherl_pipe.cache import Cache
+        from sherl_pipe.cache import Cache  # loaded when the command runs: --help stays fast
 
-        from sherl_pipe.cache.location import pipeline_location
+        from sherl_pipe.cache.location import pipeline_location  # loaded when the command runs: --help stays fast
 
         click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
         check(pipe, Cache(pipeline_location(pipe, training=True)).manifest, overwrite)
@@ -566,7 +566,7 @@ def sweep_report(sweep_dir):
     """Rebuild a sweep's table, leaderboard, best.toml and plots from its study (also while it runs)."""
     from pathlib import Path
 
-    from sherl_pipe.sweep.report import build_report
+    from sherl_pipe.sweep.report import build_report  # loaded when the command runs: --help stays fast
 
     _print_sweep(build_report(Path(sweep_dir)), sweep_dir)
 

@@ -24,6 +24,7 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.fields import as_written, at_least, between, checked, choice, column, options
 from sherl_pipe.methods import DEFAULT as DEFAULT_METHOD
 from sherl_pipe.methods import LEGACY_MODES, REGISTRY, check_settings, get_method, option_owners, settings_as_written
+from sherl_pipe.cache.location import is_url, public_options
 
 
 
@@ -55,7 +56,7 @@ class DataConfig:
     split_seed: int = 0
 
     def check(self) -> None:
-        from sherl_pipe.data.read import check_encoding
+        from sherl_pipe.data.read import check_encoding  # data/ imports this module (DataConfig): a cycle
 
         check_encoding(self.encoding, "data.encoding")
         files = {s: getattr(self, s) for s in ("train", "validation", "test") if getattr(self, s)}
@@ -248,7 +249,6 @@ def absolute_paths(pipeline: Pipeline) -> Pipeline:
     """The pipeline with its file and folder paths absolute (`embedded:` names and empty ones kept):
     what a process elsewhere (a sweep trial on a dask worker, whose directory is not this one) must
     be given so that it reads the same files."""
-    from sherl_pipe.cache.location import is_url
 
     def absolute(path: str) -> str:
         return path if not path or path.startswith("embedded:") or is_url(path) else str(Path(path).absolute())
@@ -282,7 +282,6 @@ def upgrade_saved(saved: dict) -> dict:
 def section_to_dict(section, secrets: bool = False) -> dict:
     """A section as a dict, as it is written and printed: storage options without their
     credentials (SECRETS=True keeps them, for handing a pipeline to another process in memory)."""
-    from sherl_pipe.cache.location import public_options
 
     out = {}
     for f in dataclasses.fields(section):

@@ -27,7 +27,7 @@ from sherl_pipe.cache.location import pipeline_location
 from sherl_pipe.cache.manifest import CUT_FIELDS, build_manifest
 from sherl_pipe.cache.store import is_sherl_cache
 from sherl_pipe.cache.writer import check_target
-from sherl_pipe.config import Pipeline
+from sherl_pipe.config import Pipeline, absolute_paths
 from sherl_pipe.devices import check_extract_precision, pick_device
 from sherl_pipe.encode import reorder, storage_order, tokenize
 from sherl_pipe.errors import CacheMismatch, SherlError
@@ -254,7 +254,6 @@ def block_job(pipeline: Pipeline, plan: Plan, writer: CacheWriter | None = None)
     generation, which a worker checks before each block."""
     import uuid
 
-    from sherl_pipe.config import absolute_paths
 
     absolute = absolute_paths(pipeline)
     b = absolute.backbone
@@ -300,6 +299,7 @@ def write_blocks_on_cluster(writer: CacheWriter, plan: Plan, blocks, cfg, summar
                             job: BlockJob, scheduler: str | None, log, started=None) -> None:
     """The blocks as tasks on a dask cluster (distributed_extract.py; STARTED: a local one started
     as the extraction began)."""
+    # dask.distributed (about 0.25 s to import) only when workers are asked for
     from sherl_pipe.distributed_extract import extraction_cluster, run_blocks
 
     with extraction_cluster(cfg.workers, scheduler, cfg.threads, started) as (client, where):
@@ -365,7 +365,6 @@ def early_cluster(pipeline: Pipeline, scheduler: str | None, overwrite: bool):
     cluster, or the cache is complete already (a rerun that writes nothing starts no cluster)."""
     if scheduler or pipeline.extract.workers <= 1 or (not overwrite and _complete(pipeline)):
         return None
-    from sherl_pipe.config import absolute_paths
     from sherl_pipe.distributed_extract import ClusterStart  # dask: imported only when workers are asked for
 
     b = absolute_paths(pipeline).backbone

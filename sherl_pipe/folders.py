@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from sherl_pipe.errors import SherlError
+from sherl_pipe.errors import os_error_message
 
 
 def has_files(path: Path) -> bool:
@@ -40,6 +41,5 @@ def ensure_writable(folder: Path, what: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        from sherl_pipe.errors import os_error_message
 
         raise SherlError(f"{what} {folder}: cannot write there ({os_error_message(exc)})") from None

@@ -11,6 +11,8 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.formats import LOSSY
 from sherl_pipe.consolidation import PAPER_TIER_SCORE
 from sherl_pipe.training.tier_weights import dead_warning, format_state, format_tier_weights
+from sherl_pipe.cache.location import is_url
+from sherl_pipe.methods.spec import ModelSpec
 
 
 def _array_order(item) -> tuple:
@@ -91,7 +93,6 @@ def is_run_folder(path: str) -> bool:
 def folder_kind(path: str) -> str:
     """'run' or 'cache', for `info`; anything else is refused naming both. A URL is a cache (run
     folders are always local)."""
-    from sherl_pipe.cache.location import is_url
 
     if is_url(path):
         return "cache"
@@ -139,7 +140,6 @@ def format_best(best: dict | None) -> str:
 
 def model_line(spec: dict) -> str:
     """'sherl from the cache: late layers 2 (frozen), tiers [0, 1] + anchor h[4]', as the method says."""
-    from sherl_pipe.methods.spec import ModelSpec
 
     parsed = ModelSpec.from_dict(spec)  # runs from before methods existed say `mode`
     where = "from the cache" if parsed.source == "cached" else "live"

@@ -6,6 +6,7 @@ scikit-learn's does. Pearson and Spearman of a constant are undefined; they are 
 from __future__ import annotations
 
 import numpy as np
+from sherl_pipe.errors import SherlError
 
 PRIMARY = {"classification": "accuracy", "regression": "pearson"}
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc", "f1_positive", "train_loss")
@@ -19,7 +20,6 @@ def selection(task_type: str, metric: str, where: str = "train.metric") -> tuple
     known = CLASSIFICATION_METRICS if task_type == "classification" else REGRESSION_METRICS
     metric = metric or PRIMARY[task_type]
     if metric not in known:
-        from sherl_pipe.errors import SherlError
 
         raise SherlError(f"{where} = {metric!r} is not a {task_type} metric; use one of {', '.join(known)}")
     return metric, "minimize" if metric in LOWER_IS_BETTER else "maximize"

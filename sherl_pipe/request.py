@@ -13,6 +13,8 @@ from sherl_pipe.config import Pipeline, TrainConfig
 from sherl_pipe.data import Dataset, load_dataset
 from sherl_pipe.errors import SherlError
 from sherl_pipe.resources import resolve_model
+from sherl_pipe.cache.location import pipeline_location
+from sherl_pipe.cache.store import is_sherl_cache
 
 
 @dataclass
@@ -54,8 +56,6 @@ def check_cache_matches(cache: Cache, pipeline: Pipeline) -> None:
 def cache_ready(pipeline: Pipeline) -> bool:
     """Whether the pipeline's cache exists, is complete and matches it (checked without the model's
     weights): commands that only read the cache (sweep) then skip the extract step and its model load."""
-    from sherl_pipe.cache.location import pipeline_location
-    from sherl_pipe.cache.store import is_sherl_cache
 
     loc = pipeline_location(pipeline, training=True)
     try:

@@ -20,6 +20,8 @@ import sys
 import numpy as np
 
 from sherl_pipe.errors import SherlError
+from sherl_pipe.cache import access
+from sherl_pipe.cache.location import as_location
 
 CRC_BYTES = 4
 
@@ -148,8 +150,6 @@ class BlockReader:
     chunks that were written are ever asked for."""
 
     def __init__(self, where, split: str, name: str, arr):
-        from sherl_pipe.cache.location import as_location
-
         self.location, self.split, self.name = as_location(where), split, name
         self.cache_path, self.arr = str(self.location), arr
         self.codec = chunk_codec(arr)
@@ -163,7 +163,6 @@ class BlockReader:
 
     def read_time_chunk(self, block: int, j: int, out: np.ndarray) -> None:
         """Fetch and decode chunk (block, j) into OUT (the chunk shape)."""
-        from sherl_pipe.cache import access
 
         self.decode(block, j, access.get(self.location, self.key(block, j)), out)
 

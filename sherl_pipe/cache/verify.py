@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from sherl_pipe.cache import access
 from sherl_pipe.cache.codec import checksum_ok
 from sherl_pipe.cache.store import Cache, ChunkError
+from sherl_pipe.cache.writer import BlockWriter
 
 BATCH = 64  # chunks fetched at once (concurrently from an object store)
 
@@ -62,7 +63,6 @@ def count_chunks(cache: Cache) -> int:
 
 def mark_bad_blocks(cache: Cache, report: VerifyReport) -> None:
     """Set done[b] = 0 for every block holding a bad chunk (a bad `done` chunk is rewritten as 0)."""
-    from sherl_pipe.cache.writer import BlockWriter
 
     writer = None
     for split in cache.splits:

@@ -15,11 +15,15 @@ from typing import Callable
 
 from sherl_pipe.config import Pipeline
 from sherl_pipe.errors import SherlError
+from sherl_pipe.cache import Cache, manifest_fingerprint
+from sherl_pipe.cache.location import pipeline_location
+from sherl_pipe.compare.report import build_report
+from sherl_pipe.compare.run import plan_compare, run_compare, save_plan
+from sherl_pipe.folders import clear_folder, ensure_writable, has_files, refuse_cwd
+from sherl_pipe.request import check_cache_matches
 
 
 def prepare_compare_folder(folder: Path, overwrite: bool) -> None:
-    from sherl_pipe.folders import clear_folder, ensure_writable, has_files, refuse_cwd
-
     if folder.exists() and not folder.is_dir():
         raise SherlError(f"compare folder {folder}: is a file; give --compare-dir a folder")
     mine = (folder / "compare.json").is_file()
@@ -40,11 +44,6 @@ def compare(pipeline: Pipeline, methods: list[str], seeds: int = 3, live_seeds: 
     """Run (or resume) a comparison over the pipeline's cache, which must exist and match (checked
     here unless check_cache=False); returns the report (compare/report.py) and whether it was
     interrupted. RETRY_FAILED: trials that failed run again (once their cause is fixed)."""
-    from sherl_pipe.cache import Cache, manifest_fingerprint
-    from sherl_pipe.cache.location import pipeline_location
-    from sherl_pipe.compare.report import build_report
-    from sherl_pipe.compare.run import plan_compare, run_compare, save_plan
-    from sherl_pipe.request import check_cache_matches
 
     cache = Cache(pipeline_location(pipeline, training=True))
     if check_cache:

@@ -17,6 +17,23 @@ import time
 from pathlib import Path
 
 from sherl_pipe.compare.measure import peak_mib, reset_peak, rss_mib, state_bytes
+from sherl_pipe.atomic import write_atomically
+from sherl_pipe.cache import Cache
+from sherl_pipe.cache import set_codec_threads
+from sherl_pipe.cache.location import Hidden, with_storage_options
+from sherl_pipe.cache.location import pipeline_location
+from sherl_pipe.config import Pipeline
+from sherl_pipe.devices import autocast, pick_device
+from sherl_pipe.errors import SherlError
+from sherl_pipe.evaluation import evaluate
+from sherl_pipe.families import family_of
+from sherl_pipe.methods import register_method
+from sherl_pipe.methods.spec import config_from_manifest
+from sherl_pipe.sweep.trial import check_cache
+from sherl_pipe.training import train
+from sherl_pipe.training.inference import loss_fn
+from sherl_pipe.training.rng import run_rng
+from sherl_pipe.training.run import build_session, open_training_cache
 
 
 class Interrupted:
@@ -54,10 +71,6 @@ def end_with_parent(parent: int | None) -> None:
 
 def measure_state(pipeline) -> dict:
     """The training state's bytes at the first training batch of the run's own order."""
-    from sherl_pipe.devices import autocast, pick_device
-    from sherl_pipe.training.inference import loss_fn
-    from sherl_pipe.training.rng import run_rng
-    from sherl_pipe.training.run import build_session, open_training_cache
 
     device = pick_device(pipeline.train.device)
     cache, spec, eval_split = open_training_cache(pipeline, check_cache=False)
@@ -81,8 +94,6 @@ def predictions_on_test(pipeline, run_dir: Path) -> dict:
     and gold value."""
     import csv
 
-    from sherl_pipe.cache.location import pipeline_location
-    from sherl_pipe.evaluation import evaluate
 
     split = pipeline.evaluate.split
     metrics = evaluate(run_dir, split, "best", storage_options=pipeline_location(pipeline, training=True).options)
@@ -98,10 +109,6 @@ def warm_imports(pipeline) -> None:
     import peft  # noqa: F401
     import transformers
 
-    from sherl_pipe.cache import Cache
-    from sherl_pipe.cache.location import pipeline_location
-    from sherl_pipe.families import family_of
-    from sherl_pipe.methods.spec import config_from_manifest
 
     config = config_from_manifest(Cache(pipeline_location(pipeline, training=True)).manifest)
     family = family_of(config.model_type)
@@ -117,19 +124,13 @@ def run(spec: dict, storage_options: list | None = None, methods: dict | None = 
     never travel in the spec file."""
     import torch
 
-    from sherl_pipe.cache import set_codec_threads
-    from sherl_pipe.config import Pipeline
-    from sherl_pipe.methods import register_method
-    from sherl_pipe.training import train
 
     for name, reference in (methods or {}).items():
         register_method(name, reference)
 
     torch.set_num_threads(spec["threads"])
     set_codec_threads(spec["threads"])
-    from sherl_pipe.sweep.trial import check_cache
 
-    from sherl_pipe.cache.location import Hidden, with_storage_options
 
     pipeline = Pipeline.from_dict(spec["pipeline"], f"compare trial {spec['number']}")
     pipeline = with_storage_options(pipeline, Hidden(storage_options) if storage_options else None)
@@ -164,9 +165,6 @@ def run(spec: dict, storage_options: list | None = None, methods: dict | None = 
 
 
 def main(argv: list[str]) -> int:
-    from sherl_pipe.atomic import write_atomically
-    from sherl_pipe.errors import SherlError
-
     interrupted = Interrupted()  # first: a stop that comes while the job starts is not lost
     parent = os.environ.get(PARENT_ENV)
     end_with_parent(int(parent) if parent else None)

@@ -8,6 +8,14 @@ import json
 from pathlib import Path
 
 from sherl_pipe.sweep.space import Param
+from sherl_pipe.compare.trial import job_folder
+from sherl_pipe.compare.trial import run_compare_trial
+from sherl_pipe.sweep.config import SweepConfig
+from sherl_pipe.sweep.run import Coordinator, Plan, finished_count
+from sherl_pipe.sweep.study import first_cause, trial_dir
+from sherl_pipe.sweep.study import is_rerun_error
+from sherl_pipe.sweep.study import open_study, recover_interrupted, retry_failed, signature
+from sherl_pipe.sweep.study import prepare_folder, repair_journal
 
 KEYS = ("method", "seed", "epochs", "lr", "lr_late")
 EARLIER_KEYS = KEYS[:4]  # compare folders made before lr_late was a trial parameter
@@ -30,8 +38,6 @@ def phase_pipeline(c, name: str):
 def open_phase(c, folder: Path, trials: list[dict]):
     """The phase's study (created, or resumed: its signature is the base pipeline and metric), with
     every trial of TRIALS that it neither holds nor queues put in its queue."""
-    from sherl_pipe.sweep.config import SweepConfig
-    from sherl_pipe.sweep.study import open_study, recover_interrupted, retry_failed, signature
 
     params = params_for(trials)
     sig = signature(SweepConfig(sampler="random"), [], c.pipeline.to_dict(), c.metric, c.direction)
@@ -61,7 +67,6 @@ def stopped_before_its_end(t, folder: Path) -> bool:
     """A trial recorded as interrupted or lost: its parameters still have to run (a killed compare
     left trials running that had not drawn their parameters yet, which nothing requeued: they
     counted as held, and the phase filled its count with sampled settings instead)."""
-    from sherl_pipe.sweep.study import is_rerun_error, trial_dir
 
     error = trial_dir(folder, t.number) / "error.txt"
     return t.state.name == "FAIL" and error.is_file() and is_rerun_error(error.read_text())
@@ -70,8 +75,6 @@ def stopped_before_its_end(t, folder: Path) -> bool:
 def results_of(study, folder: Path, rates: dict | None = None) -> list[dict]:
     """Every finished trial's parameters with its job's result (failed ones: with their error); an
     earlier folder's trials get lr_late from RATES (see with_lr_late), or none without them."""
-    from sherl_pipe.compare.trial import job_folder
-    from sherl_pipe.sweep.study import first_cause, trial_dir
 
     out = []
     for t in study.get_trials(deepcopy=False):
@@ -92,9 +95,6 @@ def results_of(study, folder: Path, rates: dict | None = None) -> list[dict]:
 def run_phase(c, name: str, trials: list[dict], eng, progress, log, should_stop,
               parallel: int | None = None) -> tuple[list[dict], bool]:
     """PARALLEL: at most this many trials at once (default: one per worker)."""
-    from sherl_pipe.compare.trial import run_compare_trial
-    from sherl_pipe.sweep.run import Coordinator, Plan, finished_count
-    from sherl_pipe.sweep.study import prepare_folder, repair_journal
 
     folder = c.folder / name
     lock = prepare_folder(folder, overwrite=False)

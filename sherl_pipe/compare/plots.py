@@ -4,6 +4,7 @@ seeds' spread as error bars, and the front of methods no other beats on both mar
 from __future__ import annotations
 
 from pathlib import Path
+from sherl_pipe.sweep.plots import _pyplot, _save
 
 
 def front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -17,8 +18,6 @@ def front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, st
 
 
 def plot_front(path: Path, summary: list[dict], cost: str, xlabel: str, metric: str) -> None:
-    from sherl_pipe.sweep.plots import _pyplot, _save
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     points = []

@@ -17,6 +17,12 @@ from sherl_pipe.atomic import write_atomically
 from sherl_pipe.errors import SherlError
 from sherl_pipe.methods import REFERENCE
 from sherl_pipe.metrics import REGRESSION_METRICS
+from sherl_pipe.compare.interval import difference_interval
+from sherl_pipe.compare.phase import results_of
+from sherl_pipe.compare.plots import plot_front
+from sherl_pipe.metrics import best_of
+from sherl_pipe.metrics import classification_metrics, regression_metrics
+from sherl_pipe.sweep.study import is_sweep_folder, load_study
 
 COLUMNS = ("method", "seed", "state", "epochs", "lr", "lr_late", "test", "validation", "seconds", "budget_share",
            "stop_reason", "samples_per_s",
@@ -28,8 +34,6 @@ MIB = 2**20
 def load(folder: Path) -> tuple[dict, list[dict]]:
     """The comparison's description and its rows: the final phase, and with --budget time full
     fine-tuning's calibration runs (they are its results, unless --tune-lr ran it again at other rates)."""
-    from sherl_pipe.compare.phase import results_of
-    from sherl_pipe.sweep.study import is_sweep_folder, load_study
 
     if not (folder / "compare.json").is_file():
         raise SherlError(f"compare folder {folder}: no compare.json; give the folder of a `sherl-pipe compare`")
@@ -49,7 +53,6 @@ def metric_on_test(plan: dict) -> str:
 
 def row_of(r: dict, metric: str, direction: str, budget: float | None = None) -> dict:
     """One trial's row; BUDGET: --budget time's seconds, for the row's share of it."""
-    from sherl_pipe.metrics import best_of
 
     sb = r.get("state_bytes") or {}
     peak = None if r.get("peak_mib") is None or r.get("baseline_mib") is None else r["peak_mib"] - r["baseline_mib"]
@@ -78,8 +81,6 @@ def _csv(rows: list[dict]) -> str:
 
 
 def metric_on(pred: np.ndarray, gold: np.ndarray, metric: str, classes: int) -> float:
-    from sherl_pipe.metrics import classification_metrics, regression_metrics
-
     if classes:
         return classification_metrics(pred, gold, classes)[metric]
     return regression_metrics(pred, gold)[metric]
@@ -88,7 +89,6 @@ def metric_on(pred: np.ndarray, gold: np.ndarray, metric: str, classes: int) -> 
 def interval_against_reference(runs: dict[str, list[dict]], method: str, metric: str):
     """95% interval of METHOD's mean test score over seeds minus full fine-tuning's, covering seed
     noise and test-row sampling (compare/interval.py); None without 2 seeds of each."""
-    from sherl_pipe.compare.interval import difference_interval
 
     ref, own = runs.get(REFERENCE, []), runs.get(method, [])
     if not ref or not own or method == REFERENCE:
@@ -188,7 +188,6 @@ def build_report(folder: Path, plots: bool = True) -> dict:
     text = markdown(plan, summary, metric, batch, rows)
     write_atomically(folder / "compare.md", text.encode())
     if plots and summary:
-        from sherl_pipe.compare.plots import plot_front
 
         plot_front(folder / "accuracy_vs_memory.png", summary, "peak_mib", "peak memory above idle (MiB)", metric)
         plot_front(folder / "accuracy_vs_time.png", summary, "seconds", "training time (s)", metric)

@@ -33,6 +33,18 @@ from typing import Callable
 from sherl_pipe.config import Pipeline, absolute_paths
 from sherl_pipe.errors import SherlError
 from sherl_pipe.methods import REFERENCE
+from sherl_pipe.atomic import write_atomically
+from sherl_pipe.compare.phase import run_phase
+from sherl_pipe.compare.trial import method_reference
+from sherl_pipe.methods import get_method
+from sherl_pipe.methods import registered_from_code
+from sherl_pipe.methods.spec import make_spec
+from sherl_pipe.metrics import best_of, is_better
+from sherl_pipe.metrics import selection
+from sherl_pipe.request import check_test_rows_do_not_choose
+from sherl_pipe.sweep.config import SweepConfig
+from sherl_pipe.sweep.engine import engine
+from sherl_pipe.training.setup import learning_rates
 
 MAX_EPOCHS = 100
 CALIBRATION_EPOCHS = 3  # the first carries warm-up; the others time an epoch
@@ -61,11 +73,6 @@ class Compare:
 def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds: int | None, budget: str,
                  tune_lr: bool, folder: str, manifest: dict) -> Compare:
     """The comparison, every method checked against the cache (or the manifest it will have)."""
-    from sherl_pipe.methods import get_method
-    from sherl_pipe.metrics import selection
-    from sherl_pipe.methods.spec import make_spec
-    from sherl_pipe.request import check_test_rows_do_not_choose
-    from sherl_pipe.training.setup import learning_rates
 
     if not methods:
         raise SherlError("--methods: name at least one method")
@@ -94,7 +101,6 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
 def servable(pipeline: Pipeline, methods: list[str], manifest: dict) -> tuple[list[str], dict[str, str]]:
     """METHODS split into those the cache (or the cache MANIFEST describes) serves and, for the
     others, why not (the method's own refusal: a tier the cache does not hold)."""
-    from sherl_pipe.methods.spec import make_spec
 
     kept, left = [], {}
     for name in methods:
@@ -109,8 +115,6 @@ def servable(pipeline: Pipeline, methods: list[str], manifest: dict) -> tuple[li
 def check_importable(methods: list[str]) -> None:
     """A method registered from code as a class reaches each compare job (a process of its own) as
     its import path: refused here, before any trial, when that path does not lead back to it."""
-    from sherl_pipe.compare.trial import method_reference
-    from sherl_pipe.methods import get_method, registered_from_code
 
     for name, entry in registered_from_code().items():
         if name not in methods:
@@ -168,8 +172,6 @@ def tune_trials(c: Compare) -> list[dict]:
 
 
 def best_lr(c: Compare, results: list[dict]) -> dict[str, Rates]:
-    from sherl_pipe.metrics import best_of, is_better
-
     out: dict[str, tuple[Rates, float]] = {}
     for r in results:
         value = best_of(r.get("values") or [], c.direction)
@@ -189,8 +191,6 @@ def final_trials(c: Compare) -> list[dict]:
 
 
 def save_plan(c: Compare) -> None:
-    from sherl_pipe.atomic import write_atomically
-
     description = {"methods": c.methods, "seeds": c.seeds, "budget": c.budget, "tune_lr": c.tune_lr,
                    "metric": c.metric, "direction": c.direction, "epochs": c.epochs, "rates": c.rates,
                    "tuned_rates": c.tuned_rates, "budget_seconds": c.budget_seconds,
@@ -201,9 +201,6 @@ def save_plan(c: Compare) -> None:
 def run_compare(c: Compare, scheduler: str | None = None, workers: int = 0, progress=None,
                 log: Callable[[str], None] = print, should_stop=None, model_type: str | None = None) -> dict:
     """Run (or resume) every phase; returns {"interrupted": bool, "phases": {name: results}}."""
-    from sherl_pipe.compare.phase import run_phase
-    from sherl_pipe.sweep.engine import engine
-    from sherl_pipe.sweep.config import SweepConfig
 
     c.epochs = {m: c.pipeline.train.epochs for m in c.methods}
     phases: dict[str, list[dict]] = {}

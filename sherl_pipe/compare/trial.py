@@ -13,6 +13,8 @@ from pathlib import Path
 from sherl_pipe.compare.job import PARENT_ENV
 from sherl_pipe.errors import SherlError
 from sherl_pipe.sweep.trial import StopFlag
+from sherl_pipe.methods import REFERENCE
+from sherl_pipe.methods import resolve
 
 
 def job_folder(run_dir: str) -> Path:
@@ -33,7 +35,6 @@ def run_compare_trial(spec: dict) -> dict:
     it, and the trial was recorded as failed, never rerun); it ends with this worker (job.py sets a
     parent-death signal); its stderr goes to a file in the job folder (a pipe that nobody read
     while it ran blocked the job once it held 64 KiB)."""
-    from sherl_pipe.methods import REFERENCE
 
     if spec["pipeline"]["train"]["method"] == REFERENCE:  # its time is the budget: never cut by it
         spec = {**spec, "pipeline": {**spec["pipeline"], "train": {**spec["pipeline"]["train"], "max_seconds": 0.0}}}
@@ -78,7 +79,6 @@ def _wait(proc, stop) -> bool:
 
 def method_reference(cls) -> str:
     """CLS's import path, or one line saying why a compare job (a fresh process) could not import it."""
-    from sherl_pipe.methods import resolve
 
     module, name = getattr(cls, "__module__", None), getattr(cls, "__qualname__", "")
     try:

@@ -14,6 +14,20 @@ from typing import Callable
 
 from sherl_pipe.config import Pipeline, absolute_paths
 from sherl_pipe.errors import SherlError
+from sherl_pipe.cache import Cache
+from sherl_pipe.cache import manifest_fingerprint
+from sherl_pipe.cache.location import pipeline_location
+from sherl_pipe.request import check_cache_matches
+from sherl_pipe.request import check_splits, check_test_rows_do_not_choose
+from sherl_pipe.sweep.config import load_sweep, resolve_metric
+from sherl_pipe.sweep.engine import engine
+from sherl_pipe.sweep.report import build_report
+from sherl_pipe.sweep.run import Coordinator, finished_count
+from sherl_pipe.sweep.run import Plan
+from sherl_pipe.sweep.space import check_space, grid, grid_size, parse_space
+from sherl_pipe.sweep.study import open_study, recover_interrupted, retry_failed, signature
+from sherl_pipe.sweep.study import prepare_folder, repair_journal
+from sherl_pipe.sweep.trial import run_trial
 
 
 @dataclass
@@ -30,12 +44,6 @@ class SweepResult:
 def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None, manifest: dict | None = None):
     """The sweep's settings and space, checked against the pipeline and its cache (or, before the
     cache is made, the manifest it will have: extraction.planned_manifest) before anything runs."""
-    from sherl_pipe.cache import Cache
-    from sherl_pipe.cache.location import pipeline_location
-    from sherl_pipe.sweep.config import load_sweep, resolve_metric
-    from sherl_pipe.sweep.run import Plan
-    from sherl_pipe.sweep.space import check_space, grid, grid_size, parse_space
-    from sherl_pipe.request import check_splits, check_test_rows_do_not_choose
 
     sweep = load_sweep(pipeline, sweep_file, sweep_dir)
     cfg = sweep.config
@@ -72,11 +80,6 @@ def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str 
     unless check_cache=False: the caller has just checked or made it). `should_stop()` is polled:
     once true, no trial starts and the running ones stop at their next step, to run again on resume.
     RETRY_FAILED: trials that failed run again (after the cause is fixed: a repaired cache)."""
-    from sherl_pipe.cache import Cache, manifest_fingerprint
-    from sherl_pipe.cache.location import pipeline_location
-    from sherl_pipe.request import check_cache_matches
-    from sherl_pipe.sweep.report import build_report
-    from sherl_pipe.sweep.study import prepare_folder, repair_journal
 
     cache = Cache(pipeline_location(pipeline, training=True))
     if check_cache:
@@ -96,11 +99,6 @@ def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str 
 
 
 def _run_trials(pipeline, cfg, plan, scheduler, progress, log, trial_fn, should_stop, model_type, retry=False):
-    from sherl_pipe.sweep.engine import engine
-    from sherl_pipe.sweep.run import Coordinator, finished_count
-    from sherl_pipe.sweep.study import open_study, recover_interrupted, retry_failed, signature
-    from sherl_pipe.sweep.trial import run_trial
-
     sig = signature(cfg, plan.params, pipeline.to_dict(), plan.metric, plan.direction)
     study = open_study(plan.sweep_dir, cfg, plan.params, sig, plan.direction, pipeline.origin,
                        plan.cache_fingerprint)

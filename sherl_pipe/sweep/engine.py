@@ -38,6 +38,7 @@ class TrialWorker(WorkerPlugin):
     def setup(self, worker=None):
         if self.shield:
             ignore_interrupts()
+        # warm-up: what a trial imports, loaded as the worker starts rather than in its first trial
         import sherl_pipe.sweep.trial  # noqa: F401
         import sherl_pipe.training.run  # noqa: F401
 

@@ -15,6 +15,7 @@ from sherl_pipe.atomic import write_atomically
 from sherl_pipe.config import Pipeline, to_toml
 from sherl_pipe.metrics import best_of
 from sherl_pipe.sweep.study import first_cause, load_study, trial_dir
+from sherl_pipe.sweep.plots import plot_all
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
@@ -139,7 +140,6 @@ def build_report(sweep_dir: Path, plots: bool = True) -> Report:
     if chosen:
         write_best(sweep_dir, sig["pipeline"], chosen[0], keys, sig["metric"], chosen[1])
     if plots and rows:
-        from sherl_pipe.sweep.plots import plot_all
 
         plot_all(sweep_dir, rows, keys, sig["metric"], sig["direction"], ranked)
     board = leaderboard(rows, keys, sig["metric"], sig["direction"])

@@ -19,6 +19,9 @@ from sherl_pipe.folders import clear_folder, ensure_writable, has_files, refuse_
 from sherl_pipe.locks import FolderLock
 from sherl_pipe.sweep.config import SweepConfig
 from sherl_pipe.sweep.space import Param, grid
+from sherl_pipe.atomic import write_atomically
+from sherl_pipe.config import upgrade_saved
+from sherl_pipe.methods import effective_train
 
 STUDY_NAME = "sherl-sweep"
 JOURNAL = "study.journal"
@@ -82,8 +85,6 @@ NOT_SIGNED = {"train": ("run_dir", "threads", "storage_options"),
 
 
 def _signed(base: dict) -> dict:
-    from sherl_pipe.methods import effective_train
-
     out = {s: ({k: v for k, v in body.items() if k not in NOT_SIGNED.get(s, ())} if isinstance(body, dict) else body)
            for s, body in base.items()}
     if "train" in out:
@@ -100,7 +101,6 @@ def signature(cfg: SweepConfig, params: list[Param], base: dict, metric: str, di
 
 def upgraded(sig: dict) -> dict:
     """A stored signature with the pipeline keys its sherl-pipe lacked (config.upgrade_saved)."""
-    from sherl_pipe.config import upgrade_saved
 
     return {**sig, "pipeline": _signed(upgrade_saved(sig.get("pipeline", {})))}
 
@@ -154,7 +154,6 @@ def _write_holder(sweep_dir: Path) -> None:
     import os
     import socket
 
-    from sherl_pipe.atomic import write_atomically
 
     since = datetime.datetime.now().isoformat(timespec="seconds")
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
@@ -219,7 +218,6 @@ def trial_dir(sweep_dir: Path, number: int) -> Path:
 
 def record_error(sweep_dir: Path, number: int, text: str) -> None:
     """Why a trial failed, in its folder (the study keeps only its state)."""
-    from sherl_pipe.atomic import write_atomically
 
     folder = trial_dir(sweep_dir, number)
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,15 @@ import time
 from pathlib import Path
 
 from sherl_pipe.atomic import write_atomically
+from sherl_pipe.cache import Cache, manifest_fingerprint
+from sherl_pipe.cache import set_codec_threads
+from sherl_pipe.cache.location import pipeline_location
+from sherl_pipe.cache.location import with_storage_options
+from sherl_pipe.config import Pipeline
+from sherl_pipe.errors import SherlError
+from sherl_pipe.methods import register_method
+from sherl_pipe.training import train
+from sherl_pipe.training.loop import StopTraining
 
 DECISION_TIMEOUT = 600.0  # seconds a trial waits for a prune decision before it carries on
 STOP_POLL = 0.5  # seconds between a trial's looks at the sweep's stop Event
@@ -75,7 +84,6 @@ class Reporter:
 
         from distributed import Queue
 
-        from sherl_pipe.training.loop import StopTraining
 
         value = epoch_value(record, self.metric)
         self.values.append(value)
@@ -113,9 +121,6 @@ def check_cache(pipeline, fingerprint: str, number: int) -> None:
     """The trial's cache is the one the sweep checked (a worker may see another folder at that path)."""
     import socket
 
-    from sherl_pipe.cache import Cache, manifest_fingerprint
-    from sherl_pipe.cache.location import pipeline_location
-    from sherl_pipe.errors import SherlError
 
     path = pipeline.extract.cache
     if manifest_fingerprint(Cache(pipeline_location(pipeline, training=True)).manifest) != fingerprint:
@@ -135,12 +140,7 @@ def run_trial(spec: dict) -> dict:
 def _run_trial(spec: dict) -> dict:
     import torch
 
-    from sherl_pipe.cache import set_codec_threads
-    from sherl_pipe.cache.location import with_storage_options
-    from sherl_pipe.config import Pipeline
-    from sherl_pipe.training import train
 
-    from sherl_pipe.methods import register_method
 
     for name, cls in spec.get("methods", {}).items():  # registered in the sweep's process (a notebook, a test)
         register_method(name, cls)

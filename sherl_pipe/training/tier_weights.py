@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from sherl_pipe.consolidation import DEFAULT_TIER_SCORE
+from sherl_pipe.training.inference import in_storage_order
 
 if TYPE_CHECKING:  # the training package imports this module: importing it here would be a cycle
     from sherl_pipe.training.batches import SplitSource
@@ -84,7 +85,6 @@ def measure_tier_weights(model, consolidation, source: SplitSource, live, batch_
     """The consolidation's state over every real token of SOURCE's split (the training split after
     training), or None for models without a consolidation (full fine-tuning). LIVE runs the early
     layers on each batch (None: the source reads the tiers from the cache)."""
-    from sherl_pipe.training.inference import in_storage_order
 
     if consolidation is None:
         return None
