@@ -67,7 +67,7 @@ def job_state(pipe_file: str, mode: str) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 2000, (STATE_BATCH, STATE_LEN), generator=g)
     mask = torch.ones(STATE_BATCH, STATE_LEN, dtype=torch.long)
-    tiers = list(spec.tiers) + [spec.anchor]
+    tiers = spec.plugin.reads(spec)
     batch = Batch(None, {t: torch.randn(STATE_BATCH, STATE_LEN, d, generator=g) for t in tiers}, mask,
                   torch.zeros(STATE_BATCH, dtype=torch.long), ids, None)
     if live is not None:

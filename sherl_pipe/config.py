@@ -110,7 +110,7 @@ class ExtractConfig:
     cache: str = "sherl-cache/default"
     late_layers: int = at_least(1, 0)  # k: the cut is c = L - k; 0 stores every tier h[0..L] (all methods)
     tiers: tuple[int, ...] = ()  # tiers h[t] to store; empty: all of h[0..c]; h[c] is always stored
-    dtype: str = choice("float16", "float32", "int8", "float8")  # storage format (see storage.py)
+    dtype: str = choice("float16", "float32", "int8", "float8")  # storage format (see formats.py)
     precision: str = choice("fp32", "bf16", "fp16")  # the early layers' computation (autocast); fp16: CUDA only
     # lz4: the whole write path (codec, checksums, files) costs about a tenth of the bare forward pass
     # on 2 CPU cores; zstd stores ~8% less but costs ~30% more time (benchmarks/extract.py).
@@ -190,7 +190,7 @@ class TrainConfig:
         if name.startswith("__") or name in ("flat", "tables", "method", "options", "plugin"):
             raise AttributeError(name)
         options = self.options
-        if hasattr(options, name):
+        if name in options.keys():
             return getattr(options, name)
         raise AttributeError(f"train has no setting {name!r} for method {self.method!r}")
 
@@ -224,10 +224,11 @@ class Pipeline:
     sweep: dict = field(default_factory=dict, compare=False)
     sweep_sets: tuple = field(default=(), compare=False)
 
-    def to_dict(self, secrets: bool = False) -> dict:
+    def to_dict(self, secrets: bool = False, given: bool = False) -> dict:
         """Every section as written and printed; storage credentials only with SECRETS=True (an
-        in-memory hand-over, never a file)."""
-        return {name: section_to_dict(getattr(self, name), secrets) for name in SECTIONS}
+        in-memory hand-over, never a file); the methods' settings only as given with GIVEN=True
+        (a hand-over to be read again: written out, their defaults would read as given)."""
+        return {name: section_to_dict(getattr(self, name), secrets, given) for name in SECTIONS}
 
     @classmethod
     def from_dict(cls, d: dict, origin: str) -> "Pipeline":
@@ -241,7 +242,9 @@ class Pipeline:
             return self
         if section == "train" and "mode" in given:  # from before methods existed: what it meant
             given = translate_mode(given, "command option")
-        merged = {**section_to_dict(getattr(self, section), secrets=True), **given}
+        merged = {**section_to_dict(getattr(self, section), secrets=True, given=True), **given}
+        if section == "train":
+            merged = later_keys_win(merged, given)
         return dataclasses.replace(self, **{section: build_section(section, merged, "command option")})
 
 
@@ -279,9 +282,10 @@ def upgrade_saved(saved: dict) -> dict:
     return {**saved, **out}
 
 
-def section_to_dict(section, secrets: bool = False) -> dict:
+def section_to_dict(section, secrets: bool = False, given: bool = False) -> dict:
     """A section as a dict, as it is written and printed: storage options without their
-    credentials (SECRETS=True keeps them, for handing a pipeline to another process in memory)."""
+    credentials (SECRETS=True keeps them, for handing a pipeline to another process in memory);
+    a train section's method settings with their defaults, or only as given (GIVEN=True)."""
 
     out = {}
     for f in dataclasses.fields(section):
@@ -292,7 +296,21 @@ def section_to_dict(section, secrets: bool = False) -> dict:
             value = dict(value) if secrets else public_options(value)
         out[f.name] = as_written(value)
     if isinstance(section, TrainConfig):
-        out.update(settings_as_written(section.flat, section.tables))
+        out.update({"flat": dict(section.flat), "tables": {m: dict(t) for m, t in section.tables.items()}} if given
+                   else settings_as_written(section.flat, section.tables))
+    return out
+
+
+def later_keys_win(train: dict, keys) -> dict:
+    """A [train] table with KEYS set by a later layer (--set, a command option, a swept value):
+    those keys leave every method's table below, so that the later value is the one trained with."""
+    out = dict(train)
+    for name in [k for k, v in out.items() if k in REGISTRY and isinstance(v, dict)]:
+        out[name] = {k: v for k, v in out[name].items() if k not in keys}
+    if isinstance(out.get("tables"), dict):
+        out["tables"] = {m: {k: v for k, v in t.items() if k not in keys} for m, t in out["tables"].items()}
+    if isinstance(out.get("flat"), dict):
+        out["flat"] = {k: v for k, v in out["flat"].items() if k not in keys}
     return out
 
 
@@ -318,6 +336,8 @@ def load_pipeline(spec: str | None, overrides: tuple[str, ...] | list[str] = ())
             sweep_sets.append((item, key, value))
         else:
             raw[section] = _set_key(raw.get(section, {}) if isinstance(raw.get(section), dict) else {}, key, value)
+            if section == "train":
+                raw[section] = later_keys_win(raw[section], [key])
     sections = {}
     for name in [*SECTIONS, "sweep"]:
         body = raw.get(name, {})
@@ -333,7 +353,9 @@ def apply_overrides(pipeline: Pipeline, overrides) -> Pipeline:
         if section == "sweep":
             pipeline = dataclasses.replace(pipeline, sweep_sets=(*pipeline.sweep_sets, (item, key, value)))
             continue
-        merged = _set_key(section_to_dict(getattr(pipeline, section), secrets=True), key, value)
+        merged = _set_key(section_to_dict(getattr(pipeline, section), secrets=True, given=True), key, value)
+        if section == "train":
+            merged = later_keys_win(merged, [key])
         pipeline = dataclasses.replace(pipeline, **{section: build_section(section, merged, f"--set {item}")})
     return pipeline
 
@@ -462,8 +484,13 @@ def _method_settings_apart(values: dict, origin: str) -> dict:
     if "mode" in values:
         values = translate_mode(values, origin)
     owners = option_owners()
-    shared = {k: v for k, v in values.items() if k not in owners and not (k in REGISTRY and isinstance(v, dict))}
-    shared.pop("flat", None), shared.pop("tables", None)
+    handed = {k: values[k] for k in ("flat", "tables") if k in values}  # a pipeline handed over as given
+    if not all(isinstance(v, dict) for v in handed.values()) or not set(handed.get("flat", {})) <= set(owners) or \
+            not all(m in REGISTRY and isinstance(t, dict) for m, t in handed.get("tables", {}).items()):
+        raise SherlError(f"{origin}: unknown key 'train.{next(iter(handed))}'; write a method's settings as keys "
+                         f"of [train] or in a [train.METHOD] table")
+    shared = {k: v for k, v in values.items()
+              if k not in owners and k not in handed and not (k in REGISTRY and isinstance(v, dict))}
     unknown = sorted(set(shared) - set(train_keys()))
     if unknown:
         raise SherlError(f"{origin}: unknown key 'train.{unknown[0]}'; known keys of [train]: "

@@ -165,9 +165,10 @@ def _existing_cache_serves(pipeline: Pipeline) -> bool:
 
 
 def serves(manifest: dict, pipeline: Pipeline) -> bool:
-    """Whether a cache holds every tier the pipeline's training method reads."""
+    """Whether a cache holds every tier the pipeline's training method reads (its other refusals,
+    a pooling the backbone lacks, are not the cache's)."""
     try:
-        make_spec(pipeline.train, manifest)
+        pipeline.train.plugin.spec_options(pipeline.train.options, manifest)
     except SherlError:
         return False
     return True

@@ -78,7 +78,7 @@ def test_a_key_applies_to_every_method_that_has_it_and_a_table_to_its_method_alo
     assert pipe.train.options == SherlOptions(reduction=4, late_layers=1)
     by_method = {m: dataclasses.replace(pipe.train, method=m).options for m in ("unipt", "lst", "full-finetune")}
     assert by_method == {"unipt": WidthOptions(3), "lst": WidthOptions(4), "full-finetune": Options()}
-    assert quickstart("train.sherl.late_layers=1", "train.late_layers=2").train.options.late_layers == 1
+    assert quickstart("train.late_layers=2", "train.sherl.late_layers=1").train.options.late_layers == 1
     assert pipe.train.late_layers == 1  # read as train.KEY: the chosen method's value
 
 
@@ -147,3 +147,67 @@ def test_a_run_saved_with_every_method_key_in_its_spec_evaluates_and_resumes(tmp
     torch.save(state, run / "checkpoints" / "state.pt")
     assert evaluate(run, "test", checkpoint="last")["rows"] > 0
     assert train(pipe, resume=True, log=lambda m: None).epochs_done == 2
+
+
+@dataclass(frozen=True)
+class DeepOptions(Options):
+    late_layers: int = between(4, 1, 12)  # a key SHERL has too, with another default
+
+
+class Deep(EveryTier):
+    name = "deep"
+    Options = DeepOptions
+
+
+def test_a_later_layer_wins_over_a_table_below_it(tmp_path):
+    """The override order holds for a method's table too: a --set, a command option or a swept
+    value of a key beats the file's [train.<method>] value (old code: the table won, so a sweep
+    over late_tuning trained every trial alike)."""
+    path = tmp_path / "p.toml"
+    path.write_text('[train]\nmethod = "sherl"\n[train.sherl]\nlate_tuning = "frozen"\nlate_layers = 1\n')
+    assert load_pipeline(str(path), ["train.late_tuning=full"]).train.options.late_tuning == "full"
+    pipe = load_pipeline(str(path)).with_overrides("train", late_tuning="lora")
+    assert (pipe.train.options.late_tuning, pipe.train.options.late_layers) == ("lora", 1)
+    assert quickstart("train.sherl.late_layers=1", "train.late_layers=2").train.options.late_layers == 2
+
+
+def test_a_sweep_trial_trains_the_swept_value_over_the_pipelines_table(tmp_path):
+    import optuna
+
+    from sherl_pipe.sweep.run import Coordinator
+    from sherl_pipe.sweep.space import Param
+    from types import SimpleNamespace
+
+    path = tmp_path / "p.toml"
+    path.write_text('[train]\nmethod = "sherl"\n[train.sherl]\nlate_tuning = "frozen"\n')
+    c = object.__new__(Coordinator)
+    c.plan = SimpleNamespace(pipeline=load_pipeline(str(path)), params=[Param("late_tuning", "categorical", ("full",))],
+                             sweep_dir=tmp_path / "sweep", metric="accuracy", cache_fingerprint="f")
+    c.engine, c.prefix, c.decide = SimpleNamespace(threads=1), "p", False
+    spec = c.trial_spec(optuna.trial.FixedTrial({"late_tuning": "full"}))
+    assert Pipeline.from_dict(spec["pipeline"], "trial").train.options.late_tuning == "full"
+
+
+def test_a_settings_round_trip_keeps_a_methods_own_defaults(monkeypatch):
+    """Handed on (a command option, --set, a trial), the settings are those given: the built-in
+    methods' defaults written out would read as given, and a method of one's own with another
+    default for a key of that name would get SHERL's (old code: late_layers 2 instead of 4)."""
+    from sherl_pipe.config import apply_overrides
+
+    monkeypatch.setitem(REGISTRY, "deep", Deep)
+    pipe = quickstart("train.method=deep")
+    assert pipe.train.options.late_layers == 4
+    assert pipe.with_overrides("train", epochs=1).train.options.late_layers == 4
+    assert apply_overrides(pipe, ["train.epochs=1"]).train.options.late_layers == 4
+    assert Pipeline.from_dict(pipe.to_dict(secrets=True, given=True), "hand-over").train.options.late_layers == 4
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[train]\nflat = 1\n', r"unknown key 'train.flat'"),
+    ('[train]\n[train.tables]\nbogus = 1\n', r"unknown key 'train.tables'"),
+])
+def test_the_internal_keys_are_refused_from_a_file(tmp_path, text, message):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(SherlError, match=message):
+        load_pipeline(str(path))

@@ -47,7 +47,7 @@ class ModelSpec:
 
     def __getattr__(self, name: str):
         """The method's options read as spec.KEY (spec.late_layers), as before they were its own."""
-        if name != "options" and not name.startswith("__") and hasattr(self.options, name):
+        if name not in ("options", "plugin") and not name.startswith("__") and name in self.options.keys():
             return getattr(self.options, name)
         raise AttributeError(f"{type(self).__name__} of method {self.method!r} has no {name!r}")
 

@@ -25,8 +25,9 @@ from typing import Callable
 
 from sherl_pipe.cache.location import storage_options_of
 from sherl_pipe.interrupts import held_interrupts
-from sherl_pipe.config import Pipeline
+from sherl_pipe.config import Pipeline, later_keys_win
 from sherl_pipe.errors import SherlError
+from sherl_pipe.fields import as_written
 from sherl_pipe.methods import registered_from_code
 from sherl_pipe.metrics import best_of
 from sherl_pipe.sweep.engine import Engine
@@ -98,8 +99,8 @@ class Coordinator:
     def trial_spec(self, trial) -> dict:
         values = {p.key: p.suggest(trial) for p in self.plan.params}
         trial.set_user_attr("train", {k: encode(v) for k, v in values.items()})
-        pipe = self.plan.pipeline.to_dict()
-        pipe["train"].update({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+        pipe = self.plan.pipeline.to_dict(given=True)  # the methods' settings as given: read again by the trial
+        pipe["train"] = later_keys_win({**pipe["train"], **{k: as_written(v) for k, v in values.items()}}, values)
         # each trial keeps its best epoch (and stops early) by the metric the sweep ranks it on
         pipe["train"].update(run_dir=str(trial_dir(self.plan.sweep_dir, trial.number)), threads=self.engine.threads,
                              metric=self.plan.metric)

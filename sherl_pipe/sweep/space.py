@@ -21,6 +21,8 @@ from sherl_pipe.fields import as_written
 from sherl_pipe.methods import get_method, option_owners
 from sherl_pipe.methods.spec import make_spec
 
+SHORT_RANGE = 16  # an int range this long or shorter is checked value by value against the cache
+
 # train settings that say where or how a trial runs, not what it trains
 FIXED = {"run_dir": "each trial has its own run folder in the sweep folder",
          "eval_split": "the sweep's metric is measured on it",
@@ -144,10 +146,11 @@ def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, where) 
 
 
 def _candidates(p: Param) -> list:
-    """The values a cache check tries: every choice, every integer of an int range, a float range's ends."""
+    """The values a cache check tries: every choice, every integer of a short int range (a long
+    one's ends: a setting with many values, a rank or a width, decides no tier), a float range's ends."""
     if p.kind == "categorical":
         return list(p.choices)
-    if p.kind == "int":
+    if p.kind == "int" and p.high - p.low < SHORT_RANGE:
         return list(range(int(p.low), int(p.high) + 1))
     return [p.low, p.high]
 

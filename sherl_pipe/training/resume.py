@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sherl_pipe.config import TrainConfig, section_to_dict, upgrade_saved
-from sherl_pipe.methods import LEGACY_MODES, effective_train, option_owners
+from sherl_pipe.methods import LEGACY_MODES, effective_train, get_method, option_owners
 from sherl_pipe.devices import stage_two_precision
 from sherl_pipe.errors import SherlError
 from sherl_pipe.methods.spec import ModelSpec
@@ -67,7 +67,7 @@ def check_same_model(run_dir, old: dict, new: dict) -> None:
         old = {**{k: v for k, v in old.items() if k != "mode"}, **dict(zip(("method", "source"),
                                                                            LEGACY_MODES[old["mode"]]))}
     if old.get("method") == new.get("method"):  # saved before methods owned their settings: every method's keys
-        others = set(option_owners()) - set(new)  # other methods' settings, which this model never read
+        others = set(option_owners()) - set(get_method(new["method"]).Options.keys())  # never read by this model
         old = {k: v for k, v in old.items() if k not in others}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if not changed:
