@@ -1,13 +1,14 @@
 """sherl-pipe: SHERL transfer learning as a two-stage feature-caching pipeline.
 
-The Python API (see api.py and README): `sherl_pipe.load_pipeline`, `extract`, `train`,
-`evaluate`, `predict`, `predict_file`, `verify`, and `StopTraining`. They are imported on first
+The Python API (see api.py and README): `sherl_pipe.load_pipeline`, `extract`, `train`, `run`,
+`run_sweep`, `run_compare`, `evaluate`, `predict`, `predict_file`, `verify`, and `StopTraining`. They are imported on first
 use, so `import sherl_pipe` (and the command line) starts without loading torch.
 """
 
 from sherl_pipe.version import __version__
 
-_API = ("load_pipeline", "extract", "train", "evaluate", "predict", "predict_file", "verify")
+_API = ("load_pipeline", "extract", "train", "run", "run_sweep", "run_compare", "evaluate", "predict", "predict_file",
+        "verify")
 __all__ = [*_API, "StopTraining", "__version__"]
 
 

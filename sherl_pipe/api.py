@@ -7,6 +7,9 @@
     sherl_pipe.evaluate(result.run_dir, "test")   # metrics on a cached split
     sherl_pipe.predict(result.run_dir, ["what a great film"])  # labels and probabilities
 
+As the commands do, `run` extracts if needed, trains and evaluates; `run_sweep` and `run_compare`
+extract if needed, then run the trials (sherl_pipe/runners.py: their hooks for progress and Ctrl-C).
+
 A pipeline is a `Pipeline` or the path (or packaged name) of a pipeline file. Nothing here changes
 process-wide settings unless asked: `threads` sets torch's thread count for the call's process, as
 the CLI does from the pipeline's `threads` keys; None leaves it as it is.
@@ -61,6 +64,37 @@ def train(pipeline: Pipeline | str, overrides: Sequence[str] = (), resume: bool 
     _threads(threads)
     return run(_pipeline(pipeline, overrides), resume=resume, overwrite=overwrite, progress=progress, log=log,
                on_epoch=on_epoch)
+
+
+def run(pipeline: Pipeline | str, overrides: Sequence[str] = (), resume: bool = False, overwrite: bool = False,
+        hooks=None):
+    """`sherl-pipe run`: extract (reusing a matching cache), train, evaluate on evaluate.split.
+    Returns runners.RunResult (.extract, .train, .metrics); HOOKS: runners.Hooks."""
+    from sherl_pipe import runners  # torch: loaded at the first call, `import sherl_pipe` stays light
+
+    return runners.run(_pipeline(pipeline, overrides), resume, overwrite, hooks)
+
+
+def run_sweep(pipeline: Pipeline | str, overrides: Sequence[str] = (), sweep_file: str | None = None,
+              sweep_dir: str | None = None, scheduler: str | None = None, overwrite: bool = False,
+              retry_failed: bool = False, hooks=None):
+    """`sherl-pipe sweep`: the cache (extracted if needed), then the sweep's trials on dask (in a
+    script, call it under `if __name__ == "__main__":`). Returns sweep.SweepResult."""
+    from sherl_pipe import runners  # torch: loaded at the first call, `import sherl_pipe` stays light
+
+    return runners.sweep(_pipeline(pipeline, overrides), sweep_file, sweep_dir, scheduler, overwrite, retry_failed,
+                         hooks)
+
+
+def run_compare(pipeline: Pipeline | str, methods: Sequence[str] | None = None, overrides: Sequence[str] = (),
+                hooks=None, **options) -> dict:
+    """`sherl-pipe compare`: the cache (extracted if needed), then every method x seed; OPTIONS as
+    runners.compare (seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers, overwrite,
+    retry_failed). Returns the report: its "markdown", "summary", "folder", "interrupted"."""
+    from sherl_pipe import runners  # torch: loaded at the first call, `import sherl_pipe` stays light
+
+    return runners.compare(_pipeline(pipeline, overrides), list(methods) if methods is not None else None,
+                           hooks=hooks, **options)
 
 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best", batch_size: int = 128,

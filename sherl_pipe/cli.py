@@ -164,18 +164,26 @@ def main():
     """
 
 
-def _run_extract(pipe, overwrite: bool, quiet: bool, check=None, scheduler: str | None = None):
-    import torch
+def _write(msg: str) -> None:
+    """A line on stderr above any progress bar."""
+    from tqdm import tqdm
 
-    from sherl_pipe.extraction import extract as run_extract  # loaded when the command runs: --help stays fast
+    tqdm.write(msg, file=sys.stderr)
 
-    torch.set_num_threads(pipe.extract.threads)
-    bar = Progress("extract", "sample", quiet)
-    try:
-        return run_extract(pipe, overwrite=overwrite, progress=bar, log=_say,
-                           check=check, scheduler=scheduler)
-    finally:
-        bar.close()
+
+def _hooks(pipe, quiet: bool, interrupt: str = TRAIN_INTERRUPT):
+    """The runners' hooks (runners.Hooks) for a command: progress bars, lines on stderr (none of
+    the chatter with --quiet), each stage's result printed as it ends, Ctrl-C as StopOnInterrupt."""
+    from sherl_pipe.runners import Hooks  # loaded when the command runs: --help stays fast
+
+    def on_stage(name: str, value) -> None:
+        if name == "extract":
+            _print_extract_summary(value, pipe)
+        elif name == "train" and not value.interrupted:
+            _print_training(value)
+
+    return Hooks(progress=lambda desc, unit: Progress(desc, unit, quiet), log=(lambda m: None) if quiet else _write,
+                 say=_say, on_stage=on_stage, stopper=lambda: StopOnInterrupt(_write, interrupt), threads=True)
 
 
 @main.command()
@@ -193,12 +201,18 @@ def extract(pipeline, overrides, cache, dtype, scheduler, overwrite, quiet, verb
     """Run the frozen early layers once and cache their per-layer activations."""
     from sherl_pipe.config import load_pipeline  # loaded when the command runs: --help stays fast
 
+    from sherl_pipe import runners  # loaded when the command runs: --help stays fast
+
     pipe = load_pipeline(pipeline, overrides).with_overrides("extract", cache=cache, dtype=dtype)
     _show_config(pipe, quiet, verbose, f"the cache's manifest (`sherl-pipe info {pipe.extract.cache} --json`)")
-    _print_extract_summary(_run_extract(pipe, overwrite, quiet, scheduler=scheduler))
+    _print_extract_summary(runners.extract(pipe, overwrite, scheduler=scheduler, hooks=_hooks(pipe, quiet)), pipe)
 
 
-def _print_extract_summary(s) -> None:
+def _print_extract_summary(s, pipe) -> None:
+    """An extraction's summary; None: the cache was complete and matching (nothing extracted)."""
+    if s is None:
+        click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
+        return
     block_s = s.timings.get("blocks", 0.0) or 1e-9
     state = "already complete" if s.already_complete else ("complete (resumed)" if s.resumed else "complete")
     click.echo(f"cache {s.cache}: {state}")
@@ -242,24 +256,7 @@ def _apply_train_options(pipe, cache, run_dir, method, source, mode, late_tuning
                                epochs=epochs)
 
 
-def _run_training(pipe, resume, overwrite, quiet):
-    import torch
-
-    from sherl_pipe.training import train as run_train  # loaded when the command runs: --help stays fast
-
-    torch.set_num_threads(pipe.train.threads)
-    bar = Progress("train", "step", quiet)
-    log = (lambda msg: None) if quiet else bar.write
-    try:
-        with StopOnInterrupt(bar.write) as interrupt:
-            result = run_train(pipe, resume=resume, overwrite=overwrite, progress=bar, log=log,
-                               should_stop=interrupt)
-    finally:
-        bar.close()
-    if result.interrupted:
-        _say(f"interrupted: run {result.run_dir} saved at step {result.steps}; continue it with the same command "
-             f"and --resume")
-        sys.exit(130)
+def _print_training(result) -> None:
     from sherl_pipe.inspect import counted  # loaded when the command runs: --help stays fast
 
     best = result.best
@@ -269,7 +266,13 @@ def _run_training(pipe, resume, overwrite, quiet):
     if best:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
         click.echo(f"  best on {best['split']}: epoch {best['epoch']}: {shown}")
-    return result
+
+
+def _exit_if_interrupted(result) -> None:
+    if result.interrupted:
+        _say(f"interrupted: run {result.run_dir} saved at step {result.steps}; continue it with the same command "
+             f"and --resume")
+        sys.exit(130)
 
 
 @main.command()
@@ -285,10 +288,12 @@ def train(pipeline, overrides, cache, run_dir, method, source, mode, late_tuning
     """Train the consolidation module, late layer(s) and head from a cache."""
     from sherl_pipe.config import load_pipeline  # loaded when the command runs: --help stays fast
 
+    from sherl_pipe import runners  # loaded when the command runs: --help stays fast
+
     pipe = _apply_train_options(load_pipeline(pipeline, overrides), cache, run_dir, method, source, mode, late_tuning,
                                 epochs)
     _show_config(pipe, quiet, verbose, f"{pipe.train.run_dir}/config.json")
-    _run_training(pipe, resume, overwrite, quiet)
+    _exit_if_interrupted(runners.train(pipe, resume, overwrite, _hooks(pipe, quiet)))
 
 
 def _print_eval(result: dict) -> None:
@@ -354,27 +359,15 @@ def predict(run_dir, input_path, output_path, checkpoint, fmt, encoding, text_co
 @_fail_cleanly
 def run(pipeline, overrides, run_dir, method, source, mode, late_tuning, epochs, resume, overwrite, quiet, verbose):
     """extract (reusing a matching cache) -> train -> evaluate, in one go."""
+    from sherl_pipe import runners  # loaded when the command runs: --help stays fast
     from sherl_pipe.config import load_pipeline  # loaded when the command runs: --help stays fast
-    from sherl_pipe.errors import CacheMismatch  # loaded when the command runs: --help stays fast
-    from sherl_pipe.evaluation import evaluate as run_eval  # loaded when the command runs: --help stays fast
-    from sherl_pipe.extraction import check_serves_training  # loaded when the command runs: --help stays fast
 
     pipe = _apply_train_options(load_pipeline(pipeline, overrides), None, run_dir, method, source, mode,
                                 late_tuning, epochs)
     _show_config(pipe, quiet, verbose, f"{pipe.train.run_dir}/config.json")
-    try:  # a matching cache is reused (and finished if a run was interrupted) ...
-        summary = _run_extract(pipe, False, quiet, check_serves_training)
-    except CacheMismatch:
-        if not overwrite:
-            raise
-        summary = _run_extract(pipe, True, quiet, check_serves_training)  # ... one that differs, only on request
-    _print_extract_summary(summary)
-    result = _run_training(pipe, resume, overwrite, quiet)
-    from sherl_pipe.cache.location import pipeline_location  # loaded when the command runs: --help stays fast
-
-    # with the pipeline's storage options: the run folder keeps none of their secrets
-    _print_eval(run_eval(result.run_dir, pipe.evaluate.split, pipe.evaluate.checkpoint, pipe.evaluate.batch_size,
-                         storage_options=pipeline_location(pipe, training=True).options))
+    out = runners.run(pipe, resume, overwrite, _hooks(pipe, quiet))
+    _exit_if_interrupted(out.train)
+    _print_eval(out.metrics)
 
 
 @main.command()
@@ -437,23 +430,12 @@ def sweep(pipeline, overrides, sweep_file, sweep_dir, scheduler, overwrite, retr
     run on dask workers; rerun the same command to resume. Ends with trials.csv, a leaderboard,
     best.toml and plots in the sweep folder."""
     from sherl_pipe.config import load_pipeline  # loaded when the command runs: --help stays fast
-    from sherl_pipe.sweep import plan_sweep, run_sweep  # loaded when the command runs: --help stays fast
+    from sherl_pipe import runners  # loaded when the command runs: --help stays fast
 
     pipe = load_pipeline(pipeline, overrides)
     _show_config(pipe, quiet, verbose, "each trial's run folder (config.json) and the sweep folder's best.toml")
-
-    def check(_pipe, planned, _overwrite):  # the sweep file and space, against the cache (to be made)
-        plan_sweep(pipe, sweep_file, sweep_dir, manifest=planned)
-
-    _ensure_cache(pipe, quiet, overwrite, check)
-    bar = Progress("sweep", "trial", quiet)
-    try:
-        with StopOnInterrupt(bar.write, SWEEP_INTERRUPT) as interrupt:
-            result = run_sweep(pipe, sweep_file, sweep_dir, scheduler, overwrite, progress=bar,
-                               log=(lambda m: None) if quiet else bar.write, check_cache=False,
-                               should_stop=interrupt, retry_failed=retry_failed)
-    finally:
-        bar.close()
+    result = runners.sweep(pipe, sweep_file, sweep_dir, scheduler, overwrite, retry_failed,
+                           _hooks(pipe, quiet, SWEEP_INTERRUPT))
     if result.interrupted:
         _say(f"interrupted: sweep {result.sweep_dir} stopped; {result.again} trial(s) recorded to run again; "
              f"rerun the same command to resume it")
@@ -491,33 +473,14 @@ def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, co
             overwrite, retry_failed, quiet, verbose):
     """Every method x seed from one cache (extracted first if needed), at equal epochs or equal time:
     compare.csv, compare.md and plots in the compare folder; rerun the same command to resume."""
-    from sherl_pipe.compare import compare as run_compare  # loaded when the command runs: --help stays fast
-    from sherl_pipe.compare.run import plan_compare, servable  # loaded when the command runs: --help stays fast
+    from sherl_pipe import runners  # loaded when the command runs: --help stays fast
     from sherl_pipe.config import load_pipeline  # loaded when the command runs: --help stays fast
-    from sherl_pipe.methods import method_names  # loaded when the command runs: --help stays fast
 
     pipe = load_pipeline(pipeline, overrides)
-    names = method_names() if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+    names = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     _show_config(pipe, quiet, verbose, f"{compare_dir}/compare.json")
-
-    def check(_pipe, planned, _overwrite):  # every method against the cache to be made
-        if methods is None:  # by default, the methods the cache serves, saying which it does not
-            kept, left = servable(pipe, names, planned)
-            if left:
-                names[:] = kept
-                _say(f"compare: left out {', '.join(left)}: {next(iter(left.values()))} to compare them too "
-                     f"(or name the methods to compare with --methods)")
-        plan_compare(pipe, names, seeds, live_seeds, budget, tune_lr, compare_dir, planned)
-
-    _ensure_cache(pipe, quiet, overwrite, check)
-    bar = Progress("compare", "trial", quiet)
-    try:
-        with StopOnInterrupt(bar.write, SWEEP_INTERRUPT) as interrupt:
-            out = run_compare(pipe, names, seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers,
-                              overwrite, progress=bar, log=(lambda m: None) if quiet else bar.write,
-                              should_stop=interrupt, check_cache=False, retry_failed=retry_failed)
-    finally:
-        bar.close()
+    out = runners.compare(pipe, names, seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers, overwrite,
+                          retry_failed, _hooks(pipe, quiet, SWEEP_INTERRUPT))
     if out["interrupted"]:
         _say(f"interrupted: compare {out['folder']} stopped; rerun the same command to resume it")
         sys.exit(130)
@@ -535,28 +498,6 @@ def compare_report(compare_dir):
     from sherl_pipe.compare.report import build_report  # loaded when the command runs: --help stays fast
 
     click.echo(build_report(Path(compare_dir))["markdown"])
-
-
-def _ensure_cache(pipe, quiet: bool, overwrite: bool, check) -> None:
-    """The pipeline's cache, complete and matching, extracted if it is not (CHECK runs on the
-    manifest it will have, before extracting)."""
-    from sherl_pipe.errors import CacheMismatch  # loaded when the command runs: --help stays fast
-    from sherl_pipe.request import cache_ready  # loaded when the command runs: --help stays fast
-
-    if cache_ready(pipe):  # complete and matching: no need to load the model to compare module hashes
-        from sherl_pipe.cache import Cache  # loaded when the command runs: --help stays fast
-
-        from sherl_pipe.cache.location import pipeline_location  # loaded when the command runs: --help stays fast
-
-        click.echo(f"cache {pipe.extract.cache}: complete, matches the pipeline")
-        check(pipe, Cache(pipeline_location(pipe, training=True)).manifest, overwrite)
-        return
-    try:
-        _print_extract_summary(_run_extract(pipe, False, quiet, check))
-    except CacheMismatch:
-        if not overwrite:
-            raise
-        _print_extract_summary(_run_extract(pipe, True, quiet, check))
 
 
 @main.command("sweep-report")

@@ -42,3 +42,29 @@ def test_an_extraction_in_this_process_does_not_import_dask_distributed(tmp_path
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_sweep_and_compare_reach_the_engine_by_its_public_names_only():
+    """The engine (sherl_pipe/engine/) is the one piece sweep and compare share: compare imported 17
+    names from 6 of sweep's modules, two of them private. Outside the engine, the package imports
+    `sherl_pipe.engine` (its public names) and never an engine module; compare imports nothing of
+    sweep."""
+    import ast
+    from pathlib import Path
+
+    import sherl_pipe
+
+    root = Path(sherl_pipe.__file__).parent
+    wrong = []
+    for path in root.rglob("*.py"):
+        if path.parent.name == "engine":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                into_engine = name.startswith("sherl_pipe.engine.")
+                compare_into_sweep = path.parent.name == "compare" and name.startswith("sherl_pipe.sweep")
+                if into_engine or compare_into_sweep:
+                    wrong.append(f"{path.relative_to(root)}: {name}")
+    assert not wrong, wrong

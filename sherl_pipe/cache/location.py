@@ -109,30 +109,20 @@ class Location:
         return open_store(self, read_only)
 
 
-class Hidden:
-    """A value (storage options with credentials) that travels to another process in memory and
-    shows as <hidden> wherever it is printed: a dask worker's log of a failed task's arguments."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "<hidden>"
-
-
-def with_storage_options(pipeline, hidden: Hidden | None):
-    """PIPELINE with the storage options HIDDEN carries (from storage_options_of) put back."""
+def with_location(pipeline, loc: Location | None):
+    """PIPELINE reading its cache at LOC (pipeline_location's, handed to another process): the
+    options travel in the Location, never in the pipeline's dict (which drops them)."""
     import dataclasses
 
-    if hidden is None:
+    if loc is None:
         return pipeline
-    extract, train = hidden.value
-    return dataclasses.replace(pipeline, extract=dataclasses.replace(pipeline.extract, storage_options=extract),
-                               train=dataclasses.replace(pipeline.train, storage_options=train))
+    extract = dataclasses.replace(pipeline.extract, cache=loc.url, storage_options=dict(loc.options))
+    return dataclasses.replace(pipeline, extract=extract, train=dataclasses.replace(pipeline.train, storage_options={}))
 
 
-def storage_options_of(pipeline) -> Hidden:
-    return Hidden((dict(pipeline.extract.storage_options), dict(pipeline.train.storage_options)))
+def location_to_json(loc: Location) -> dict:
+    """LOC with its options, for a child process's stdin only (never a file: they may hold secrets)."""
+    return {"url": loc.url, "options": loc.options}
 
 
 def as_location(where, options: dict | None = None) -> Location:

@@ -16,20 +16,18 @@ import threading
 import time
 from pathlib import Path
 
-from sherl_pipe.compare.measure import peak_mib, reset_peak, rss_mib, state_bytes
+import torch
+
 from sherl_pipe.atomic import write_atomically
 from sherl_pipe.cache import Cache
-from sherl_pipe.cache import set_codec_threads
-from sherl_pipe.cache.location import Hidden, with_storage_options
-from sherl_pipe.cache.location import pipeline_location
-from sherl_pipe.config import Pipeline
+from sherl_pipe.cache.location import Location, pipeline_location
+from sherl_pipe.compare.measure import peak_mib, reset_peak, rss_mib, state_bytes
 from sherl_pipe.devices import autocast, pick_device
+from sherl_pipe.engine import open_trial
 from sherl_pipe.errors import SherlError
 from sherl_pipe.evaluation import evaluate
 from sherl_pipe.families import family_of
-from sherl_pipe.methods import register_method
 from sherl_pipe.methods.spec import config_from_manifest
-from sherl_pipe.sweep.trial import check_cache
 from sherl_pipe.training import train
 from sherl_pipe.training.inference import loss_fn
 from sherl_pipe.training.rng import run_rng
@@ -117,24 +115,12 @@ def warm_imports(pipeline) -> None:
     pipeline.train.plugin  # noqa: B018 (the method's module)
 
 
-def run(spec: dict, storage_options: list | None = None, methods: dict | None = None,
+def run(spec: dict, cache: dict | None = None, methods: dict | None = None,
         interrupted: Interrupted | None = None) -> dict:
-    """SPEC as written by compare/trial.py; STORAGE_OPTIONS the pipeline's [extract, train]
-    storage options and METHODS the methods registered from code ({name: "module:class"}), which
+    """SPEC as written by compare/trial.py; CACHE the cache's Location as JSON (its options may hold
+    credentials) and METHODS the methods registered from code ({name: "module:class"}), which
     never travel in the spec file."""
-    import torch
-
-
-    for name, reference in (methods or {}).items():
-        register_method(name, reference)
-
-    torch.set_num_threads(spec["threads"])
-    set_codec_threads(spec["threads"])
-
-
-    pipeline = Pipeline.from_dict(spec["pipeline"], f"compare trial {spec['number']}")
-    pipeline = with_storage_options(pipeline, Hidden(storage_options) if storage_options else None)
-    check_cache(pipeline, spec["cache_fingerprint"], spec["number"])
+    pipeline = open_trial(spec, "compare trial", methods or {}, Location(**cache) if cache else None)
     warm_imports(pipeline)
     values: list[float] = []
     epoch_seconds: list[float] = []  # the run's training time at each epoch's end
@@ -171,8 +157,7 @@ def main(argv: list[str]) -> int:
     spec_path = Path(argv[0])
     try:
         hidden = json.loads(sys.stdin.read() or "null") or {}
-        out = run(json.loads(spec_path.read_text()), hidden.get("storage_options"), hidden.get("methods"),
-                  interrupted)
+        out = run(json.loads(spec_path.read_text()), hidden.get("cache"), hidden.get("methods"), interrupted)
     except SherlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""One phase of a comparison: a sweep folder whose study holds exactly the phase's trials, queued
-(fixed parameters: method, seed, epochs, lr), run by the sweep's coordinator on the shared engine.
+"""One phase of a comparison: a study folder (the engine's) holding exactly the phase's trials,
+queued (fixed parameters: method, seed, epochs, lr), run by the engine's coordinator.
 A rerun queues only the trials the study does not hold yet, so it resumes where it stopped."""
 
 from __future__ import annotations
@@ -7,15 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sherl_pipe.sweep.space import Param
 from sherl_pipe.compare.trial import job_folder
 from sherl_pipe.compare.trial import run_compare_trial
-from sherl_pipe.sweep.config import SweepConfig
-from sherl_pipe.sweep.run import Coordinator, Plan, finished_count
-from sherl_pipe.sweep.study import first_cause, trial_dir
-from sherl_pipe.sweep.study import is_rerun_error
-from sherl_pipe.sweep.study import open_study, recover_interrupted, retry_failed, signature
-from sherl_pipe.sweep.study import prepare_folder, repair_journal
+from sherl_pipe.engine import Coordinator, Param, Plan, finished_count, first_cause, is_rerun_error, open_study
+from sherl_pipe.engine import prepare_folder, recover_interrupted, repair_journal, retry_failed, signature, trial_dir
 
 KEYS = ("method", "seed", "epochs", "lr", "lr_late")
 EARLIER_KEYS = KEYS[:4]  # compare folders made before lr_late was a trial parameter
@@ -40,8 +35,9 @@ def open_phase(c, folder: Path, trials: list[dict]):
     every trial of TRIALS that it neither holds nor queues put in its queue."""
 
     params = params_for(trials)
-    sig = signature(SweepConfig(sampler="random"), [], c.pipeline.to_dict(), c.metric, c.direction)
-    study = open_study(folder, SweepConfig(sampler="random"), params, sig, c.direction, "compare")
+    # the signature of a random search with no space: what a phase was when it ran on the sweep's code
+    sig = signature([], c.pipeline.to_dict(), c.metric, c.direction, sampler="random", seed=0)
+    study = open_study(folder, sig, c.direction)
     recover_interrupted(study, folder)
     if getattr(c, "retry_failed", False):  # queued below, as interrupted trials are (planned ones only)
         retry_failed(study, folder, requeue=False, only={json.dumps(t, sort_keys=True) for t in trials},

@@ -4,7 +4,8 @@ seeds' spread as error bars, and the front of methods no other beats on both mar
 from __future__ import annotations
 
 from pathlib import Path
-from sherl_pipe.sweep.plots import _pyplot, _save
+
+from sherl_pipe.plotting import pyplot, save
 
 
 def front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -18,7 +19,7 @@ def front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, st
 
 
 def plot_front(path: Path, summary: list[dict], cost: str, xlabel: str, metric: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     points = []
     for s in summary:
@@ -38,5 +39,5 @@ def plot_front(path: Path, summary: list[dict], cost: str, xlabel: str, metric: 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test {metric}")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save(fig, path)
     plt.close(fig)

@@ -22,7 +22,7 @@ from sherl_pipe.compare.phase import results_of
 from sherl_pipe.compare.plots import plot_front
 from sherl_pipe.metrics import best_of
 from sherl_pipe.metrics import classification_metrics, regression_metrics
-from sherl_pipe.sweep.study import is_sweep_folder, load_study
+from sherl_pipe.engine import is_sweep_folder, load_study
 
 COLUMNS = ("method", "seed", "state", "epochs", "lr", "lr_late", "test", "validation", "seconds", "budget_share",
            "stop_reason", "samples_per_s",

@@ -1,8 +1,8 @@
-"""`sherl-pipe compare`: every method x seed as trials of the sweep engine (dask workers, a journal
-study per phase, resume after a kill, failed trials recorded), from one cache, the same batches
-for a seed whatever the method.
+"""`sherl-pipe compare`: every method x seed as trials of the engine (sherl_pipe/engine/: dask
+workers, a journal study per phase, resume after a kill, failed trials recorded), from one cache,
+the same batches for a seed whatever the method.
 
-Phases, each a sweep folder of queued trials under the compare folder (a rerun resumes them):
+Phases, each a study folder of queued trials under the compare folder (a rerun resumes them):
   calibrate  --budget time only: full fine-tuning at the pipeline's epochs (its seeded runs, kept
              as its results) and CALIBRATION_EPOCHS of every other method; a method then gets as
              many epochs as fit in full fine-tuning's median training time (1 to MAX_EPOCHS): its
@@ -42,8 +42,7 @@ from sherl_pipe.methods.spec import make_spec
 from sherl_pipe.metrics import best_of, is_better
 from sherl_pipe.metrics import selection
 from sherl_pipe.request import check_test_rows_do_not_choose
-from sherl_pipe.sweep.config import SweepConfig
-from sherl_pipe.sweep.engine import engine
+from sherl_pipe.engine import start_cluster
 from sherl_pipe.training.setup import learning_rates
 
 MAX_EPOCHS = 100
@@ -204,7 +203,7 @@ def run_compare(c: Compare, scheduler: str | None = None, workers: int = 0, prog
 
     c.epochs = {m: c.pipeline.train.epochs for m in c.methods}
     phases: dict[str, list[dict]] = {}
-    with engine(SweepConfig(workers=workers), scheduler, model_type) as eng:
+    with start_cluster(scheduler, model_type, workers=workers) as eng:
         steps = ([("calibrate", calibrate_trials)] if c.budget == "time" else []) + (
             [("tune", tune_trials)] if c.tune_lr else []) + [("final", final_trials)]
         for name, make in steps:

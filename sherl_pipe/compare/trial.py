@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+from sherl_pipe.cache.location import location_to_json
 from sherl_pipe.compare.job import PARENT_ENV
+from sherl_pipe.engine import StopFlag
 from sherl_pipe.errors import SherlError
-from sherl_pipe.sweep.trial import StopFlag
 from sherl_pipe.methods import REFERENCE
 from sherl_pipe.methods import resolve
 
@@ -28,7 +29,7 @@ def job_command(spec_path: Path) -> list[str]:
 
 
 def run_compare_trial(spec: dict) -> dict:
-    """What compare submits to a worker; SPEC as for a sweep trial (sweep/run.py: trial_spec).
+    """What compare submits to a worker; SPEC as for every trial (engine/coordinator.py: trial_spec).
 
     The job runs in a session of its own, so a terminal's Ctrl-C reaches it only as the SIGINT this
     function sends when the sweep's stop is set (a Ctrl-C that reached it while it started killed
@@ -41,8 +42,7 @@ def run_compare_trial(spec: dict) -> dict:
     folder = job_folder(spec["pipeline"]["train"]["run_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").unlink(missing_ok=True)
-    # the storage options (credentials among them) reach the job through its stdin, never a file
-    hidden = spec.get("storage_options")
+    # the cache's Location (its options may hold credentials) reaches the job through its stdin, never a file
     (folder / "spec.json").write_text(json.dumps({k: v for k, v in spec.items() if k not in HIDDEN}))
     env = {**os.environ, **{k: str(spec["threads"]) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
            PARENT_ENV: str(os.getpid()), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -51,8 +51,9 @@ def run_compare_trial(spec: dict) -> dict:
                                 stdout=subprocess.DEVNULL, stderr=err_file, text=True, start_new_session=True)
         method = spec["pipeline"]["train"]["method"]
         mine = {k: v for k, v in (spec.get("methods") or {}).items() if k == method}  # registered from code
-        proc.stdin.write(json.dumps({"storage_options": hidden.value if hidden is not None else None,
-                                     "methods": mine}, default=method_reference))  # a class: its import path
+        cache = spec.get("cache")
+        proc.stdin.write(json.dumps({"cache": location_to_json(cache) if cache is not None else None, "methods": mine},
+                                    default=method_reference))  # a class: its import path
         proc.stdin.close()
         asked = _wait(proc, StopFlag(spec["stop"]))
     err = (folder / "stderr.txt").read_text(errors="replace")
@@ -92,4 +93,4 @@ def method_reference(cls) -> str:
     return f"{module}:{name}"
 
 
-HIDDEN = ("storage_options", "methods")  # sent to the job on its stdin, never written to spec.json
+HIDDEN = ("cache", "methods")  # sent to the job on its stdin, never written to spec.json

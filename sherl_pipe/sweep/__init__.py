@@ -1,9 +1,11 @@
 """`sherl-pipe sweep`: many training trials over one cache, searched with Optuna, run on dask.
 
     config.py   the [sweep] table          space.py    the settings to vary, checked up front
-    study.py    the Optuna study on disk   engine.py   the dask cluster the trials run on
-    trial.py    one trial on a worker      run.py      the ask / submit / report / tell loop
+    search.py   the sampler and pruner     trial.py    one trial on a worker: train
     report.py   trials.csv, leaderboard, best.toml      plots.py    the PNG plots
+
+The study on disk, the cluster and the loop that runs trials on it are the engine's
+(sherl_pipe/engine/), which compare shares.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ from sherl_pipe.cache import manifest_fingerprint
 from sherl_pipe.cache.location import pipeline_location
 from sherl_pipe.request import check_cache_matches
 from sherl_pipe.request import check_splits, check_test_rows_do_not_choose
+from sherl_pipe.engine import Coordinator, Plan, finished_count, open_study, prepare_folder, recover_interrupted
+from sherl_pipe.engine import repair_journal, retry_failed, signature, start_cluster
+from sherl_pipe.sweep import search
 from sherl_pipe.sweep.config import load_sweep, resolve_metric
-from sherl_pipe.sweep.engine import engine
 from sherl_pipe.sweep.report import build_report
-from sherl_pipe.sweep.run import Coordinator, finished_count
-from sherl_pipe.sweep.run import Plan
 from sherl_pipe.sweep.space import check_space, grid, grid_size, parse_space
-from sherl_pipe.sweep.study import open_study, recover_interrupted, retry_failed, signature
-from sherl_pipe.sweep.study import prepare_folder, repair_journal
 from sherl_pipe.sweep.trial import run_trial
 
 
@@ -99,16 +99,18 @@ def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str 
 
 
 def _run_trials(pipeline, cfg, plan, scheduler, progress, log, trial_fn, should_stop, model_type, retry=False):
-    sig = signature(cfg, plan.params, pipeline.to_dict(), plan.metric, plan.direction)
-    study = open_study(plan.sweep_dir, cfg, plan.params, sig, plan.direction, pipeline.origin,
-                       plan.cache_fingerprint)
+    sig = signature([p.to_dict() for p in plan.params], pipeline.to_dict(), plan.metric, plan.direction,
+                    cfg.sampler, cfg.seed)
+    study = open_study(plan.sweep_dir, sig, plan.direction,
+                       lambda done: search.make_sampler(cfg, plan.params, pipeline.origin, done),
+                       search.make_pruner(cfg), plan.cache_fingerprint)
     recovered = recover_interrupted(study, plan.sweep_dir)
     if retry:
         retried = retry_failed(study, plan.sweep_dir)
         log(f"trials {retried} failed before: they run again" if retried else "no failed trial to run again")
     if recovered:
         log(f"trials {recovered} were running when the sweep stopped: recorded as interrupted, to run again")
-    with engine(cfg, scheduler, model_type) as eng:
+    with start_cluster(scheduler, model_type, cfg.workers, cfg.threads, cfg.parallel) as eng:
         plan.parallel = min(plan.parallel or eng.workers, eng.workers)
         if cfg.parallel > eng.workers:
             log(f"sweep.parallel = {cfg.parallel}: {eng.workers} trials at a time, one per worker process (a "

@@ -6,24 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+from sherl_pipe.plotting import pyplot, save
 
 
 def plot_by_setting(sweep_dir: Path, done: list[dict], keys: list[str], metric: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         xs = [r[key] for r in done]
@@ -40,12 +27,12 @@ def plot_by_setting(sweep_dir: Path, done: list[dict], keys: list[str], metric: 
         ax.set_ylabel(metric)
     fig.suptitle(f"{metric} of complete trials against each swept setting")
     fig.tight_layout()
-    _save(fig, sweep_dir / "metric_by_setting.png")
+    save(fig, sweep_dir / "metric_by_setting.png")
     plt.close(fig)
 
 
 def plot_history(sweep_dir: Path, done: list[dict], metric: str, direction: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     done = sorted(done, key=lambda r: r["number"])
     ax.scatter([r["number"] for r in done], [r["value"] for r in done], s=18, label="trial")
@@ -61,7 +48,7 @@ def plot_history(sweep_dir: Path, done: list[dict], metric: str, direction: str)
     ax.set_ylabel(metric)
     ax.legend()
     ax.set_title("optimization history")
-    _save(fig, sweep_dir / "history.png")
+    save(fig, sweep_dir / "history.png")
     plt.close(fig)
 
 
@@ -69,7 +56,7 @@ def plot_learning_curves(sweep_dir: Path, ranked: list[dict], metric: str) -> No
     """The metric per epoch of the best trials and, beside it, what their consolidation did
     (tier_weights.py): with a relu score the share of tokens it was alive on (near 0: trained
     without its tiers), with the others the entropy of its tier weights (1: a plain average)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, alive_ax) = plt.subplots(1, 2, figsize=(10, 3.4))
     shown = "alive"
     for r in ranked[:5]:
@@ -97,7 +84,7 @@ def plot_learning_curves(sweep_dir: Path, ranked: list[dict], metric: str) -> No
     alive_ax.set_title(side[1])
     if ax.get_legend_handles_labels()[0]:  # trials whose folders hold no metrics draw no curve
         ax.legend(fontsize=8)
-    _save(fig, sweep_dir / "learning_curves.png")
+    save(fig, sweep_dir / "learning_curves.png")
     plt.close(fig)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from sherl_pipe.atomic import write_atomically
 from sherl_pipe.config import Pipeline, to_toml
 from sherl_pipe.metrics import best_of
-from sherl_pipe.sweep.study import first_cause, load_study, trial_dir
+from sherl_pipe.engine import first_cause, load_study, trial_dir
 from sherl_pipe.sweep.plots import plot_all
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}

@@ -9,12 +9,10 @@ own settings swept (SHERL's late_layers with every tiers list: their anchors and
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import typing
-from dataclasses import dataclass
 
+from sherl_pipe.engine import Param, encode
 from sherl_pipe.config import Pipeline, TrainConfig, build_section, section_to_dict, train_keys
 from sherl_pipe.errors import SherlError
 from sherl_pipe.fields import as_written
@@ -30,36 +28,6 @@ FIXED = {"run_dir": "each trial has its own run folder in the sweep folder",
          "preload": "set it in the pipeline", "save_every": "set it in the pipeline",
          "save_minutes": "set it in the pipeline", "log_every": "set it in the pipeline",
          "storage_options": "set it in the pipeline"}
-
-
-@dataclass(frozen=True)
-class Param:
-    key: str  # a train key
-    kind: str  # categorical | float | int
-    choices: tuple = ()
-    low: float = 0.0
-    high: float = 0.0
-    log: bool = False
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def suggest(self, trial):
-        """This parameter's value for an Optuna trial (lists travel as JSON strings: Optuna's
-        categorical values are scalars)."""
-        if self.kind == "categorical":
-            return decode(trial.suggest_categorical(self.key, [encode(c) for c in self.choices]))
-        if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.key, self.low, self.high, log=self.log)
-
-
-def encode(value):
-    return json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
-
-
-def decode(value):
-    return tuple(json.loads(value)) if isinstance(value, str) and value.startswith("[") else value
 
 
 def _train_field_type(key: str):

@@ -1,11 +1,11 @@
-"""`sherl-pipe sweep`: many trials over one cache, searched by an Optuna study that this process
-owns, run in parallel on dask workers.
+"""The coordinator: runs a study's trials on a cluster, one per worker process, and keeps the
+study's record true (a sweep's search and a comparison's queued trials alike).
 
-The loop asks the study for a trial, submits it to a worker running no other trial, passes each
-epoch's value that comes back to the study (trial.report) and, with a pruner, sends the study's
-decision back to the trial; when a trial ends it tells the study how: complete with its best value,
-pruned, failed with its error, or run again (interrupted by Ctrl-C, or lost with its worker). A
-trial that raises, or whose worker dies, fails alone; the sweep goes on.
+The loop asks the study for a trial, submits TRIAL_FN(spec) to a worker running no other trial,
+passes each epoch's value that comes back to the study (trial.report) and, with a pruner, sends the
+study's decision back to the trial; when a trial ends it tells the study how: complete with its
+best value, pruned, failed with its error, or run again (interrupted by Ctrl-C, or lost with its
+worker). A trial that raises, or whose worker dies, fails alone; the run goes on.
 
 Ctrl-C (should_stop): no new trials; the stop Event tells the running ones to save their state at
 their next step; each is recorded as interrupted (run again on resume) as it ends, and the loop
@@ -23,17 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sherl_pipe.cache.location import storage_options_of
-from sherl_pipe.interrupts import held_interrupts
+from sherl_pipe.cache.location import pipeline_location
 from sherl_pipe.config import Pipeline, later_keys_win
+from sherl_pipe.engine.cluster import Cluster
+from sherl_pipe.engine.study import INTERRUPTED, LOST, LOST_AGAIN, finished_count, record_error, run_again, trial_dir
 from sherl_pipe.errors import SherlError
 from sherl_pipe.fields import as_written
+from sherl_pipe.interrupts import held_interrupts
 from sherl_pipe.methods import registered_from_code
 from sherl_pipe.metrics import best_of
-from sherl_pipe.sweep.engine import Engine
-from sherl_pipe.sweep.space import Param, encode
-from sherl_pipe.sweep.study import INTERRUPTED, LOST, LOST_AGAIN, is_rerun_error, record_error, run_again, trial_dir
-from sherl_pipe.sweep.trial import run_trial
+from sherl_pipe.engine.param import Param, encode
 
 
 ORPHAN_GRACE = 10.0  # seconds a trial may wait for a worker that left the cluster
@@ -42,7 +41,7 @@ WORKER_WAIT = 120.0  # seconds the loop waits for a worker when trials remain an
 
 @dataclass
 class Plan:
-    """What a sweep run needs, checked before any trial starts."""
+    """What a run of trials needs, checked before any trial starts."""
 
     pipeline: Pipeline  # its paths absolute (config.absolute_paths): trials run in the workers' directories
     params: list[Param]
@@ -66,18 +65,6 @@ class Tally:
     events: list[str] = field(default_factory=list)
 
 
-def finished_count(study, sweep_dir: Path) -> int:
-    """Trials that count against the budget: every ended one except those run again."""
-    from optuna.trial import TrialState
-
-    count = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        error = trial_dir(sweep_dir, t.number) / "error.txt"
-        if not (t.state == TrialState.FAIL and error.is_file() and is_rerun_error(error.read_text())):
-            count += 1
-    return count
-
-
 def is_lost_worker(exc: BaseException) -> bool:
     """Whether a trial's future failed because its worker died, not because the trial raised."""
     from distributed.scheduler import KilledWorker
@@ -86,7 +73,11 @@ def is_lost_worker(exc: BaseException) -> bool:
 
 
 class Coordinator:
-    def __init__(self, plan: Plan, study, eng: Engine, trial_fn: Callable = run_trial, progress=None,
+    """PLAN's trials of STUDY on CLUSTER: TRIAL_FN(spec) runs each on a worker (the spec: trial_spec;
+    a worker opens it with worker.open_trial) and returns its result, a dict with "state" (complete,
+    pruned, interrupted) and "values" (the metric at each epoch)."""
+
+    def __init__(self, plan: Plan, study, eng: Cluster, trial_fn: Callable[[dict], dict], progress=None,
                  log: Callable[[str], None] = print, should_stop: Callable[[], bool] | None = None):
         self.plan, self.study, self.engine, self.trial_fn = plan, study, eng, trial_fn
         self.progress, self.log, self.should_stop = progress, log, should_stop or (lambda: False)
@@ -107,8 +98,9 @@ class Coordinator:
         return {"number": trial.number, "pipeline": pipe, "threads": self.engine.threads, "metric": self.plan.metric,
                 "reports": f"{self.prefix}-reports", "decisions": f"{self.prefix}-decide", "decide": self.decide,
                 "stop": f"{self.prefix}-stop", "cache_fingerprint": self.plan.cache_fingerprint,
-                # the storage credentials go to the worker in memory (dask), never to a file or a log
-                "storage_options": storage_options_of(self.plan.pipeline),
+                # the cache as one Location: its storage options (credentials among them) go to the
+                # worker in memory (dask), never to a file or a log (a Location's repr leaves them out)
+                "cache": pipeline_location(self.plan.pipeline, training=True),
                 # registered in this process (a notebook, a test): a worker knows only the package's own
                 "methods": registered_from_code()}
 

@@ -1,12 +1,12 @@
-"""The dask cluster a sweep runs its trials on: a LocalCluster of worker processes by default,
-or an existing cluster by address (its workers must be able to read the cache path); both made
-by sherl_pipe/dask_cluster.py, which extraction shares.
+"""The dask cluster trials run on (a sweep's, a comparison's): a LocalCluster of worker processes
+by default, or an existing cluster by address (its workers must be able to read the cache path);
+both made by sherl_pipe/dask_cluster.py, which extraction shares.
 
 A trial runs alone in its worker process: torch's global RNG (which dropout inside transformers'
 attention draws from, with no way to pass a generator) and its thread count are per process, so
-two trials in one process would change each other's results. The sweep therefore submits each
-trial to a worker that runs no other trial of the sweep, and trial.py holds a per-process lock as
-well (a cluster whose workers have several threads still runs one trial per worker at a time).
+two trials in one process would change each other's results. The coordinator therefore submits
+each trial to a worker that runs no other trial, and worker.py holds a per-process lock as well
+(a cluster whose workers have several threads still runs one trial per worker at a time).
 """
 
 from __future__ import annotations
@@ -19,16 +19,15 @@ from distributed import WorkerPlugin
 
 from sherl_pipe.dask_cluster import connect, local_cluster, register_plugin
 from sherl_pipe.interrupts import ignore_interrupts
-from sherl_pipe.sweep.config import SweepConfig
 
-PLUGIN = "sherl-pipe-sweep"
+PLUGIN = "sherl-pipe-sweep"  # the name its workers know it by since sweeps came first
 
 
 class TrialWorker(WorkerPlugin):
     """A dask worker plugin, run in every worker when it starts (restarted ones included): imports
     what a trial needs once, before any trial starts (two trials importing transformers' lazy
     modules at once raised an ImportError), and, on a local cluster, ignores the terminal's Ctrl-C,
-    which reaches every process of the foreground group: the sweep stops its trials itself."""
+    which reaches every process of the foreground group: the coordinator stops its trials itself."""
 
     name = PLUGIN
 
@@ -39,7 +38,7 @@ class TrialWorker(WorkerPlugin):
         if self.shield:
             ignore_interrupts()
         # warm-up: what a trial imports, loaded as the worker starts rather than in its first trial
-        import sherl_pipe.sweep.trial  # noqa: F401
+        import sherl_pipe.engine.worker  # noqa: F401
         import sherl_pipe.training.run  # noqa: F401
 
         if self.model_type:
@@ -53,22 +52,26 @@ class TrialWorker(WorkerPlugin):
 
 
 @dataclass
-class Engine:
+class Cluster:
     client: object
     workers: int
     threads: int  # torch threads per trial
     where: str
 
     def free_workers(self, busy: set[str]) -> list[str]:
-        """The addresses of workers running none of the sweep's trials (asked anew each time: a
+        """The addresses of workers running none of the trials (asked anew each time: a
         worker that died was replaced by one at another address)."""
         return sorted(set(self.client.scheduler_info(n_workers=-1)["workers"]) - busy)
 
 
 @contextlib.contextmanager
-def engine(cfg: SweepConfig, scheduler: str | None, model_type: str | None = None):
-    """A dask client. A task on a worker that dies is not retried (allowed-failures 0): the sweep
-    records the trial as lost and runs it again; a LocalCluster's nanny starts a new worker."""
+def start_cluster(scheduler: str | None, model_type: str | None = None, workers: int = 0, threads: int = 0,
+                  parallel: int = 0):
+    """A Cluster: the one at SCHEDULER, or a local one of WORKERS processes (0: one per core, at most
+    PARALLEL when that is set); THREADS torch threads per trial (0: cores / workers). A task on a
+    worker that dies is not retried (allowed-failures 0): the coordinator records the trial as lost
+    and runs it again; a LocalCluster's nanny starts a new worker. MODEL_TYPE: the backbone's
+    modules to import as each worker starts."""
     # distributed adds its defaults to dask's config when first imported: import it before setting
     # any distributed.* key, or leaving the `set` below would drop those defaults with it.
     import dask
@@ -76,28 +79,28 @@ def engine(cfg: SweepConfig, scheduler: str | None, model_type: str | None = Non
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         if scheduler:
-            with _remote(cfg, scheduler) as eng:
+            with _remote(scheduler, threads) as eng:
                 register_plugin(eng.client, TrialWorker(model_type, shield=False), PLUGIN)
                 yield eng
         else:
-            with _local(cfg) as eng:
+            with _local(workers, threads, parallel) as eng:
                 register_plugin(eng.client, TrialWorker(model_type, shield=True), PLUGIN)
                 yield eng
 
 
 @contextlib.contextmanager
-def _remote(cfg: SweepConfig, scheduler: str):
+def _remote(scheduler: str, threads: int):
     with connect(scheduler) as client:
         workers = client.scheduler_info(n_workers=-1)["workers"]
-        threads = cfg.threads or max(1, min(w.get("nthreads", 1) for w in workers.values()))
-        yield Engine(client, len(workers), threads, f"the cluster at {scheduler} ({len(workers)} workers)")
+        threads = threads or max(1, min(w.get("nthreads", 1) for w in workers.values()))
+        yield Cluster(client, len(workers), threads, f"the cluster at {scheduler} ({len(workers)} workers)")
 
 
 @contextlib.contextmanager
-def _local(cfg: SweepConfig):
+def _local(workers: int, threads: int, parallel: int):
     """Worker processes that run one trial at a time (dask_cluster.local_cluster)."""
     cores = os.cpu_count() or 1
-    n = cfg.workers or min(cfg.parallel or cores, cores)
-    threads = cfg.threads or max(1, cores // n)
+    n = workers or min(parallel or cores, cores)
+    threads = threads or max(1, cores // n)
     with local_cluster(n, threads) as client:
-        yield Engine(client, n, threads, f"a local cluster of {n} worker processes")
+        yield Cluster(client, n, threads, f"a local cluster of {n} worker processes")

@@ -203,7 +203,7 @@ def test_tune_lr_at_equal_time_reports_every_method_at_its_chosen_rates(tmp_path
 
 def read_csv_rows_of_phase(folder):
     from sherl_pipe.compare.phase import results_of
-    from sherl_pipe.sweep.study import load_study
+    from sherl_pipe.engine.study import load_study
 
     return [(r["method"], r["lr"], r["lr_late"]) for r in results_of(load_study(folder), folder)]
 
@@ -334,7 +334,7 @@ def test_retry_failed_queues_a_phases_failed_trials_again(tmp_path):
     from optuna.trial import TrialState
 
     from sherl_pipe.compare.phase import open_phase
-    from sherl_pipe.sweep.study import first_cause, record_error
+    from sherl_pipe.engine.study import first_cause, record_error
 
     c = SimpleNamespace(pipeline=load_pipeline("quickstart"), metric="accuracy", direction="maximize", rates={},
                         retry_failed=False)

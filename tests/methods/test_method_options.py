@@ -174,7 +174,7 @@ def test_a_later_layer_wins_over_a_table_below_it(tmp_path):
 def test_a_sweep_trial_trains_the_swept_value_over_the_pipelines_table(tmp_path):
     import optuna
 
-    from sherl_pipe.sweep.run import Coordinator
+    from sherl_pipe.engine import Coordinator
     from sherl_pipe.sweep.space import Param
     from types import SimpleNamespace
 

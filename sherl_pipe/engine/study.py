@@ -1,12 +1,13 @@
-"""One Optuna study per sweep, in a journal file in the sweep folder, owned by the sweep process.
+"""The study on disk: one Optuna study in a journal file in its folder (a sweep's, or one phase of
+a comparison), owned by the process that coordinates its trials.
 
-The sweep asks the study for trials and tells it their results (ask-and-tell): workers never touch
-the study, so any dask cluster can run them. One sweep process holds the folder at a time (a lock,
+The coordinator asks the study for trials and tells it their results (ask-and-tell): workers never
+touch the study, so any dask cluster can run them. One process holds the folder at a time (a lock,
 see lock_folder). A rerun of the same command loads the study: finished trials are kept; trials
-that were running when the sweep stopped (Ctrl-C, a killed sweep) or whose worker died are
-recorded as failed with the reason ("interrupted", "lost") and their parameters queued to run
-again; those do not count against the budget. A rerun with another space, metric, sampler, base
-pipeline or cache is refused unless --overwrite.
+that were running when it stopped (Ctrl-C, a killed process) or whose worker died are recorded as
+failed with the reason ("interrupted", "lost") and their parameters queued to run again; those do
+not count against the budget. A rerun with another space, metric, sampler, base pipeline or cache
+is refused unless --overwrite. The folders were sweeps' first: the messages still call them so.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from pathlib import Path
 from sherl_pipe.errors import SherlError, naming
 from sherl_pipe.folders import clear_folder, ensure_writable, has_files, refuse_cwd
 from sherl_pipe.locks import FolderLock
-from sherl_pipe.sweep.config import SweepConfig
-from sherl_pipe.sweep.space import Param, grid
 from sherl_pipe.atomic import write_atomically
 from sherl_pipe.config import upgrade_saved
 from sherl_pipe.methods import effective_train
@@ -35,7 +34,7 @@ RERUN = tuple(reason.split(":")[0] + ":" for reason in (INTERRUPTED, LOST, RETRI
 LOCK = "lock.json"
 
 
-def _quiet_optuna():
+def quiet_optuna():
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -43,40 +42,10 @@ def _quiet_optuna():
 
 
 def storage(sweep_dir: Path):
-    optuna = _quiet_optuna()
+    optuna = quiet_optuna()
     from optuna.storages.journal import JournalFileBackend
 
     return optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / JOURNAL)))
-
-
-def make_sampler(cfg: SweepConfig, params: list[Param], origin: str, done: int = 0):
-    """The sweep's sampler. DONE is the number of trials the study already holds: a resumed random
-    or TPE search seeded with sweep.seed alone would draw the first trials' settings again (the
-    grid sampler skips the points it has visited), so its seed moves on by that number."""
-    optuna = _quiet_optuna()
-    if cfg.sampler == "grid":
-
-        class SweepGridSampler(optuna.samplers.GridSampler):
-            """GridSampler stops the study once its grid is used up, which works only inside
-            study.optimize(); with ask-and-tell the sweep's own trial budget ends the search."""
-
-            def after_trial(self, study, trial, state, values):
-                return None
-
-        return SweepGridSampler(grid(params, origin), seed=cfg.seed)
-    seed = cfg.seed + done
-    if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
-
-
-def make_pruner(cfg: SweepConfig):
-    optuna = _quiet_optuna()
-    if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    if cfg.pruner == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    return optuna.pruners.NopPruner()
 
 
 # Where a sweep's pieces run and how they reach the cache, not what they compute
@@ -92,11 +61,13 @@ def _signed(base: dict) -> dict:
     return out
 
 
-def signature(cfg: SweepConfig, params: list[Param], base: dict, metric: str, direction: str) -> dict:
-    """What makes two runs of a sweep the same sweep (where it runs and how fast do not count)."""
+def signature(space: list[dict], base: dict, metric: str, direction: str, sampler: str, seed: int) -> dict:
+    """What makes two runs of a study the same (where it runs and how fast do not count): SPACE the
+    parameters' descriptions (space.Param.to_dict), BASE the pipeline as a dict, SAMPLER and SEED
+    the search's."""
     base = _signed(base)
-    return json.loads(json.dumps({"space": [p.to_dict() for p in params], "metric": metric, "direction": direction,
-                                  "sampler": cfg.sampler, "seed": cfg.seed, "pipeline": base}))
+    return json.loads(json.dumps({"space": space, "metric": metric, "direction": direction,
+                                  "sampler": sampler, "seed": seed, "pipeline": base}))
 
 
 def upgraded(sig: dict) -> dict:
@@ -183,15 +154,18 @@ def repair_journal(sweep_dir: Path, log) -> None:
             f"writing it)")
 
 
-def open_study(sweep_dir: Path, cfg: SweepConfig, params: list[Param], sig: dict, direction: str, origin: str,
+def open_study(sweep_dir: Path, sig: dict, direction: str, sampler=None, pruner=None,
                cache_fingerprint: str | None = None):
-    """The sweep's study: created, or loaded and checked against this request and its cache (the
-    manifest fingerprint; sweeps made before it was kept take it on)."""
-    optuna = _quiet_optuna()
+    """The folder's study: created, or loaded and checked against this request and its cache (the
+    manifest fingerprint; sweeps made before it was kept take it on). SAMPLER(done) is the search's
+    sampler given the number of trials the study holds (None: random, for queued trials only);
+    PRUNER is Optuna's (None: none)."""
+    optuna = quiet_optuna()
+    sampler = sampler or (lambda done: optuna.samplers.RandomSampler(seed=done))
     with naming(sweep_dir / JOURNAL):
         study = optuna.create_study(storage=storage(sweep_dir), study_name=STUDY_NAME, load_if_exists=True,
-                                    direction=direction, sampler=make_sampler(cfg, params, origin),
-                                    pruner=make_pruner(cfg))
+                                    direction=direction, sampler=sampler(0),
+                                    pruner=pruner or optuna.pruners.NopPruner())
     if "signature" not in study.user_attrs:  # new, or a journal cut short before its first records
         study.set_user_attr("signature", sig)
     elif (kept := upgraded(study.user_attrs["signature"])) != sig:
@@ -200,7 +174,7 @@ def open_study(sweep_dir: Path, cfg: SweepConfig, params: list[Param], sig: dict
                          f"{_pipeline_diff(kept, sig)}; rerun it as it was to resume it, use --overwrite to start "
                          f"again, or set sweep.dir (or --sweep-dir)")
     else:
-        study.sampler = make_sampler(cfg, params, origin, done=len(study.get_trials(deepcopy=False)))
+        study.sampler = sampler(len(study.get_trials(deepcopy=False)))
     if cache_fingerprint is not None:
         kept = study.user_attrs.get("cache_fingerprint")
         if kept is not None and kept != cache_fingerprint:
@@ -210,6 +184,18 @@ def open_study(sweep_dir: Path, cfg: SweepConfig, params: list[Param], sig: dict
         if kept is None:
             study.set_user_attr("cache_fingerprint", cache_fingerprint)
     return study
+
+
+def finished_count(study, sweep_dir: Path) -> int:
+    """Trials that count against the budget: every ended one except those run again."""
+    from optuna.trial import TrialState
+
+    count = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        error = trial_dir(sweep_dir, t.number) / "error.txt"
+        if not (t.state == TrialState.FAIL and error.is_file() and is_rerun_error(error.read_text())):
+            count += 1
+    return count
 
 
 def trial_dir(sweep_dir: Path, number: int) -> Path:
@@ -299,7 +285,7 @@ def recover_interrupted(study, sweep_dir: Path) -> list[int]:
 
 def load_study(sweep_dir: Path):
     """An existing sweep's study, for reports (also while the sweep runs)."""
-    optuna = _quiet_optuna()
+    optuna = quiet_optuna()
     if not is_sweep_folder(sweep_dir):
         raise SherlError(f"sweep folder {sweep_dir}: no {JOURNAL}; give the folder of a `sherl-pipe sweep`")
     try:

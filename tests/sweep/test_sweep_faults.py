@@ -132,7 +132,7 @@ def test_a_second_sweep_on_a_locked_folder_is_refused_naming_the_holder(sweep_fi
     from click.testing import CliRunner
 
     from sherl_pipe.cli import main
-    from sherl_pipe.sweep.study import prepare_folder
+    from sherl_pipe.engine import prepare_folder
 
     sweep_dir = tmp_path / "sweep"
     (sweep_dir).mkdir()
@@ -163,7 +163,7 @@ def test_a_sweep_whose_last_worker_is_gone_ends_with_an_error_not_finished(sweep
     (old code: it found no free worker, ended 'finished' and the command exited 0)."""
     from distributed import Client, LocalCluster
 
-    import sherl_pipe.sweep.run as sweep_run
+    import sherl_pipe.engine.coordinator as sweep_run
     from sherl_pipe.config import load_pipeline
     from sherl_pipe.errors import SherlError
     from sherl_pipe.sweep import run_sweep
