@@ -93,6 +93,8 @@ def run_compare(pipeline: Pipeline | str, methods: Sequence[str] | None = None, 
     retry_failed). Returns the report: its "markdown", "summary", "folder", "interrupted"."""
     from sherl_pipe import runners  # torch: loaded at the first call, `import sherl_pipe` stays light
 
+    if isinstance(methods, str):  # as the command's --methods: names separated by commas
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
     return runners.compare(_pipeline(pipeline, overrides), list(methods) if methods is not None else None,
                            hooks=hooks, **options)
 

@@ -1,7 +1,7 @@
 """The dask clusters sherl-pipe runs work on (sweep trials, extraction blocks): a LocalCluster of
 worker processes started here, or an existing cluster by its scheduler's address.
 
-Shared by the sweep engine (sweep/engine.py) and distributed extraction (distributed_extract.py);
+Shared by the trial engine (engine/cluster.py) and distributed extraction (distributed_extract.py);
 Ctrl-C around them is interrupts.py's.
 """
 

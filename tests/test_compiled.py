@@ -64,7 +64,7 @@ def test_train_compile_runs_the_same_training_and_keeps_the_checkpoint_layout(
     """train.compile wires CompiledOrEager into training steps; with the compiler failing (the
     fallback path, fast to test) the run says so once and its weights equal an uncompiled run's."""
     from safetensors.torch import load_file
-    from test_train import pipeline_for
+    from train_helpers import pipeline_for
 
     from sherl_pipe.training import train
 

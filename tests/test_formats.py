@@ -18,7 +18,7 @@ from sherl_pipe.config import load_pipeline
 from sherl_pipe.extraction import extract
 from sherl_pipe.formats import SCALE_BYTES, decode, encode
 from test_extract import direct_hidden_states, read_split, split_texts
-from test_train import batch_losses_and_grads
+from train_helpers import batch_losses_and_grads
 
 
 def sample_values() -> torch.Tensor:

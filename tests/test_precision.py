@@ -15,7 +15,7 @@ from sherl_pipe.config import load_pipeline
 from sherl_pipe.devices import uses_bf16
 from sherl_pipe.errors import SherlError
 from sherl_pipe.training import train
-from test_train import step_losses
+from train_helpers import step_losses
 
 BF16_LIVE_TOL = 1e-5  # as in fp32: each product sums the same terms in the same order whatever the batch
 
@@ -159,7 +159,7 @@ def test_bf16_extraction_stays_near_fp32_and_live_runs_as_the_cache_was_made(tmp
     layers in bf16 too, so cached and live batches agree as in fp32."""
     from conftest import make_backbone
     from sherl_pipe.cache import Cache
-    from test_train import batch_losses_and_grads
+    from train_helpers import batch_losses_and_grads
 
     backbone = make_backbone(tmp_path / "nodrop", "bert", dropout=0.0)
     got = batch_losses_and_grads(tmp_path, backbone, labeled_csv, tmp_path / "bf16", 'dtype = "float32"\n'

@@ -203,7 +203,7 @@ def run_compare(c: Compare, scheduler: str | None = None, workers: int = 0, prog
 
     c.epochs = {m: c.pipeline.train.epochs for m in c.methods}
     phases: dict[str, list[dict]] = {}
-    with start_cluster(scheduler, model_type, workers=workers) as eng:
+    with start_cluster(scheduler, model_type, workers=workers, warm=("sherl_pipe.compare.trial",)) as eng:
         steps = ([("calibrate", calibrate_trials)] if c.budget == "time" else []) + (
             [("tune", tune_trials)] if c.tune_lr else []) + [("final", final_trials)]
         for name, make in steps:

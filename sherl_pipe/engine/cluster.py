@@ -12,6 +12,7 @@ each trial to a worker that runs no other trial, and worker.py holds a per-proce
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -31,8 +32,8 @@ class TrialWorker(WorkerPlugin):
 
     name = PLUGIN
 
-    def __init__(self, model_type: str | None, shield: bool):
-        self.model_type, self.shield = model_type, shield
+    def __init__(self, model_type: str | None, shield: bool, modules: tuple[str, ...] = ()):
+        self.model_type, self.shield, self.modules = model_type, shield, modules
 
     def setup(self, worker=None):
         if self.shield:
@@ -40,6 +41,9 @@ class TrialWorker(WorkerPlugin):
         # warm-up: what a trial imports, loaded as the worker starts rather than in its first trial
         import sherl_pipe.engine.worker  # noqa: F401
         import sherl_pipe.training.run  # noqa: F401
+
+        for name in self.modules:  # the caller's trial function's (sweep's, compare's)
+            importlib.import_module(name)
 
         if self.model_type:
             import transformers
@@ -66,12 +70,12 @@ class Cluster:
 
 @contextlib.contextmanager
 def start_cluster(scheduler: str | None, model_type: str | None = None, workers: int = 0, threads: int = 0,
-                  parallel: int = 0):
+                  parallel: int = 0, warm: tuple[str, ...] = ()):
     """A Cluster: the one at SCHEDULER, or a local one of WORKERS processes (0: one per core, at most
     PARALLEL when that is set); THREADS torch threads per trial (0: cores / workers). A task on a
     worker that dies is not retried (allowed-failures 0): the coordinator records the trial as lost
-    and runs it again; a LocalCluster's nanny starts a new worker. MODEL_TYPE: the backbone's
-    modules to import as each worker starts."""
+    and runs it again; a LocalCluster's nanny starts a new worker. MODEL_TYPE: the backbone whose
+    modules each worker imports as it starts; WARM: the modules of the caller's trial function."""
     # distributed adds its defaults to dask's config when first imported: import it before setting
     # any distributed.* key, or leaving the `set` below would drop those defaults with it.
     import dask
@@ -80,11 +84,11 @@ def start_cluster(scheduler: str | None, model_type: str | None = None, workers:
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         if scheduler:
             with _remote(scheduler, threads) as eng:
-                register_plugin(eng.client, TrialWorker(model_type, shield=False), PLUGIN)
+                register_plugin(eng.client, TrialWorker(model_type, shield=False, modules=warm), PLUGIN)
                 yield eng
         else:
             with _local(workers, threads, parallel) as eng:
-                register_plugin(eng.client, TrialWorker(model_type, shield=True), PLUGIN)
+                register_plugin(eng.client, TrialWorker(model_type, shield=True, modules=warm), PLUGIN)
                 yield eng
 
 

@@ -110,7 +110,8 @@ def _run_trials(pipeline, cfg, plan, scheduler, progress, log, trial_fn, should_
         log(f"trials {retried} failed before: they run again" if retried else "no failed trial to run again")
     if recovered:
         log(f"trials {recovered} were running when the sweep stopped: recorded as interrupted, to run again")
-    with start_cluster(scheduler, model_type, cfg.workers, cfg.threads, cfg.parallel) as eng:
+    with start_cluster(scheduler, model_type, cfg.workers, cfg.threads, cfg.parallel,
+                       warm=("sherl_pipe.sweep.trial",)) as eng:
         plan.parallel = min(plan.parallel or eng.workers, eng.workers)
         if cfg.parallel > eng.workers:
             log(f"sweep.parallel = {cfg.parallel}: {eng.workers} trials at a time, one per worker process (a "

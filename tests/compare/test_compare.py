@@ -15,7 +15,7 @@ from sherl_pipe.cli import main
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
 from sherl_pipe.extraction import extract
-from test_methods import Toy  # a method from a test file, as a user registers one
+from toy_method import Toy  # a method from a test file, as a user registers one
 
 
 @pytest.fixture(scope="module")
@@ -364,10 +364,10 @@ def test_methods_registered_as_import_paths_or_nested_classes_reach_the_jobs(mon
     from sherl_pipe.compare.trial import method_reference
     from sherl_pipe.methods import REGISTRY, get_method, registered_from_code
 
-    monkeypatch.setitem(REGISTRY, "mean-by-path", "test_methods:Toy")
+    monkeypatch.setitem(REGISTRY, "mean-by-path", "toy_method:Toy")
     monkeypatch.setitem(REGISTRY, "nested", Outer.Inner)
     got = registered_from_code()
-    assert got["mean-by-path"] == "test_methods:Toy" and got["nested"] is Outer.Inner and "sherl" not in got
+    assert got["mean-by-path"] == "toy_method:Toy" and got["nested"] is Outer.Inner and "sherl" not in got
     assert method_reference(Outer.Inner) == "test_compare:Outer.Inner"
     monkeypatch.setitem(REGISTRY, "nested", "test_compare:Outer.Inner")  # as a job registers it
     assert isinstance(get_method("nested"), Outer.Inner)

@@ -28,7 +28,7 @@ from sherl_pipe.model import pool
 from sherl_pipe.training import train
 from sherl_pipe.training.setup import make_spec
 from test_extract import assert_within_one_fp16_step, read_split, split_texts
-from test_train import step_losses
+from train_helpers import step_losses
 
 LAYERS = 3
 TEXTS = ["good film", "a very very boring plot and a bad actor but the story is quite fine", "fine",

@@ -11,15 +11,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from conftest import make_backbone, write_full_pipeline
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
 from sherl_pipe.extraction import extract
 from sherl_pipe.methods import get_method, register_method
-from sherl_pipe.methods.base import Method
-from sherl_pipe.model import Head, pool
+from toy_method import Toy
 from sherl_pipe.training import train
 
 CACHED = ["sherl", "unipt", "lst", "linear-probe", "scalar-mix"]
@@ -96,35 +94,6 @@ def test_run_checks_the_method_before_extracting(tmp_path, bert_dir, labeled_csv
     assert not (tmp_path / "cache").exists()
     r = CliRunner().invoke(main, ["train", str(path), "-q", "--method", "nonesuch"])
     assert r.exit_code == 2 and "train.method = 'nonesuch' is not a method; known: sherl, unipt" in r.stderr
-
-
-class Toy(Method):
-    """A toy method from a test file: the mean of h[1] and h[L] through a module named nothing like
-    the built-in ones (its parameters must still train at the new-module rate, without decay)."""
-
-    name = "toy"
-    lr = 2e-3
-
-    def reads(self, spec):
-        return [1, spec.num_layers]
-
-    def build(self, spec, config, modules):
-        return ToyModel(spec, config)
-
-
-class ToyModel(nn.Module):
-    def __init__(self, spec, config):
-        super().__init__()
-        self.spec, self.config = spec, config
-        self.blend = nn.Linear(config.hidden_size, config.hidden_size)
-        self.head = Head(config.hidden_size, spec.num_outputs, 0.0)
-
-    def forward_batch(self, batch):
-        mixed = self.blend((batch.states[1].float() + batch.states[self.spec.num_layers].float()) / 2)
-        return self.head(pool(mixed, batch.mask, "mean", None))
-
-    def new_modules(self):
-        return [self.blend, self.head]
 
 
 def test_a_method_registered_from_outside_trains_resumes_evaluates_and_sweeps(tmp_path, full_cache, labeled_csv):

@@ -212,7 +212,7 @@ def test_an_interrupted_regression_run_resumes_exactly(tmp_path, bert_dir, monke
     """A regression head standardizes with the running average of every training batch's
     statistics: a run interrupted mid-epoch must carry them over (not restart them) to equal the
     whole run."""
-    from test_train import regression_pipeline
+    from train_helpers import regression_pipeline
 
     extra = 'epochs = 3\nsave_every = 2\neval_split = "validation"'
     cut = regression_pipeline(tmp_path, bert_dir, "cut", train_extra=extra)  # 48 rows / 8: 6 steps an epoch
@@ -239,7 +239,7 @@ def test_an_interrupted_regression_run_resumes_exactly(tmp_path, bert_dir, monke
 def test_a_regression_run_saved_by_an_earlier_version_says_so(tmp_path, bert_dir):
     """A regression run saved before the head standardized its input (no head_norm in its spec)
     was refused as 'another model than this pipeline describes', as if the user had changed it."""
-    from test_train import regression_pipeline
+    from train_helpers import regression_pipeline
 
     from sherl_pipe.extraction import extract
 
