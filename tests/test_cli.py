@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from conftest import write_pipeline
@@ -122,6 +124,7 @@ def test_progress_counts_are_whole_numbers():
     assert "0/13" in out.getvalue() and "0.00" not in out.getvalue() and "13.0" not in out.getvalue()
 
 
+@pytest.mark.slow
 def test_info_in_a_fresh_process(tmp_path, fp32_cache):
     """What a user runs: `sherl-pipe info` as its own process (in-process tests import modules in
     an order that hid an import cycle here)."""

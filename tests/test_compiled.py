@@ -25,6 +25,7 @@ def outputs_and_grads(fn, module, states, mask):
     return out.detach(), {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
+@pytest.mark.slow
 def test_compiled_consolidation_equals_eager():
     module, states, mask = module_and_batch()
     said = []

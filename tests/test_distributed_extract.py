@@ -54,6 +54,7 @@ def _holds_backbone() -> bool:
     return any(key[0] == "backbone" for key in _HELD)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_local_cluster_starts_while_the_coordinator_prepares(tmp_path, bert_dir, labeled_csv, monkeypatch, threads):
     """extract.workers = 2: the cluster is started before the data is read, and its workers hold
@@ -108,6 +109,7 @@ def test_a_local_cluster_starts_while_the_coordinator_prepares(tmp_path, bert_di
     assert summary.already_complete and order == ["prepare"]
 
 
+@pytest.mark.slow
 def test_bad_data_with_workers_stops_the_cluster_started_for_it(tmp_path, bert_dir, labeled_csv):
     """The cluster starts before the data is read; data refused then leaves no cluster running."""
     import conftest
@@ -127,6 +129,7 @@ def _setting(name: str):
     return os.environ.get(name)  # read in the worker (os.environ.get itself would travel as a copy of ours)
 
 
+@pytest.mark.slow
 def test_local_workers_get_the_environment_of_now_not_the_fork_servers(monkeypatch):
     """The fork server keeps the environment it started with; a worker gets the coordinator's as
     it is when its cluster starts (S3 credentials set after an earlier extraction in the same
@@ -143,6 +146,7 @@ def test_local_workers_get_the_environment_of_now_not_the_fork_servers(monkeypat
         started.close()
 
 
+@pytest.mark.slow
 def test_a_script_without_a_main_guard_is_told_what_to_add(tmp_path, bert_dir, labeled_csv):
     """Local workers start by importing the calling script: one that calls extract at import time
     made them fail, and ended on dask's 'Nanny failed to start.' under 170 lines of tracebacks."""
@@ -160,6 +164,7 @@ def test_a_script_without_a_main_guard_is_told_what_to_add(tmp_path, bert_dir, l
     assert 'under `if __name__ == "__main__":`' in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_the_fork_server_ends_with_the_extraction(tmp_path, bert_dir, labeled_csv):
     """Old code: the fork server the workers came from (torch and transformers imported: about
     400 MiB) lived until the calling process ended. A second extraction starts a new one."""

@@ -188,6 +188,7 @@ def _assert_same_cache(got: Path, want: Path) -> None:
     conftest.assert_same_arrays(a, b)
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_an_equal_cache(tmp_path):
     from conftest import make_backbone
 
@@ -235,6 +236,7 @@ def test_creating_a_cache_keeps_the_folder_its_writer_locked(tmp_path, bert_dir,
     assert FolderLock(tmp_path / "cache").acquire(wait=False)
 
 
+@pytest.mark.slow
 def test_two_extractions_started_at_once_on_a_new_folder_write_it_once(tmp_path):
     """The second waits for the first's lock and finds every block done (it crashed with zarr's
     ContainsArrayError, or redid blocks: creating the group deleted the folder the first had locked)."""
@@ -281,6 +283,7 @@ def test_bad_input_leaves_no_cache(tmp_path, bert_dir, text_csv, setting, messag
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_real_minilm_on_sst2(tmp_path):
     require_sst2()
     require_minilm()

@@ -207,6 +207,7 @@ def test_a_cache_of_another_models_width_is_refused(tmp_path, labeled_csv, fp32_
     one_error_line(r, "was made for other data or settings", "backbone.config.hidden_size: cache has 32, request has 64")
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_first_epoch_saves_it_and_resume_finishes_it_exactly(tmp_path, bert_dir, labeled_csv,
                                                                           fp32_cache):
     """One long epoch (no periodic checkpoint falls in it): Ctrl-C saves the state at the next step,

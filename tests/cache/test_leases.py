@@ -55,6 +55,7 @@ def test_a_frozen_holder_stops_before_it_sees_the_lease_taken(monkeypatch):
     lease.release()
 
 
+@pytest.mark.slow
 def test_a_renewal_that_fails_once_is_retried_soon_and_the_lease_holds(monkeypatch):
     """One failed PUT must not end a long extraction: the renewal is retried well before the
     holder would stop."""

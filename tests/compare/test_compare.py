@@ -33,6 +33,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_compare_at_equal_epochs_writes_the_table_and_the_pictures(tmp_path, compare_pipeline):
     out = tmp_path / "cmp"
     args = ["compare", str(compare_pipeline), "-q", "--methods", "sherl,linear-probe,full-finetune", "--seeds", "2",
@@ -65,6 +66,7 @@ def test_compare_at_equal_epochs_writes_the_table_and_the_pictures(tmp_path, com
     assert again.exit_code == 0 and (out / "compare.md").read_text() == table
 
 
+@pytest.mark.slow
 def test_compare_at_equal_time_gives_each_method_the_epochs_that_fit(tmp_path, compare_pipeline):
     """The calibration times 3 epochs of each other method (the first, with its warm-up, apart) one
     trial at a time; the final runs stop at the budget (train.max_seconds) and report their share
@@ -178,6 +180,7 @@ def test_at_equal_time_a_tuned_full_finetune_runs_again_at_its_tuned_rates(tmp_p
         ("full-finetune", 9e-5)]
 
 
+@pytest.mark.slow
 def test_tune_lr_at_equal_time_reports_every_method_at_its_chosen_rates(tmp_path, compare_pipeline):
     from sherl_pipe.compare import compare
 
@@ -254,6 +257,7 @@ def test_an_empty_methods_list_is_refused_not_read_as_every_method(tmp_path, com
     assert not (tmp_path / "cmp").exists()
 
 
+@pytest.mark.slow
 def test_a_method_registered_from_code_is_compared(tmp_path, compare_pipeline, monkeypatch):
     """register_method("mean-of-two", Toy) then compare: each job (a process of its own) gets the
     method by its import path (old code: every trial failed, 'Object of type type is not JSON

@@ -4,6 +4,8 @@ save its state makes the trial one to run again, not one that failed."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 import subprocess
@@ -39,6 +41,7 @@ def _worker_script(tmp_path, job: str) -> str:
     """)
 
 
+@pytest.mark.slow
 def test_the_job_ends_with_its_worker_and_its_stderr_goes_to_a_file(tmp_path):
     """Old code: the job's stderr was a pipe read only at its end (a job that wrote 64 KiB blocked),
     and a job whose worker died went on training under pid 1."""
@@ -57,6 +60,7 @@ def test_the_job_ends_with_its_worker_and_its_stderr_goes_to_a_file(tmp_path):
         worker.kill()
 
 
+@pytest.mark.slow
 def test_a_job_stopped_before_it_could_save_is_run_again(tmp_path, monkeypatch):
     """The stop's SIGINT reaches a job still starting (Python's default handler: KeyboardInterrupt):
     the trial is interrupted, to run again (old code: 'exited with status 1', a failed trial that a
@@ -72,6 +76,7 @@ def test_a_job_stopped_before_it_could_save_is_run_again(tmp_path, monkeypatch):
     assert out == {"number": 3, "state": "interrupted"}
 
 
+@pytest.mark.slow
 def test_a_jobs_own_process_group_keeps_a_terminals_ctrl_c_from_it(tmp_path):
     """The job runs in a session of its own: a Ctrl-C sent to the compare's process group reaches
     the worker, which passes the stop on, never the job directly."""

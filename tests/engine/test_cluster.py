@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
 
+@pytest.mark.slow
 def test_a_sweep_leaves_dasks_configuration_as_it_found_it(tmp_path):
     """In a fresh interpreter (distributed not yet imported), entering and leaving the sweep's
     cluster once dropped distributed's configuration: the next sweep in the process failed."""
@@ -23,6 +26,7 @@ def test_a_sweep_leaves_dasks_configuration_as_it_found_it(tmp_path):
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_local_cluster_does_not_claim_dasks_dashboard_port(tmp_path):
     """Two sweeps at once (or a sweep beside another dask cluster): the second's scheduler found
     port 8787 taken and warned "Perhaps you already have a cluster running?"."""

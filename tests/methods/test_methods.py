@@ -96,6 +96,7 @@ def test_run_checks_the_method_before_extracting(tmp_path, bert_dir, labeled_csv
     assert r.exit_code == 2 and "train.method = 'nonesuch' is not a method; known: sherl, unipt" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_method_registered_from_outside_trains_resumes_evaluates_and_sweeps(tmp_path, full_cache, labeled_csv):
     import cloudpickle
 

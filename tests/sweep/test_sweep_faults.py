@@ -81,6 +81,7 @@ def finish(path, sweep_dir) -> list[dict]:
     return got
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_a_killed_worker_loses_no_trial(sweep_file, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = start(sweep_file)
@@ -107,6 +108,7 @@ def test_ctrl_c_stops_the_sweep_and_a_killed_worker_loses_no_trial(sweep_file, t
     assert sorted(r["lr"] for r in got if r["state"] == "complete") == LRS, got
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_and_still_records_the_trials(sweep_file, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = start(sweep_file)
@@ -157,6 +159,7 @@ def _closes_its_worker(spec):
     return {}
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_last_worker_is_gone_ends_with_an_error_not_finished(sweep_file, tmp_path, monkeypatch):
     """A cluster with one worker that dies and is never replaced: the lost trial is queued to run
     again, the loop waits for a worker, then ends with one line saying how many trials did not run

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import sys
 
 from sweep_helpers import GRID, rows, sweep_pipeline
@@ -9,6 +11,7 @@ from sweep_helpers import GRID, rows, sweep_pipeline
 from sherl_pipe.config import load_pipeline
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_is_recorded_with_its_epoch(tmp_path, bert_dir, labeled_csv, fp32_cache, monkeypatch):
     import optuna
 
@@ -56,6 +59,7 @@ SCRIPT = {(0.001, 0): [0.5, 0.6, 0.7], (0.002, 0): [0.7, 0.5, 0.6], (0.003, 0): 
           (0.001, 1): [0.9], (0.001, 2): [0.1], (0.002, 1): [0.6], (0.002, 2): [0.6]}
 
 
+@pytest.mark.slow
 def test_results_say_what_they_mean(tmp_path, bert_dir, labeled_csv, fp32_cache, monkeypatch):
     """A pruned trial's value is its best epoch's (Optuna keeps the last); a trial pruned at its
     final epoch is complete; a metric NaN at every epoch fails with a reason (Optuna failed it with
@@ -85,6 +89,7 @@ def test_results_say_what_they_mean(tmp_path, bert_dir, labeled_csv, fp32_cache,
     assert (got["0.004"]["state"], got["0.004"]["value"]) == ("complete", "0.6")
 
 
+@pytest.mark.slow
 def test_best_toml_is_the_best_setting_over_seeds_not_the_luckiest_seed(tmp_path, bert_dir, labeled_csv,
                                                                        fp32_cache):
     import cloudpickle

@@ -20,6 +20,7 @@ from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
 
 
+@pytest.mark.slow
 def test_a_resumed_random_search_draws_new_settings(tmp_path, bert_dir, labeled_csv, fp32_cache):
     """Rerun with a larger budget, a random search seeded with sweep.seed alone drew trial 0's
     settings again for every new trial (the sampler started its sequence over)."""
@@ -34,6 +35,7 @@ def test_a_resumed_random_search_draws_new_settings(tmp_path, bert_dir, labeled_
     assert len(lrs) == 4 and len(set(lrs)) == 4, lrs
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, bert_dir, labeled_csv, fp32_cache):
     from optuna.trial import TrialState
 
@@ -76,6 +78,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, bert
     assert sorted(x["seed"] for x in got.values() if x["state"] == "complete") == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_a_changed_space_is_refused_unless_overwrite(tmp_path, bert_dir, labeled_csv, fp32_cache):
     from sherl_pipe.sweep import run_sweep
 
@@ -91,6 +94,7 @@ def test_a_changed_space_is_refused_unless_overwrite(tmp_path, bert_dir, labeled
     assert r.exit_code == 0 and "1 trials: 1 complete" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_an_empty_or_cut_journal_is_resumed_not_refused(tmp_path, bert_dir, labeled_csv, fp32_cache):
     """A disk that filled as the sweep began left an empty study.journal, refused as a sweep 'with
     another space'; one cut off mid-record was read, then made unreadable by the next record."""
@@ -111,6 +115,7 @@ def test_an_empty_or_cut_journal_is_resumed_not_refused(tmp_path, bert_dir, labe
     assert [t.state.name for t in load_study(tmp_path / "sweep").get_trials()] == ["COMPLETE", "COMPLETE"]
 
 
+@pytest.mark.slow
 def test_a_sweep_folder_from_before_new_train_keys_still_resumes(tmp_path, bert_dir, labeled_csv, fp32_cache):
     """A sweep saved by an earlier sherl-pipe has no train.metric or train.tier_score in its
     signature: it resumes with the values it ran with, and says which key differs otherwise."""
@@ -140,6 +145,7 @@ def interrupted_trial(spec):
     return {"state": "interrupted", "values": []}
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_during_a_trials_bookkeeping_still_records_every_trial(tmp_path, bert_dir, labeled_csv,
                                                                                fp32_cache, monkeypatch):
     """The second Ctrl-C raised KeyboardInterrupt wherever the coordinator was: after a finished

@@ -18,6 +18,7 @@ from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
 
 
+@pytest.mark.slow
 def test_trials_equal_sherl_pipe_train_and_fresh_processes(tmp_path, bert_dir, labeled_csv, fp32_cache):
     """Two trials run in a row in one worker process; each equals `sherl-pipe train` of the same
     settings run in a fresh process."""
@@ -51,6 +52,7 @@ def test_trials_equal_sherl_pipe_train_and_fresh_processes(tmp_path, bert_dir, l
     assert best.train.lr == float(result.report.best["lr"]) and best.data.source == str(labeled_csv)
 
 
+@pytest.mark.slow
 def test_late_layers_and_tiers_vary_over_one_cache(tmp_path, bert_dir, labeled_csv, fp32_cache):
     from sherl_pipe.sweep import run_sweep
 
@@ -76,6 +78,7 @@ def failing_trial(spec):
     return run_trial(spec)
 
 
+@pytest.mark.slow
 def test_a_failing_trial_or_a_dead_worker_does_not_stop_the_sweep(tmp_path, bert_dir, labeled_csv, fp32_cache):
     import cloudpickle
 
@@ -100,6 +103,7 @@ def evaluation_less_trial(spec):
     return {"number": spec["number"], "state": "complete", "values": [], "final": None}
 
 
+@pytest.mark.slow
 def test_a_trial_that_ends_without_an_evaluation_is_said_to_have_failed(tmp_path, bert_dir, labeled_csv,
                                                                         fp32_cache):
     import cloudpickle
@@ -160,6 +164,7 @@ def test_two_trials_at_once_in_one_process_equal_each_alone(tmp_path, bert_dir, 
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_trials_on_a_cluster_elsewhere_read_the_sweeps_files(tmp_path, bert_dir, labeled_csv, fp32_cache,
                                                               monkeypatch):
     """A cluster whose worker runs in another directory, with another cache at the same relative
@@ -198,6 +203,7 @@ def test_trials_on_a_cluster_elsewhere_read_the_sweeps_files(tmp_path, bert_dir,
         run_trial(spec)
 
 
+@pytest.mark.slow
 def test_a_failing_trial_prints_no_dask_traceback(tmp_path, bert_dir, labeled_csv, fp32_cache):
     """A trial that raises (here: diverging at lr 1e30) is one line of the sweep's and its
     error.txt; the worker's "Compute Failed" record with the embedded traceback printed even under
@@ -215,6 +221,7 @@ def _fails(spec):
     raise RuntimeError("the cache's chunk h1/3/0 is damaged")
 
 
+@pytest.mark.slow
 def test_failed_trials_run_again_with_retry_failed(tmp_path, bert_dir, labeled_csv, fp32_cache):
     """A trial that failed (a damaged cache, since repaired) stayed failed: a rerun resumed past it
     and nothing short of --overwrite (losing every finished trial) ran it again."""

@@ -45,6 +45,7 @@ class StepBomb:
         monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["auto", "bf16"])
 def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_one(tmp_path, bert_dir, labeled_csv, fp32_cache,
                                                                      monkeypatch, precision):

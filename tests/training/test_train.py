@@ -184,6 +184,7 @@ def test_regression_does_not_depend_on_the_targets_units(tmp_path, bert_dir):
     assert large["mse"] == pytest.approx(small["mse"] * 200 ** 2, rel=1e-2)
 
 
+@pytest.mark.slow
 def test_a_regression_head_reaches_the_targets_spread_at_the_defaults(tmp_path):
     """Real pooled features (MiniLM) vary little between samples along any one direction, so an
     unnormalized linear head moved at lr 1e-3 ended the default 3 epochs with predictions huddled
@@ -417,6 +418,7 @@ def test_live_batches_are_on_the_device_before_the_early_layers_run(tmp_path, be
     assert calls[:4] == ["to", "live", "to", "live"]
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_process_equal_the_same_runs_in_fresh_processes(tmp_path, bert_dir, labeled_csv,
                                                                         fp32_cache):
     extra = 'max_steps = 6\neval_split = ""\ndropout = 0.3\nthreads = 1'
