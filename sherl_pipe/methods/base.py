@@ -152,6 +152,12 @@ class EveryTier(Method):
         return f"train.method = {self.name!r} (every tier h[0..{num_layers}])"
 
 
+class WidthEveryTier(EveryTier):
+    """A method that reads every tier and trains modules of its own at width D / r (UniPT, LST)."""
+
+    Options = WidthOptions  # reduction r, written as a [train] key or in the method's [train.<name>] table
+
+
 def every_tier(batch, num_layers: int) -> list:
     """h[0..L] of a batch in fp32, padding zeroed (selected away, never multiplied: inf * 0 = NaN)."""
     keep = batch.mask.bool().unsqueeze(-1)

@@ -27,7 +27,7 @@ from torch import nn
 from sherl_pipe.dropout import use_fast_dropout
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
-from sherl_pipe.methods.base import EveryTier, WidthOptions, every_tier, frozen
+from sherl_pipe.methods.base import WidthEveryTier, every_tier, frozen
 from sherl_pipe.model import Head, pool
 
 GATE_TEMPERATURE = 0.1
@@ -112,11 +112,10 @@ class LSTModel(nn.Module):
         return [self.side, self.head]
 
 
-class LST(EveryTier):
+class LST(WidthEveryTier):
     """The registry's entry: LST's side network at width D / 8 by default, lr 3e-3 (official GLUE)."""
 
     name = "lst"
-    Options = WidthOptions  # reduction r, written as a [train] key or in [train.lst]
     lr = 3e-3
     trains = "the side network (input and ladder projections, gates, side blocks, up-projection) + head"
     source_text = "Sung et al., NeurIPS 2022 (the official code, randomly initialised side blocks)"

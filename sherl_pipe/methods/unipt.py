@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sherl_pipe.methods.base import EveryTier, WidthOptions, every_tier, frozen
+from sherl_pipe.methods.base import WidthEveryTier, every_tier, frozen
 from sherl_pipe.methods.linear_probe import LastLayer
 from sherl_pipe.model import Head, pool
 
@@ -76,11 +76,10 @@ class UniPTModel(nn.Module):
         return [self.unipt, self.head]
 
 
-class UniPT(EveryTier):
+class UniPT(WidthEveryTier):
     """The registry's entry: UniPT at width D / 2 by default (the official m = D / 2), lr 5e-4."""
 
     name = "unipt"
-    Options = WidthOptions  # reduction r, written as a [train] key or in [train.unipt]
     lr = 5e-4
     reduction = 2
     trains = "per-tier down-projections, the interaction, the confidence gate, the up-projection + head"
