@@ -157,9 +157,17 @@ def format_run_report(r: dict) -> str:
         return "\n".join(lines)
     lines.append(f"training   {summary['steps']} steps, {counted(summary['epochs'], 'epoch')}, "
                  f"{summary['stop_reason'] or 'finished'}; {format_best(summary.get('best'))}")
+    if summary.get("losses"):
+        lines.append(f"losses     {format_losses(summary['losses'], summary.get('loss_weights') or {})}")
     lines.extend(consolidation_lines(summary.get("consolidation"), spec.get("tier_score", PAPER_TIER_SCORE)))
     lines.append(format_tier_weights(summary.get("tier_weights")))
     return "\n".join(lines)
+
+
+def format_losses(losses: dict, weights: dict) -> str:
+    """'task 0.3120, barlow 41.2 (weight 0.005)': the last epoch's mean of each term of the objective."""
+    return ", ".join(f"{k} {v:.4f}" + (f" (weight {weights[k]:g})" if k in weights else "")
+                     for k, v in losses.items()) + " (last epoch's means)"
 
 
 def consolidation_lines(state: dict | None, tier_score: str) -> list[str]:

@@ -94,18 +94,22 @@ def norm_and_bias_parameters(module: nn.Module, norm_types: tuple[type, ...]) ->
 
 
 def parameter_groups(model: nn.Module, new: set[int], lr_new: float, lr_pretrained: float, weight_decay: float,
-                     weight_decay_new: float = 0.0) -> list[dict]:
-    """The method's new parameters (ids in NEW: its own modules, the head, LoRA adapters) at lr_new
-    with weight_decay_new (0 by default, as in SHERL's recipe); the pretrained weights it trains at
+                     weight_decay_new: float = 0.0, own: list[dict] = ()) -> list[dict]:
+    """The method's OWN groups first (Method.parameter_groups: each with its name, rate and decay);
+    then its new parameters (ids in NEW: its own modules, the head, LoRA adapters) at lr_new with
+    weight_decay_new (0 by default, as in SHERL's recipe); the pretrained weights it trains at
     fine-tuning rates with weight_decay, except their norms and biases."""
+    own = [{**g, "params": list(g["params"])} for g in own]  # a generator of parameters is read once
+    taken = {id(p) for g in own for p in g["params"]}
     groups = {"new": [], "pretrained": [], "pretrained-norm-bias": []}
     norm_bias = norm_and_bias_parameters(model, family_of(model.config.model_type).norm_types)
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in taken:
             continue
         kind = "new" if id(p) in new else ("pretrained-norm-bias" if id(p) in norm_bias else "pretrained")
         groups[kind].append(p)
     rates = {"new": (lr_new, weight_decay_new), "pretrained": (lr_pretrained, weight_decay),
              "pretrained-norm-bias": (lr_pretrained, 0.0)}
-    return [{"params": ps, "lr": rates[name][0], "weight_decay": rates[name][1], "name": name}
-            for name, ps in groups.items() if ps]
+    usual = [{"params": ps, "lr": rates[name][0], "weight_decay": rates[name][1], "name": name}
+             for name, ps in groups.items() if ps]
+    return [g for g in own if g["params"]] + usual

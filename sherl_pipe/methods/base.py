@@ -46,6 +46,20 @@ class Options:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """A stretch of a run with an objective of its own (for example a policy's search, then
+    fine-tuning; or self-supervised warm-up, then the task): EPOCHS epochs over the cached SPLIT;
+    SUPERVISED: the task's loss is in its objective, and its epochs are evaluated (only they can be
+    the best epoch or stop the run early). A run's phases follow each other; each resumes like an
+    epoch (the loop's position says which phase it is in)."""
+
+    name: str
+    epochs: int
+    split: str = "train"
+    supervised: bool = True
+
+
+@dataclass(frozen=True)
 class WidthOptions(Options):
     """A method whose new modules run at width D / r."""
 
@@ -101,6 +115,28 @@ class Method:
     def lr_pretrained(self, spec, cfg) -> float:
         """train.lr_late = 0: the rate of the pretrained weights it trains (none by default)."""
         return 0.0
+
+    # --- what it adds to the trainer (none by default) ----------------------------------------
+    def phases(self, spec, cfg) -> list[Phase]:
+        """Its run's phases, in order (CFG: the train section). Default: one, the task on train.epochs."""
+        return [Phase("train", cfg.epochs)]
+
+    def enter_phase(self, model: nn.Module, phase: Phase) -> None:
+        """Called as each phase starts, and again when a run resumes inside it: so it must leave the
+        model as one call would (what it changes lives in the model's state, which a checkpoint keeps)."""
+
+    def losses(self, model: nn.Module, batch, outputs, phase: Phase) -> dict:
+        """Loss terms beside the task's on a training batch: {name: (weight, value)}, value a scalar
+        tensor. The loop minimises the task's loss (in a supervised phase) + the sum of weight x
+        value, and logs each value's epoch mean (metrics.jsonl's epoch records, summary.json, info).
+        OUTPUTS: the model's outputs on the batch (None in a phase without the task)."""
+        return {}
+
+    def parameter_groups(self, model: nn.Module, spec, cfg) -> list[dict]:
+        """Parameters trained at rates of its own (a policy network's): [{"name", "params", "lr",
+        "weight_decay"}], taken before the usual groups (new modules at train.lr, pretrained weights
+        at train.lr_late), which then leave them out."""
+        return []
 
     # --- its model ----------------------------------------------------------------------------
     Model: type[nn.Module] | None = None  # its model's class, built as Model(spec, config, modules) ...

@@ -20,6 +20,7 @@ import torch
 from sherl_pipe.devices import autocast
 from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import is_better, selection
+from sherl_pipe.methods.base import Phase
 from sherl_pipe.methods.spec import ModelSpec
 from sherl_pipe.training.tier_weights import format_state
 from sherl_pipe.training.inference import loss_fn
@@ -34,6 +35,9 @@ class RunState:
     seconds: float = 0.0  # training time so far, across resumes
     loss_sum: float = 0.0  # the current epoch's loss, summed over its samples so far
     loss_count: int = 0
+    term_sums: dict = field(default_factory=dict)  # the method's loss terms (Method.losses), summed likewise
+    last_losses: dict | None = None  # the last epoch's means of the task's loss and each term
+    loss_weights: dict | None = None  # each term's weight in the objective
     best: dict | None = None  # {"epoch", "step", metrics...} of the best evaluation
     bad_epochs: int = 0  # evaluations since the best one
     last_eval: dict | None = None
@@ -86,19 +90,34 @@ class Hooks:
     clock: Callable[[], float] = field(default=time.perf_counter)
 
 
+def phase_at(phases: list[Phase], epoch: int) -> tuple[int, Phase]:
+    """The phase epoch EPOCH (0-based, over the whole run) belongs to, with its index; past the last
+    phase's end: the last."""
+    end = 0
+    for i, phase in enumerate(phases):
+        end += phase.epochs
+        if epoch < end:
+            return i, phase
+    return len(phases) - 1, phases[-1]
+
+
 def step_groups(plan: list[np.ndarray], start: int, grad_accum: int) -> list[list[int]]:
     """Batches [start, ...) of an epoch in optimizer steps of `grad_accum` batches (the last may be short)."""
     return [list(range(b, min(b + grad_accum, len(plan)))) for b in range(start, len(plan), grad_accum)]
 
 
 class Trainer:
-    """Runs the loop for one model; batches come from `source.iterate(index arrays)`."""
+    """Runs the loop for one model over its method's phases (one by default); a phase's batches
+    come from `source.iterate(index arrays)` of its split's (sampler, source) in DATA."""
 
     def __init__(self, model, spec: ModelSpec, optimizer, scheduler, budget: Budget, device, live=None,
-                 precision: str = "auto", metric: str = ""):
+                 precision: str = "auto", metric: str = "", phases: list[Phase] | None = None):
         self.model, self.spec, self.optimizer, self.scheduler = model, spec, optimizer, scheduler
         self.budget, self.device, self.live, self.precision = budget, device, live, precision
         self.metric, self.direction = selection(spec.task_type, metric)  # train.metric
+        self.method = spec.plugin
+        self.phases = phases or [Phase("train", budget.epochs)]
+        self.phase = self.phases[0]
 
     def prepare(self, batch):
         """On the device first, then the live early route (which runs where its backbone is)."""
@@ -112,9 +131,7 @@ class Trainer:
         total = sum(len(b.index) for b in batches)
         loss_sum = 0.0
         for batch in batches:
-            with autocast(self.device, self.precision):
-                out = self.model.forward_batch(batch)
-            loss = loss_fn(self.spec, out, batch.labels)
+            loss, terms = self.objective(batch)
             value = float(loss.detach())
             if not math.isfinite(value):  # before backward: the weights stay as the last step left them
                 raise SherlError(f"train loss is {value} at step {state.step + 1} (epoch {state.epoch + 1}): "
@@ -122,6 +139,8 @@ class Trainer:
                                  f"scale; the run folder keeps its last checkpoint")
             (loss * (len(batch.index) / total)).backward()
             loss_sum += value * len(batch.index)
+            for name, term in terms.items():
+                state.term_sums[name] = state.term_sums.get(name, 0.0) + term * len(batch.index)
         if self.budget.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.budget.grad_clip)
         self.optimizer.step()
@@ -132,6 +151,27 @@ class Trainer:
         state.loss_sum += loss_sum
         state.loss_count += total
         return loss_sum / total
+
+    def objective(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss the step minimises on BATCH: the task's (in a supervised phase) + each of the
+        method's terms times its weight; and the values to log (the task's, each term's)."""
+        with autocast(self.device, self.precision):
+            out = self.model.forward_batch(batch) if self.phase.supervised else None
+            terms = self.method.losses(self.model, batch, out, self.phase)
+        logged = {}
+        loss = None
+        if out is not None:
+            loss = loss_fn(self.spec, out, batch.labels)
+            logged["task"] = float(loss.detach())
+        for name, (weight, value) in terms.items():
+            value = value.float()
+            logged[name] = float(value.detach())
+            loss = weight * value if loss is None else loss + weight * value
+        self.weights = {name: float(weight) for name, (weight, _) in terms.items()}
+        if loss is None:
+            raise SherlError(f"method {self.spec.method}: phase {self.phase.name!r} has neither the task's loss "
+                             f"nor a term of the method's own (Method.losses returned none)")
+        return loss, (logged if terms else {})
 
     def elapsed(self, state: RunState, hooks: Hooks) -> float:
         return self._seconds_before + hooks.clock() - self._clock_start
@@ -174,7 +214,13 @@ class Trainer:
         """Evaluate, keep the best weights, and write the epoch's record."""
         record = {"event": "epoch", "epoch": state.epoch + 1, "step": state.step, "complete": complete,
                   "train_loss": state.loss_sum / max(state.loss_count, 1)}
-        if hooks.evaluate is not None:
+        if len(self.phases) > 1:
+            record["phase"] = self.phase.name
+        if state.term_sums:
+            state.last_losses = {k: v / max(state.loss_count, 1) for k, v in state.term_sums.items()}
+            record["losses"] = state.last_losses
+            state.loss_weights = record["loss_weights"] = dict(getattr(self, "weights", {}))
+        if hooks.evaluate is not None and self.phase.supervised:
             started = hooks.clock()
             state.last_eval = hooks.evaluate()
             state.eval_seconds = hooks.clock() - started
@@ -205,10 +251,17 @@ class Trainer:
         state.seconds = self._seconds_before + hooks.clock() - self._clock_start
         hooks.save_state(state)
 
-    def fit(self, state: RunState, sampler, source, hooks: Hooks) -> RunState:
-        """Train until the budget is spent, early stopping, a caller's stop, or an interrupt."""
+    def fit(self, state: RunState, data: dict, hooks: Hooks) -> RunState:
+        """Train until the budget is spent, early stopping, a caller's stop, or an interrupt. DATA:
+        {split: (sampler, source)} for every phase's split."""
         self._clock_start, self._seconds_before, self._steps_before = hooks.clock(), state.seconds, state.step
+        entered = None
         while not state.finished:
+            index, self.phase = phase_at(self.phases, state.epoch)
+            if index != entered:  # a phase starts (or a resumed run is inside it)
+                self.method.enter_phase(self.model, self.phase)
+                entered = index
+            sampler, source = data[self.phase.split]
             plan = sampler.batches(state.epoch)
             outcome = self.run_epoch(state, source, plan, hooks)
             if outcome == "interrupted":
@@ -225,17 +278,17 @@ class Trainer:
         record = self.end_epoch(state, complete, hooks)
         if complete:
             state.epoch, state.batch = state.epoch + 1, 0
-        state.loss_sum, state.loss_count = 0.0, 0
+        state.loss_sum, state.loss_count, state.term_sums = 0.0, 0, {}
         self.log_epoch(record, state, hooks)
         if not complete or state.step >= self.budget.total_steps or state.epoch >= self.budget.epochs:
             state.finished, state.stop_reason = True, outcome
         elif self.out_of_time(state, hooks):  # not even one more step fits
             state.finished, state.stop_reason = True, "max-seconds"
             hooks.log(f"train.max_seconds = {self.budget.max_seconds:g}: no time for another epoch")
-        elif self.budget.early_stopping and state.bad_epochs >= self.budget.early_stopping:
+        elif self.phase.supervised and self.budget.early_stopping and state.bad_epochs >= self.budget.early_stopping:
             state.finished, state.stop_reason = True, "early-stopping"
             hooks.log(f"early stopping: no {self.metric} improvement for {self.budget.early_stopping} epoch(s)")
-        if hooks.on_epoch is not None:
+        if hooks.on_epoch is not None and self.phase.supervised:  # (a caller ranks epochs by their evaluation)
             try:
                 # final: no epoch follows; seconds: the run's training time so far (a time budget's calibration)
                 hooks.on_epoch({**record, "final": state.finished, "seconds": self.elapsed(state, hooks)})
@@ -244,12 +297,15 @@ class Trainer:
 
     def log_epoch(self, record: dict, state: RunState, hooks: Hooks) -> None:
         where = f"epoch {record['epoch']}" + ("" if record["complete"] else f" (stopped at step {state.step})")
+        where += f" ({record['phase']})" if "phase" in record else ""
         line = f"{where}: train loss {record['train_loss']:.4f}"
         if "eval" in record:
             ev, best = record["eval"], state.best
             shown = "" if self.metric == "train_loss" else f", {ev['split']} {self.metric} {ev[self.metric]:.4f}"
             line += shown + (f" (best {self.metric} {self.selected(best):.4f} at epoch {best['epoch']})" if best
                              else " (no finite value yet)")
+        if "losses" in record:
+            line += "; " + ", ".join(f"{k} {v:.4f}" for k, v in record["losses"].items())
         if "consolidation" in record:
             line += f"; {format_state(record['consolidation'])}"
         hooks.log(line)

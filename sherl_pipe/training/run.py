@@ -78,6 +78,8 @@ class Session:
     train_src: object = None
     eval_src: object = None
     budget: Budget | None = None
+    phases: list = dataclasses.field(default_factory=list)  # the method's (Method.phases)
+    data: dict = dataclasses.field(default_factory=dict)  # {split: (sampler, source)} of every phase's split
 
 
 def with_target_scale(spec: ModelSpec, cache: Cache) -> ModelSpec:
@@ -124,15 +126,50 @@ def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split,
     s.train_src = source_for(cache, "train", spec, preload=cfg.preload)
     s.eval_src = source_for(cache, eval_split, spec) if eval_split else None
     s.sampler = s.train_src.sampler(cfg.batch_size, cfg.buffer_chunks, cfg.buffer_mb, cfg.seed, cfg.batching)
-    steps_per_epoch = math.ceil(len(s.sampler) / cfg.grad_accum)
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    s.data = {"train": (s.sampler, s.train_src)}
+    s.phases = spec.plugin.phases(spec, cfg)
+    for phase in s.phases:
+        if phase.split not in s.data:
+            split_source = phase_source(cache, phase, spec)
+            s.data[phase.split] = (split_source.sampler(cfg.batch_size, cfg.buffer_chunks, cfg.buffer_mb, cfg.seed,
+                                                        cfg.batching), split_source)
+    s.budget = budget_for(cfg, s.phases, s.data)
+    s.phases = phases_within(s.phases, s.budget)
+    s.scheduler = build_scheduler(s.optimizer, s.budget.total_steps, cfg.warmup_ratio)
+    return s
+
+
+def phase_source(cache: Cache, phase, spec: ModelSpec):
+    """The batches of a phase's split other than train, which the cache must hold complete."""
+    if phase.split not in cache.splits:
+        raise SherlError(f"train.method = {spec.method!r}: its phase {phase.name!r} trains on the split "
+                         f"{phase.split!r}, which cache {cache.path} does not hold; extract it into the cache")
+    cache.require_complete(phase.split)
+    return source_for(cache, phase.split, spec)
+
+
+def budget_for(cfg, phases: list, data: dict) -> Budget:
+    """The run's steps and epochs over its phases. One phase (every method without phases of its
+    own): train.max_steps, when set, decides the epochs (as it did before phases); several: the
+    phases' epochs, and train.max_steps, when set, stops the run earlier."""
+    per_epoch = {split: math.ceil(len(sampler) / cfg.grad_accum) for split, (sampler, _) in data.items()}
+    if len(phases) == 1 and cfg.max_steps:
+        epochs = math.ceil(cfg.max_steps / per_epoch[phases[0].split])
+        total = cfg.max_steps
+    else:
+        epochs = sum(p.epochs for p in phases)
+        total = cfg.max_steps or sum(per_epoch[p.split] * p.epochs for p in phases)
     if total == 0:
         raise SherlError("train.epochs = 0 and train.max_steps = 0: nothing to train; set one of them")
-    epochs = math.ceil(cfg.max_steps / steps_per_epoch) if cfg.max_steps else cfg.epochs
-    s.budget = Budget(epochs=epochs, total_steps=total, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                      early_stopping=cfg.early_stopping, log_every=cfg.log_every, max_seconds=cfg.max_seconds)
-    s.scheduler = build_scheduler(s.optimizer, total, cfg.warmup_ratio)
-    return s
+    return Budget(epochs=epochs, total_steps=total, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
+                  early_stopping=cfg.early_stopping, log_every=cfg.log_every, max_seconds=cfg.max_seconds)
+
+
+def phases_within(phases: list, budget: Budget) -> list:
+    """One phase: its epochs as the budget counts them (train.max_steps may ask for more)."""
+    if len(phases) == 1:
+        return [dataclasses.replace(phases[0], epochs=budget.epochs)]
+    return phases
 
 
 def start_run(run: RunFolder, s: Session) -> RunState:
@@ -229,9 +266,8 @@ def train(pipeline: Pipeline, resume: bool = False, overwrite: bool = False, pro
             if state.finished:  # a resumed run that had already finished: its files stay as they are
                 return result_of(run, state)
             trainer = Trainer(s.model, spec, s.optimizer, s.scheduler, s.budget, device, s.live,
-                              pipeline.train.precision, pipeline.train.metric)
-            state = trainer.fit(state, s.sampler, s.train_src, make_hooks(run, s, progress, log, on_epoch,
-                                                                         should_stop))
+                              pipeline.train.precision, pipeline.train.metric, s.phases)
+            state = trainer.fit(state, s.data, make_hooks(run, s, progress, log, on_epoch, should_stop))
             return finish(run, s, state, tier_weights, log)
     finally:
         run.release()
@@ -252,7 +288,7 @@ def finish(run: RunFolder, s: Session, state: RunState, tier_weights: bool = Tru
                "last_eval": result.last_eval, "train_seconds": round(result.seconds, 2),
                "samples_per_s": round(result.samples_per_s, 1), "stop_reason": result.stop_reason,
                "stopped_early": result.stopped_early, "consolidation": state.last_consolidation,
-               "tier_weights": None}
+               "losses": state.last_losses, "loss_weights": state.loss_weights, "tier_weights": None}
     run.write_json("summary.json", summary)  # first: an interrupted measurement loses nothing else
     consolidation = s.spec.plugin.consolidation(s.model)
     warning = dead_warning(state.last_consolidation, consolidation.tier_score) if consolidation is not None else None

@@ -82,8 +82,13 @@ def build_optimizer(model: nn.Module, spec: ModelSpec, cfg: TrainConfig) -> torc
     devices = {p.device.type for p in model.parameters()}
     fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in model.parameters())
     new = spec.plugin.new_parameters(model)
-    return torch.optim.AdamW(parameter_groups(model, new, lr_new, lr_pre, cfg.weight_decay, cfg.weight_decay_new),
-                             lr=lr_new, fused=fused or None)
+    own = spec.plugin.parameter_groups(model, spec, cfg)
+    clash = sorted({g["name"] for g in own} & {"new", "pretrained", "pretrained-norm-bias"})
+    if clash:  # a method's own group under a usual group's name would read as that group in logs and checkpoints
+        raise SherlError(f"method {spec.method}: its parameter group {clash[0]!r} has the name of a usual group; "
+                         f"name it after what it trains")
+    groups = parameter_groups(model, new, lr_new, lr_pre, cfg.weight_decay, cfg.weight_decay_new, own)
+    return torch.optim.AdamW(groups, lr=lr_new, fused=fused or None)
 
 
 def warmup_linear(total_steps: int, warmup_steps: int):
