@@ -25,6 +25,7 @@ from sherl_pipe.fields import at_least, choice
 from sherl_pipe.methods.base import Method, WidthOptions, lora_parameters
 from sherl_pipe.methods.spec import ModelSpec
 from sherl_pipe.model import Head, norm_and_bias_parameters, pool
+from sherl_pipe.redundancy import barlow_twins
 
 LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5}  # train.lr_late = 0
 
@@ -46,12 +47,18 @@ class SherlOptions(WidthOptions):
     anchor_residual: str = choice(PAPER_ANCHOR_RESIDUAL, *(a for a in ANCHOR_RESIDUALS if a != PAPER_ANCHOR_RESIDUAL))
     lora_rank: int = at_least(8, 1)  # late_tuning = "lora"
     lora_alpha: float = at_least(16.0, 0.0)
+    # barlow: Barlow Twins on two views of the consolidation's output (redundancy.py), a loss term
+    # of weight redundancy_weight beside the task's
+    redundancy: str = choice("none", "barlow")
+    redundancy_weight: float = at_least(0.1, 0.0)
 
     def to_saved(self) -> dict:
         d = super().to_saved()
         for key, paper in (("tier_score", PAPER_TIER_SCORE), ("anchor_residual", PAPER_ANCHOR_RESIDUAL)):
             if d[key] == paper:  # as runs saved before the option existed wrote it (their resume compares it)
                 del d[key]
+        if d["redundancy"] == "none":  # likewise: runs saved before it had no term
+            del d["redundancy"], d["redundancy_weight"]
         return d
 
     @classmethod
@@ -112,9 +119,27 @@ class Sherl(Method):
     def consolidation(self, model: nn.Module) -> nn.Module:
         return model.consolidation
 
+    def losses(self, model: nn.Module, batch, outputs, phase) -> dict:
+        """train.redundancy = "barlow": Barlow Twins between two views of the consolidation's output
+        (each view: the cached tiers through input dropout and the consolidation's own dropout),
+        pooled over the real tokens."""
+        o = model.spec.options
+        if o.redundancy == "none":
+            return {}
+        views = [pool(model.consolidate(distorted(batch.states), batch.mask), batch.mask, "mean", None)
+                 for _ in range(2)]
+        return {"barlow": (o.redundancy_weight, barlow_twins(*views))}
+
     def compile(self, model: nn.Module, log) -> bool:
         model.compile_consolidation(log)
         return True
+
+
+VIEW_DROPOUT = 0.1  # each view's dropout on the cached tiers (Barlow Twins' distortion of its input)
+
+
+def distorted(states: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    return {t: torch.nn.functional.dropout(h.float(), VIEW_DROPOUT, training=True) for t, h in states.items()}
 
 
 class SherlModel(nn.Module):
