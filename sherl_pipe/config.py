@@ -37,6 +37,9 @@ class DataConfig:
     train: str = ""  # ... or one file per split
     validation: str = ""
     test: str = ""
+    # rows of text (or text pairs) without labels: the cache's 'unlabeled' split, which a method's
+    # self-supervised phase trains on (train.pretrain_epochs); the same columns and format
+    unlabeled: str = ""
     format: str = choice("auto", "csv", "tsv", "jsonl", "parquet")
     encoding: str = "utf-8"
     header: bool = True  # false: CSV/TSV without a header row; columns are named by position (0, 1, ...)
@@ -144,6 +147,9 @@ class TrainConfig:
     pooling: str = choice("auto", "cls-pooler", "cls", "mean")
     dropout: float = between(0.1, 0.0, 1.0, below_max=True)
     epochs: int = at_least(3, 0)
+    # > 0: that many epochs of self-supervised warm-up (Barlow Twins) on the cache's 'unlabeled'
+    # split (data.unlabeled) before the task's epochs; methods with features to warm up only
+    pretrain_epochs: int = at_least(0, 0)
     max_steps: int = at_least(0, 0)  # > 0: stop after this many optimizer steps
     # > 0: stop once training (its evaluations included) would pass this many seconds; the epoch
     # cut short is evaluated, and the time its evaluation takes is kept in reserve

@@ -27,6 +27,7 @@ from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import majority_baseline, mean_baseline
 from sherl_pipe.methods.spec import ModelSpec, config_from_manifest
 from sherl_pipe.training.checkpoint import atomic_write_json, load_weights, read_run
+from sherl_pipe.splits import UNLABELED
 from sherl_pipe.training.inference import compute_metrics, predict_split
 from sherl_pipe.training.setup import source_for
 
@@ -112,6 +113,9 @@ def evaluate(run_dir, split: str = "test", checkpoint: str = "best", batch_size:
     cache = open_run_cache(t.run_dir, t.info, cache_path, options)
     if split not in cache.splits:
         raise SherlError(f"cache {cache.path}: no split '{split}' to evaluate (has: {', '.join(cache.splits)})")
+    if split == UNLABELED:
+        raise SherlError(f"cache {cache.path}: split '{split}' (data.unlabeled) has no labels to evaluate against; "
+                         f"evaluate a labeled split ({', '.join(x for x in cache.splits if x != UNLABELED)})")
     source = source_for(cache, split, dataclasses.replace(t.spec, source="cached"))  # live runs saw these values
     outputs, labels, index = predict_split(t.model, t.spec, source, None, batch_size, t.device, t.precision)
     gold = labels.numpy()

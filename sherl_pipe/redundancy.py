@@ -13,8 +13,11 @@ consolidation output, pooled), and the sum is divided by D so that one weight su
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+VIEW_DROPOUT = 0.1  # each view's dropout on the cached tiers: Barlow Twins' distortion of its input
 LAMBDA = 0.0051  # the official code's lambd
 EPS = 1e-5  # BatchNorm1d's
 
@@ -31,3 +34,10 @@ def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lam: float = LAMBDA) -> tor
     on = (torch.diagonal(c) - 1).pow(2).sum()
     off = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
     return (on + lam * off) / d
+
+
+def distorted(batch):
+    """A view of BATCH: its tiers (in fp32) through dropout of VIEW_DROPOUT; the model's own dropout,
+    in training mode, distorts each view further."""
+    states = {t: torch.nn.functional.dropout(h.float(), VIEW_DROPOUT, training=True) for t, h in batch.states.items()}
+    return dataclasses.replace(batch, states=states)

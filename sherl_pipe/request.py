@@ -11,6 +11,7 @@ from sherl_pipe.cache import Cache
 from sherl_pipe.cache.manifest import describe_request, stale_fields
 from sherl_pipe.config import Pipeline, TrainConfig
 from sherl_pipe.data import Dataset, load_dataset
+from sherl_pipe.splits import UNLABELED
 from sherl_pipe.errors import SherlError
 from sherl_pipe.resources import resolve_model
 from sherl_pipe.cache.location import pipeline_location
@@ -77,6 +78,9 @@ def check_splits(cfg: TrainConfig, splits: list[str], cache: str) -> None:
     """The splits training reads (train, and train.eval_split when set) are among the cache's."""
     if "train" not in splits:
         raise SherlError(f"{cache}: has no 'train' split (has: {', '.join(splits)})")
+    if cfg.eval_split == UNLABELED:
+        raise SherlError(f"train.eval_split = '{UNLABELED}': that split (data.unlabeled) has no labels to evaluate "
+                         f"epochs on; set train.eval_split to a labeled split (validation)")
     if cfg.eval_split and cfg.eval_split not in splits:
         raise SherlError(f"train.eval_split = '{cfg.eval_split}': {cache} has no such split (has: "
                          f"{', '.join(splits)}); set train.eval_split to one of them, or to \"\" to train "

@@ -18,8 +18,8 @@ from sherl_pipe.data.read import Layout, check_texts, read_columns, rows_text
 from sherl_pipe.data.split import split_indices
 from sherl_pipe.errors import SherlError
 from sherl_pipe.resources import resolve_data
+from sherl_pipe.splits import NO_LABEL, SPLITS, UNLABELED
 
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -132,10 +132,12 @@ def _labels(cfg: DataConfig, raw: list, rows: list[int], path):
     return np.asarray(targets, dtype=np.float32)
 
 
-def load_file(cfg: DataConfig, source: str) -> dict:
-    """One file, filtered, de-duplicated and limited: a dict of parallel lists."""
+def load_file(cfg: DataConfig, source: str, labeled: bool = True) -> dict:
+    """One file, filtered, de-duplicated and limited: a dict of parallel lists. Without LABELED,
+    the label column is not read (data.unlabeled) and every row gets the placeholder label."""
     path = resolve_data(source)
-    cols = [cfg.text_column, cfg.label_column] + [c for c in (cfg.text_pair_column, cfg.filter_column) if c]
+    label = [cfg.label_column] if labeled else []
+    cols = [cfg.text_column] + label + [c for c in (cfg.text_pair_column, cfg.filter_column) if c]
     table, n = read_columns(path, list(dict.fromkeys(cols)), layout_of(cfg))
     if n == 0:
         raise SherlError(f"data file {path}: has no data rows" + (" (only a header)" if cfg.header else ""))
@@ -146,7 +148,9 @@ def load_file(cfg: DataConfig, source: str) -> dict:
         "rows": np.asarray(rows, dtype=np.int64),
         "texts": [str(table[cfg.text_column][i]) for i in rows],
         "pairs": [str(table[cfg.text_pair_column][i]) for i in rows] if cfg.text_pair_column else None,
-        "labels": _labels(cfg, [table[cfg.label_column][i] for i in rows], rows, path),
+        "labels": _labels(cfg, [table[cfg.label_column][i] for i in rows], rows, path) if labeled else
+        np.full(len(rows), NO_LABEL if cfg.task_type == "classification" else np.nan,
+                dtype=np.int64 if cfg.task_type == "classification" else np.float32),
     }
 
 
@@ -172,11 +176,12 @@ def _default_label_names(values: set[str]) -> list[str]:
 def map_labels(cfg: DataConfig, files: dict) -> list[str]:
     """Label names (given or the sorted distinct labels) and every file's labels as ids."""
     names = [label_key(n) for n in cfg.label_names] or _default_label_names(
-        {v for f in files.values() for v in f["labels"]})
+        {v for name, f in files.items() if name != UNLABELED for v in f["labels"]})
     if len(names) < 2:
         raise SherlError(f"data column '{cfg.label_column}': classification needs at least 2 classes, found {names}")
-    for f in files.values():
-        f["labels"] = _label_ids(f["path"], cfg.label_column, f["labels"], f["rows"], names)
+    for name, f in files.items():
+        if name != UNLABELED:
+            f["labels"] = _label_ids(f["path"], cfg.label_column, f["labels"], f["rows"], names)
     return names
 
 
@@ -214,6 +219,8 @@ def _refuse_labels_unseen_in_training(splits: dict[str, Split], names: list[str]
         return
     seen = set(np.unique(splits["train"].labels).tolist())
     for name, split in splits.items():
+        if name == UNLABELED:
+            continue
         unseen = sorted(set(np.unique(split.labels).tolist()) - seen)
         if unseen:
             raise SherlError(f"data split '{name}' ({split.source}): label {names[unseen[0]]!r} does not occur in the "
@@ -226,8 +233,13 @@ def load_dataset(cfg: DataConfig, splits: tuple[str, ...] = ()) -> Dataset:
     cfg.require_input()
     names = ["*"] if cfg.source else [s for s in SPLITS if getattr(cfg, s)]
     files = {name: load_file(cfg, cfg.source if name == "*" else getattr(cfg, name)) for name in names}
+    if cfg.unlabeled:
+        files[UNLABELED] = load_file(cfg, cfg.unlabeled, labeled=False)
     label_names = map_labels(cfg, files) if cfg.task_type == "classification" else None
+    unlabeled = files.pop(UNLABELED, None)
     out = _make_splits(cfg, files)
+    if unlabeled is not None:
+        out[UNLABELED] = _make_split(UNLABELED, unlabeled, np.arange(len(unlabeled["texts"])))
     if label_names:
         _refuse_labels_unseen_in_training(out, label_names)
     if splits:

@@ -14,12 +14,17 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from sherl_pipe.backbone import empty_module
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
 from sherl_pipe.fields import as_written, at_least, build, checked
+from sherl_pipe.redundancy import barlow_twins, distorted
+from sherl_pipe.splits import UNLABELED
+
+PRETRAIN = "pretrain"  # the phase train.pretrain_epochs adds before the task's
 
 
 @dataclass(frozen=True)
@@ -118,8 +123,22 @@ class Method:
 
     # --- what it adds to the trainer (none by default) ----------------------------------------
     def phases(self, spec, cfg) -> list[Phase]:
-        """Its run's phases, in order (CFG: the train section). Default: one, the task on train.epochs."""
-        return [Phase("train", cfg.epochs)]
+        """Its run's phases, in order (CFG: the train section). Default: the task on train.epochs,
+        after train.pretrain_epochs of self-supervised warm-up on the 'unlabeled' split if asked."""
+        task = Phase("train", cfg.epochs)
+        if not cfg.pretrain_epochs:
+            return [task]
+        if type(self).features is Method.features:
+            raise SherlError(f"train.pretrain_epochs = {cfg.pretrain_epochs}: method {self.name!r} has no features "
+                             f"to warm up (a self-supervised phase trains the modules below its head); set "
+                             f"train.pretrain_epochs = 0, or use a method that has (sherl, unipt, lst)")
+        return [Phase(PRETRAIN, cfg.pretrain_epochs, split=UNLABELED, supervised=False), task]
+
+    def features(self, model: nn.Module, batch) -> torch.Tensor:
+        """An (N, D) embedding of BATCH through the modules it trains below its head: what the
+        warm-up's Barlow Twins compares between two distorted views. A method without one cannot
+        warm up (train.pretrain_epochs is refused)."""
+        raise NotImplementedError
 
     def enter_phase(self, model: nn.Module, phase: Phase) -> None:
         """Called as each phase starts, and again when a run resumes inside it: so it must leave the
@@ -129,8 +148,11 @@ class Method:
         """Loss terms beside the task's on a training batch: {name: (weight, value)}, value a scalar
         tensor. The loop minimises the task's loss (in a supervised phase) + the sum of weight x
         value, and logs each value's epoch mean (metrics.jsonl's epoch records, summary.json, info).
-        OUTPUTS: the model's outputs on the batch (None in a phase without the task)."""
-        return {}
+        OUTPUTS: the model's outputs on the batch (None in a phase without the task). Default: in
+        the warm-up phase, Barlow Twins between two distorted views of its features."""
+        if phase.name != PRETRAIN:
+            return {}
+        return {"barlow": (1.0, barlow_twins(*(self.features(model, distorted(batch)) for _ in range(2))))}
 
     def parameter_groups(self, model: nn.Module, spec, cfg) -> list[dict]:
         """Parameters trained at rates of its own (a policy network's): [{"name", "params", "lr",

@@ -104,9 +104,12 @@ class LSTModel(nn.Module):
         self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale, spec.head_norm)
         use_fast_dropout(self)
 
+    def hidden(self, batch) -> torch.Tensor:
+        """The side network's output, the (B, T, D) states the head pools."""
+        return self.side(every_tier(batch, self.spec.num_layers), batch.mask)
+
     def forward_batch(self, batch) -> torch.Tensor:
-        states = every_tier(batch, self.spec.num_layers)
-        return self.head(pool(self.side(states, batch.mask), batch.mask, self.spec.pooling, self.pooler))
+        return self.head(pool(self.hidden(batch), batch.mask, self.spec.pooling, self.pooler))
 
     def new_modules(self) -> list[nn.Module]:
         return [self.side, self.head]
@@ -120,6 +123,10 @@ class LST(WidthEveryTier):
     trains = "the side network (input and ladder projections, gates, side blocks, up-projection) + head"
     source_text = "Sung et al., NeurIPS 2022 (the official code, randomly initialised side blocks)"
     Model = LSTModel
+
+    def features(self, model: nn.Module, batch) -> torch.Tensor:
+        """The side network's output pooled over the real tokens (the warm-up trains the side network)."""
+        return pool(model.hidden(batch), batch.mask, "mean", None)
 
     def loads(self, spec, family) -> list[str]:
         return ["pooler"] if spec.pooling == "cls-pooler" else []

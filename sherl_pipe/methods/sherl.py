@@ -25,7 +25,7 @@ from sherl_pipe.fields import at_least, choice
 from sherl_pipe.methods.base import Method, WidthOptions, lora_parameters
 from sherl_pipe.methods.spec import ModelSpec
 from sherl_pipe.model import Head, norm_and_bias_parameters, pool
-from sherl_pipe.redundancy import barlow_twins
+from sherl_pipe.redundancy import barlow_twins, distorted
 
 LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5}  # train.lr_late = 0
 
@@ -123,23 +123,23 @@ class Sherl(Method):
         """train.redundancy = "barlow": Barlow Twins between two views of the consolidation's output
         (each view: the cached tiers through input dropout and the consolidation's own dropout),
         pooled over the real tokens."""
+        terms = super().losses(model, batch, outputs, phase)  # the warm-up's
         o = model.spec.options
-        if o.redundancy == "none":
-            return {}
-        views = [pool(model.consolidate(distorted(batch.states), batch.mask), batch.mask, "mean", None)
-                 for _ in range(2)]
-        return {"barlow": (o.redundancy_weight, barlow_twins(*views))}
+        if o.redundancy == "none" or not phase.supervised:
+            return terms
+        views = [pool(model.consolidate(view.states, view.mask), view.mask, "mean", None)
+                 for view in (distorted(batch), distorted(batch))]
+        return {**terms, "barlow": (o.redundancy_weight, barlow_twins(*views))}
+
+    def features(self, model: nn.Module, batch) -> torch.Tensor:
+        """The late route's output h[L], pooled over the real tokens (the warm-up trains the
+        consolidation, and the late layers as late_tuning says)."""
+        hidden = model.late_route(model.consolidate(batch.states, batch.mask), batch.mask)
+        return pool(hidden, batch.mask, "mean", None)
 
     def compile(self, model: nn.Module, log) -> bool:
         model.compile_consolidation(log)
         return True
-
-
-VIEW_DROPOUT = 0.1  # each view's dropout on the cached tiers (Barlow Twins' distortion of its input)
-
-
-def distorted(states: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    return {t: torch.nn.functional.dropout(h.float(), VIEW_DROPOUT, training=True) for t, h in states.items()}
 
 
 class SherlModel(nn.Module):

@@ -66,11 +66,14 @@ class UniPTModel(nn.Module):
         self.pooler = frozen(modules.get("pooler"))
         self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale, spec.head_norm)
 
-    def forward_batch(self, batch) -> torch.Tensor:
+    def hidden(self, batch) -> torch.Tensor:
+        """UniPT's output, the (B, T, D) states the head pools."""
         states = every_tier(batch, self.spec.num_layers)
         states[-1] = self.last(states[-1])
-        hidden = self.unipt(states, batch.mask)
-        return self.head(pool(hidden, batch.mask, self.spec.pooling, self.pooler))
+        return self.unipt(states, batch.mask)
+
+    def forward_batch(self, batch) -> torch.Tensor:
+        return self.head(pool(self.hidden(batch), batch.mask, self.spec.pooling, self.pooler))
 
     def new_modules(self) -> list[nn.Module]:
         return [self.unipt, self.head]
@@ -85,3 +88,7 @@ class UniPT(WidthEveryTier):
     trains = "per-tier down-projections, the interaction, the confidence gate, the up-projection + head"
     source_text = "Diao et al., CVPR 2024 (the official code's text branch)"
     Model = UniPTModel
+
+    def features(self, model: nn.Module, batch) -> torch.Tensor:
+        """UniPT's output pooled over the real tokens (the warm-up trains its modules)."""
+        return pool(model.hidden(batch), batch.mask, "mean", None)

@@ -31,6 +31,7 @@ from sherl_pipe.metrics import selection
 from sherl_pipe.methods.spec import ModelSpec
 from sherl_pipe.request import check_cache_matches
 from sherl_pipe.resources import resolve_model
+from sherl_pipe.splits import how_to_get
 from sherl_pipe.training.tier_weights import EpochProbe, dead_warning, measure_tier_weights
 from sherl_pipe.training.checkpoint import RunFolder
 from sherl_pipe.training.inference import compute_metrics, predict_split
@@ -143,7 +144,7 @@ def phase_source(cache: Cache, phase, spec: ModelSpec):
     """The batches of a phase's split other than train, which the cache must hold complete."""
     if phase.split not in cache.splits:
         raise SherlError(f"train.method = {spec.method!r}: its phase {phase.name!r} trains on the split "
-                         f"{phase.split!r}, which cache {cache.path} does not hold; extract it into the cache")
+                         f"{phase.split!r}, which cache {cache.path} does not hold; {how_to_get(phase.split)}")
     cache.require_complete(phase.split)
     return source_for(cache, phase.split, spec)
 
