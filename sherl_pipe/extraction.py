@@ -32,7 +32,7 @@ from sherl_pipe.devices import check_extract_precision, pick_device
 from sherl_pipe.encode import reorder, storage_order, tokenize
 from sherl_pipe.errors import CacheMismatch, SherlError
 from sherl_pipe.methods.spec import make_spec
-from sherl_pipe.request import check_splits, read_request
+from sherl_pipe.request import check_phase_splits, check_splits, read_request
 from sherl_pipe.formats import stored_dtype, stored_width
 
 
@@ -150,8 +150,9 @@ def check_serves_training(pipeline: Pipeline, planned: dict, overwrite: bool) ->
         if pipeline.evaluate.split not in splits:
             raise SherlError(f"evaluate.split = '{pipeline.evaluate.split}': {where} will have no such split (has: "
                              f"{', '.join(splits)}); set evaluate.split to one of them")
-        if overwrite or not _existing_cache_serves(pipeline):
-            make_spec(pipeline.train, planned)
+        fresh = overwrite or not _existing_cache_serves(pipeline)
+        spec = make_spec(pipeline.train, planned if fresh else Cache(pipeline_location(pipeline)).manifest)
+        check_phase_splits(spec, pipeline.train, splits, where)
     except SherlError as exc:
         raise SherlError(f"{exc} (checked before extracting; nothing was extracted)") from None
 

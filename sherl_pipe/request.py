@@ -11,7 +11,7 @@ from sherl_pipe.cache import Cache
 from sherl_pipe.cache.manifest import describe_request, stale_fields
 from sherl_pipe.config import Pipeline, TrainConfig
 from sherl_pipe.data import Dataset, load_dataset
-from sherl_pipe.splits import UNLABELED
+from sherl_pipe.splits import UNLABELED, how_to_get
 from sherl_pipe.errors import SherlError
 from sherl_pipe.resources import resolve_model
 from sherl_pipe.cache.location import pipeline_location
@@ -85,6 +85,14 @@ def check_splits(cfg: TrainConfig, splits: list[str], cache: str) -> None:
         raise SherlError(f"train.eval_split = '{cfg.eval_split}': {cache} has no such split (has: "
                          f"{', '.join(splits)}); set train.eval_split to one of them, or to \"\" to train "
                          f"without evaluation (no best checkpoint, no early stopping)")
+
+
+def check_phase_splits(spec, cfg: TrainConfig, splits: list[str], cache: str) -> None:
+    """The splits the method's phases train on (Method.phases: a warm-up's 'unlabeled') are among the cache's."""
+    for phase in spec.plugin.phases(spec, cfg):
+        if phase.split not in splits:
+            raise SherlError(f"train.method = {spec.method!r}: its phase {phase.name!r} trains on the split "
+                             f"{phase.split!r}, which {cache} does not hold; {how_to_get(phase.split)}")
 
 
 def check_test_rows_do_not_choose(pipeline: Pipeline, command: str, chooses: str) -> None:

@@ -29,9 +29,8 @@ from sherl_pipe.devices import native_cpu_bf16, pick_device, stage_two_precision
 from sherl_pipe.errors import SherlError
 from sherl_pipe.metrics import selection
 from sherl_pipe.methods.spec import ModelSpec
-from sherl_pipe.request import check_cache_matches
+from sherl_pipe.request import check_cache_matches, check_phase_splits
 from sherl_pipe.resources import resolve_model
-from sherl_pipe.splits import how_to_get
 from sherl_pipe.training.tier_weights import EpochProbe, dead_warning, measure_tier_weights
 from sherl_pipe.training.checkpoint import RunFolder
 from sherl_pipe.training.inference import compute_metrics, predict_split
@@ -129,6 +128,7 @@ def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split,
     s.sampler = s.train_src.sampler(cfg.batch_size, cfg.buffer_chunks, cfg.buffer_mb, cfg.seed, cfg.batching)
     s.data = {"train": (s.sampler, s.train_src)}
     s.phases = spec.plugin.phases(spec, cfg)
+    check_phase_splits(spec, cfg, cache.splits, f"cache {cache.path}")
     for phase in s.phases:
         if phase.split not in s.data:
             split_source = phase_source(cache, phase, spec)
@@ -142,9 +142,6 @@ def build_session(pipeline: Pipeline, cache: Cache, spec: ModelSpec, eval_split,
 
 def phase_source(cache: Cache, phase, spec: ModelSpec):
     """The batches of a phase's split other than train, which the cache must hold complete."""
-    if phase.split not in cache.splits:
-        raise SherlError(f"train.method = {spec.method!r}: its phase {phase.name!r} trains on the split "
-                         f"{phase.split!r}, which cache {cache.path} does not hold; {how_to_get(phase.split)}")
     cache.require_complete(phase.split)
     return source_for(cache, phase.split, spec)
 
