@@ -38,8 +38,8 @@ def warm_cache(tmp_path_factory, labeled_csv):
     backbone = make_backbone(root / "backbone", "bert", dropout=0.0)
     path = write_full_pipeline(root / "p.toml", backbone, labeled_csv, root / "cache", root / "run",
                                'dtype = "float32"\nlate_layers = 0')
-    text = path.read_text().replace("split_seed = 1\n", f'split_seed = 1\nunlabeled = "{unlabeled_file(root / "u.csv")}"\n')
-    path.write_text(text)
+    unlabeled = f'unlabeled = "{unlabeled_file(root / "u.csv")}"\n'
+    path.write_text(path.read_text().replace("split_seed = 1\n", "split_seed = 1\n" + unlabeled))
     extract(load_pipeline(str(path)))
     return path
 
