@@ -21,6 +21,7 @@ from sherl_pipe.backbone import empty_module
 from sherl_pipe.errors import SherlError
 from sherl_pipe.families import family_of
 from sherl_pipe.fields import as_written, at_least, build, checked
+from sherl_pipe.model import pool
 from sherl_pipe.redundancy import barlow_twins, distorted
 from sherl_pipe.splits import UNLABELED
 
@@ -214,6 +215,11 @@ class WidthEveryTier(EveryTier):
     """A method that reads every tier and trains modules of its own at width D / r (UniPT, LST)."""
 
     Options = WidthOptions  # reduction r, written as a [train] key or in the method's [train.<name>] table
+
+    def features(self, model: nn.Module, batch) -> torch.Tensor:
+        """Its modules' output (the model's hidden(batch)) pooled over the real tokens: what a
+        warm-up trains."""
+        return pool(model.hidden(batch), batch.mask, "mean", None)
 
 
 def every_tier(batch, num_layers: int) -> list:

@@ -124,9 +124,6 @@ class LST(WidthEveryTier):
     source_text = "Sung et al., NeurIPS 2022 (the official code, randomly initialised side blocks)"
     Model = LSTModel
 
-    def features(self, model: nn.Module, batch) -> torch.Tensor:
-        """The side network's output pooled over the real tokens (the warm-up trains the side network)."""
-        return pool(model.hidden(batch), batch.mask, "mean", None)
 
     def loads(self, spec, family) -> list[str]:
         return ["pooler"] if spec.pooling == "cls-pooler" else []

@@ -89,6 +89,3 @@ class UniPT(WidthEveryTier):
     source_text = "Diao et al., CVPR 2024 (the official code's text branch)"
     Model = UniPTModel
 
-    def features(self, model: nn.Module, batch) -> torch.Tensor:
-        """UniPT's output pooled over the real tokens (the warm-up trains its modules)."""
-        return pool(model.hidden(batch), batch.mask, "mean", None)
