@@ -131,7 +131,7 @@ class Trainer:
         total = sum(len(b.index) for b in batches)
         loss_sum = 0.0
         for batch in batches:
-            loss, terms = self.objective(batch)
+            loss, terms, weights = self.objective(batch)
             value = float(loss.detach())
             if not math.isfinite(value):  # before backward: the weights stay as the last step left them
                 raise SherlError(f"train loss is {value} at step {state.step + 1} (epoch {state.epoch + 1}): "
@@ -141,6 +141,7 @@ class Trainer:
             loss_sum += value * len(batch.index)
             for name, term in terms.items():
                 state.term_sums[name] = state.term_sums.get(name, 0.0) + term * len(batch.index)
+            state.loss_weights = weights or state.loss_weights
         if self.budget.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.budget.grad_clip)
         self.optimizer.step()
@@ -152,9 +153,10 @@ class Trainer:
         state.loss_count += total
         return loss_sum / total
 
-    def objective(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def objective(self, batch) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
         """The loss the step minimises on BATCH: the task's (in a supervised phase) + each of the
-        method's terms times its weight; and the values to log (the task's, each term's)."""
+        method's terms times its weight; the values to log (the task's, each term's: none when
+        the method adds no term); and the terms' weights."""
         with autocast(self.device, self.precision):
             out = self.model.forward_batch(batch) if self.phase.supervised else None
             terms = self.method.losses(self.model, batch, out, self.phase)
@@ -167,11 +169,10 @@ class Trainer:
             value = value.float()
             logged[name] = float(value.detach())
             loss = weight * value if loss is None else loss + weight * value
-        self.weights = {name: float(weight) for name, (weight, _) in terms.items()}
         if loss is None:
             raise SherlError(f"method {self.spec.method}: phase {self.phase.name!r} has neither the task's loss "
                              f"nor a term of the method's own (Method.losses returned none)")
-        return loss, (logged if terms else {})
+        return loss, (logged if terms else {}), {name: float(weight) for name, (weight, _) in terms.items()}
 
     def elapsed(self, state: RunState, hooks: Hooks) -> float:
         return self._seconds_before + hooks.clock() - self._clock_start
@@ -219,7 +220,7 @@ class Trainer:
         if state.term_sums:
             state.last_losses = {k: v / max(state.loss_count, 1) for k, v in state.term_sums.items()}
             record["losses"] = state.last_losses
-            state.loss_weights = record["loss_weights"] = dict(getattr(self, "weights", {}))
+            record["loss_weights"] = dict(state.loss_weights or {})
         if hooks.evaluate is not None and self.phase.supervised:
             started = hooks.clock()
             state.last_eval = hooks.evaluate()
