@@ -141,7 +141,7 @@ class Trainer:
             loss_sum += value * len(batch.index)
             for name, term in terms.items():
                 state.term_sums[name] = state.term_sums.get(name, 0.0) + term * len(batch.index)
-            state.loss_weights = weights or state.loss_weights
+            state.loss_weights = weights or None
         if self.budget.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.budget.grad_clip)
         self.optimizer.step()
@@ -217,8 +217,9 @@ class Trainer:
                   "train_loss": state.loss_sum / max(state.loss_count, 1)}
         if len(self.phases) > 1:
             record["phase"] = self.phase.name
-        if state.term_sums:
-            state.last_losses = {k: v / max(state.loss_count, 1) for k, v in state.term_sums.items()}
+        state.last_losses = ({k: v / max(state.loss_count, 1) for k, v in state.term_sums.items()}
+                             if state.term_sums else None)  # this epoch's: None where it had no term
+        if state.last_losses:
             record["losses"] = state.last_losses
             record["loss_weights"] = dict(state.loss_weights or {})
         if hooks.evaluate is not None and self.phase.supervised:
