@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from sherl_pipe.splits import UNLABELED
+
 FORMAT_VERSION = 2  # 2: every chunk carries a CRC-32C
 MANIFEST_KEY = "sherl_pipe"
 # arrays: where an object-store cache's arrays live (store.data_location), not what they hold
@@ -120,7 +122,7 @@ def build_manifest(pipeline, backbone_identity: dict, tokenizer: dict, dataset, 
             "source": split.source, **manifest["splits"][name],
             "tokens": int(tok.lengths.sum()), "max_len": tok.max_len, "blocks": -(-len(split) // chunk),
             "label_counts": (np.bincount(split.labels, minlength=len(dataset.label_names)).tolist()
-                             if dataset.label_names else None)}
+                             if dataset.label_names and name != UNLABELED else None)}  # none: no labels there
     return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest,
             "cut": cut, "late_layers": backbone_identity["num_layers"] - cut, "tiers": tiers,
             "config": pipeline.to_dict()}
