@@ -32,6 +32,8 @@ TRAIN_KEYS_BEFORE = [
     "grad_accum", "lr", "lr_late", "weight_decay", "weight_decay_new", "warmup_ratio", "grad_clip", "lora_rank",
     "lora_alpha", "eval_split", "metric", "early_stopping", "save_every", "save_minutes", "log_every", "batching",
     "buffer_chunks", "buffer_mb", "preload", "compile", "precision", "seed", "threads", "device", "storage_options"]
+# keys added since, which folders saved before take at their defaults (config.upgrade_saved)
+TRAIN_KEYS_ADDED = ["pretrain_epochs", "redundancy", "redundancy_weight"]
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def test_a_train_section_is_written_as_before_methods_owned_their_settings():
     """config.json, sweep signatures and compare.json compare [train] as a dict: written as before
     (each key of the built-in methods at its default), folders saved then still match."""
     written = section_to_dict(Pipeline().train)
-    assert sorted(written) == sorted(TRAIN_KEYS_BEFORE)
+    assert sorted(written) == sorted(TRAIN_KEYS_BEFORE + TRAIN_KEYS_ADDED)
     assert {k: written[k] for k in ("late_layers", "tiers", "reduction", "tier_score", "lora_alpha")} == {
         "late_layers": 2, "tiers": [], "reduction": 0, "tier_score": "softmax-normed", "lora_alpha": 16.0}
 
