@@ -76,6 +76,7 @@ def load_trained(run_dir, checkpoint: str = "best", device: str = "auto") -> Tra
     method = spec.plugin
     model = method.build(spec, config, method.empty_modules(spec, config))
     load_weights(run / "checkpoints" / f"{checkpoint}.safetensors", model, checkpoint)
+    method.for_inference(model)
     return Trained(run, pipeline, info, manifest, spec, model.to(device).eval(), device)
 
 

@@ -159,6 +159,7 @@ def format_run_report(r: dict) -> str:
                  f"{summary['stop_reason'] or 'finished'}; {format_best(summary.get('best'))}")
     if summary.get("losses"):
         lines.append(f"losses     {format_losses(summary['losses'], summary.get('loss_weights') or {})}")
+    lines.extend(ModelSpec.from_dict(spec).plugin.report_lines(summary.get("method_report")))
     lines.extend(consolidation_lines(summary.get("consolidation"), spec.get("tier_score", PAPER_TIER_SCORE)))
     lines.append(format_tier_weights(summary.get("tier_weights")))
     return "\n".join(lines)

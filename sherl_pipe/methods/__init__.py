@@ -23,6 +23,7 @@ REGISTRY: dict[str, object] = {
     "lst": "sherl_pipe.methods.lst:LST",
     "linear-probe": "sherl_pipe.methods.linear_probe:LinearProbe",
     "scalar-mix": "sherl_pipe.methods.scalar_mix:ScalarMix",
+    "swr": "sherl_pipe.methods.swr:Swr",
     "lora-finetune": "sherl_pipe.methods.finetune:LoraFinetune",
     "full-finetune": "sherl_pipe.methods.finetune:FullFinetune",
 }

@@ -161,6 +161,19 @@ class Method:
         at train.lr_late), which then leave them out."""
         return []
 
+    def for_inference(self, model: nn.Module) -> None:
+        """Called on a trained model loaded to predict or evaluate (never in training): what the
+        method does to it first (SWR merges its reparametrization into the weights). Default: nothing."""
+
+    def report(self, model: nn.Module) -> dict | None:
+        """What a finished run's summary.json records of the model beyond the shared fields (SWR:
+        the units its policy chose); None: nothing."""
+        return None
+
+    def report_lines(self, report: dict | None) -> list[str]:
+        """`info`'s lines for REPORT (as report() made it)."""
+        return []
+
     # --- its model ----------------------------------------------------------------------------
     Model: type[nn.Module] | None = None  # its model's class, built as Model(spec, config, modules) ...
 

@@ -24,20 +24,23 @@ from sherl_pipe.families import family_of
 from sherl_pipe.fields import at_least, choice
 from sherl_pipe.methods.base import Method, WidthOptions, lora_parameters
 from sherl_pipe.methods.spec import ModelSpec
+from sherl_pipe.methods.swr import (SWR_LR, SwrOptions, enter_swr_phase, policy_group, reparametrize, report_lines,
+                                    swr_losses, swr_phases)
 from sherl_pipe.model import Head, norm_and_bias_parameters, pool
 from sherl_pipe.redundancy import barlow_twins, distorted
 
-LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5}  # train.lr_late = 0
+LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5, "swr": SWR_LR}  # train.lr_late = 0
 
 
 @dataclass(frozen=True)
-class SherlOptions(WidthOptions):
-    """SHERL's settings: [train] keys, or a [train.sherl] table."""
+class SherlOptions(WidthOptions, SwrOptions):
+    """SHERL's settings: [train] keys, or a [train.sherl] table (SwrOptions' for late_tuning = "swr")."""
 
     # k: the last k pretrained layers form the late route (docs/results/2026-11-24-defaults.md)
     late_layers: int = at_least(2, 1)
     tiers: tuple[int, ...] = ()  # the consolidation's inputs; empty: every cached tier below the anchor
-    late_tuning: str = choice("frozen", "norm-bias", "lora", "full")  # which late-layer weights train
+    # which late-layer weights train (swr: the units a policy chooses under swr_budget, methods/swr.py)
+    late_tuning: str = choice("frozen", "norm-bias", "lora", "full", "swr")
     projection: str = choice("gated-mlp", "linear-ln")  # the per-tier projection (consolidation.PROJECTIONS)
     # how tier scores become weights (consolidation.TIER_SCORES; relu, the paper's, left most runs'
     # tiers unused: docs/methods.md, The consolidation's tier score)
@@ -59,6 +62,9 @@ class SherlOptions(WidthOptions):
                 del d[key]
         if d["redundancy"] == "none":  # likewise: runs saved before it had no term
             del d["redundancy"], d["redundancy_weight"]
+        if d["late_tuning"] != "swr":  # and before SWR
+            for key in SwrOptions.keys():
+                del d[key]
         return d
 
     @classmethod
@@ -119,12 +125,35 @@ class Sherl(Method):
     def consolidation(self, model: nn.Module) -> nn.Module:
         return model.consolidation
 
+    # --- late_tuning = "swr": SWR's phases, budget term, policy and merge on the late layers ---
+    def phases(self, spec, cfg) -> list:
+        phases = super().phases(spec, cfg)
+        return swr_phases(phases, spec.options) if spec.options.late_tuning == "swr" else phases
+
+    def enter_phase(self, model: nn.Module, phase) -> None:
+        if model.reparam is not None:
+            enter_swr_phase(model.reparam, phase)
+
+    def parameter_groups(self, model: nn.Module, spec, cfg) -> list[dict]:
+        return policy_group(model.reparam, spec.options) if model.reparam is not None else []
+
+    def for_inference(self, model: nn.Module) -> None:
+        model.merge()
+
+    def report(self, model: nn.Module) -> dict | None:
+        return model.reparam.report() if model.reparam is not None else None
+
+    def report_lines(self, report: dict | None) -> list[str]:
+        return report_lines(report)
+
     def losses(self, model: nn.Module, batch, outputs, phase) -> dict:
         """train.redundancy = "barlow": Barlow Twins between two views of the consolidation's output
         (each view: the cached tiers through input dropout and the consolidation's own dropout),
         pooled over the real tokens."""
         terms = super().losses(model, batch, outputs, phase)  # the warm-up's
         o = model.spec.options
+        if model.reparam is not None:
+            terms.update(swr_losses(model.reparam, o, phase))
         if o.redundancy == "none" or not phase.supervised:
             return terms
         views = [pool(model.consolidate(view.states, view.mask), view.mask, "mean", None)
@@ -165,6 +194,7 @@ class SherlModel(nn.Module):
         self.head = Head(config.hidden_size, spec.num_outputs, spec.dropout, spec.target_scale, spec.head_norm)
         use_fast_dropout(self)  # the late layers' dropouts too (see dropout.py)
         self._compiled = None  # a CompiledOrEager of the consolidation, after compile_consolidation()
+        self.reparam = None  # late_tuning = "swr": the late layers' Reparametrization
 
     def compile_consolidation(self, log) -> None:
         """train.compile: training steps call torch.compile(consolidation), falling back to eager.
@@ -182,6 +212,8 @@ class SherlModel(nn.Module):
 
     def late_route(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The late layers (and a pre-LN family's final norm) on a (B, T, D) input: h[L]."""
+        if self.reparam is not None:
+            self.reparam.draw(self.training)
         modules = {**self.shared, **self.helpers}
         context = self.family.prepare(self.config, modules, hidden, mask)
         for i, layer in enumerate(self.late):
@@ -197,6 +229,12 @@ class SherlModel(nn.Module):
 
     def new_modules(self) -> list[nn.Module]:
         return [self.consolidation, self.head]
+
+    def merge(self) -> None:
+        """late_tuning = "swr": the chosen units merged into the late layers, the policy dropped."""
+        if self.reparam is not None:
+            self.reparam.merge()
+            self.reparam = None
 
 
 def apply_late_tuning(model: SherlModel) -> None:
@@ -220,6 +258,9 @@ def apply_late_tuning(model: SherlModel) -> None:
         adapters = lora_parameters(model.late)
         for p in model.late.parameters():
             p.requires_grad_(id(p) in adapters)
+    elif mode == "swr":
+        model.reparam = reparametrize(list(model.late), model.spec.anchor, model.spec.num_layers, model.family,
+                                      model.spec.options)
 
 
 def build_sherl_model(spec: ModelSpec, config, late: list[nn.Module], pooler: nn.Module | None,
