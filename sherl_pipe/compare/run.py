@@ -36,6 +36,7 @@ from sherl_pipe.methods import REFERENCE
 from sherl_pipe.atomic import write_atomically
 from sherl_pipe.compare.phase import run_phase
 from sherl_pipe.compare.trial import method_reference
+from sherl_pipe.compare.variants import method_of, variant_pipeline
 from sherl_pipe.methods import get_method
 from sherl_pipe.methods import registered_from_code
 from sherl_pipe.methods.spec import make_spec
@@ -86,10 +87,10 @@ def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds:
         methods = [*methods, REFERENCE]  # the time budget is its time
     check_importable(methods)
     rates = {}
-    for name in methods:
-        train = pipeline.with_overrides("train", method=name).train
+    for name in methods:  # a method, or a method with settings of its own (compare/variants.py)
+        train = variant_pipeline(pipeline, name).train
         rates[name] = learning_rates(make_spec(train, manifest), train)  # a bad spec: refused before any trial
-    live = {n: live_seeds or seeds for n in methods if get_method(n).sources == ("live",)}
+    live = {n: live_seeds or seeds for n in methods if get_method(method_of(n)).sources == ("live",)}
     first = pipeline.train.seed
     per = {n: list(range(first, first + live.get(n, seeds))) for n in methods}
     metric, direction = selection(manifest["task"]["type"], pipeline.train.metric)
@@ -104,7 +105,7 @@ def servable(pipeline: Pipeline, methods: list[str], manifest: dict) -> tuple[li
     kept, left = [], {}
     for name in methods:
         try:
-            make_spec(pipeline.with_overrides("train", method=name).train, manifest)
+            make_spec(variant_pipeline(pipeline, name).train, manifest)
             kept.append(name)
         except SherlError as exc:
             left[name] = str(exc)
@@ -116,7 +117,7 @@ def check_importable(methods: list[str]) -> None:
     its import path: refused here, before any trial, when that path does not lead back to it."""
 
     for name, entry in registered_from_code().items():
-        if name not in methods:
+        if name not in {method_of(m) for m in methods}:
             continue
         if isinstance(entry, str):
             get_method(name)  # "module:Class": importable here, so in a job too (it gets this process's path)

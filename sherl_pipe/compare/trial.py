@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sherl_pipe.cache.location import location_to_json
 from sherl_pipe.compare.job import PARENT_ENV
+from sherl_pipe.compare.variants import variant_train
 from sherl_pipe.engine import StopFlag
 from sherl_pipe.errors import SherlError
 from sherl_pipe.methods import REFERENCE
@@ -37,6 +38,7 @@ def run_compare_trial(spec: dict) -> dict:
     parent-death signal); its stderr goes to a file in the job folder (a pipe that nobody read
     while it ran blocked the job once it held 64 KiB)."""
 
+    spec = {**spec, "pipeline": {**spec["pipeline"], "train": variant_train(spec["pipeline"]["train"])}}
     if spec["pipeline"]["train"]["method"] == REFERENCE:  # its time is the budget: never cut by it
         spec = {**spec, "pipeline": {**spec["pipeline"], "train": {**spec["pipeline"]["train"], "max_seconds": 0.0}}}
     folder = job_folder(spec["pipeline"]["train"]["run_dir"])

@@ -384,3 +384,37 @@ def test_methods_registered_as_import_paths_or_nested_classes_reach_the_jobs(mon
 class Outer:
     class Inner(Toy):
         name = "nested"
+
+
+@pytest.mark.slow
+def test_a_row_of_a_method_with_settings_of_its_own_trains_with_them(tmp_path, compare_pipeline):
+    """`sherl:late_tuning=swr` beside `sherl`: one table, each row trained with its own settings."""
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["compare", str(compare_pipeline), "-q", "--methods",
+                                  "sherl,sherl:late_tuning=swr:swr_budget=0.2", "--seeds", "1",
+                                  "--compare-dir", str(out), "--workers", "1", "--set", "train.epochs=2"])
+    assert r.exit_code == 0, r.output
+    rows = {x["method"]: x for x in read_csv(out / "compare.csv")}
+    assert set(rows) == {"sherl", "sherl:late_tuning=swr:swr_budget=0.2"}
+    assert all(x["state"] == "complete" for x in rows.values())
+    assert int(rows["sherl:late_tuning=swr:swr_budget=0.2"]["trainable_parameters"]) > int(
+        rows["sherl"]["trainable_parameters"])  # the late layers' dW and the policy
+    summaries = [json.loads(p.read_text()) for p in (out / "final").rglob("summary.json")]
+    reports = [s["method_report"] for s in summaries if s.get("method_report")]
+    assert len(reports) == 1 and reports[0]["budget_weights"] == int(0.2 * reports[0]["backbone_weights"])
+
+
+@pytest.mark.parametrize("label, message", [
+    ("sherl:epochs=4", "train.epochs is set by compare for every row"),
+    ("unipt:late_tuning=swr", "method 'unipt' has no setting 'late_tuning'"),
+    ("sherl:late_tuning", "expected METHOD:key=value"),
+    ("sherl:late_tuning=sideways", "'sherl:late_tuning=sideways': "),
+    ("nope:x=1", "'nope:x=1': method = 'nope' is not a method"),
+])
+def test_a_bad_row_is_refused_in_one_line_before_any_trial(tmp_path, compare_pipeline, label, message):
+    from conftest import one_error_line
+
+    r = CliRunner().invoke(main, ["compare", str(compare_pipeline), "-q", "--methods", f"sherl,{label}",
+                                  "--compare-dir", str(tmp_path / "cmp")])
+    one_error_line(r, message)
+    assert not (tmp_path / "cmp").exists()
