@@ -19,6 +19,7 @@ from sherl_pipe.cli import main
 from sherl_pipe.config import load_pipeline
 from sherl_pipe.errors import SherlError
 from sherl_pipe.evaluation import load_trained
+from sherl_pipe.methods.finetune import FinetuneModel
 from sherl_pipe.methods.spec import config_from_manifest
 from sherl_pipe.reparametrization import ReparamLinear, Reparametrization, candidate_units
 from sherl_pipe.training import train
@@ -85,8 +86,8 @@ def test_a_merged_swr_model_computes_what_it_trained_with_and_has_the_backbones_
     plain = load_file(bert_dir / "model.safetensors")
     assert sum(p.numel() for p in merged.backbone.parameters()) == sum(
         v.numel() for k, v in plain.items() if "position_ids" not in k)
-    # module for module the plain backbone's: the same computation at inference, so the same time
-    backbone = AutoModel.from_pretrained(bert_dir)
+    # module for module full fine-tuning's backbone: the same computation at inference, so the same time
+    backbone = FinetuneModel(merged.spec, AutoModel.from_pretrained(bert_dir)).backbone
     assert [(n, type(m)) for n, m in merged.backbone.named_modules()] == [
         (n, type(m)) for n, m in backbone.named_modules()]
 
