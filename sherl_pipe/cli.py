@@ -326,6 +326,39 @@ def evaluate(run_dir, split, checkpoint, cache, batch_size):
 
 
 @main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.argument("out", metavar="OUT")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write model.int8.onnx (dynamic int8 quantization) and its measured accuracy.")
+@_fail_cleanly
+def export(run_dir, out, fmt, quantize):
+    """Export a finished run to the new folder OUT: model.onnx (the whole inference path), the
+    tokenizer, labels.json and a model card; runs with ONNX Runtime alone."""
+    from sherl_pipe.export import export as run_export  # loaded when the command runs: --help stays fast
+
+    folder = run_export(run_dir, out, fmt, quantize, log=lambda m: click.echo(m, err=True))
+    click.echo(f"exported {run_dir} to {folder}")
+
+
+@main.command()
+@click.argument("path", metavar="RUN_OR_EXPORT")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Rows a batch gathers at most (and a request may hold).")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="How long a batch waits for more requests after its first.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime's threads (0: its default).")
+@_fail_cleanly
+def serve(path, host, port, max_batch, max_wait_ms, threads):
+    """Serve a run or an export folder over HTTP (POST /predict, GET /health) until Ctrl-C."""
+    from sherl_pipe.serve import serve as run_serve  # loaded when the command runs: --help stays fast
+
+    run_serve(path, host, port, max_batch, max_wait_ms, threads, log=lambda m: click.echo(m, err=True))
+
+
+@main.command()
 @click.argument("run_dir")
 @click.option("--input", "input_path", required=True, help="Text file (csv, tsv, jsonl, parquet) with the cache's text column(s).")
 @click.option("--output", "output_path", required=True, help="Where to write predictions: a .csv or .jsonl file.")

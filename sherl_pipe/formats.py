@@ -65,14 +65,32 @@ def encode(h: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt not in LOSSY:
         return h.to(getattr(torch, fmt))
     dtype, top = LOSSY[fmt]
-    h = h.float()
-    scale = h.abs().amax(-1, keepdim=True) / top
-    scaled = torch.where(scale > 0, h / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    scaled, scale = _scaled(h, top)
     if fmt == "int8":
         codes = scaled.round().clamp(-top, top).to(torch.int8)
     else:
         codes = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
     return torch.cat([codes, scale.contiguous().view(dtype)], dim=-1)
+
+
+def _scaled(h: torch.Tensor, top: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lossy format's values before rounding (each token's largest |x| at TOP), and the scales."""
+    h = h.float()
+    scale = h.abs().amax(-1, keepdim=True) / top
+    return torch.where(scale > 0, h / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0), scale
+
+
+def rounded(h: torch.Tensor, mask: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The float32 values the cache would hold for these states (padding zero, rounded to FMT),
+    computed without the stored layout's byte views, so that an exported graph can hold it; equal
+    to decode(encode(...)): a lossy format's scale is kept exactly (float32 bytes)."""
+    h = clear_padding(h, mask)
+    if fmt not in LOSSY:
+        return h.to(getattr(torch, fmt)).float()
+    top = LOSSY[fmt][1]
+    scaled, scale = _scaled(h, top)
+    codes = scaled.round().clamp(-top, top) if fmt == "int8" else scaled.to(torch.float8_e4m3fn).float()
+    return codes * scale
 
 
 def decode(stored: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -1,0 +1,174 @@
+"""`sherl-pipe export RUN OUT`: a trained run as one folder that runs without sherl-pipe, the cache
+or the backbone's weights file: `model.onnx` (the whole inference path: embeddings and early
+layers, the tiers rounded as the cache stores them, the method's own modules, late layers with
+LoRA or SWR merged, pooling and head), the tokenizer's files, `labels.json` and a model card
+(`README.md`); with --quantize int8 also `model.int8.onnx` (ONNX Runtime's dynamic quantization)
+and its accuracy on the run's evaluation split.
+
+The graph is exported by torch.onnx (torch.export, then onnxscript's translation; opset 18) with
+dynamic batch and sequence axes; it runs in fp32 whatever precision the cache was extracted in (ONNX Runtime's CPU kernels
+have no bf16 matmul): the early layers' bf16 or fp16 rounding is the one thing predict has that
+the export does not, a difference within the cache's own rounding. The folder is written under a
+temporary name beside OUT and renamed when complete, so nothing half-written can pass for an export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sherl_pipe.atomic import write_atomically
+from sherl_pipe.backbone import Backbone
+from sherl_pipe.errors import SherlError
+from sherl_pipe.evaluation import Trained, load_trained
+from sherl_pipe.formats import rounded
+from sherl_pipe.training.batches import Batch
+
+OPSET = 18
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class InferenceGraph(nn.Module):
+    """A trained run's inference path as one module: the tokenizer's tensors in, the head's
+    outputs (logits, or the regression value) out, as `predict` computes them."""
+
+    def __init__(self, trained: Trained, backbone: Backbone):
+        super().__init__()
+        self.model = trained.model
+        self.reads = trained.spec.plugin.reads(trained.spec)
+        self.fmt = trained.manifest["dtype"]
+        self.family, self.config = backbone.family, backbone.config
+        if self.reads:  # the early route: only what the tiers need (tracing keeps no other weight)
+            self.embedder = backbone.model
+            self.layers = nn.ModuleList(backbone.layers[:max(self.reads)])
+            self.shared = nn.ModuleDict(backbone.modules)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        states = {}
+        if self.reads:
+            hidden = self.family.embed(self.embedder, input_ids, attention_mask, token_type_ids)
+            context = self.family.prepare(self.config, dict(self.shared), hidden, attention_mask)
+            tiers = [hidden]
+            for i, layer in enumerate(self.layers):
+                hidden = self.family.run_layer(layer, hidden, context, i, dict(self.shared))
+                tiers.append(hidden)
+            # as the cache stores them: padding zero, rounded to its format (range checks are predict's)
+            states = {k: rounded(tiers[k], attention_mask, self.fmt) for k in self.reads}
+        # no positions in a split here (nothing in a forward pass reads them)
+        batch = Batch(np.zeros(0, dtype=np.int64), states, attention_mask, None, input_ids, token_type_ids)
+        return self.model.forward_batch(batch).float()
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """LoRA adapters (peft) merged into their base weights: one matmul per projection, as trained."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            module.merge()
+
+
+def check_destination(out: Path) -> None:
+    if out.exists():
+        raise SherlError(f"OUT {out}: exists; give a new folder (export never replaces one)")
+    if not out.parent.is_dir():
+        raise SherlError(f"OUT {out}: folder {out.parent} does not exist; create it or export elsewhere")
+
+
+def check_finished(run: Path) -> dict:
+    summary = run / "summary.json"
+    if not summary.is_file():
+        raise SherlError(f"run {run}: has not finished (no summary.json); finish it (sherl-pipe train --resume) "
+                         f"before exporting")
+    result = json.loads(summary.read_text())
+    if result.get("stop_reason") == "interrupted":
+        raise SherlError(f"run {run}: was interrupted; finish it (sherl-pipe train --resume) before exporting")
+    return result
+
+
+def example_inputs(tokenizer, with_types: bool) -> tuple:
+    ids = torch.tensor([[101, 7, 8, 9, 102], [101, 7, 102, 0, 0]]).clamp(max=len(tokenizer) - 1)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    return (ids, mask, torch.zeros_like(ids)) if with_types else (ids, mask)
+
+
+def write_onnx(graph: InferenceGraph, path: Path, with_types: bool, tokenizer, max_length: int) -> None:
+    """torch.onnx's exporter (torch.export, then onnxscript's translation) with dynamic batch and
+    sequence axes (a sequence up to MAX_LENGTH, the cache's)."""
+    from torch.export import Dim
+
+    names = list(INPUTS if with_types else INPUTS[:2])
+    batch, sequence = Dim("batch"), Dim("sequence", max=max_length)
+    shapes = {n: {0: batch, 1: sequence} for n in names}
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        try:
+            torch.onnx.export(graph, example_inputs(tokenizer, with_types), str(path), dynamo=True,
+                              input_names=names, output_names=["logits"], dynamic_shapes=shapes,
+                              opset_version=OPSET, external_data=False, verbose=False)
+        except Exception as exc:  # torch.export and the translation raise many types: the method's modules did
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise SherlError(f"export: the model cannot be exported to ONNX ({type(exc).__name__}: {first}); its "
+                             f"method's modules need what torch.export or the ONNX translation lacks") from None
+
+
+def write_int8(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantization of the weights. The exporter's intermediate shapes
+    (value_info) are dropped first: the quantizer infers its own, and refused the model where one of
+    the exporter's disagreed with its inference."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(source))
+    del model.graph.value_info[:]
+    bare = target.with_name("bare.onnx")
+    onnx.save(model, str(bare))
+    try:
+        quantize_dynamic(str(bare), str(target), weight_type=QuantType.QInt8)
+    finally:
+        bare.unlink(missing_ok=True)
+
+
+def export(run_dir, out, fmt: str = "onnx", quantize: str | None = None, log=print) -> Path:
+    """Export RUN_DIR to the new folder OUT (see the module's docstring); returns OUT."""
+    from sherl_pipe.export_card import labels_file, model_card, quantized_scores
+
+    run, out = Path(run_dir), Path(out)
+    if fmt != "onnx":
+        raise SherlError(f"--format {fmt}: the one format is onnx")
+    if quantize not in (None, "int8"):
+        raise SherlError(f"--quantize {quantize}: the one quantization is int8")
+    check_destination(out)
+    summary = check_finished(run)
+    trained = load_trained(run, device="cpu")
+    from sherl_pipe.prediction import Predictor
+
+    predictor = Predictor(trained)  # the backbone, checked against the cache's hashes and tokenizer
+    merge_adapters(trained.model)
+    tokenizer = predictor.backbone.tokenizer
+    with_types = "token_type_ids" in tokenizer.model_input_names
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # an earlier export that died: never read as an export
+    partial.mkdir()
+    try:
+        write_onnx(InferenceGraph(trained, predictor.backbone).eval(), partial / "model.onnx", with_types, tokenizer,
+                   trained.manifest["tokenizer"]["max_length"])
+        tokenizer.save_pretrained(partial)
+        write_atomically(partial / "labels.json", (json.dumps(labels_file(trained), indent=2) + "\n").encode())
+        scores = None
+        if quantize == "int8":
+            write_int8(partial / "model.onnx", partial / "model.int8.onnx")
+            scores = quantized_scores(trained, partial, with_types, log)
+        card = model_card(trained, summary, with_types, quantize == "int8", scores, out.name)
+        write_atomically(partial / "README.md", card.encode())
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
