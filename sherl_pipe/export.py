@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,23 @@ class InferenceGraph(nn.Module):
         return self.model.forward_batch(batch).float()
 
 
+@contextlib.contextmanager
+def libraries_quiet():
+    """The exporter's and the quantizer's chatter (progress lines, deprecation and fallback
+    warnings, a root-logger hint) kept off the user's terminal; levels restored after."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def merge_adapters(model: nn.Module) -> None:
     """LoRA adapters (peft) merged into their base weights: one matmul per projection, as trained."""
     from peft.tuners.lora import LoraLayer
@@ -107,7 +126,7 @@ def write_onnx(graph: InferenceGraph, path: Path, with_types: bool, tokenizer, m
     names = list(INPUTS if with_types else INPUTS[:2])
     batch, sequence = Dim("batch"), Dim("sequence", max=max_length)
     shapes = {n: {0: batch, 1: sequence} for n in names}
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+    with torch.no_grad(), libraries_quiet():
         try:
             torch.onnx.export(graph, example_inputs(tokenizer, with_types), str(path), dynamo=True,
                               input_names=names, output_names=["logits"], dynamic_shapes=shapes,
@@ -139,7 +158,7 @@ def export(run_dir, out, fmt: str = "onnx", quantize: str | None = None, log=pri
     """Export RUN_DIR to the new folder OUT (see the module's docstring); returns OUT."""
     from sherl_pipe.export_card import labels_file, model_card, quantized_scores
 
-    run, out = Path(run_dir), Path(out)
+    run, out = Path(run_dir).absolute(), Path(out)
     if fmt != "onnx":
         raise SherlError(f"--format {fmt}: the one format is onnx")
     if quantize not in (None, "int8"):
@@ -163,7 +182,8 @@ def export(run_dir, out, fmt: str = "onnx", quantize: str | None = None, log=pri
         write_atomically(partial / "labels.json", (json.dumps(labels_file(trained), indent=2) + "\n").encode())
         scores = None
         if quantize == "int8":
-            write_int8(partial / "model.onnx", partial / "model.int8.onnx")
+            with libraries_quiet():
+                write_int8(partial / "model.onnx", partial / "model.int8.onnx")
             scores = quantized_scores(trained, partial, with_types, log)
         card = model_card(trained, summary, with_types, quantize == "int8", scores, out.name)
         write_atomically(partial / "README.md", card.encode())

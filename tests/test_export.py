@@ -81,6 +81,7 @@ METHODS = {"sherl": "", "sherl-lora": "late_tuning = \"lora\"", "sherl-swr": "la
            "lora-finetune": "method = \"lora-finetune\"", "full-finetune": "method = \"full-finetune\""}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_an_export_computes_what_predict_does_for_every_method(tmp_path, bert_dir, labeled, method):
     pipe = pipeline_file(tmp_path, bert_dir, labeled, train_extra=METHODS[method])
@@ -102,6 +103,7 @@ def test_an_export_computes_what_predict_does_for_every_family(tmp_path, labeled
     assert_like_predict(tmp_path / "run", export(tmp_path / "run", tmp_path / "out"), TEXTS)
 
 
+@pytest.mark.slow
 def test_an_export_of_a_text_pair_regression_run(tmp_path, bert_dir):
     rng = np.random.default_rng(0)
     words = ["good", "great", "bad", "film", "plot", "actor", "very", "not"]
@@ -119,6 +121,7 @@ def test_an_export_of_a_text_pair_regression_run(tmp_path, bert_dir):
     assert_like_predict(tmp_path / "run", folder, TEXTS, ["good plot"] * 3 + ["a " * 30])
 
 
+@pytest.mark.slow
 def test_int8_is_written_with_its_accuracy_beside_fp32s(tmp_path, bert_dir, labeled):
     pipe = pipeline_file(tmp_path, bert_dir, labeled)
     extract(pipe)
@@ -132,6 +135,7 @@ def test_int8_is_written_with_its_accuracy_beside_fp32s(tmp_path, bert_dir, labe
     assert np.isfinite(got).all()
 
 
+@pytest.mark.slow
 def test_bad_exports_are_refused_in_one_line_and_leave_nothing(tmp_path, bert_dir, labeled):
     pipe = pipeline_file(tmp_path, bert_dir, labeled, train_extra="max_steps = 0\nepochs = 2")
     extract(pipe)

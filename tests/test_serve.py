@@ -26,6 +26,8 @@ from sherl_pipe.prediction import Predictor
 from sherl_pipe.serve import make_app, open_model
 from sherl_pipe.training import train
 
+pytestmark = pytest.mark.slow  # every test starts from a trained, exported run (the module's fixture)
+
 TEXTS = ["good film", "bad plot", "a great film " * 12, "dull"]
 
 
