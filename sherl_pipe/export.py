@@ -46,21 +46,15 @@ class InferenceGraph(nn.Module):
         self.model = trained.model
         self.reads = trained.spec.plugin.reads(trained.spec)
         self.fmt = trained.manifest["dtype"]
-        self.family, self.config = backbone.family, backbone.config
-        if self.reads:  # the early route: only what the tiers need (tracing keeps no other weight)
+        if self.reads:  # the early route's modules registered here, so that the export holds their weights
             self.embedder = backbone.model
-            self.layers = nn.ModuleList(backbone.layers[:max(self.reads)])
             self.shared = nn.ModuleDict(backbone.modules)
+            object.__setattr__(self, "backbone", backbone)  # runs them, as predict does (Backbone.early_states)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         states = {}
         if self.reads:
-            hidden = self.family.embed(self.embedder, input_ids, attention_mask, token_type_ids)
-            context = self.family.prepare(self.config, dict(self.shared), hidden, attention_mask)
-            tiers = [hidden]
-            for i, layer in enumerate(self.layers):
-                hidden = self.family.run_layer(layer, hidden, context, i, dict(self.shared))
-                tiers.append(hidden)
+            tiers = self.backbone.early_states(input_ids, attention_mask, token_type_ids, upto=max(self.reads))
             # as the cache stores them: padding zero, rounded to its format (range checks are predict's)
             states = {k: rounded(tiers[k], attention_mask, self.fmt) for k in self.reads}
         # no positions in a split here (nothing in a forward pass reads them)

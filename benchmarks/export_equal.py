@@ -1,0 +1,110 @@
+"""Does an export compute what `predict` does on real data? all-MiniLM-L6-v2 on SST-2: one fp32
+cache (every tier) of 1,000 training rows, each method trained briefly (`--steps` steps: the
+weights only need to be a trained model's, not a good one's), exported, and run by ONNX Runtime
+on 1,000 other SST-2 sentences (train.tsv rows 2,000-2,999: varied lengths, some cut at
+max_length) beside `predict` on the same sentences.
+
+Per method: the largest |difference| of the probabilities, and whether the labels agree on every
+row. Last line: one JSON object with each method's `max_abs_diff` and `labels_equal`.
+
+    python benchmarks/export_equal.py                     # about 10 minutes on 2 CPU cores
+    python benchmarks/export_equal.py --methods sherl     # one method
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, load_avg  # noqa: E402
+
+METHODS = ("sherl", "sherl:late_tuning=lora", "sherl:late_tuning=swr", "unipt", "lst", "linear-probe", "scalar-mix",
+           "swr", "lora-finetune", "full-finetune")
+
+
+def sentences(data: Path, start: int, n: int) -> list[str]:
+    with open(data / "train.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r["sentence"] for r in rows[start:start + n]]
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def onnx_logits(folder: Path, texts: list[str], batch: int = 64) -> np.ndarray:
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    info = json.loads((folder / "labels.json").read_text())
+    tok = AutoTokenizer.from_pretrained(folder)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=info["max_length"],
+                  return_tensors="np")
+        out.append(session.run(["logits"], {k: enc[k].astype(np.int64) for k in names})[0])
+    return np.concatenate(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--work", type=Path, default=Path("benchmarks/results/export-equal"))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if not (args.data / "train.tsv").is_file():
+        sys.exit(f"benchmark skipped: {args.data} has no SST-2 files (pass --data DIR)")
+    import torch
+
+    from sherl_pipe.compare.variants import variant_pipeline
+    from sherl_pipe.config import load_pipeline
+    from sherl_pipe.export import export
+    from sherl_pipe.extraction import extract
+    from sherl_pipe.prediction import Predictor
+    from sherl_pipe.training import train
+
+    torch.set_num_threads(args.threads)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    print(load_avg(), flush=True)
+    pipe = work / "pipeline.toml"
+    pipe.write_text(f'[data]\ntrain = "{args.data / "train.tsv"}"\ntext_column = "sentence"\nlimit = 1000\n'
+                    f'validation_size = 200\n[extract]\ncache = "{work / "cache"}"\ndtype = "float32"\n'
+                    f'late_layers = 0\nthreads = {args.threads}\n[train]\nthreads = {args.threads}\n'
+                    f'max_steps = {args.steps}\nepochs = 2\n')
+    base = load_pipeline(str(pipe))
+    extract(base, log=lambda m: None)
+    texts = sentences(args.data, 2000, 1000)
+    results = {}
+    for label in args.methods.split(","):
+        name = label.replace(":", "-").replace("=", "-")
+        run, folder = work / "runs" / name, work / "exports" / name
+        pipeline = variant_pipeline(base, label).with_overrides("train", run_dir=str(run))
+        if label.split(":")[0] == "swr" or "late_tuning=swr" in label:  # a search and a fine-tuning epoch
+            pipeline = pipeline.with_overrides("train", max_steps=0)
+        if not folder.exists():
+            train(pipeline, overwrite=True, log=lambda m: None)
+            export(run, folder, log=print)
+        want = probabilities(Predictor.load(run).outputs(texts).numpy())
+        got = probabilities(onnx_logits(folder, texts))
+        results[label] = {"max_abs_diff": float(np.abs(got - want).max()),
+                          "labels_equal": bool((got.argmax(1) == want.argmax(1)).all())}
+        print(f"  {label:<24} max |probability difference| {results[label]['max_abs_diff']:.2e}, labels "
+              f"{'equal' if results[label]['labels_equal'] else 'DIFFER'} on {len(texts)} sentences", flush=True)
+    print(load_avg())
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
