@@ -66,12 +66,13 @@ class InferenceGraph(nn.Module):
 def libraries_quiet():
     """The exporter's and the quantizer's chatter (progress lines, deprecation and fallback
     warnings, a root-logger hint) kept off the user's terminal; levels restored after."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "")]
+    loggers = [logging.getLogger(name) for name in ("torch", "")]  # a failed export logs its graph: pages
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            lg.setLevel(logging.CRITICAL + 1)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -126,9 +127,13 @@ def write_onnx(graph: InferenceGraph, path: Path, with_types: bool, tokenizer, m
                               input_names=names, output_names=["logits"], dynamic_shapes=shapes,
                               opset_version=OPSET, external_data=False, verbose=False)
         except Exception as exc:  # torch.export and the translation raise many types: the method's modules did
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise SherlError(f"export: the model cannot be exported to ONNX ({type(exc).__name__}: {first}); its "
-                             f"method's modules need what torch.export or the ONNX translation lacks") from None
+            cause = exc
+            while cause.__cause__ is not None:  # the exporter wraps what torch.export met
+                cause = cause.__cause__
+            first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+            raise SherlError(f"export: the model cannot be exported to ONNX ({type(cause).__name__}: {first[:300]}); "
+                             f"its method's modules need what torch.export or the ONNX translation lacks (a branch "
+                             f"on the data's values, an op without a translation)") from None
 
 
 def write_int8(source: Path, target: Path) -> None:

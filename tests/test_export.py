@@ -18,6 +18,7 @@ from sherl_pipe.export import export
 from sherl_pipe.extraction import extract
 from sherl_pipe.prediction import Predictor
 from sherl_pipe.training import train
+from toy_method import Toy, ToyModel
 
 MAX_LENGTH = 24
 TEXTS = ["good", "bad film", "a very good film with a great plot " * 6, "the plot was dull and the actors bad"]
@@ -150,3 +151,29 @@ def test_bad_exports_are_refused_in_one_line_and_leave_nothing(tmp_path, bert_di
     assert list((tmp_path / "out").iterdir()) == []
     one_error_line(CliRunner().invoke(main, ["export", str(tmp_path / "nope"), str(tmp_path / "o2")]))
     assert not (tmp_path / "o2").exists()
+
+
+class Branchy(Toy):
+    """A method whose forward pass branches on its data: torch.export cannot follow it."""
+
+    def build(self, spec, config, modules):
+        return BranchyModel(spec, config)
+
+
+class BranchyModel(ToyModel):
+    def forward_batch(self, batch):
+        out = super().forward_batch(batch)
+        return out * 2 if float(out.sum()) > 0 else out
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_be_exported_is_refused_in_one_line(tmp_path, bert_dir, labeled, monkeypatch):
+    from sherl_pipe.methods import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "branchy", Branchy)
+    pipe = pipeline_file(tmp_path, bert_dir, labeled, train_extra='method = "branchy"')
+    extract(pipe)
+    train(pipe, log=lambda m: None)
+    one_error_line(CliRunner().invoke(main, ["export", str(tmp_path / "run"), str(tmp_path / "out")]),
+                   "cannot be exported to ONNX")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
