@@ -5,7 +5,10 @@ on 1,000 other SST-2 sentences (train.tsv rows 2,000-2,999: varied lengths, some
 max_length) beside `predict` on the same sentences.
 
 Per method: the largest |difference| of the probabilities, and whether the labels agree on every
-row. Last line: one JSON object with each method's `max_abs_diff` and `labels_equal`.
+row; then the first method's export run in a fresh virtualenv that holds onnxruntime, tokenizers
+and numpy only (no sherl-pipe, no torch, no transformers: STANDALONE, the tokenizer.json and
+labels.json of the export). Last line: one JSON object with each method's (and `fresh_venv`'s)
+`max_abs_diff` and `labels_equal`.
 
     python benchmarks/export_equal.py                     # about 10 minutes on 2 CPU cores
     python benchmarks/export_equal.py --methods sherl     # one method
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,6 +57,50 @@ def onnx_logits(folder: Path, texts: list[str], batch: int = 64) -> np.ndarray:
                   return_tensors="np")
         out.append(session.run(["logits"], {k: enc[k].astype(np.int64) for k in names})[0])
     return np.concatenate(out)
+
+
+# what a user's service without sherl-pipe runs: onnxruntime, tokenizers and numpy, nothing else
+STANDALONE = """
+import json, sys
+import numpy as np, onnxruntime as ort
+from tokenizers import Tokenizer
+folder, texts = sys.argv[1], json.load(open(sys.argv[2]))
+info = json.load(open(f"{folder}/labels.json"))
+pad = json.load(open(f"{folder}/tokenizer_config.json")).get("pad_token", "[PAD]")
+tok = Tokenizer.from_file(f"{folder}/tokenizer.json")
+tok.enable_truncation(info["max_length"])
+tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad)
+session = ort.InferenceSession(f"{folder}/model.onnx", providers=["CPUExecutionProvider"])
+names = [i.name for i in session.get_inputs()]
+out = []
+for i in range(0, len(texts), 64):
+    enc = tok.encode_batch(texts[i:i + 64])
+    cols = {"input_ids": [e.ids for e in enc], "attention_mask": [e.attention_mask for e in enc],
+            "token_type_ids": [e.type_ids for e in enc]}
+    out.append(session.run(["logits"], {k: np.array(cols[k], dtype=np.int64) for k in names})[0])
+print(json.dumps(np.concatenate(out).tolist()))
+"""
+
+
+def fresh_venv_logits(work: Path, folder: Path, texts: list[str]) -> np.ndarray:
+    """The export run by STANDALONE in a fresh virtualenv holding onnxruntime, tokenizers and numpy
+    only (made once in WORK, at this environment's versions), not sherl-pipe nor torch."""
+    import venv
+    from importlib import metadata
+
+    env = work / "fresh-venv"
+    python = env / "bin" / "python"
+    if not python.exists():
+        venv.create(env, with_pip=True)
+        pins = [f"{d}=={metadata.version(d)}" for d in ("onnxruntime", "tokenizers", "numpy")]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True)
+    missing = subprocess.run([str(python), "-c", "import sherl_pipe"], capture_output=True).returncode != 0
+    assert missing, "the fresh virtualenv can import sherl_pipe: it is not fresh"
+    (work / "standalone.py").write_text(STANDALONE)
+    (work / "texts.json").write_text(json.dumps(texts))
+    out = subprocess.run([str(python), str(work / "standalone.py"), str(folder), str(work / "texts.json")],
+                         capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+    return np.array(json.loads(out.stdout))
 
 
 def main() -> None:
@@ -102,6 +150,14 @@ def main() -> None:
                           "labels_equal": bool((got.argmax(1) == want.argmax(1)).all())}
         print(f"  {label:<24} max |probability difference| {results[label]['max_abs_diff']:.2e}, labels "
               f"{'equal' if results[label]['labels_equal'] else 'DIFFER'} on {len(texts)} sentences", flush=True)
+    first = args.methods.split(",")[0]
+    name = first.replace(":", "-").replace("=", "-")
+    want = probabilities(Predictor.load(work / "runs" / name).outputs(texts).numpy())
+    got = probabilities(fresh_venv_logits(work, work / "exports" / name, texts))
+    results["fresh_venv"] = {"method": first, "max_abs_diff": float(np.abs(got - want).max()),
+                             "labels_equal": bool((got.argmax(1) == want.argmax(1)).all())}
+    print(f"  {first} export in a fresh virtualenv (onnxruntime, tokenizers, numpy; no sherl-pipe, no torch): "
+          f"max |probability difference| {results['fresh_venv']['max_abs_diff']:.2e} on {len(texts)} sentences")
     print(load_avg())
     print(json.dumps(results))
 
