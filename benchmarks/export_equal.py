@@ -142,6 +142,7 @@ def main() -> None:
         if label.split(":")[0] == "swr" or "late_tuning=swr" in label:  # a search and a fine-tuning epoch
             pipeline = pipeline.with_overrides("train", max_steps=0)
         if not folder.exists():
+            folder.parent.mkdir(parents=True, exist_ok=True)
             train(pipeline, overwrite=True, log=lambda m: None)
             export(run, folder, log=print)
         want = probabilities(Predictor.load(run).outputs(texts).numpy())

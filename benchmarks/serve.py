@@ -2,7 +2,8 @@
 defaults) exported to ONNX (fp32 and int8), on SST-2's 872 test sentences, 2 threads.
 
 (a) ONNX Runtime fp32 samples/s over `predict`'s (the run folder's Predictor), batch 32, the
-    tokenizer included on both sides; (b) int8 over fp32 samples/s, and int8's test accuracy
+    tokenizer included on both sides, the sentences ordered by length for both (predict orders its
+    batches so itself); (b) int8 over fp32 samples/s, and int8's test accuracy
     against fp32's; each timed in 3 rounds back to back (the order turned each round): medians
     with [min, max]. (c) `sherl-pipe serve` on the export (a process of its own, 2 threads) with 1,
     8 and 32 concurrent clients, each sending one sentence a request until the 872 are answered:
@@ -191,6 +192,10 @@ def main() -> None:
     print(load_avg(), flush=True)
     run, folder = prepare(args)
     texts, gold = sentences(args.data)
+    # by length, as predict orders its batches itself: every engine then gets the same batches
+    # (in file order a batch of 32 pads to its longest sentence, and the engines' padding would differ)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    texts, gold = [texts[i] for i in order], gold[order]
     print(f"SST-2 test sentences ({len(texts)}), batch 32, {args.threads} thread(s), {ROUNDS} rounds:")
     t = throughput(run, folder, texts, gold, args)
     print("sherl-pipe serve on the export, one sentence a request:")
