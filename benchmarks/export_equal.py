@@ -94,12 +94,15 @@ def fresh_venv_logits(work: Path, folder: Path, texts: list[str]) -> np.ndarray:
         venv.create(env, with_pip=True)
         pins = [f"{d}=={metadata.version(d)}" for d in ("onnxruntime", "tokenizers", "numpy")]
         subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True)
-    missing = subprocess.run([str(python), "-c", "import sherl_pipe"], capture_output=True).returncode != 0
-    assert missing, "the fresh virtualenv can import sherl_pipe: it is not fresh"
+    bare = {"PATH": "/usr/bin:/bin"}  # and run from WORK: no checkout of sherl-pipe on its path
+    missing = [m for m in ("sherl_pipe", "torch", "transformers")
+               if subprocess.run([str(python), "-c", f"import {m}"], capture_output=True, cwd=work,
+                                 env=bare).returncode != 0]
+    assert len(missing) == 3, f"the fresh virtualenv imports {set(('sherl_pipe', 'torch', 'transformers')) - set(missing)}"
     (work / "standalone.py").write_text(STANDALONE)
     (work / "texts.json").write_text(json.dumps(texts))
-    out = subprocess.run([str(python), str(work / "standalone.py"), str(folder), str(work / "texts.json")],
-                         capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+    out = subprocess.run([str(python), "standalone.py", str(folder.absolute()), "texts.json"],
+                         capture_output=True, text=True, check=True, cwd=work, env=bare)
     return np.array(json.loads(out.stdout))
 
 

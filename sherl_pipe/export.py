@@ -107,6 +107,14 @@ def check_finished(run: Path) -> dict:
     return result
 
 
+def onnx_file(module: nn.Module, args: tuple, path: Path, names: list[str], shapes: dict | None) -> None:
+    """MODULE exported to PATH. Without onnxscript's graph optimizer: it dropped UniPT's `+ 1e-8`
+    from `scores / (scores.sum() + 1e-8)`, so a token whose scores were all 0 gave NaN (about half
+    of SST-2's sentences through a MiniLM UniPT); ONNX Runtime optimizes the graph when it loads it."""
+    torch.onnx.export(module, args, str(path), dynamo=True, input_names=names, output_names=["logits"],
+                      dynamic_shapes=shapes, opset_version=OPSET, external_data=False, verbose=False, optimize=False)
+
+
 def example_inputs(tokenizer, with_types: bool) -> tuple:
     ids = torch.tensor([[101, 7, 8, 9, 102], [101, 7, 102, 0, 0]]).clamp(max=len(tokenizer) - 1)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
@@ -123,9 +131,7 @@ def write_onnx(graph: InferenceGraph, path: Path, with_types: bool, tokenizer, m
     shapes = {n: {0: batch, 1: sequence} for n in names}
     with torch.no_grad(), libraries_quiet():
         try:
-            torch.onnx.export(graph, example_inputs(tokenizer, with_types), str(path), dynamo=True,
-                              input_names=names, output_names=["logits"], dynamic_shapes=shapes,
-                              opset_version=OPSET, external_data=False, verbose=False)
+            onnx_file(graph, example_inputs(tokenizer, with_types), path, names, shapes)
         except Exception as exc:  # torch.export and the translation raise many types: the method's modules did
             cause = exc
             while cause.__cause__ is not None:  # the exporter wraps what torch.export met
