@@ -89,7 +89,7 @@ def fresh_venv_logits(work: Path, folder: Path, texts: list[str]) -> np.ndarray:
     from importlib import metadata
 
     env = work / "fresh-venv"
-    python = env / "bin" / "python"
+    python = (env / "bin" / "python").absolute()
     if not python.exists():
         venv.create(env, with_pip=True)
         pins = [f"{d}=={metadata.version(d)}" for d in ("onnxruntime", "tokenizers", "numpy")]
