@@ -44,19 +44,11 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 
 
 def onnx_logits(folder: Path, texts: list[str], batch: int = 64) -> np.ndarray:
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
+    """The export run by ONNX Runtime as `sherl-pipe serve` runs it, in batches of BATCH."""
+    from sherl_pipe.serve import OnnxModel
 
-    info = json.loads((folder / "labels.json").read_text())
-    tok = AutoTokenizer.from_pretrained(folder)
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    out = []
-    for i in range(0, len(texts), batch):
-        enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=info["max_length"],
-                  return_tensors="np")
-        out.append(session.run(["logits"], {k: enc[k].astype(np.int64) for k in names})[0])
-    return np.concatenate(out)
+    model = OnnxModel(folder)
+    return np.concatenate([model.outputs(texts[i:i + batch], None) for i in range(0, len(texts), batch)])
 
 
 # what a user's service without sherl-pipe runs: onnxruntime, tokenizers and numpy, nothing else

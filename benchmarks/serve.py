@@ -71,20 +71,11 @@ def sentences(data: Path) -> tuple[list[str], np.ndarray]:
 
 
 def onnx_runner(folder: Path, name: str, threads: int):
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
+    """The export's NAME as the server runs it (its tokenizer, labels.json's max_length)."""
+    from sherl_pipe.serve import OnnxModel
 
-    info = json.loads((folder / "labels.json").read_text())
-    tok = AutoTokenizer.from_pretrained(folder)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-
-    def run(texts: list[str]) -> np.ndarray:
-        enc = tok(texts, padding=True, truncation=True, max_length=info["max_length"], return_tensors="np")
-        return session.run(["logits"], {k: enc[k].astype(np.int64) for k in names})[0]
-    return run
+    model = OnnxModel(folder, threads, name)
+    return lambda texts: model.outputs(texts, None)
 
 
 def timed(fn, texts: list[str], batch: int) -> tuple[float, np.ndarray]:

@@ -40,7 +40,7 @@ class BadRequest(Exception):
 class OnnxModel:
     """An export folder run by ONNX Runtime, with the tokenizer in it."""
 
-    def __init__(self, folder: Path, threads: int = 0):
+    def __init__(self, folder: Path, threads: int = 0, name: str = "model.onnx"):
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -49,7 +49,7 @@ class OnnxModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.description = {"model": str(folder), "runtime": "onnxruntime"}
 
