@@ -221,9 +221,11 @@ class Consolidation(nn.Module):
     def _inputs(self, states: dict[int, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         """(n + 1, B, T, D) float32, the tiers in `inputs` order, padding cleared. Each tier is copied
         once, converting from its storage dtype (float16 from the cache) on the way, into one buffer
-        that is cleared in one pass."""
+        that is cleared in one pass. Under torch.export (sherl-pipe export) the buffer would become one
+        full-size scatter per tier (a fifth of ONNX Runtime's time): stacked instead."""
         tiers = [states[t] for t in self.inputs]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tiers):  # `out=`/copy_ record no gradient
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tiers)  # `out=`/copy_ record no gradient
+        if grad or torch.compiler.is_exporting():
             return torch.stack([t.float() for t in tiers]).masked_fill(~keep, 0.0)
         x = tiers[0].new_empty((len(tiers),) + tuple(tiers[0].shape), dtype=torch.float32)
         for i, t in enumerate(tiers):

@@ -197,3 +197,36 @@ def test_the_exported_graph_keeps_a_small_epsilon(tmp_path):
     onnx_file(Normalised(), (x,), tmp_path / "m.onnx", ["x"], None)
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["logits"], {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, Normalised()(x).numpy(), atol=1e-6)
+
+
+class Consolidating(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from sherl_pipe.consolidation import Consolidation
+
+        self.module = Consolidation(16, [0, 1, 2], 3, 4, dropout=0.0).eval()
+
+    def forward(self, h0, h1, h2, h3, mask):
+        return self.module({0: h0, 1: h1, 2: h2, 3: h3}, mask)
+
+
+def test_the_consolidation_exports_without_a_scatter_per_tier(tmp_path):
+    """Inference copies the tiers into one buffer; exported as written, each copy became a scatter of
+    the whole (n + 1, B, T, D) buffer: a fifth of ONNX Runtime's time on a MiniLM SHERL run."""
+    import onnx
+    import onnxruntime as ort
+
+    from sherl_pipe.export import onnx_file
+
+    torch.manual_seed(0)
+    states = tuple(torch.randn(2, 5, 16) for _ in range(4))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    module, names = Consolidating(), ["h0", "h1", "h2", "h3", "mask"]
+    with torch.no_grad():
+        want = module(*states, mask).numpy()
+        onnx_file(module, (*states, mask), tmp_path / "m.onnx", names, None)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert not ops & {"ScatterElements", "ScatterND"}, ops
+    feed = dict(zip(names, [s.numpy() for s in states] + [mask.numpy()]))
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["logits"], feed)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
