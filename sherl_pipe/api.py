@@ -90,7 +90,7 @@ def run_compare(pipeline: Pipeline | str, methods: Sequence[str] | None = None, 
                 hooks=None, **options) -> dict:
     """`sherl-pipe compare`: the cache (extracted if needed), then every method x seed; OPTIONS as
     runners.compare (seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers, overwrite,
-    retry_failed). Returns the report: its "markdown", "summary", "folder", "interrupted"."""
+    retry_failed, keep). Returns the report: its "markdown", "summary", "folder", "interrupted"."""
     from sherl_pipe import runners  # torch: loaded at the first call, `import sherl_pipe` stays light
 
     if isinstance(methods, str):  # as the command's --methods: names separated by commas

@@ -499,11 +499,13 @@ def _print_sweep(report, sweep_dir) -> None:
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Local cluster workers (0: one per core).")
 @click.option("--overwrite", is_flag=True, help="Start the comparison in its folder again.")
 @click.option("--retry-failed", is_flag=True, help="Run the trials that failed again (once their cause is fixed).")
+@click.option("--keep", type=click.Choice(["best", "all"]), default="best", show_default=True,
+              help="A scored trial's checkpoints: its best weights only, or also its resume state and last weights.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, resolved config or per-trial lines.")
 @_verbose
 @_fail_cleanly
 def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers,
-            overwrite, retry_failed, quiet, verbose):
+            overwrite, retry_failed, keep, quiet, verbose):
     """Every method x seed from one cache (extracted first if needed), at equal epochs or equal time:
     compare.csv, compare.md and plots in the compare folder; rerun the same command to resume."""
     from sherl_pipe import runners  # loaded when the command runs: --help stays fast
@@ -513,7 +515,7 @@ def compare(pipeline, overrides, methods, seeds, live_seeds, budget, tune_lr, co
     names = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     _show_config(pipe, quiet, verbose, f"{compare_dir}/compare.json")
     out = runners.compare(pipe, names, seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers, overwrite,
-                          retry_failed, _hooks(pipe, quiet, SWEEP_INTERRUPT))
+                          retry_failed, _hooks(pipe, quiet, SWEEP_INTERRUPT), keep)
     if out["interrupted"]:
         _say(f"interrupted: compare {out['folder']} stopped; rerun the same command to resume it")
         sys.exit(130)

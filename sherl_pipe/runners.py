@@ -171,7 +171,7 @@ def sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str | No
 def compare(pipeline: Pipeline, methods: list[str] | None = None, seeds: int = 3, live_seeds: int | None = None,
             budget: str = "epochs", tune_lr: bool = False, compare_dir: str = "sherl-compare/default",
             scheduler: str | None = None, workers: int = 0, overwrite: bool = False, retry_failed: bool = False,
-            hooks: Hooks | None = None) -> dict:
+            hooks: Hooks | None = None, keep: str = "best") -> dict:
     """`sherl-pipe compare`: the cache (extracted if needed; every method checked against it first),
     then every method x seed. METHODS None: every registered method the cache serves (those it
     does not are left out with a line saying why). Returns the report (compare/report.py) with
@@ -179,6 +179,9 @@ def compare(pipeline: Pipeline, methods: list[str] | None = None, seeds: int = 3
     from sherl_pipe.compare import compare as run_compare  # dask and optuna: loaded by the flows that use them
     from sherl_pipe.compare.run import plan_compare, servable  # (as above)
 
+    from sherl_pipe.training.checkpoint import check_keep
+
+    check_keep(keep, "--keep")  # before the cache is extracted
     hooks = hooks or Hooks()
     names = method_names() if methods is None else list(methods)
 
@@ -197,7 +200,7 @@ def compare(pipeline: Pipeline, methods: list[str] | None = None, seeds: int = 3
         with hooks.stop() as should_stop:
             return run_compare(pipeline, names, seeds, live_seeds, budget, tune_lr, compare_dir, scheduler, workers,
                                overwrite, progress=bar, log=hooks.log, should_stop=should_stop, check_cache=False,
-                               retry_failed=retry_failed)
+                               retry_failed=retry_failed, keep=keep)
     finally:
         if bar is not None:
             bar.close()

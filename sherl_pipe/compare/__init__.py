@@ -19,6 +19,7 @@ from sherl_pipe.cache import Cache, manifest_fingerprint
 from sherl_pipe.cache.location import pipeline_location
 from sherl_pipe.compare.report import build_report
 from sherl_pipe.compare.run import plan_compare, run_compare, save_plan
+from sherl_pipe.training.checkpoint import check_keep
 from sherl_pipe.folders import clear_folder, ensure_writable, has_files, refuse_cwd
 from sherl_pipe.request import check_cache_matches
 
@@ -40,16 +41,19 @@ def compare(pipeline: Pipeline, methods: list[str], seeds: int = 3, live_seeds: 
             budget: str = "epochs", tune_lr: bool = False, compare_dir: str = "sherl-compare/default",
             scheduler: str | None = None, workers: int = 0, overwrite: bool = False, progress=None,
             log: Callable[[str], None] = print, should_stop=None, check_cache: bool = True,
-            retry_failed: bool = False) -> dict:
+            retry_failed: bool = False, keep: str = "best") -> dict:
     """Run (or resume) a comparison over the pipeline's cache, which must exist and match (checked
     here unless check_cache=False); returns the report (compare/report.py) and whether it was
-    interrupted. RETRY_FAILED: trials that failed run again (once their cause is fixed)."""
+    interrupted. RETRY_FAILED: trials that failed run again (once their cause is fixed). KEEP: "best"
+    (a scored trial keeps its best weights, metrics and summary; its resume state and last-epoch
+    weights are dropped) or "all"."""
 
     cache = Cache(pipeline_location(pipeline, training=True))
     if check_cache:
         check_cache_matches(cache, pipeline)
     c = plan_compare(pipeline, methods, seeds, live_seeds, budget, tune_lr, compare_dir, cache.manifest)
-    c.fingerprint, c.retry_failed = manifest_fingerprint(cache.manifest), retry_failed
+    check_keep(keep, "--keep")
+    c.fingerprint, c.retry_failed, c.keep = manifest_fingerprint(cache.manifest), retry_failed, keep
     prepare_compare_folder(c.folder, overwrite)
     save_plan(c)
     out = run_compare(c, scheduler, workers, progress, log, should_stop, cache.manifest["backbone"]["model_type"])

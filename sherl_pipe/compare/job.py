@@ -31,6 +31,7 @@ from sherl_pipe.methods.spec import config_from_manifest
 from sherl_pipe.training import train
 from sherl_pipe.training.inference import loss_fn
 from sherl_pipe.training.rng import run_rng
+from sherl_pipe.training.checkpoint import keep_best_only
 from sherl_pipe.training.run import build_session, open_training_cache
 
 
@@ -158,11 +159,14 @@ def main(argv: list[str]) -> int:
     spec_path = Path(argv[0])
     try:
         hidden = json.loads(sys.stdin.read() or "null") or {}
-        out = run(json.loads(spec_path.read_text()), hidden.get("cache"), hidden.get("methods"), interrupted)
+        spec = json.loads(spec_path.read_text())
+        out = run(spec, hidden.get("cache"), hidden.get("methods"), interrupted)
     except SherlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_atomically(spec_path.with_name("result.json"), (json.dumps(out) + "\n").encode())
+    if out["state"] == "complete" and spec.get("keep", "best") == "best":  # scored: nothing will resume it
+        keep_best_only(Path(spec["pipeline"]["train"]["run_dir"]))
     return 0
 
 

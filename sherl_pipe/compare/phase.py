@@ -99,7 +99,8 @@ def run_phase(c, name: str, trials: list[dict], eng, progress, log, should_stop,
         pipeline = phase_pipeline(c, name)
         study, params = open_phase(c, folder, trials)
         parallel = min(parallel or eng.workers, eng.workers)
-        plan = Plan(pipeline, params, c.metric, c.direction, folder, len(trials), parallel, 0.0, c.fingerprint)
+        plan = Plan(pipeline, params, c.metric, c.direction, folder, len(trials), parallel, 0.0, c.fingerprint,
+                    keep=c.keep)
         log(f"compare {name}: {len(trials)} trial(s), {finished_count(study, folder)} done, on {eng.where}"
             + (", one at a time (timed)" if parallel < eng.workers else ""))
         if progress is not None and hasattr(progress, "set_total"):

@@ -68,6 +68,7 @@ class Compare:
     budget_seconds: float | None = None  # --budget time: full fine-tuning's median training seconds
     retry_failed: bool = False  # trials that failed run again (their cause fixed)
     fingerprint: str = ""  # the cache's manifest fingerprint, checked by every trial
+    keep: str = "best"  # a scored trial's checkpoints: best, or all (checkpoint.keep_best_only)
 
 
 def plan_compare(pipeline: Pipeline, methods: list[str], seeds: int, live_seeds: int | None, budget: str,
@@ -193,7 +194,7 @@ def final_trials(c: Compare) -> list[dict]:
 def save_plan(c: Compare) -> None:
     description = {"methods": c.methods, "seeds": c.seeds, "budget": c.budget, "tune_lr": c.tune_lr,
                    "metric": c.metric, "direction": c.direction, "epochs": c.epochs, "rates": c.rates,
-                   "tuned_rates": c.tuned_rates, "budget_seconds": c.budget_seconds,
+                   "tuned_rates": c.tuned_rates, "budget_seconds": c.budget_seconds, "keep": c.keep,
                    "pipeline": c.pipeline.to_dict()}
     write_atomically(c.folder / "compare.json", (json.dumps(description, indent=2) + "\n").encode())
 

@@ -52,6 +52,7 @@ class Plan:
     parallel: int
     timeout: float
     cache_fingerprint: str = ""
+    keep: str = "best"  # a scored trial's checkpoints: best (its best weights only) or all
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Coordinator:
                              metric=self.plan.metric)
         return {"number": trial.number, "pipeline": pipe, "threads": self.engine.threads, "metric": self.plan.metric,
                 "reports": f"{self.prefix}-reports", "decisions": f"{self.prefix}-decide", "decide": self.decide,
-                "stop": f"{self.prefix}-stop", "cache_fingerprint": self.plan.cache_fingerprint,
+                "stop": f"{self.prefix}-stop", "cache_fingerprint": self.plan.cache_fingerprint, "keep": self.plan.keep,
                 # the cache as one Location: its storage options (credentials among them) go to the
                 # worker in memory (dask), never to a file or a log (a Location's repr leaves them out)
                 "cache": pipeline_location(self.plan.pipeline, training=True),

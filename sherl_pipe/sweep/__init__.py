@@ -68,7 +68,7 @@ def plan_sweep(pipeline: Pipeline, sweep_file: str | None, sweep_dir: str | None
         raise SherlError(f"{sweep.where('trials')}: sweep.trials = 0 means every combination, for the grid "
                          f"sampler only; set sweep.trials")
     return cfg, Plan(absolute_paths(pipeline), params, metric, direction, Path(cfg.dir).absolute(), budget,
-                     cfg.parallel, cfg.timeout)
+                     cfg.parallel, cfg.timeout, keep=cfg.keep)
 
 
 def run_sweep(pipeline: Pipeline, sweep_file: str | None = None, sweep_dir: str | None = None,

@@ -31,6 +31,7 @@ class SweepConfig:
     pruner: str = choice("none", "median", "successive-halving")
     seed: int = 0  # the sampler's seed (a trial's own seed is train.seed, which the space may vary)
     dir: str = "sherl-sweeps/default"
+    keep: str = choice("best", "all")  # a scored trial's checkpoints: its best weights only, or all (resume state too)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 from sherl_pipe.atomic import write_atomically
 from sherl_pipe.engine import TRIAL_LOCK, Reporter, StopFlag, open_trial
 from sherl_pipe.training import train
+from sherl_pipe.training.checkpoint import keep_best_only
 
 
 def rss_mb() -> float | None:
@@ -79,5 +80,7 @@ def _run_trial(spec: dict) -> dict:
         "best": result.best, "last_eval": result.last_eval, "train_seconds": result.seconds,
         "seconds": time.perf_counter() - t0, "samples_per_s": result.samples_per_s,
         "peak_rss_mb": memory.peak, "threads": torch.get_num_threads(), "run_dir": str(result.run_dir)}
+    if state != "interrupted" and spec.get("keep", "best") == "best":  # scored: nothing will resume it
+        out["freed_bytes"] = keep_best_only(Path(result.run_dir))
     write_atomically(Path(result.run_dir) / "trial.json", (json.dumps(out, indent=2) + "\n").encode())
     return out

@@ -7,6 +7,8 @@
     RUN/checkpoints/best.safetensors, last.safetensors   stage-two weights
     RUN/checkpoints/state.pt   the full training state of `last` (for --resume)
     RUN/summary.json           written when training ends
+A sweep or compare trial, once scored, keeps only best.safetensors of its checkpoints (keep =
+"best": keep_best_only); `last` and state.pt are then gone, and the finished run cannot be resumed.
 Every file is written to a `.partial` name and renamed, so a killed run never leaves half a file.
 A folder is recognised as a run folder by its model.json (with a model spec) or its state.pt; only
 such a folder is ever deleted by --overwrite.
@@ -68,6 +70,37 @@ def is_run_folder(path: Path) -> bool:
         return False
 
 
+KEEP = ("best", "all")  # sweep.keep, compare --keep
+RESUME_ONLY = ("last.safetensors", "state.pt")  # in checkpoints/: what only --resume and --checkpoint last read
+
+
+def check_keep(keep: str, where: str) -> None:
+    if keep not in KEEP:
+        raise SherlError(f"{where} = {keep!r}: give one of {', '.join(KEEP)}")
+
+
+def kept_best_only(path: Path) -> bool:
+    """A finished run whose resume state keep_best_only dropped."""
+    return (path / "summary.json").is_file() and not (path / "checkpoints" / "state.pt").is_file() \
+        and (path / "checkpoints" / "best.safetensors").is_file()
+
+
+def keep_best_only(path: Path) -> int:
+    """A scored trial's run folder PATH without its resume state and last-epoch weights (a sweep or
+    compare trial reads only its best weights once scored: at base size they are most of a
+    comparison's gigabytes); the bytes freed. Nothing is dropped unless the best weights are there."""
+    folder = Path(path) / "checkpoints"
+    if not (folder / "best.safetensors").is_file():
+        return 0
+    freed = 0
+    for name in RESUME_ONLY:
+        f = folder / name
+        if f.is_file():
+            freed += f.stat().st_size
+            f.unlink()
+    return freed
+
+
 class RunFolder:
     """A run folder held (locked) by this process while it trains."""
 
@@ -90,6 +123,10 @@ class RunFolder:
                              f"checkpoints/state.pt); it is never deleted: set train.run_dir to another folder")
         if not existing and resume:
             raise SherlError(f"run folder {p}: nothing to resume (no earlier run there)")
+        if existing and not overwrite and kept_best_only(p):
+            raise SherlError(f"run folder {p}: a finished trial that kept only its best weights (keep = \"best\"); "
+                             f"there is nothing to resume: use --overwrite to train it again, or set train.run_dir "
+                             f"to another folder")
         if existing and not (resume or overwrite) and self.state_path.is_file():
             raise SherlError(f"run folder {p} already exists; use --resume to continue it, --overwrite "
                              f"to replace it, or set train.run_dir to another folder")

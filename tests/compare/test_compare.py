@@ -59,6 +59,10 @@ def test_compare_at_equal_epochs_writes_the_table_and_the_pictures(tmp_path, com
     # the test metric is the best epoch's, on the evaluate split, as `sherl-pipe evaluate` gives it
     first = json.loads((out / "final" / "jobs" / "0000" / "result.json").read_text())  # sherl, seed 0: asked first
     assert first["test"]["metrics"]["accuracy"] == pytest.approx(float(rows[0]["test"]), abs=1e-6)
+    # keep = "best" (the default): a scored trial keeps its best weights, metrics and summary only
+    for trial in (out / "final" / "trials").iterdir():
+        assert sorted(p.name for p in (trial / "checkpoints").iterdir()) == ["best.safetensors"]
+        assert (trial / "summary.json").is_file() and (trial / "metrics.jsonl").is_file()
     (out / "compare.md").unlink()
     r = CliRunner().invoke(main, ["compare-report", str(out)])
     assert r.exit_code == 0 and (out / "compare.md").read_text() == table
@@ -392,7 +396,8 @@ def test_a_row_of_a_method_with_settings_of_its_own_trains_with_them(tmp_path, c
     out = tmp_path / "cmp"
     r = CliRunner().invoke(main, ["compare", str(compare_pipeline), "-q", "--methods",
                                   "sherl,sherl:late_tuning=swr:swr_budget=0.2", "--seeds", "1",
-                                  "--compare-dir", str(out), "--workers", "1", "--set", "train.epochs=2"])
+                                  "--compare-dir", str(out), "--workers", "1", "--set", "train.epochs=2",
+                                  "--keep", "all"])
     assert r.exit_code == 0, r.output
     rows = {x["method"]: x for x in read_csv(out / "compare.csv")}
     assert set(rows) == {"sherl", "sherl:late_tuning=swr:swr_budget=0.2"}
@@ -402,6 +407,9 @@ def test_a_row_of_a_method_with_settings_of_its_own_trains_with_them(tmp_path, c
     summaries = [json.loads(p.read_text()) for p in (out / "final").rglob("summary.json")]
     reports = [s["method_report"] for s in summaries if s.get("method_report")]
     assert len(reports) == 1 and reports[0]["budget_weights"] == int(0.2 * reports[0]["backbone_weights"])
+    for trial in (out / "final" / "trials").iterdir():  # --keep all: the resume state stays
+        assert sorted(p.name for p in (trial / "checkpoints").iterdir()) == [
+            "best.safetensors", "last.safetensors", "state.pt"]
 
 
 @pytest.mark.parametrize("label, message", [

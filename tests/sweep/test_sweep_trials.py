@@ -32,8 +32,10 @@ def test_trials_equal_sherl_pipe_train_and_fresh_processes(tmp_path, bert_dir, l
         run = tmp_path / f"fresh-{r['number']}"
         subprocess.run([sys.executable, "-m", "sherl_pipe", "train", "-q", str(path), "--run-dir", str(run),
                         "--set", f"train.lr={r['lr']}", "--set", "train.threads=1"], check=True, capture_output=True)
-        a = load_file(tmp_path / "sweep" / "trials" / f"{int(r['number']):04d}" / "checkpoints" / "last.safetensors")
-        b = load_file(run / "checkpoints" / "last.safetensors")
+        kept = tmp_path / "sweep" / "trials" / f"{int(r['number']):04d}" / "checkpoints"
+        assert sorted(p.name for p in kept.iterdir()) == ["best.safetensors"]  # sweep.keep = "best"
+        a = load_file(kept / "best.safetensors")
+        b = load_file(run / "checkpoints" / "best.safetensors")
         for key in b:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
         # a trial skips the tier-weight pass (another read of the training split); train does it
@@ -139,7 +141,8 @@ def test_two_trials_at_once_in_one_process_equal_each_alone(tmp_path, bert_dir, 
         pipe = base.to_dict()
         pipe["train"].update(lr=lr, run_dir=str(tmp_path / f"trial{n}"), threads=1)
         return {"number": n, "pipeline": pipe, "threads": 1, "metric": "accuracy", "reports": "r", "decisions": "d",
-                "decide": False, "stop": "stop", "cache_fingerprint": fingerprint}
+                "decide": False, "stop": "stop", "cache_fingerprint": fingerprint,
+                "keep": "all"}  # their last weights are compared below
 
     errors = []
     with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0"):

@@ -121,6 +121,27 @@ def test_resuming_a_finished_run_keeps_its_summary(tmp_path, bert_dir, labeled_c
     assert result.steps == summary["steps"] and any("already finished" in m for m in messages)
 
 
+def test_a_trial_that_kept_only_its_best_weights_is_never_restarted_by_resume(tmp_path, bert_dir, labeled_csv,
+                                                                               fp32_cache):
+    """keep = "best" drops state.pt and last: without a check, --resume (or a plain train) took the
+    folder for one whose first epoch never finished and emptied it, best weights and all."""
+    from sherl_pipe.evaluation import evaluate
+    from sherl_pipe.training.checkpoint import keep_best_only
+
+    run = tmp_path / "run"
+    pipe = pipeline_for(tmp_path, bert_dir, labeled_csv, fp32_cache, run, 'epochs = 1\neval_split = "validation"')
+    train(pipe, log=lambda m: None)
+    sizes = {p.name: p.stat().st_size for p in (run / "checkpoints").iterdir()}
+    assert keep_best_only(run) == sizes["last.safetensors"] + sizes["state.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.safetensors"]
+    assert evaluate(run, "validation", "best")["accuracy"] >= 0  # what a scored trial is still read for
+    for resume in (True, False):
+        with pytest.raises(SherlError, match="kept only its best weights.*--overwrite"):
+            train(pipe, resume=resume, log=lambda m: None)
+    assert (run / "checkpoints" / "best.safetensors").is_file()
+    assert keep_best_only(tmp_path) == 0  # no best weights: nothing is dropped
+
+
 def test_a_run_that_fails_to_start_does_not_block_the_retry(tmp_path, bert_dir, labeled_csv, fp32_cache):
     from conftest import make_backbone
 
