@@ -28,6 +28,33 @@ def sst2_pipeline_text(args, cache: Path, extract_extra: str = "") -> str:
             f'[train]\nlate_layers = 1\nthreads = {args.threads}\neval_split = ""\nepochs = {args.epochs}\n')
 
 
+def add_backbone_arg(ap) -> None:
+    ap.add_argument("--backbone", type=Path, default=None,
+                    help="a Hugging Face folder (benchmarks/get_mpnet.py prints one); default: the embedded MiniLM")
+
+
+def backbone_section(source: Path | None) -> str:
+    """The pipeline's [backbone] table for --backbone; nothing for the embedded default."""
+    return f'[backbone]\nsource = "{source.absolute()}"\n' if source else ""
+
+
+def backbone_tag(source: Path | None) -> str:
+    """A work folder's suffix per backbone: each has its own caches and runs."""
+    return f"-{source.absolute().name}" if source else ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its bf16 matmul support (AMX, AVX-512 BF16), for every figure."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    bf16 = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
+    return f"{name} ({', '.join(bf16) or 'no native bf16'}; {os.cpu_count()} cores)"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

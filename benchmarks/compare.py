@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, load_avg  # noqa: E402
+from common import DEFAULT_DATA, add_backbone_arg, backbone_section, backbone_tag, cpu_name, load_avg  # noqa: E402
 from defaults import rotten_tomatoes, write_csv  # noqa: E402
 
 TASKS = ("sst2", "tweets", "reviews")
@@ -52,10 +52,10 @@ def prepare(task: str, args) -> Path:
     from sherl_pipe.config import load_pipeline
     from sherl_pipe.extraction import extract
 
-    work = args.work / task
+    work = args.work / f"{task}{backbone_tag(args.backbone)}"
     work.mkdir(parents=True, exist_ok=True)
     pipe = work / "pipeline.toml"
-    pipe.write_text(f"[data]\n{task_data(task, args, work)}[extract]\ncache = \"{work / 'cache'}\"\nthreads = 2\n"
+    pipe.write_text(f"[data]\n{task_data(task, args, work)}{backbone_section(args.backbone)}[extract]\ncache = \"{work / 'cache'}\"\nthreads = 2\n"
                     f"late_layers = 0\n[train]\neval_split = \"validation\"\nepochs = {args.epochs}\n"
                     f"run_dir = \"{work / 'run'}\"\n")
     extract(load_pipeline(str(pipe)), log=lambda m: None)
@@ -68,9 +68,10 @@ def run(task: str, budget: str, pipe: Path, args) -> dict:
     from sherl_pipe.methods import method_names
 
     methods = args.methods.split(",") if args.methods else [*method_names(), *EXTRA_ROWS]
-    print(f"== {task}, --budget {budget}{' ' + ' '.join(args.set) if args.set else ''}; {load_avg()}", flush=True)
+    print(f"== {task}, --budget {budget}{' ' + ' '.join(args.set) if args.set else ''}; {cpu_name()}; {load_avg()}",
+          flush=True)
     out = compare(load_pipeline(str(pipe), args.set), methods, args.seeds, args.live_seeds, budget,
-                  compare_dir=str(args.work / task / f"compare-{budget}{suffix(args)}"), workers=args.workers,
+                  compare_dir=str(pipe.parent / f"compare-{budget}{suffix(args)}"), workers=args.workers,
                   log=lambda m: print("   ", m, flush=True))
     print(out["markdown"], flush=True)
     return {s["method"]: {"test": s["test"][0], "test_sd": s["test"][1], "n": s["n"], "peak_mib": s["peak_mib"][0],
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a pipeline setting for every comparison (repeatable), as `sherl-pipe compare --set`")
+    add_backbone_arg(ap)
     ap.add_argument("--tag", default="", help="the compare folders' suffix with --set (default: a hash of the settings)")
     args = ap.parse_args()
     results: dict = {}

@@ -35,14 +35,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, Jobs, accuracy_line, add_job_args, load_avg, train_job, train_runs  # noqa: E402
+from common import (DEFAULT_DATA, Jobs, accuracy_line, add_backbone_arg, add_job_args, backbone_section,  # noqa: E402
+                    backbone_tag, cpu_name, load_avg, train_job, train_runs)
 
 PARTS = ("workers", "s3", "precision", "flops", "accuracy")
 
 
 def pipeline_text(args, cache: str, extra: str = "") -> str:
     return (f'[data]\ntrain = "{args.data / "train.tsv"}"\ntest = "{args.data / "test.tsv"}"\n'
-            f'text_column = "sentence"\nlimit = {args.rows}\n[extract]\ncache = "{cache}"\nthreads = 2\n{extra}'
+            f'text_column = "sentence"\nlimit = {args.rows}\n{backbone_section(args.backbone)}'
+            f'[extract]\ncache = "{cache}"\nthreads = 2\n{extra}'
             f'[train]\nthreads = 2\neval_split = ""\n')
 
 
@@ -305,6 +307,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parts", default=",".join(PARTS))
+    add_backbone_arg(ap)
     add_job_args(ap)
     args = ap.parse_args()
     if args.job:
@@ -312,12 +315,12 @@ def main() -> None:
         return
     if not (args.data / "train.tsv").is_file():
         sys.exit(f"benchmark skipped: {args.data} has no SST-2 files (pass --data DIR)")
-    work = args.work.absolute() / f"rows{args.rows}"
+    work = args.work.absolute() / f"rows{args.rows}{backbone_tag(args.backbone)}"
     work.mkdir(parents=True, exist_ok=True)
     job = Jobs(__file__, work / "results.jsonl")
     pipe = work / "pipeline.toml"
     pipe.write_text(pipeline_text(args, str(work / "c-fp32")))
-    print(load_avg(), flush=True)
+    print(f"{cpu_name()}; {load_avg()}", flush=True)
     parts = args.parts.split(",")
     if "flops" in parts or "accuracy" in parts:
         parts = ["precision", *[p for p in parts if p != "precision"]]  # they read its caches and times

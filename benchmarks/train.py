@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, Jobs, add_job_args, extract_job, mean_sd, seed_and_row_interval, train_job  # noqa: E402
+from common import (DEFAULT_DATA, Jobs, add_backbone_arg, add_job_args, backbone_section, backbone_tag,  # noqa: E402
+                    extract_job, mean_sd, seed_and_row_interval, train_job)
 
 STATE_BATCH, STATE_LEN = 32, 64
 
@@ -43,7 +44,7 @@ def pipeline_text(args, cache: Path, train_rows: int, with_test: bool = True) ->
     limit = f"limit = {train_rows}\n" if train_rows else ""
     test = f'test = "{args.data / "test.tsv"}"\n' if with_test else ""
     return (f'[data]\ntrain = "{args.data / "train.tsv"}"\n{test}'
-            f'text_column = "sentence"\nlabel_column = "label"\n{limit}'
+            f'text_column = "sentence"\nlabel_column = "label"\n{limit}{backbone_section(args.backbone)}'
             f'[extract]\ncache = "{cache}"\nthreads = {args.threads}\n'
             f'[train]\nlate_layers = 1\nthreads = {args.threads}\nbatch_size = 32\neval_split = ""\n')
 
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="fixed epoch budget of every accuracy run")
     ap.add_argument("--repeats", type=int, default=4, help="rounds of the speed comparison (ratios: median)")
     ap.add_argument("--parts", default="speed,state,accuracy", help="comma-separated parts to run and report")
+    add_backbone_arg(ap)
     add_job_args(ap)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -132,7 +134,7 @@ def main() -> None:
     if not (args.data / "train.tsv").is_file():
         sys.exit(f"benchmark skipped: {args.data} has no SST-2 files (pass --data DIR)")
 
-    work = args.work / ("quick" if args.quick else "full")
+    work = args.work / (("quick" if args.quick else "full") + backbone_tag(args.backbone))
     work.mkdir(parents=True, exist_ok=True)
     job = Jobs(__file__, work / "results.jsonl")
     results = job.results
