@@ -1,0 +1,170 @@
+"""Where an export's time goes against predict's: the MiniLM SHERL run of benchmarks/serve.py (made
+and exported there first if missing), SST-2's 872 test sentences by length in batches of 32, at 1
+and 2 threads. For each engine its wall time (median of 3 rounds, the engines in turn) and, in one
+more profiled round, its time per op type: ONNX Runtime's profiler (kernel time per node, summed by
+op type) on model.onnx, and torch's profiler (self CPU time per aten op) on predict. A third
+engine shows what ONNX Runtime's transformer optimizer (onnxruntime.transformers: attention,
+GELU, LayerNorm fusion for BERT-like graphs) adds to model.onnx: which fusions it found, and its
+wall time.
+
+    python benchmarks/export_profile.py         # a few minutes (serve.py's run first: about 5 more)
+
+Last line: one JSON object, per thread count: each engine's samples/s, onnx_over_predict,
+fused_over_onnx, the fusions found, and each profile's top op types with their share of the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, cpu_name, load_avg  # noqa: E402
+from serve import prepare, sentences  # noqa: E402
+
+ROUNDS = 3
+TOP = 8
+
+
+def batches(texts: list[str], size: int = 32) -> list[list[str]]:
+    return [texts[i:i + size] for i in range(0, len(texts), size)]
+
+
+def ort_session(path: Path, threads: int, profile_prefix: str | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if profile_prefix:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_engine(session, tokenizer, max_length: int):
+    names = [i.name for i in session.get_inputs()]
+
+    def run(texts):
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        feed = {k: (enc[k] if k in enc else np.zeros_like(enc["input_ids"])).astype(np.int64) for k in names}
+        return session.run(["logits"], feed)[0]
+    return run
+
+
+def ort_profile(path: Path, threads: int, tokenizer, max_length: int, work: list[list[str]], scratch: Path) -> dict:
+    """Kernel time per op type over WORK, as shares of the total."""
+    session = ort_session(path, threads, str(scratch / "ort"))
+    run = ort_engine(session, tokenizer, max_length)
+    for b in work:
+        run(b)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    by = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by[e["args"]["op_name"]] += e["dur"]
+    return shares(by)
+
+
+def torch_profile(predictor, work: list[list[str]]) -> dict:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for b in work:
+            predictor.outputs(b, batch_size=len(b))
+    by = collections.Counter({e.key: e.self_cpu_time_total for e in prof.key_averages()})
+    return shares(by)
+
+
+def shares(by: collections.Counter) -> dict:
+    total = sum(by.values()) or 1
+    return {k: round(v / total, 3) for k, v in by.most_common(TOP)}
+
+
+def fused(path: Path, target: Path, hidden: int, heads: int) -> dict:
+    """model.onnx through ONNX Runtime's transformer optimizer (BERT rules) into TARGET: the fusions it found."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from sherl_pipe.export import libraries_quiet
+
+    with libraries_quiet():
+        model = optimize_model(str(path), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0)
+        model.save_model_to_file(str(target))
+    return {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+
+
+def wall(engines: dict, work: list[list[str]]) -> dict[str, list[float]]:
+    """samples/s of each engine over WORK, ROUNDS rounds, the order turned each round."""
+    n = sum(len(b) for b in work)
+    rates: dict[str, list[float]] = {k: [] for k in engines}
+    for r in range(ROUNDS):
+        for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+            t = time.perf_counter()
+            for b in work:
+                engines[name](b)
+            rates[name].append(n / (time.perf_counter() - t))
+    return rates
+
+
+def at_threads(threads: int, run: Path, folder: Path, work: list[list[str]], scratch: Path) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from sherl_pipe.prediction import Predictor
+
+    torch.set_num_threads(threads)
+    predictor = Predictor.load(run)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    max_length = json.loads((folder / "labels.json").read_text())["max_length"]
+    config = predictor.backbone.config
+    fusions = fused(folder / "model.onnx", scratch / "fused.onnx", config.hidden_size, config.num_attention_heads)
+    engines = {"predict": lambda b: predictor.outputs(b, batch_size=len(b)),
+               "onnx": ort_engine(ort_session(folder / "model.onnx", threads), tokenizer, max_length),
+               "fused": ort_engine(ort_session(scratch / "fused.onnx", threads), tokenizer, max_length)}
+    for fn in engines.values():
+        fn(work[0])  # warm up
+    rates = wall(engines, work)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    out = {"samples_per_s": {k: round(v, 1) for k, v in med.items()},
+           "onnx_over_predict": round(med["onnx"] / med["predict"], 3),
+           "fused_over_onnx": round(med["fused"] / med["onnx"], 3), "fusions": fusions,
+           "onnx_profile": ort_profile(folder / "model.onnx", threads, tokenizer, max_length, work, scratch),
+           "predict_profile": torch_profile(predictor, work)}
+    print(f"{threads} thread(s): samples/s " + ", ".join(f"{k} {v:.1f} [{min(rates[k]):.1f}, {max(rates[k]):.1f}]"
+                                                        for k, v in med.items()), flush=True)
+    print(f"  transformer optimizer's fusions: {fusions or 'none'}")
+    for name in ("onnx_profile", "predict_profile"):
+        print(f"  {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in out[name].items()), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--work", type=Path, default=Path("benchmarks/results/serve"), help="serve.py's folder")
+    ap.add_argument("--rows", type=int, default=4000)
+    ap.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    args = ap.parse_args()
+    if not (args.data / "train.tsv").is_file():
+        sys.exit(f"benchmark skipped: {args.data} has no SST-2 files (pass --data DIR)")
+    print(f"{cpu_name()}; {load_avg()}", flush=True)
+    args.threads, threads = max(args.threads), args.threads  # serve.py's prepare trains at the most threads
+    run, folder = prepare(args)
+    texts, _ = sentences(args.data)
+    work = batches(sorted(texts, key=len))  # as predict orders them
+    out = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for n in threads:
+            out[str(n)] = at_threads(n, run, folder, work, Path(scratch))
+    print(load_avg())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
