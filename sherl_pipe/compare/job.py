@@ -166,7 +166,7 @@ def main(argv: list[str]) -> int:
         return 2
     write_atomically(spec_path.with_name("result.json"), (json.dumps(out) + "\n").encode())
     if out["state"] == "complete" and spec.get("keep", "best") == "best":  # scored: nothing will resume it
-        keep_best_only(Path(spec["pipeline"]["train"]["run_dir"]))
+        keep_best_only(Path(spec["pipeline"]["train"]["run_dir"]), log=lambda m: print(m, file=sys.stderr))
     return 0
 
 

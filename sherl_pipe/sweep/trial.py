@@ -57,7 +57,7 @@ class PeakMemory:
 def run_trial(spec: dict) -> dict:
     """What the sweep submits to a worker. SPEC: number, pipeline (a dict, absolute paths), threads,
     metric, reports/decisions (queue names), decide (whether to wait for prune decisions), stop
-    (the Event name), cache_fingerprint."""
+    (the Event name), cache_fingerprint, keep (best: a scored trial drops its resume state)."""
     with TRIAL_LOCK:
         return _run_trial(spec)
 
@@ -81,6 +81,6 @@ def _run_trial(spec: dict) -> dict:
         "seconds": time.perf_counter() - t0, "samples_per_s": result.samples_per_s,
         "peak_rss_mb": memory.peak, "threads": torch.get_num_threads(), "run_dir": str(result.run_dir)}
     if state != "interrupted" and spec.get("keep", "best") == "best":  # scored: nothing will resume it
-        out["freed_bytes"] = keep_best_only(Path(result.run_dir))
+        out["freed_bytes"] = keep_best_only(Path(result.run_dir), log=lambda m: None)  # its result stands
     write_atomically(Path(result.run_dir) / "trial.json", (json.dumps(out, indent=2) + "\n").encode())
     return out

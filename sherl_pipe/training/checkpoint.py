@@ -8,7 +8,8 @@
     RUN/checkpoints/state.pt   the full training state of `last` (for --resume)
     RUN/summary.json           written when training ends
 A sweep or compare trial, once scored, keeps only best.safetensors of its checkpoints (keep =
-"best": keep_best_only); `last` and state.pt are then gone, and the finished run cannot be resumed.
+"best": keep_best_only); `last` and state.pt are then gone, and the finished run cannot be resumed
+(a trial that is cut off is never resumed either: it runs again from its start as a new trial).
 Every file is written to a `.partial` name and renamed, so a killed run never leaves half a file.
 A folder is recognised as a run folder by its model.json (with a model spec) or its state.pt; only
 such a folder is ever deleted by --overwrite.
@@ -46,6 +47,9 @@ def load_weights(path: Path, model: torch.nn.Module, checkpoint: str) -> None:
     from safetensors.torch import load_file
 
     if not path.is_file():
+        if kept_best_only(path.parent.parent):
+            raise SherlError(f"run checkpoint {path}: dropped when the trial was scored (keep = \"best\"); use "
+                             f"--checkpoint best, or run the sweep or comparison with keep = \"all\"")
         other = "last" if checkpoint == "best" else "best"
         raise SherlError(f"run checkpoint {path}: not found; the run has not saved a '{checkpoint}' checkpoint "
                          f"(finish or resume the run, or use --checkpoint {other})")
@@ -85,19 +89,27 @@ def kept_best_only(path: Path) -> bool:
         and (path / "checkpoints" / "best.safetensors").is_file()
 
 
-def keep_best_only(path: Path) -> int:
+def keep_best_only(path: Path, log=None) -> int:
     """A scored trial's run folder PATH without its resume state and last-epoch weights (a sweep or
     compare trial reads only its best weights once scored: at base size they are most of a
-    comparison's gigabytes); the bytes freed. Nothing is dropped unless the best weights are there."""
+    comparison's gigabytes); the bytes freed. Nothing is dropped unless the best weights are there.
+    A file the system refuses to delete stays, said through LOG: the trial was scored, and a
+    failure to tidy must not record it as failed."""
     folder = Path(path) / "checkpoints"
     if not (folder / "best.safetensors").is_file():
         return 0
     freed = 0
     for name in RESUME_ONLY:
         f = folder / name
-        if f.is_file():
-            freed += f.stat().st_size
+        try:
+            size = f.stat().st_size
             f.unlink()
+            freed += size
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if log is not None:
+                log(f"warning: {f}: not dropped ({exc.strerror or exc}); the trial's result stands")
     return freed
 
 
@@ -124,7 +136,7 @@ class RunFolder:
         if not existing and resume:
             raise SherlError(f"run folder {p}: nothing to resume (no earlier run there)")
         if existing and not overwrite and kept_best_only(p):
-            raise SherlError(f"run folder {p}: a finished trial that kept only its best weights (keep = \"best\"); "
+            raise SherlError(f"run folder {p}: a finished run that kept only its best weights (keep = \"best\"); "
                              f"there is nothing to resume: use --overwrite to train it again, or set train.run_dir "
                              f"to another folder")
         if existing and not (resume or overwrite) and self.state_path.is_file():
@@ -138,7 +150,8 @@ class RunFolder:
                              f"finish or set train.run_dir to another folder")
         if existing and not self.state_path.is_file():
             refuse_cwd(p, "run folder")  # it is about to be emptied
-            log(f"run folder {p}: holds no checkpoint (its first epoch did not finish); starting it again")
+            if not kept_best_only(p):  # (that one is replaced by --overwrite, as asked)
+                log(f"run folder {p}: holds no checkpoint (its first epoch did not finish); starting it again")
             return False
         return bool(existing and resume)
 

@@ -24,7 +24,8 @@ def test_trials_equal_sherl_pipe_train_and_fresh_processes(tmp_path, bert_dir, l
     settings run in a fresh process."""
     from sherl_pipe.sweep import run_sweep
 
-    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, GRID, "epochs = 2\ndropout = 0.1")
+    grid = GRID.replace("threads = 1\n", "threads = 1\nkeep = \"all\"\n")  # the last epochs are compared
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, grid, "epochs = 2\ndropout = 0.1")
     result = run_sweep(load_pipeline(str(path)), log=lambda m: None)
     got = rows(tmp_path / "sweep")
     assert [r["state"] for r in got] == ["complete", "complete"] and result.threads == 1
@@ -32,10 +33,8 @@ def test_trials_equal_sherl_pipe_train_and_fresh_processes(tmp_path, bert_dir, l
         run = tmp_path / f"fresh-{r['number']}"
         subprocess.run([sys.executable, "-m", "sherl_pipe", "train", "-q", str(path), "--run-dir", str(run),
                         "--set", f"train.lr={r['lr']}", "--set", "train.threads=1"], check=True, capture_output=True)
-        kept = tmp_path / "sweep" / "trials" / f"{int(r['number']):04d}" / "checkpoints"
-        assert sorted(p.name for p in kept.iterdir()) == ["best.safetensors"]  # sweep.keep = "best"
-        a = load_file(kept / "best.safetensors")
-        b = load_file(run / "checkpoints" / "best.safetensors")
+        a = load_file(tmp_path / "sweep" / "trials" / f"{int(r['number']):04d}" / "checkpoints" / "last.safetensors")
+        b = load_file(run / "checkpoints" / "last.safetensors")
         for key in b:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
         # a trial skips the tier-weight pass (another read of the training split); train does it
@@ -67,6 +66,9 @@ def test_late_layers_and_tiers_vary_over_one_cache(tmp_path, bert_dir, labeled_c
                                                              ("2", "[0, 1]")}
     assert all(r["state"] == "complete" for r in got) and result.report.best is not None
     assert (fp32_cache / "zarr.json").stat().st_mtime_ns == manifest  # never re-extracted
+    for trial in (tmp_path / "sweep" / "trials").iterdir():  # sweep.keep = "best", the default
+        assert sorted(p.name for p in (trial / "checkpoints").iterdir()) == ["best.safetensors"]
+        assert json.loads((trial / "trial.json").read_text())["freed_bytes"] > 0
 
 
 def failing_trial(spec):

@@ -135,6 +135,8 @@ def test_a_trial_that_kept_only_its_best_weights_is_never_restarted_by_resume(tm
     assert keep_best_only(run) == sizes["last.safetensors"] + sizes["state.pt"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.safetensors"]
     assert evaluate(run, "validation", "best")["accuracy"] >= 0  # what a scored trial is still read for
+    with pytest.raises(SherlError, match=r"last.safetensors: dropped when the trial was scored.*--checkpoint best"):
+        evaluate(run, "validation", "last")
     for resume in (True, False):
         with pytest.raises(SherlError, match="kept only its best weights.*--overwrite"):
             train(pipe, resume=resume, log=lambda m: None)
