@@ -39,8 +39,13 @@ def backbone_section(source: Path | None) -> str:
 
 
 def backbone_tag(source: Path | None) -> str:
-    """A work folder's suffix per backbone: each has its own caches and runs."""
-    return f"-{source.absolute().name}" if source else ""
+    """A work folder's suffix per backbone (its folder's name and a hash of its path: two folders
+    of one name are two backbones): each has its own caches and runs."""
+    if not source:
+        return ""
+    import hashlib
+
+    return f"-{source.absolute().name}-{hashlib.sha1(str(source.absolute()).encode()).hexdigest()[:6]}"
 
 
 def cpu_name() -> str:
