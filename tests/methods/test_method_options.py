@@ -185,7 +185,7 @@ def test_a_sweep_trial_trains_the_swept_value_over_the_pipelines_table(tmp_path)
     path.write_text('[train]\nmethod = "sherl"\n[train.sherl]\nlate_tuning = "frozen"\n')
     c = object.__new__(Coordinator)
     c.plan = SimpleNamespace(pipeline=load_pipeline(str(path)), params=[Param("late_tuning", "categorical", ("full",))],
-                             sweep_dir=tmp_path / "sweep", metric="accuracy", cache_fingerprint="f")
+                             sweep_dir=tmp_path / "sweep", metric="accuracy", cache_fingerprint="f", keep="best")
     c.engine, c.prefix, c.decide = SimpleNamespace(threads=1), "p", False
     spec = c.trial_spec(optuna.trial.FixedTrial({"late_tuning": "full"}))
     assert Pipeline.from_dict(spec["pipeline"], "trial").train.options.late_tuning == "full"
