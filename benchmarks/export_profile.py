@@ -27,9 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, cpu_name, load_avg  # noqa: E402
-from serve import prepare, sentences  # noqa: E402
+from serve import in_turns, onnx_runner, prepare, sentences  # noqa: E402
 
-ROUNDS = 3
 TOP = 8
 
 
@@ -37,22 +36,17 @@ def batches(texts: list[str], size: int = 32) -> list[list[str]]:
     return [texts[i:i + size] for i in range(0, len(texts), size)]
 
 
-def onnx_engine(folder: Path, name: str, threads: int, options=None):
-    """The export's NAME as the server runs it (sherl_pipe.serve.OnnxModel: its tokenizer and max_length)."""
-    from sherl_pipe.serve import OnnxModel
-
-    model = OnnxModel(folder, threads, name, options)
-    return model, lambda texts: model.outputs(texts, None)
-
-
 def ort_profile(folder: Path, threads: int, work: list[list[str]], scratch: Path) -> dict:
     """Kernel time per op type over WORK, as shares of the total (the warm-up batch left out)."""
     import onnxruntime as ort
 
+    from sherl_pipe.serve import OnnxModel
+
     options = ort.SessionOptions()
     options.enable_profiling, options.profile_file_prefix = True, str(scratch / "ort")
     start = time.perf_counter()  # the profiler's clock starts with the session
-    model, run = onnx_engine(folder, "model.onnx", threads, options)
+    model = OnnxModel(folder, threads, "model.onnx", options)
+    run = lambda texts: model.outputs(texts, None)  # noqa: E731
     run(work[0])
     warm_us = 1e6 * (time.perf_counter() - start)
     for b in work:
@@ -94,19 +88,6 @@ def fused(folder: Path, hidden: int, heads: int) -> dict:
     return {k: v for k, v in model.get_fused_operator_statistics().items() if v}
 
 
-def wall(engines: dict, work: list[list[str]]) -> dict[str, list[float]]:
-    """samples/s of each engine over WORK, ROUNDS rounds, the order turned each round."""
-    n = sum(len(b) for b in work)
-    rates: dict[str, list[float]] = {k: [] for k in engines}
-    for r in range(ROUNDS):
-        for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-            t = time.perf_counter()
-            for b in work:
-                engines[name](b)
-            rates[name].append(n / (time.perf_counter() - t))
-    return rates
-
-
 def at_threads(threads: int, run: Path, folder: Path, work: list[list[str]], scratch: Path) -> dict:
     import torch
 
@@ -116,12 +97,12 @@ def at_threads(threads: int, run: Path, folder: Path, work: list[list[str]], scr
     predictor = Predictor.load(run)
     config = predictor.backbone.config
     fusions = fused(folder, config.hidden_size, config.num_attention_heads)
-    engines = {"predict": lambda b: predictor.outputs(b, batch_size=len(b)),
-               "onnx": onnx_engine(folder, "model.onnx", threads)[1],
-               "fused": onnx_engine(folder, "fused.onnx", threads)[1]}
+    engines = {"predict": lambda b: predictor.outputs(b, batch_size=len(b)).numpy(),
+               "onnx": onnx_runner(folder, "model.onnx", threads),
+               "fused": onnx_runner(folder, "fused.onnx", threads)}
     for fn in engines.values():
         fn(work[0])  # warm up
-    rates = wall(engines, work)
+    rates, _ = in_turns(engines, [t for b in work for t in b])
     med = {k: statistics.median(v) for k, v in rates.items()}
     out = {"samples_per_s": {k: round(v, 1) for k, v in med.items()},
            "onnx_over_predict": round(med["onnx"] / med["predict"], 3),

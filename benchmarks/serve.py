@@ -85,6 +85,18 @@ def timed(fn, texts: list[str], batch: int) -> tuple[float, np.ndarray]:
     return len(texts) / (time.perf_counter() - t), out
 
 
+def in_turns(runners: dict, texts: list[str], batch: int = 32) -> tuple[dict[str, list[float]], dict]:
+    """Each runner's samples/s over TEXTS in batches of BATCH, ROUNDS rounds back to back, the order
+    turned each round; and each one's outputs."""
+    rates: dict[str, list[float]] = {k: [] for k in runners}
+    outs = {}
+    for r in range(ROUNDS):
+        for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+            rate, outs[name] = timed(runners[name], texts, batch)
+            rates[name].append(rate)
+    return rates, outs
+
+
 def throughput(run: Path, folder: Path, texts: list[str], gold: np.ndarray, args) -> dict:
     import torch
 
@@ -97,12 +109,7 @@ def throughput(run: Path, folder: Path, texts: list[str], gold: np.ndarray, args
                "int8": onnx_runner(folder, "model.int8.onnx", args.threads)}
     for fn in runners.values():
         fn(texts[:32])  # warm up
-    rates: dict[str, list[float]] = {k: [] for k in runners}
-    outs = {}
-    for r in range(ROUNDS):
-        for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-            rate, outs[name] = timed(runners[name], texts, 32)
-            rates[name].append(rate)
+    rates, outs = in_turns(runners, texts)
     acc = {k: float((v.argmax(1) == gold).mean()) for k, v in outs.items()}
     ratio = lambda a, b: [x / y for x, y in zip(rates[a], rates[b])]  # noqa: E731
     for name in runners:
