@@ -5,14 +5,16 @@ defaults) exported to ONNX (fp32 and int8), on SST-2's 872 test sentences, 2 thr
     tokenizer included on both sides, the sentences ordered by length for both (predict orders its
     batches so itself); (b) int8 over fp32 samples/s, and int8's test accuracy
     against fp32's; each timed in 3 rounds back to back (the order turned each round): medians
-    with [min, max]. (c) `sherl-pipe serve` on the export (a process of its own, 2 threads) with 1,
-    8 and 32 concurrent clients, each sending one sentence a request until the 872 are answered:
-    requests/s, p50 and p99 latency (medians over 3 rounds).
+    with [min, max]. (c) `sherl-pipe serve` on the export (a process of its own, 2 threads), on
+    model.onnx and then with --int8 on model.int8.onnx, with 1, 8 and 32 concurrent clients, each
+    sending one sentence a request until the 872 are answered: requests/s, p50 and p99 latency
+    (medians over 3 rounds), and the batching gain (8 clients' requests/s over one client's).
 
     python benchmarks/serve.py              # about 10 minutes on 2 CPU cores (most of it training)
 
 Last line: one JSON object with `onnx_over_predict`, `int8_over_fp32`, `int8_accuracy_delta`
-(points) and, per concurrency, `rps`, `p50_ms` and `p99_ms`.
+(points) and, under `server` (fp32) and `server_int8`, per concurrency `rps`, `p50_ms` and `p99_ms`, and
+`batching_gain`.
 """
 
 from __future__ import annotations
@@ -145,12 +147,13 @@ async def load(url: str, texts: list[str], clients: int) -> tuple[float, list[fl
         return len(texts) / (time.perf_counter() - t), latencies
 
 
-def server_figures(folder: Path, texts: list[str], args) -> dict:
+def server_figures(folder: Path, texts: list[str], args, int8: bool = False) -> dict:
     import httpx
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "sherl_pipe", "serve", str(folder), "--port", str(port),
-                             "--threads", str(args.threads)], stderr=subprocess.PIPE, text=True,
+                             "--threads", str(args.threads), *(["--int8"] if int8 else [])],
+                            stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -171,6 +174,9 @@ def server_figures(folder: Path, texts: list[str], args) -> dict:
                                  "p50_ms": round(statistics.median(p50), 1), "p99_ms": round(statistics.median(p99), 1)}
             print(f"  {clients:>2} client(s): {out[str(clients)]['rps']} requests/s [{min(rps):.1f}, {max(rps):.1f}], "
                   f"p50 {out[str(clients)]['p50_ms']} ms, p99 {out[str(clients)]['p99_ms']} ms", flush=True)
+        if "1" in out and "8" in out:
+            out["batching_gain"] = round(out["8"]["rps"] / out["1"]["rps"], 2)
+            print(f"  batching gain (8 clients over 1): {out['batching_gain']}x", flush=True)
         return out
     finally:
         proc.send_signal(signal.SIGINT)
@@ -196,8 +202,10 @@ def main() -> None:
     texts, gold = [texts[i] for i in order], gold[order]
     print(f"SST-2 test sentences ({len(texts)}), batch 32, {args.threads} thread(s), {ROUNDS} rounds:")
     t = throughput(run, folder, texts, gold, args)
-    print("sherl-pipe serve on the export, one sentence a request:")
+    print("sherl-pipe serve on the export (model.onnx), one sentence a request:")
     server = server_figures(folder, texts, args)
+    print("sherl-pipe serve --int8 on the export (model.int8.onnx), one sentence a request:")
+    server_int8 = server_figures(folder, texts, args, int8=True)
     med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
     print(load_avg())
     print(json.dumps({"onnx_over_predict": med(t["onnx_over_predict"]),
@@ -205,7 +213,7 @@ def main() -> None:
                       "int8_over_fp32": med(t["int8_over_fp32"]),
                       "int8_over_fp32_range": [round(min(t["int8_over_fp32"]), 3), round(max(t["int8_over_fp32"]), 3)],
                       "int8_accuracy_delta": round(100 * (t["accuracy"]["int8"] - t["accuracy"]["fp32"]), 2),
-                      "accuracy": t["accuracy"], "server": server}))
+                      "accuracy": t["accuracy"], "server": server, "server_int8": server_int8}))
 
 
 if __name__ == "__main__":

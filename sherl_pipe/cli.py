@@ -350,12 +350,14 @@ def export(run_dir, out, fmt, quantize):
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="How long a batch waits for more requests after its first.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime's threads (0: its default).")
+@click.option("--int8", is_flag=True,
+              help="Serve the export's model.int8.onnx (export --quantize int8; its card gives its accuracy).")
 @_fail_cleanly
-def serve(path, host, port, max_batch, max_wait_ms, threads):
+def serve(path, host, port, max_batch, max_wait_ms, threads, int8):
     """Serve a run or an export folder over HTTP (POST /predict, GET /health) until Ctrl-C."""
     from sherl_pipe.serve import serve as run_serve  # loaded when the command runs: --help stays fast
 
-    run_serve(path, host, port, max_batch, max_wait_ms, threads, log=lambda m: click.echo(m, err=True))
+    run_serve(path, host, port, max_batch, max_wait_ms, threads, log=lambda m: click.echo(m, err=True), int8=int8)
 
 
 @main.command()

@@ -9,7 +9,8 @@ Starlette under uvicorn: the ASGI stack FastAPI is built on, well kept, and all 
 
 Requests are gathered into batches of at most --max-batch rows, or what has come within
 --max-wait-ms of the first, and run one batch at a time on a worker thread: by ONNX Runtime on an
-export folder (`sherl-pipe export`), by the run's own model (`predict`'s path) on a run folder.
+export folder (`sherl-pipe export`; its model.int8.onnx with --int8), by the run's own model
+(`predict`'s path) on a run folder.
 A request of more rows than --max-batch is refused (413). Ctrl-C stops the server cleanly.
 """
 
@@ -52,7 +53,7 @@ class OnnxModel:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.description = {"model": str(folder), "runtime": "onnxruntime"}
+        self.description = {"model": str(folder), "file": name, "runtime": "onnxruntime"}
 
     def outputs(self, texts: list[str], pairs: list[str] | None) -> np.ndarray:
         enc = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.info["max_length"],
@@ -78,13 +79,19 @@ class RunModel:
         return self.predictor.outputs(texts, pairs).numpy()
 
 
-def open_model(path: str, threads: int = 0):
+def open_model(path: str, threads: int = 0, int8: bool = False):
+    """INT8: an export's model.int8.onnx (`export --quantize int8`) instead of its model.onnx."""
     folder = Path(path)
     if (folder / "model.onnx").is_file() and (folder / "labels.json").is_file():
-        return OnnxModel(folder, threads)
+        if int8 and not (folder / "model.int8.onnx").is_file():
+            raise SherlError(f"--int8: {path} has no model.int8.onnx; export the run again with --quantize int8")
+        return OnnxModel(folder, threads, "model.int8.onnx" if int8 else "model.onnx")
     from sherl_pipe.training.checkpoint import is_run_folder
 
     if folder.is_dir() and is_run_folder(folder):
+        if int8:
+            raise SherlError(f"--int8: {path} is a run folder; serve its export (sherl-pipe export RUN OUT "
+                             f"--quantize int8)")
         return RunModel(folder)
     raise SherlError(f"RUN_OR_EXPORT {path}: neither an export folder (model.onnx and labels.json) nor a run folder")
 
@@ -233,14 +240,14 @@ def make_app(model, max_batch: int = 32, max_wait_ms: float = 10.0):
 
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 32, max_wait_ms: float = 10.0,
-          threads: int = 0, log=print) -> None:
+          threads: int = 0, log=print, int8: bool = False) -> None:
     """Serve RUN_OR_EXPORT until Ctrl-C (uvicorn's own shutdown: requests in flight are answered)."""
     import uvicorn
 
     with socket.socket() as probe:  # a port in use is one error line, before the model loads
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
-    model = open_model(path, threads)
+    model = open_model(path, threads, int8)
     app = make_app(model, max_batch, max_wait_ms)
-    log(f"serving {path} ({model.description['runtime']}) on http://{host}:{port}: POST /predict, GET /health")
+    log(f"serving {path} ({model.description.get('file', 'run folder')}, {model.description['runtime']}) on http://{host}:{port}: POST /predict, GET /health")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -23,7 +23,7 @@ from sherl_pipe.config import load_pipeline
 from sherl_pipe.export import export
 from sherl_pipe.extraction import extract
 from sherl_pipe.prediction import Predictor
-from sherl_pipe.serve import make_app, open_model
+from sherl_pipe.serve import OnnxModel, make_app, open_model
 from sherl_pipe.training import train
 
 pytestmark = pytest.mark.slow  # every test starts from a trained, exported run (the module's fixture)
@@ -48,17 +48,17 @@ def trained(tmp_path_factory, bert_dir):
     pipe = load_pipeline(str(path))
     extract(pipe)
     train(pipe, log=lambda m: None)
-    return root / "run", export(root / "run", root / "export")
+    return root / "run", export(root / "run", root / "export", quantize="int8", log=lambda m: None)
 
 
 class Server:
     """The app under uvicorn in a thread of this process, on a free port."""
 
-    def __init__(self, path, **kw):
+    def __init__(self, path, int8=False, **kw):
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(make_app(open_model(str(path)), **kw), host="127.0.0.1",
+        self.server = uvicorn.Server(uvicorn.Config(make_app(open_model(str(path), int8=int8), **kw), host="127.0.0.1",
                                                     port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -91,6 +91,37 @@ def test_answers_equal_predicts(trained, which):
     np.testing.assert_allclose([[p["probabilities"][n] for n in ("neg", "pos")] for p in got], want,
                                atol=1e-4, rtol=0)
     assert [p["label"] for p in got] == [("neg", "pos")[i] for i in want.argmax(1)]
+
+
+def test_int8_serves_the_quantized_export(trained):
+    run, folder = trained
+    direct = OnnxModel(folder, name="model.int8.onnx").outputs(TEXTS, None)
+    with Server(folder, int8=True) as url:
+        assert httpx.get(f"{url}/health").json()["file"] == "model.int8.onnx"
+        got = httpx.post(f"{url}/predict", json={"texts": TEXTS}).json()["predictions"]
+    e = np.exp(direct - direct.max(1, keepdims=True))
+    np.testing.assert_allclose([[p["probabilities"][n] for n in ("neg", "pos")] for p in got],
+                               e / e.sum(1, keepdims=True), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("which, words", [("export", "export the run again with --quantize int8"),
+                                          ("run", "is a run folder; serve its export")])
+def test_int8_without_an_int8_model_is_one_error_line(trained, tmp_path, which, words):
+    from click.testing import CliRunner
+
+    from conftest import one_error_line
+    from sherl_pipe.cli import main
+
+    run, folder = trained
+    if which == "export":  # an export written without --quantize int8
+        path = tmp_path / "fp32-only"
+        path.mkdir()
+        for f in folder.iterdir():
+            if f.name != "model.int8.onnx" and f.is_file():
+                (path / f.name).write_bytes(f.read_bytes())
+    else:
+        path = run
+    one_error_line(CliRunner().invoke(main, ["serve", str(path), "--int8", "--port", str(free_port())]), words)
 
 
 @pytest.mark.parametrize("body, status, words", [
