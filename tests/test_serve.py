@@ -73,10 +73,13 @@ class Server:
         self.thread.join(10)
 
 
-def probabilities(run, texts):
-    logits = Predictor.load(run).outputs(texts).numpy()
+def softmax(logits):
     e = np.exp(logits - logits.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
+
+
+def probabilities(run, texts):
+    return softmax(Predictor.load(run).outputs(texts).numpy())
 
 
 @pytest.mark.parametrize("which", ["export", "run"])
@@ -99,9 +102,8 @@ def test_int8_serves_the_quantized_export(trained):
     with Server(folder, int8=True) as url:
         assert httpx.get(f"{url}/health").json()["file"] == "model.int8.onnx"
         got = httpx.post(f"{url}/predict", json={"texts": TEXTS}).json()["predictions"]
-    e = np.exp(direct - direct.max(1, keepdims=True))
-    np.testing.assert_allclose([[p["probabilities"][n] for n in ("neg", "pos")] for p in got],
-                               e / e.sum(1, keepdims=True), atol=1e-6, rtol=0)
+    np.testing.assert_allclose([[p["probabilities"][n] for n in ("neg", "pos")] for p in got], softmax(direct),
+                               atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("which, words", [("export", "export the run again with --quantize int8"),
