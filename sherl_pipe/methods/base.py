@@ -50,6 +50,13 @@ class Options:
     def keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    @classmethod
+    def preset_values(cls, given: dict) -> dict:
+        """The values a preset among the keys GIVEN sets for the keys not given (none here; SHERL's
+        train.preset): what the options, and the section as written, take for those keys. A preset
+        that is not one is ignored here (build refuses it)."""
+        return {}
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -79,6 +86,9 @@ class Method:
     whole_backbone = False  # it trains the whole backbone, loaded by stage two (else: only what `loads` names)
     lr = 1e-3  # train.lr = 0: the rate of its new modules and head
     reduction = 8  # its options' reduction = 0: the width D / r of its modules, where it has any
+    # operating points beyond its defaults (its options' preset): `compare` shows each as a row of
+    # its own by default (METHOD:preset=NAME)
+    presets: tuple[str, ...] = ()
     # the methods table (README, docs/methods.md): what it trains, what it reads and loads, where it comes from
     trains = ""
     source_text = ""
@@ -90,7 +100,9 @@ class Method:
         own = self.Options.keys()
         mine = {k: v for k, v in flat.items() if k in own}
         build(self.Options, mine, where)  # a [train] key's fault named as it was written
-        return build(self.Options, {**mine, **table}, f"{where}.{self.name}", ", ".join(own) or "none (it has none)")
+        given = {**mine, **table}  # a key given wins over what a preset among them sets
+        return build(self.Options, {**self.Options.preset_values(given), **given}, f"{where}.{self.name}",
+                     ", ".join(own) or "none (it has none)")
 
     def spec_options(self, options: Options, manifest: dict) -> Options:
         """Its options for a model on a cache with this manifest, resolved and checked against it

@@ -31,13 +31,34 @@ from sherl_pipe.redundancy import barlow_twins, distorted
 
 LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5, "swr": SWR_LR}  # train.lr_late = 0
 
+# train.preset: SHERL's two operating points, the keys each sets where the pipeline does not set
+# them. memory: the paper's recipe on the last 2 layers (the defaults: the least memory). accuracy:
+# the open start with the last two thirds of the layers fully trained (late_layers = 0). On
+# MiniLM (4 of 6 layers) that was level with full fine-tuning at equal time on SST-2, the tweets
+# and the reviews at about 0.6x its peak memory (docs/results/2026-12-02-consolidation-start.md);
+# the share of the depth is carried over to other depths unmeasured.
+PRESETS = {"memory": {}, "accuracy": {"late_layers": 0, "late_tuning": "full", "anchor_residual": "open"}}
+DEPTH_SHARE = 2 / 3  # late_layers = 0: this share of the backbone's layers
+
+
+def late_layers_for(options, num_layers: int) -> int:
+    """k for a backbone of NUM_LAYERS: late_layers, or for 0 two thirds of the layers, rounded
+    (4 of 6, 8 of 12), keeping at least one layer in the late route and one early."""
+    if options.late_layers:
+        return options.late_layers
+    return max(1, min(num_layers - 1, round(DEPTH_SHARE * num_layers)))
+
 
 @dataclass(frozen=True)
 class SherlOptions(WidthOptions, SwrOptions):
     """SHERL's settings: [train] keys, or a [train.sherl] table (SwrOptions' for late_tuning = "swr")."""
 
-    # k: the last k pretrained layers form the late route (docs/results/2026-11-24-defaults.md)
-    late_layers: int = at_least(2, 1)
+    # an operating point (PRESETS): the values of late_layers, late_tuning and anchor_residual the
+    # pipeline does not set itself
+    preset: str = choice("memory", *(p for p in PRESETS if p != "memory"))
+    # k: the last k pretrained layers form the late route (docs/results/2026-11-24-defaults.md);
+    # 0: two thirds of the backbone's layers (late_layers_for)
+    late_layers: int = at_least(2, 0)
     tiers: tuple[int, ...] = ()  # the consolidation's inputs; empty: every cached tier below the anchor
     # which late-layer weights train (swr: the units a policy chooses under swr_budget, methods/swr.py)
     late_tuning: str = choice("frozen", "norm-bias", "lora", "full", "swr")
@@ -55,8 +76,15 @@ class SherlOptions(WidthOptions, SwrOptions):
     redundancy: str = choice("none", "barlow")
     redundancy_weight: float = at_least(0.1, 0.0)
 
+    @classmethod
+    def preset_values(cls, given: dict) -> dict:
+        preset = PRESETS.get(given.get("preset", "memory"), {})
+        return {k: v for k, v in preset.items() if k not in given}
+
     def to_saved(self) -> dict:
         d = super().to_saved()
+        if d["preset"] == "memory":  # as runs saved before presets wrote it
+            del d["preset"]
         for key, paper in (("tier_score", PAPER_TIER_SCORE), ("anchor_residual", PAPER_ANCHOR_RESIDUAL)):
             if d[key] == paper:  # as runs saved before the option existed wrote it (their resume compares it)
                 del d[key]
@@ -76,11 +104,14 @@ class SherlOptions(WidthOptions, SwrOptions):
 class Sherl(Method):
     name = "sherl"
     Options = SherlOptions
+    presets = tuple(p for p in PRESETS if p != "memory")
     trains = "consolidation of the early tiers + head; the last k layers as train.late_tuning says"
     source_text = "Diao et al., ECCV 2024 (the consolidation as the official code's MTSA)"
 
     def spec_options(self, options: SherlOptions, manifest: dict) -> SherlOptions:
-        num_layers, k = manifest["backbone"]["num_layers"], options.late_layers
+        num_layers = manifest["backbone"]["num_layers"]
+        k = late_layers_for(options, num_layers)
+        options = dataclasses.replace(options, late_layers=k)
         anchor = num_layers - k
         stored = manifest["tiers"]
         if k >= num_layers:  # re-extracting cannot help: the backbone is too shallow
@@ -102,7 +133,8 @@ class Sherl(Method):
 
     def asks(self, options: SherlOptions, num_layers: int) -> str:
         tiers = f"tiers {list(options.tiers)}" if options.tiers else "the tiers below it"
-        return f"train.late_layers = {options.late_layers} (the anchor h[{num_layers - options.late_layers}] and {tiers})"
+        k = late_layers_for(options, num_layers)
+        return f"train.late_layers = {k} (the anchor h[{num_layers - k}] and {tiers})"
 
     def loads(self, spec, family) -> list[str]:
         layers = [f"layer.{i}" for i in range(spec.anchor, spec.num_layers)]
@@ -113,8 +145,8 @@ class Sherl(Method):
 
     def summary(self, spec) -> str:
         o = spec.options
-        return (f"late layers {o.late_layers} ({o.late_tuning}), tiers {list(o.tiers)} + anchor "
-                f"h[{spec.anchor}], tier score {o.tier_score}")
+        return (f"preset {o.preset}: late layers {o.late_layers} ({o.late_tuning}), tiers {list(o.tiers)} + anchor "
+                f"h[{spec.anchor}], tier score {o.tier_score}, {o.anchor_residual} start")
 
     def build(self, spec, config, modules: dict[str, nn.Module]) -> nn.Module:
         family = family_of(config.model_type)

@@ -13,7 +13,7 @@ import itertools
 import typing
 
 from sherl_pipe.engine import Param, encode
-from sherl_pipe.config import Pipeline, TrainConfig, build_section, section_to_dict, train_keys
+from sherl_pipe.config import Pipeline, TrainConfig, build_section, later_keys_win, section_to_dict, train_keys
 from sherl_pipe.errors import SherlError
 from sherl_pipe.fields import as_written
 from sherl_pipe.methods import get_method, option_owners
@@ -90,11 +90,14 @@ def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, where) 
     own settings served by the cache. WHERE: as for parse_space."""
     origin_of = where if callable(where) else (lambda key: where)
     origin = origin_of("space")
-    base = section_to_dict(pipeline.train)
+    # the pipeline's method settings as given, each swept value laid over them as a trial's is (a
+    # swept preset then sets the keys the pipeline leaves unset, as in the trial)
+    base = section_to_dict(pipeline.train, given=True)
     for p in params:
         for v in values_to_check(p):
             try:
-                build_section("train", {**base, p.key: list(v) if isinstance(v, tuple) else v}, "sweep")
+                build_section("train", later_keys_win({**base, p.key: list(v) if isinstance(v, tuple) else v}, [p.key]),
+                              "sweep")
             except SherlError as exc:
                 raise SherlError(f"{origin_of('space.' + p.key)}: sweep.space.{p.key} = {v!r}: "
                                  f"{str(exc).split(': ', 1)[-1]}") from None
@@ -105,7 +108,7 @@ def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, where) 
     for values in itertools.product(*(_candidates(p) for p in served)):
         swept = {p.key: as_written(v) for p, v in zip(served, values)}
         try:
-            make_spec(build_section("train", {**base, **swept}, "sweep"), manifest)
+            make_spec(build_section("train", later_keys_win({**base, **swept}, list(swept)), "sweep"), manifest)
         except SherlError as exc:
             shown = " with ".join(fixed + [f"{k} = {v}" for k, v in swept.items()] +
                                   ([] if fixed else ["the pipeline's other train settings"]))

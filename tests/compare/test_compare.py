@@ -326,7 +326,8 @@ def test_compare_without_methods_takes_those_the_cache_serves(tmp_path, labeled_
     monkeypatch.setattr(compare_module, "compare", fake_compare)
     r = CliRunner().invoke(main, ["compare", str(path), "-q", "--compare-dir", str(root / "cmp")])
     assert r.exit_code == 0, r.output
-    assert asked == [["sherl", "swr", "lora-finetune", "full-finetune"]]  # unipt, lst and the probes read h[L]
+    # unipt, lst and the probes read h[L]; SHERL's accuracy preset (2 of the 3 layers) reads h[0] and h[1]
+    assert asked == [["sherl", "sherl:preset=accuracy", "swr", "lora-finetune", "full-finetune"]]
     assert "compare: left out unipt, lst, linear-probe, scalar-mix: " in r.stderr and "extract.late_layers = 0" in r.stderr
     r = CliRunner().invoke(main, ["compare", str(path), "-q", "--methods", "unipt",
                                   "--compare-dir", str(root / "cmp2")])

@@ -34,7 +34,7 @@ TRAIN_KEYS_BEFORE = [
     "buffer_chunks", "buffer_mb", "preload", "compile", "precision", "seed", "threads", "device", "storage_options"]
 # keys added since, which folders saved before take at their defaults (config.upgrade_saved)
 TRAIN_KEYS_ADDED = ["pretrain_epochs", "redundancy", "redundancy_weight", "swr_budget", "swr_search_share",
-                    "swr_policy_lr", "swr_budget_weight"]
+                    "swr_policy_lr", "swr_budget_weight", "preset"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def test_a_method_with_a_setting_of_its_own_needs_nothing_outside_its_module(tmp
 
 @pytest.mark.parametrize("sets, message", [
     (["train.nosuch.x=1"], r"unknown key 'train.nosuch'"),
-    (["train.sherl.bogus=1"], r"train.sherl: unknown key 'bogus'; known: .*reduction, late_layers"),
+    (["train.sherl.bogus=1"], r"train.sherl: unknown key 'bogus'; known: .*reduction, preset, late_layers"),
     (["train.unipt.late_layers=3"], r"train.unipt: unknown key 'late_layers'; known: reduction"),
     (["train.sherl.late_tuning=all"], r"train.sherl.late_tuning = 'all' is not one of 'frozen'"),
     (["train.linear-probe.reduction=2"], r"train.linear-probe: unknown key 'reduction'; known: none"),
