@@ -65,6 +65,7 @@ def test_a_comparison_from_python_makes_its_cache_and_leaves_out_what_it_cannot_
     out = sherl_pipe.run_compare(str(path), hooks=Hooks(log=lambda m: None, say=said.append), seeds=1,
                                  compare_dir=str(tmp_path / "cmp"))
     assert out["markdown"] == "| table |" and (tmp_path / "cache" / "zarr.json").is_file()
-    assert asked == [(["sherl", "swr", "lora-finetune", "full-finetune"], False)]  # checked once, before extracting
+    # checked once, before extracting; SHERL at both presets (the accuracy preset reads h[0] and h[1])
+    assert asked == [(["sherl", "sherl:preset=accuracy", "swr", "lora-finetune", "full-finetune"], False)]
     # (a method another test registered may be left out too, after these)
     assert [line for line in said if line.startswith("compare: left out unipt, lst, linear-probe, scalar-mix")], said
