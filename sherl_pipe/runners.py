@@ -174,8 +174,8 @@ def compare(pipeline: Pipeline, methods: list[str] | None = None, seeds: int = 3
             hooks: Hooks | None = None, keep: str = "best") -> dict:
     """`sherl-pipe compare`: the cache (extracted if needed; every method checked against it first),
     then every method x seed. METHODS None: every registered method, and each preset a method
-    offers, that the cache serves (those it does not are left out with a line saying why). Returns the report (compare/report.py) with
-    "interrupted" and "folder"."""
+    offers, that the cache serves (those it does not are left out with a line saying why).
+    Returns the report (compare/report.py) with "interrupted" and "folder"."""
     from sherl_pipe.compare import compare as run_compare  # dask and optuna: loaded by the flows that use them
     from sherl_pipe.compare.run import plan_compare, servable  # (as above)
     from sherl_pipe.compare.variants import default_rows

@@ -34,9 +34,9 @@ LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5, "swr": 
 # train.preset: SHERL's two operating points, the keys each sets where the pipeline does not set
 # them. memory: the paper's recipe on the last 2 layers (the defaults: the least memory). accuracy:
 # the open start with the last two thirds of the layers fully trained (late_layers = 0). On
-# MiniLM (4 of 6 layers) that was level with full fine-tuning at equal time on SST-2, the tweets
-# and the reviews at about 0.6x its peak memory (docs/results/2026-12-02-consolidation-start.md);
-# the share of the depth is carried over to other depths unmeasured.
+# MiniLM (4 of 6 layers) that scored within 0.5 points of full fine-tuning at equal time on SST-2,
+# the tweets and the reviews at 0.58-0.72x its peak memory (docs/methods.md, SHERL's presets); the
+# share of the depth is carried over to other depths unmeasured.
 PRESETS = {"memory": {}, "accuracy": {"late_layers": 0, "late_tuning": "full", "anchor_residual": "open"}}
 DEPTH_SHARE = 2 / 3  # late_layers = 0: this share of the backbone's layers
 
