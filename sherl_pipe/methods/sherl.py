@@ -115,8 +115,10 @@ class Sherl(Method):
         anchor = num_layers - k
         stored = manifest["tiers"]
         if k >= num_layers:  # re-extracting cannot help: the backbone is too shallow
+            fix = (f"set train.late_layers to at most {num_layers - 1}" if num_layers > 1 else
+                   "SHERL needs a backbone of 2 layers or more")
             raise SherlError(f"train.late_layers = {k}: the backbone has {num_layers} layers and at "
-                             f"least one must stay early (cached); set train.late_layers to at most {num_layers - 1}")
+                             f"least one must stay early (cached); {fix}")
         if anchor not in stored:
             raise SherlError(f"train.late_layers = {k}: its anchor h[{anchor}] is not in the cache "
                              f"(stored tiers {stored}); choose late_layers with L - k in the stored tiers, or "

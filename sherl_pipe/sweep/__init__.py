@@ -104,6 +104,10 @@ def _run_trials(pipeline, cfg, plan, scheduler, progress, log, trial_fn, should_
     study = open_study(plan.sweep_dir, sig, plan.direction,
                        lambda done: search.make_sampler(cfg, plan.params, pipeline.origin, done),
                        search.make_pruner(cfg), plan.cache_fingerprint)
+    # the pipeline with its method settings as given (the signature writes every key out): what
+    # best.toml lays the best values over, as each trial's are laid (a swept preset then sets the keys
+    # the pipeline leaves unset)
+    study.set_user_attr("pipeline_given", pipeline.to_dict(given=True))
     recovered = recover_interrupted(study, plan.sweep_dir)
     if retry:
         retried = retry_failed(study, plan.sweep_dir)

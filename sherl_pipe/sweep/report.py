@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sherl_pipe.atomic import write_atomically
-from sherl_pipe.config import Pipeline, to_toml
+from sherl_pipe.config import Pipeline, later_keys_win, to_toml
 from sherl_pipe.metrics import best_of
 from sherl_pipe.engine import first_cause, load_study, trial_dir
 from sherl_pipe.sweep.plots import plot_all
@@ -116,11 +116,9 @@ def write_best(sweep_dir: Path, base: dict, best: dict, keys: list[str], metric:
     """The best setting's whole pipeline, runnable with `sherl-pipe train` / `run`. With the seed
     swept, the seed is the pipeline's own (best.toml is a setting, not a lucky draw)."""
     pipe = json.loads(json.dumps(base))
-    for k in keys:
-        if k == "seed":
-            continue
-        value = best[k]
-        pipe["train"][k] = json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+    values = {k: json.loads(best[k]) if isinstance(best[k], str) and best[k].startswith("[") else best[k]
+              for k in keys if k != "seed"}
+    pipe["train"] = later_keys_win({**pipe["train"], **values}, list(values))  # as a trial's are laid
     pipe["train"]["run_dir"] = str(sweep_dir / "best-run")
     what = (f"The best setting by mean {metric} over {seeds} seed(s) (its best trial #{best['number']}, "
             f"{best['value']:.4f})" if "seed" in keys else f"The best trial (#{best['number']}, {metric} "
@@ -138,7 +136,9 @@ def build_report(sweep_dir: Path, plots: bool = True) -> Report:
     ranked = _ranked(rows, sig["direction"])
     chosen = best_setting(ranked, keys, sig["direction"])
     if chosen:
-        write_best(sweep_dir, sig["pipeline"], chosen[0], keys, sig["metric"], chosen[1])
+        # the settings as given (sweeps before it was kept: the signature's, which has every key)
+        base = study.user_attrs.get("pipeline_given", sig["pipeline"])
+        write_best(sweep_dir, base, chosen[0], keys, sig["metric"], chosen[1])
     if plots and rows:
 
         plot_all(sweep_dir, rows, keys, sig["metric"], sig["direction"], ranked)

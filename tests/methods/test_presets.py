@@ -126,3 +126,19 @@ def test_a_sweep_over_presets_is_refused_where_the_cache_cannot_serve_one(tmp_pa
     with pytest.raises(SherlError, match=r"sweep.space: preset = accuracy with .*: the cache cannot serve it "
                                          r"\(train.late_layers = 4: its anchor h\[2\]"):
         plan_sweep(load_pipeline(str(path)), None, None)
+
+
+@pytest.mark.parametrize("pipeline", ["quickstart", "sst2.toml"])
+def test_the_packaged_pipelines_leave_the_accuracy_preset_its_keys(pipeline):
+    """Both wrote late_tuning = "frozen" (the default) in [train]: given, it won over the preset,
+    and compare's default row sherl:preset=accuracy trained frozen late layers from the open start."""
+    from pathlib import Path
+
+    path = "quickstart" if pipeline == "quickstart" else str(Path(__file__).parents[2] / "pipelines" / pipeline)
+    o = variant_pipeline(load_pipeline(path), "sherl:preset=accuracy").train.options
+    assert (o.late_layers, o.late_tuning, o.anchor_residual) == (0, "full", "open")
+
+
+def test_a_one_layer_backbone_is_refused_without_suggesting_k_0():
+    with pytest.raises(SherlError, match=r"the backbone has 1 layers .*SHERL needs a backbone of 2 layers or more"):
+        resolved(options(), 1)

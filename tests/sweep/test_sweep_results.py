@@ -105,3 +105,35 @@ def test_best_toml_is_the_best_setting_over_seeds_not_the_luckiest_seed(tmp_path
     assert result.report.best["lr"] == 0.002
     assert "best.toml: the setting with the best mean over seeds" in result.report.leaderboard
     assert (tmp_path / "sweep" / "best.toml").read_text().startswith("# The best setting by mean accuracy over 2 seed")
+
+
+def preset_trial(spec):
+    """One epoch, accuracy 0.8 for the accuracy preset (0.6 otherwise): the sweep's bookkeeping
+    without training."""
+    from sherl_pipe.engine import Reporter
+
+    train_cfg = spec["pipeline"]["train"]
+    preset = {**train_cfg.get("flat", {}), **train_cfg}.get("preset", "memory")
+    reporter = Reporter(spec)
+    reporter({"epoch": 1, "complete": True, "final": True, "train_loss": 1.0,
+              "eval": {"accuracy": 0.8 if preset == "accuracy" else 0.6}})
+    return {"number": spec["number"], "state": "complete", "values": reporter.values}
+
+
+@pytest.mark.slow
+def test_best_toml_of_a_swept_preset_trains_what_its_trial_trained(tmp_path, bert_dir, labeled_csv, fp32_cache):
+    """best.toml laid the best values over the pipeline as written, where every key stands at its
+    default as if given: a winning accuracy preset came out as late_tuning frozen and the shut start
+    (old code), while its trial had trained full with the open start. A key the pipeline gives
+    (late_layers = 1 here) still wins over the preset."""
+    import cloudpickle
+
+    from sherl_pipe.sweep import run_sweep
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    table = GRID.replace("lr = [0.001, 0.003]", 'preset = ["memory", "accuracy"]')
+    path = sweep_pipeline(tmp_path, bert_dir, labeled_csv, fp32_cache, table, "epochs = 1")
+    result = run_sweep(load_pipeline(str(path)), log=lambda m: None, trial_fn=preset_trial)
+    assert result.report.best["preset"] == "accuracy"
+    best = load_pipeline(str(tmp_path / "sweep" / "best.toml")).train.options
+    assert (best.preset, best.late_tuning, best.anchor_residual, best.late_layers) == ("accuracy", "full", "open", 1)
