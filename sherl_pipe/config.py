@@ -320,6 +320,12 @@ def later_keys_win(train: dict, keys) -> dict:
     return out
 
 
+def laid_over(train: dict, values: dict) -> dict:
+    """A [train] table with VALUES set over it by a later layer (a trial's swept values, a compare
+    row's keys): they win over the table's own keys and its method tables (later_keys_win)."""
+    return later_keys_win({**train, **values}, list(values))
+
+
 def packaged_pipelines() -> list[str]:
     root = resources.files("sherl_pipe") / "pipelines"
     return sorted(p.name[: -len(".toml")] for p in root.iterdir() if p.name.endswith(".toml"))

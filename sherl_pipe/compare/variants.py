@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 
-from sherl_pipe.config import Pipeline, TrainConfig, apply_overrides, later_keys_win
+from sherl_pipe.config import Pipeline, TrainConfig, apply_overrides, laid_over
 from sherl_pipe.errors import SherlError
 from sherl_pipe.methods import get_method
 
@@ -75,7 +75,7 @@ def variant_train(train: dict) -> dict:
     if not sets:
         return train
     values = {key: toml_value(text) for key, text in sets}
-    return later_keys_win({**train, "method": method, **values}, list(values))
+    return laid_over({**train, "method": method}, values)
 
 
 def toml_value(text: str):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from sherl_pipe.cache.location import pipeline_location
-from sherl_pipe.config import Pipeline, later_keys_win
+from sherl_pipe.config import Pipeline, laid_over
 from sherl_pipe.engine.cluster import Cluster
 from sherl_pipe.engine.study import INTERRUPTED, LOST, LOST_AGAIN, finished_count, record_error, run_again, trial_dir
 from sherl_pipe.errors import SherlError
@@ -92,7 +92,7 @@ class Coordinator:
         values = {p.key: p.suggest(trial) for p in self.plan.params}
         trial.set_user_attr("train", {k: encode(v) for k, v in values.items()})
         pipe = self.plan.pipeline.to_dict(given=True)  # the methods' settings as given: read again by the trial
-        pipe["train"] = later_keys_win({**pipe["train"], **{k: as_written(v) for k, v in values.items()}}, values)
+        pipe["train"] = laid_over(pipe["train"], {k: as_written(v) for k, v in values.items()})
         # each trial keeps its best epoch (and stops early) by the metric the sweep ranks it on
         pipe["train"].update(run_dir=str(trial_dir(self.plan.sweep_dir, trial.number)), threads=self.engine.threads,
                              metric=self.plan.metric)

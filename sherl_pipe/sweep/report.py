@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sherl_pipe.atomic import write_atomically
-from sherl_pipe.config import Pipeline, later_keys_win, to_toml
+from sherl_pipe.config import Pipeline, laid_over, to_toml
 from sherl_pipe.metrics import best_of
 from sherl_pipe.engine import first_cause, load_study, trial_dir
 from sherl_pipe.sweep.plots import plot_all
@@ -118,7 +118,7 @@ def write_best(sweep_dir: Path, base: dict, best: dict, keys: list[str], metric:
     pipe = json.loads(json.dumps(base))
     values = {k: json.loads(best[k]) if isinstance(best[k], str) and best[k].startswith("[") else best[k]
               for k in keys if k != "seed"}
-    pipe["train"] = later_keys_win({**pipe["train"], **values}, list(values))  # as a trial's are laid
+    pipe["train"] = laid_over(pipe["train"], values)  # as a trial's are laid
     pipe["train"]["run_dir"] = str(sweep_dir / "best-run")
     what = (f"The best setting by mean {metric} over {seeds} seed(s) (its best trial #{best['number']}, "
             f"{best['value']:.4f})" if "seed" in keys else f"The best trial (#{best['number']}, {metric} "

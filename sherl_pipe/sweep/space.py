@@ -13,7 +13,7 @@ import itertools
 import typing
 
 from sherl_pipe.engine import Param, encode
-from sherl_pipe.config import Pipeline, TrainConfig, build_section, later_keys_win, section_to_dict, train_keys
+from sherl_pipe.config import Pipeline, TrainConfig, build_section, laid_over, section_to_dict, train_keys
 from sherl_pipe.errors import SherlError
 from sherl_pipe.fields import as_written
 from sherl_pipe.methods import get_method, option_owners
@@ -96,8 +96,7 @@ def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, where) 
     for p in params:
         for v in values_to_check(p):
             try:
-                build_section("train", later_keys_win({**base, p.key: list(v) if isinstance(v, tuple) else v}, [p.key]),
-                              "sweep")
+                build_section("train", laid_over(base, {p.key: list(v) if isinstance(v, tuple) else v}), "sweep")
             except SherlError as exc:
                 raise SherlError(f"{origin_of('space.' + p.key)}: sweep.space.{p.key} = {v!r}: "
                                  f"{str(exc).split(': ', 1)[-1]}") from None
@@ -108,7 +107,7 @@ def check_space(params: list[Param], pipeline: Pipeline, manifest: dict, where) 
     for values in itertools.product(*(_candidates(p) for p in served)):
         swept = {p.key: as_written(v) for p, v in zip(served, values)}
         try:
-            make_spec(build_section("train", later_keys_win({**base, **swept}, list(swept)), "sweep"), manifest)
+            make_spec(build_section("train", laid_over(base, swept), "sweep"), manifest)
         except SherlError as exc:
             shown = " with ".join(fixed + [f"{k} = {v}" for k, v in swept.items()] +
                                   ([] if fixed else ["the pipeline's other train settings"]))
