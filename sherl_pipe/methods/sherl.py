@@ -37,7 +37,9 @@ LATE_LR = {"frozen": 0.0, "norm-bias": 5e-4, "lora": 3e-4, "full": 3e-5, "swr": 
 # MiniLM (4 of 6 layers) that scored within 0.5 points of full fine-tuning at equal time on SST-2,
 # the tweets and the reviews at 0.58-0.72x its peak memory (docs/methods.md, SHERL's presets); the
 # share of the depth is carried over to other depths unmeasured.
-PRESETS = {"memory": {}, "accuracy": {"late_layers": 0, "late_tuning": "full", "anchor_residual": "open"}}
+DEFAULT_PRESET = "memory"
+PRESETS = {DEFAULT_PRESET: {}, "accuracy": {"late_layers": 0, "late_tuning": "full", "anchor_residual": "open"}}
+OTHER_PRESETS = tuple(p for p in PRESETS if p != DEFAULT_PRESET)
 DEPTH_SHARE = 2 / 3  # late_layers = 0: this share of the backbone's layers
 
 
@@ -55,7 +57,7 @@ class SherlOptions(WidthOptions, SwrOptions):
 
     # an operating point (PRESETS): the values of late_layers, late_tuning and anchor_residual the
     # pipeline does not set itself
-    preset: str = choice("memory", *(p for p in PRESETS if p != "memory"))
+    preset: str = choice(DEFAULT_PRESET, *OTHER_PRESETS)
     # k: the last k pretrained layers form the late route (docs/results/2026-11-24-defaults.md);
     # 0: two thirds of the backbone's layers (late_layers_for)
     late_layers: int = at_least(2, 0)
@@ -78,12 +80,12 @@ class SherlOptions(WidthOptions, SwrOptions):
 
     @classmethod
     def preset_values(cls, given: dict) -> dict:
-        preset = PRESETS.get(given.get("preset", "memory"), {})
+        preset = PRESETS.get(given.get("preset", DEFAULT_PRESET), {})
         return {k: v for k, v in preset.items() if k not in given}
 
     def to_saved(self) -> dict:
         d = super().to_saved()
-        if d["preset"] == "memory":  # as runs saved before presets wrote it
+        if d["preset"] == DEFAULT_PRESET:  # as runs saved before presets wrote it
             del d["preset"]
         for key, paper in (("tier_score", PAPER_TIER_SCORE), ("anchor_residual", PAPER_ANCHOR_RESIDUAL)):
             if d[key] == paper:  # as runs saved before the option existed wrote it (their resume compares it)
@@ -104,7 +106,7 @@ class SherlOptions(WidthOptions, SwrOptions):
 class Sherl(Method):
     name = "sherl"
     Options = SherlOptions
-    presets = tuple(p for p in PRESETS if p != "memory")
+    presets = OTHER_PRESETS
     trains = "consolidation of the early tiers + head; the last k layers as train.late_tuning says"
     source_text = "Diao et al., ECCV 2024 (the consolidation as the official code's MTSA)"
 
